@@ -1,0 +1,107 @@
+"""Command line: ``python -m pipeline <stage> [--dataset NAME] [--params FILE] [--log FILE]``.
+
+Both runners call exactly these commands. Heavy libraries (torch, lightning, mlflow) are imported
+inside the stage that needs them, so ``--help`` and params errors answer at once. Errors meant for
+the user (pipeline.errors.PipelineError, including params problems) print one line and exit 1
+(2 for params.yaml); anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.config import PARAMS_FILE, ConfigError, load
+from pipeline.errors import PipelineError
+
+log = logging.getLogger("pipeline")
+
+
+def stage_names() -> list[str]:
+    """Stage modules under pipeline/stages, in pipeline order (see PIPELINE_ORDER)."""
+    import pkgutil
+
+    import pipeline.stages
+
+    found = {m.name for m in pkgutil.iter_modules(pipeline.stages.__path__)}
+    return [s for s in PIPELINE_ORDER if s in found] + sorted(found - set(PIPELINE_ORDER))
+
+
+#: The order stages are listed in ``--help``; execution order is the runners' business.
+PIPELINE_ORDER = ("download", "split", "augment", "pretrain", "finetune", "evaluate", "visualize")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline",
+        description="Run one stage of the self-supervised label-efficiency pipeline.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
+    for name in stage_names():
+        doc = _first_line(f"pipeline.stages.{name}") or name
+        stage = commands.add_parser(name, help=doc, description=doc)
+        stage.add_argument("--dataset", help="dataset to work on (default: data.dataset)")
+        _common(stage)
+    check = commands.add_parser("check-params", help="validate params.yaml and exit")
+    _common(check)
+    return parser
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", default=PARAMS_FILE, help="params file (default: params.yaml)")
+    parser.add_argument("--log", type=Path, help="also append the log to this file")
+
+
+def _first_line(module: str) -> str:
+    """The first line of a stage module's docstring, read without importing it."""
+    spec = importlib.util.find_spec(module)
+    text = Path(spec.origin).read_text() if spec and spec.origin else ""
+    start = text.find('"""')
+    return text[start + 3 :].split("\n", 1)[0].strip() if start >= 0 else ""
+
+
+class _ConsoleFormatter(logging.Formatter):
+    """Progress lines with a timestamp; errors as one plain ``error: ...`` line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.levelno >= logging.ERROR and record.exc_info is None:
+            return f"error: {record.getMessage()}"
+        return super().format(record)
+
+
+def _setup_logging(log_file: Path | None) -> None:
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(_ConsoleFormatter(fmt))
+    handlers: list[logging.Handler] = [console]
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file))
+        handlers[-1].setFormatter(logging.Formatter(fmt))
+    logging.basicConfig(level=logging.INFO, handlers=handlers, force=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log)
+    try:
+        config = load(args.params)
+        if args.command == "check-params":
+            print(f"{args.params}: ok")
+            return 0
+        stage = importlib.import_module(f"pipeline.stages.{args.command}")
+        stage.run(config, dataset=args.dataset)
+    except ConfigError as err:
+        log.error("%s", err)
+        return 2
+    except PipelineError as err:
+        log.error("%s stage failed: %s", args.command, err)
+        return 1
+    except KeyboardInterrupt:
+        log.error("%s stage interrupted; its outputs were left as they were", args.command)
+        return 130
+    return 0

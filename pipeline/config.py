@@ -1,0 +1,200 @@
+"""The typed, validated view of params.yaml: one place that reads configuration.
+
+Every stage and the Snakefile go through :func:`load` / :func:`check`, so a typo or an out-of-range
+value is caught before any work starts and is reported as one line that names the key, the value and
+what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import PipelineError
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "params.schema.yaml"
+PARAMS_FILE = "params.yaml"
+
+#: Datasets that come from a local folder (data.local_path) instead of mirrors.
+LOCAL_DATASETS = ("idx", "imagefolder")
+
+
+class ConfigError(PipelineError, ValueError):
+    """A problem with params.yaml, worded for the user in one line."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str
+    local_path: str | None
+    image_size: int
+    channels: int
+    on_bad_image: str
+    mirrors: dict[str, tuple[str, ...]]
+
+    def mirrors_for(self, dataset: str) -> tuple[str, ...]:
+        """The mirror list of ``dataset``; a clear error when params.yaml has none."""
+        if dataset not in self.mirrors:
+            raise ConfigError(
+                f"params.yaml: data.mirrors.{dataset} is missing: list at least one place "
+                f"(URL or folder) to fetch {dataset} from"
+            )
+        return self.mirrors[dataset]
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    seed: int
+    val_fraction: float
+    test_fraction: float
+    label_fractions: tuple[float, ...]  # ascending
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    experiment: str
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig
+    split: SplitConfig
+    tracking: TrackingConfig
+    raw: dict[str, Any]  # the validated params with defaults filled in
+
+    def section(self, dotted: str) -> Any:
+        """The raw value at a dotted key such as ``split`` or ``data.dataset``."""
+        value: Any = self.raw
+        for part in dotted.split("."):
+            value = value[part]
+        return value
+
+    @property
+    def params_hash(self) -> str:
+        """A stable hash of all params; part of the pipeline id that tags every tracked run."""
+        canonical = json.dumps(self.raw, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def load(path: str | Path = PARAMS_FILE) -> Config:
+    """Read, validate and type params.yaml. Raises ConfigError with one readable line."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: file not found; run from the repository root or pass --params PATH"
+        ) from None
+    try:
+        params = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    return from_dict(params, source=str(path))
+
+
+def from_dict(params: Any, source: str = PARAMS_FILE) -> Config:
+    """Validate a params mapping (as loaded from YAML, or Snakemake's ``config``) and type it."""
+    params = check(params, source)
+    data = params["data"]
+    split = params["split"]
+    config = Config(
+        data=DataConfig(
+            dataset=data["dataset"],
+            local_path=data["local_path"],
+            image_size=data["image_size"],
+            channels=data["channels"],
+            on_bad_image=data["on_bad_image"],
+            mirrors={name: tuple(urls) for name, urls in data["mirrors"].items()},
+        ),
+        split=SplitConfig(
+            seed=split["seed"],
+            val_fraction=float(split["val_fraction"]),
+            test_fraction=float(split["test_fraction"]),
+            label_fractions=tuple(sorted(float(f) for f in split["label_fractions"])),
+        ),
+        tracking=TrackingConfig(experiment=params["tracking"]["experiment"]),
+        raw=params,
+    )
+    if config.data.dataset in LOCAL_DATASETS and not config.data.local_path:
+        raise ConfigError(
+            f"{source}: data.local_path is empty but data.dataset is {config.data.dataset!r}: "
+            "set data.local_path to the folder that holds the data"
+        )
+    return config
+
+
+def check(params: Any, source: str = PARAMS_FILE) -> dict[str, Any]:
+    """Validate against the JSON schema and return a copy with defaults filled in.
+
+    The Snakefile calls this on Snakemake's ``config`` so both runners reject the same mistakes
+    with the same words.
+    """
+    import copy
+
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import best_match
+
+    schema = _schema()
+    if not isinstance(params, dict):
+        raise ConfigError(
+            f"{source}: expected a mapping of sections (data, split, ...), got "
+            f"{type(params).__name__}"
+        )
+    params = copy.deepcopy(params)
+    _fill_defaults(schema, params)
+    error = best_match(Draft202012Validator(schema).iter_errors(params))
+    if error is not None:
+        raise ConfigError(f"{source}: {_describe(error)}")
+    return params
+
+
+def _schema() -> dict[str, Any]:
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def _fill_defaults(schema: dict[str, Any], instance: dict[str, Any]) -> None:
+    """Insert schema defaults for missing keys, recursively through nested objects."""
+    for key, sub in schema.get("properties", {}).items():
+        if key not in instance and "default" in sub:
+            instance[key] = json.loads(json.dumps(sub["default"]))
+        if isinstance(instance.get(key), dict) and sub.get("type") == "object":
+            _fill_defaults(sub, instance[key])
+
+
+def _describe(error: Any) -> str:
+    """One line for a jsonschema error: the dotted key, the value, what is allowed."""
+    key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+    value = error.instance
+    rule = error.validator
+    arg = error.validator_value
+    if rule == "additionalProperties":
+        allowed = ", ".join(sorted(error.schema.get("properties", {})))
+        extra = sorted(set(value) - set(error.schema.get("properties", {})))
+        prefix = f"{key}." if error.absolute_path else ""
+        names = ", ".join(f"{prefix}{e}" for e in extra)
+        return f"unknown key {names}; allowed here: {allowed}"
+    if rule == "required":
+        missing = [k for k in arg if k not in value]
+        prefix = f"{key}." if error.absolute_path else ""
+        return f"missing key {prefix}{missing[0]}"
+    allowed = {
+        "enum": lambda: "one of " + ", ".join(json.dumps(v) for v in arg),
+        "type": lambda: f"of type {arg if isinstance(arg, str) else ' or '.join(arg)}",
+        "maximum": lambda: f"at most {arg}",
+        "minimum": lambda: f"at least {arg}",
+        "exclusiveMaximum": lambda: f"less than {arg}",
+        "exclusiveMinimum": lambda: f"greater than {arg}",
+        "minItems": lambda: f"a list of at least {arg} item(s)",
+        "uniqueItems": lambda: "a list without repeated items",
+        "minLength": lambda: f"at least {arg} character(s) long",
+    }.get(rule)
+    what = allowed() if allowed else error.message
+    return f"{key} = {json.dumps(value)} is not allowed: must be {what}"

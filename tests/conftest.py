@@ -1,0 +1,146 @@
+"""Shared fixtures: every test works in its own tmp folder, with tiny data it makes itself.
+
+Nothing here touches the network; the only outside data is Debian's Fashion-MNIST package, and the
+tests that need it are skipped (with the reason) where it is not installed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
+VENV_BIN = Path(sys.executable).parent
+
+needs_fashion_mnist = pytest.mark.skipif(
+    not FASHION_MNIST_DEBIAN.is_dir(),
+    reason="Debian's dataset-fashion-mnist is not installed (make setup installs it)",
+)
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> Path:
+    """Write ``array`` in the IDX format (uint8 data), gzipped when ``gz``."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(d).to_bytes(4, "big") for d in array.shape
+    )
+    blob = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if gz:
+        path.write_bytes(gzip.compress(blob, mtime=0))
+    else:
+        path.write_bytes(blob)
+    return path
+
+
+def tiny_images(n: int, n_classes: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct random images whose class is visible (brightness grows with the label)."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % n_classes
+    rng.shuffle(labels)
+    noise = rng.integers(0, 120, size=(n, size, size), dtype=np.int64)
+    images = np.clip(noise + labels[:, None, None] * 12, 0, 255).astype(np.uint8)
+    return images, labels.astype(np.uint8)
+
+
+@pytest.fixture
+def tiny_idx(tmp_path: Path) -> Path:
+    """An MNIST-style folder: 400 training and 100 test 8x8 images of 4 classes.
+
+    Planted duplicates: training image 1 is a copy of training image 0 (same class), and test
+    image 0 is a copy of training image 2, so the split's duplicate rules have work to do.
+    """
+    folder = tmp_path / "tiny_idx"
+    train, train_labels = tiny_images(400, 4, 8, seed=1)
+    test, test_labels = tiny_images(100, 4, 8, seed=2)
+    train[1], train_labels[1] = train[0], train_labels[0]
+    test[0], test_labels[0] = train[2], train_labels[2]
+    write_idx(folder / "train-images-idx3-ubyte.gz", train)
+    write_idx(folder / "train-labels-idx1-ubyte.gz", train_labels)
+    write_idx(folder / "t10k-images-idx3-ubyte.gz", test)
+    write_idx(folder / "t10k-labels-idx1-ubyte.gz", test_labels)
+    (folder / "classes.txt").write_text("dark\ndim\nbright\nbrightest\n")
+    return folder
+
+
+def params_for(dataset: str = "fashion_mnist", **overrides: dict) -> dict:
+    """The repository's params.yaml with some sections replaced."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"]["dataset"] = dataset
+    for section, values in overrides.items():
+        params[section].update(values)
+    return params
+
+
+def write_params(folder: Path, params: dict) -> Path:
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run in an empty folder with its own MLflow store, as the stages run in the repo root."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("PIPELINE_EXECUTION", raising=False)
+    return work
+
+
+def run_env() -> dict[str, str]:
+    """Environment for subprocesses: this venv first on PATH (stage commands call `python`)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PIPELINE_"))}
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return env
+
+
+def run(cmd: list[str] | str, cwd: Path, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    """Run a command, returning its output; on failure the assertion shows what it printed."""
+    result = subprocess.run(
+        cmd, cwd=cwd, env=kw.pop("env", run_env()), capture_output=True, text=True,
+        shell=isinstance(cmd, str), **kw,
+    )  # fmt: skip
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{cmd} exited {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+        )
+    return result
+
+
+PROJECT_FILES = ("Snakefile", "rules", "dvc.yaml", "schemas", "pipeline", "envs", ".dvcignore")
+
+
+@pytest.fixture
+def project(tmp_path: Path, tiny_idx: Path) -> Path:
+    """A copy of the pipeline project as a git + DVC repository, configured for the tiny data."""
+    root = tmp_path / "project"
+    root.mkdir()
+    for name in PROJECT_FILES:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, root / name)
+    params = params_for("idx", split={"label_fractions": [0.1, 0.5, 1.0]})
+    params["data"]["local_path"] = str(tiny_idx)
+    write_params(root, params)
+    shutil.copy2(REPO / ".gitignore", root / ".gitignore")
+    run(["git", "init", "-q"], root)
+    run(["git", "config", "user.email", "test@example.com"], root)
+    run(["git", "config", "user.name", "test"], root)
+    run(["dvc", "init", "-q"], root)
+    run(["dvc", "config", "core.analytics", "false"], root)
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-qm", "project"], root)
+    return root
