@@ -1,0 +1,119 @@
+"""The canonical on-disk form of a dataset, written by download and read by every later stage.
+
+``data/prepared/<dataset>/`` holds ``{train,test,unlabeled}_images.npy`` (uint8 N x H x W x C),
+``{train,test}_labels.npy`` (int64), ``classes.json`` and ``manifest.json`` (shapes and sha256 of
+every array). The manifest's own hash is the dataset checksum that tags tracked runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.data.formats import Arrays
+from pipeline.errors import MissingInputError
+from pipeline.io import read_json, save_npy, sha256_file, write_json
+
+ARRAY_NAMES = ("train_images", "train_labels", "test_images", "test_labels", "unlabeled_images")
+
+
+def write(arrays: Arrays, folder: Path, dataset: str) -> dict:
+    """Write ``arrays`` into ``folder`` (empty, from io.atomic_dir); return the manifest."""
+    entries = {}
+    for name in ARRAY_NAMES:
+        array = getattr(arrays, name)
+        if array is None:
+            continue
+        path = Path(folder) / f"{name}.npy"
+        save_npy(path, array)
+        entries[name] = {
+            "shape": list(array.shape),
+            "dtype": str(array.dtype),
+            "sha256": sha256_file(path),
+        }
+    write_json(Path(folder) / "classes.json", list(arrays.classes))
+    manifest = {
+        "dataset": dataset,
+        "num_classes": len(arrays.classes),
+        "arrays": entries,
+        "notes": list(arrays.notes),
+    }
+    write_json(Path(folder) / "manifest.json", manifest)
+    return manifest
+
+
+@dataclass
+class Prepared:
+    """A loaded dataset; arrays are memory-mapped, so loading costs almost nothing."""
+
+    folder: Path
+    manifest: dict
+    classes: list[str]
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray | None
+    test_labels: np.ndarray | None
+
+    @property
+    def has_test(self) -> bool:
+        return self.test_images is not None
+
+    @property
+    def checksum(self) -> str:
+        return dataset_checksum(self.folder)
+
+
+def dataset_checksum(folder: Path) -> str:
+    """sha256 of the manifest, which holds the sha256 of every array."""
+    return hashlib.sha256((Path(folder) / "manifest.json").read_bytes()).hexdigest()
+
+
+def load(folder: Path, verify: bool = True) -> Prepared:
+    """Load a prepared dataset, checking it against its manifest.
+
+    A missing or altered file raises MissingInputError naming the file and the stage that makes it.
+    """
+    folder = Path(folder)
+    hint = f"run the download stage (python -m pipeline download) to make {folder}"
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.is_file():
+        raise MissingInputError(f"{manifest_path} is missing; {hint}")
+    manifest = read_json(manifest_path)
+    classes_path = folder / "classes.json"
+    if not classes_path.is_file():
+        raise MissingInputError(f"{classes_path} is missing; {hint}")
+    arrays: dict[str, np.ndarray | None] = {}
+    for name in ARRAY_NAMES:
+        entry = manifest["arrays"].get(name)
+        if entry is None:
+            arrays[name] = None
+            continue
+        path = folder / f"{name}.npy"
+        if not path.is_file():
+            raise MissingInputError(f"{path} is missing; {hint}")
+        if verify and sha256_file(path) != entry["sha256"]:
+            raise MissingInputError(
+                f"{path} does not match its checksum in {manifest_path} "
+                f"(corrupted or edited); {hint}"
+            )
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except ValueError as err:
+            raise MissingInputError(f"{path} is not a readable .npy file ({err}); {hint}") from None
+        if list(array.shape) != entry["shape"]:
+            raise MissingInputError(
+                f"{path} has shape {array.shape}, manifest says {entry['shape']}"
+            )
+        arrays[name] = array
+    return Prepared(
+        folder=folder,
+        manifest=manifest,
+        classes=read_json(classes_path),
+        train_images=arrays["train_images"],
+        train_labels=arrays["train_labels"],
+        test_images=arrays["test_images"],
+        test_labels=arrays["test_labels"],
+    )

@@ -1,0 +1,210 @@
+"""Where datasets come from and how a fetched file is proven to be the right one.
+
+Each file is tried on every mirror in order (http/https URL, file:// URL or plain folder). The
+checksum is taken of the *decoded* content (gunzipped) wherever it is known: Debian recompressed
+the Fashion-MNIST archives, so their .gz bytes differ from upstream while the decoded bytes match.
+Where only the publisher's archive checksum is known, that one is checked instead. A file is
+fetched to ``<name>.part`` and renamed only once verified, so an interrupted or corrupt fetch never
+leaves a file that looks complete.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import os
+import shutil
+import urllib.error
+import urllib.parse
+import urllib.request
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import ChecksumError, FetchError
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 1 << 20
+_TIMEOUT_S = 60
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file of a dataset as published.
+
+    ``md5`` is of the decoded content (authoritative when known); ``archive_md5`` is of the file as
+    the original publisher serves it, used only when the decoded checksum is unknown.
+    """
+
+    name: str
+    md5: str | None = None
+    archive_md5: str | None = None
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    format: str  # idx | cifar10_binary | stl10_binary
+    files: tuple[RemoteFile, ...]
+    classes: tuple[str, ...]
+
+
+_FASHION_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+
+SPECS: dict[str, DatasetSpec] = {
+    "fashion_mnist": DatasetSpec(
+        "fashion_mnist",
+        "idx",
+        (
+            RemoteFile("train-images-idx3-ubyte.gz", md5="f4a8712d7a061bf5bd6d2ca38dc4d50a"),
+            RemoteFile("train-labels-idx1-ubyte.gz", md5="9018921c3c673c538a1fc5bad174d6f9"),
+            RemoteFile("t10k-images-idx3-ubyte.gz", md5="8181f5470baa50b63fa0f6fddb340f0a"),
+            RemoteFile("t10k-labels-idx1-ubyte.gz", md5="15d484375f8d13e6eb1aabb0c3f46965"),
+        ),
+        _FASHION_CLASSES,
+    ),
+    "mnist": DatasetSpec(
+        "mnist",
+        "idx",
+        (
+            RemoteFile(
+                "train-images-idx3-ubyte.gz", archive_md5="f68b3c2dcbeaaa9fbdd348bbdeb94873"
+            ),
+            RemoteFile(
+                "train-labels-idx1-ubyte.gz", archive_md5="d53e105ee54ea40749a09fcbcd1e9432"
+            ),
+            RemoteFile("t10k-images-idx3-ubyte.gz", archive_md5="9fb629c4189551a2d022fa330f9573f3"),
+            RemoteFile("t10k-labels-idx1-ubyte.gz", archive_md5="ec29112dd5afa0611ce80d1b7f02629c"),
+        ),
+        tuple(str(d) for d in range(10)),
+    ),
+    "cifar10": DatasetSpec(
+        "cifar10",
+        "cifar10_binary",
+        (RemoteFile("cifar-10-binary.tar.gz", archive_md5="c32a1d4ab5d03f1284b67883e8d87530"),),
+        ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+    ),  # fmt: skip
+    "stl10": DatasetSpec(
+        "stl10",
+        "stl10_binary",
+        (RemoteFile("stl10_binary.tar.gz", archive_md5="91f7769df0f17e558f3565bffb0c7dfb"),),
+        ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"),
+    ),  # fmt: skip
+}
+
+
+@dataclass(frozen=True)
+class Checksums:
+    """Checksums of one file: as stored, and of its decoded content."""
+
+    md5: str
+    decoded_md5: str
+    size: int
+
+    def verified_by(self, expected: RemoteFile) -> str:
+        """Which known checksum this file satisfies; ChecksumError when it satisfies none."""
+        if expected.md5 is not None:
+            if self.decoded_md5 != expected.md5:
+                raise ChecksumError(
+                    f"decoded content has md5 {self.decoded_md5}, expected {expected.md5}"
+                )
+            return "decoded_md5"
+        if expected.archive_md5 is not None:
+            if self.md5 != expected.archive_md5:
+                raise ChecksumError(f"file has md5 {self.md5}, expected {expected.archive_md5}")
+            return "archive_md5"
+        return "none (no published checksum)"
+
+
+def checksums(path: Path) -> Checksums:
+    """md5 of the file and of its decoded content (gunzipped when it is a gzip file).
+
+    A gzip file that does not decode (bad CRC, truncated) raises ChecksumError.
+    """
+    raw = hashlib.md5()
+    decoded = hashlib.md5()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            raw.update(chunk)
+    if _is_gzip(path):
+        try:
+            with gzip.open(path, "rb") as handle:
+                while chunk := handle.read(_CHUNK):
+                    decoded.update(chunk)
+        except (OSError, EOFError, zlib.error) as err:
+            raise ChecksumError(f"not a valid gzip file ({err})") from None
+    else:
+        decoded = raw
+    return Checksums(raw.hexdigest(), decoded.hexdigest(), path.stat().st_size)
+
+
+def _is_gzip(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(2) == b"\x1f\x8b"
+
+
+def mirror_location(mirror: str, name: str) -> str:
+    """The URL or path of file ``name`` on ``mirror``."""
+    if "://" in mirror:
+        return mirror.rstrip("/") + "/" + urllib.parse.quote(name)
+    return str(Path(mirror) / name)
+
+
+def fetch(expected: RemoteFile, mirrors: tuple[str, ...] | list[str], dest_dir: Path) -> Checksums:
+    """Fetch ``expected`` from the first mirror that serves a verified copy into ``dest_dir``.
+
+    Raises FetchError naming every mirror tried and why each failed.
+    """
+    dest = Path(dest_dir) / expected.name
+    part = dest.with_name(dest.name + ".part")
+    failures: list[str] = []
+    for mirror in mirrors:
+        location = mirror_location(mirror, expected.name)
+        try:
+            _copy_to(location, part)
+            sums = checksums(part)
+            how = sums.verified_by(expected)
+        except ChecksumError as err:
+            failures.append(f"{location}: checksum mismatch: {err}")
+        except (OSError, urllib.error.URLError, ValueError) as err:
+            failures.append(f"{location}: {_reason(err)}")
+        else:
+            os.replace(part, dest)
+            log.info("fetched %s from %s (verified by %s)", expected.name, location, how)
+            return sums
+        finally:
+            part.unlink(missing_ok=True)
+        log.warning("could not use %s", failures[-1])
+    tried = "; ".join(failures) or "no mirrors configured"
+    raise FetchError(
+        f"could not fetch {expected.name}: {tried}. "
+        "Check the network or add a working mirror under data.mirrors in params.yaml"
+    )
+
+
+def _reason(err: BaseException) -> str:
+    if isinstance(err, urllib.error.HTTPError):
+        return f"HTTP {err.code} {err.reason}"
+    if isinstance(err, urllib.error.URLError):
+        return f"unreachable ({err.reason})"
+    if isinstance(err, FileNotFoundError):
+        return "no such file"
+    return f"{type(err).__name__}: {err}"
+
+
+def _copy_to(location: str, part: Path) -> None:
+    """Stream ``location`` (URL or path) into ``part``."""
+    part.parent.mkdir(parents=True, exist_ok=True)
+    if location.startswith("file://"):
+        location = urllib.request.url2pathname(urllib.parse.urlparse(location).path)
+    if "://" not in location:
+        shutil.copyfile(location, part)
+        return
+    request = urllib.request.Request(location, headers={"User-Agent": "pipeline-download"})
+    with urllib.request.urlopen(request, timeout=_TIMEOUT_S) as response, open(part, "wb") as out:
+        shutil.copyfileobj(response, out, _CHUNK)

@@ -1,0 +1,28 @@
+"""Where each stage's artifacts live, relative to the repository root (the working directory).
+
+Snakemake rules and dvc.yaml spell the same paths; tests/test_runners.py checks that they agree.
+"""
+
+from pathlib import Path
+
+DATA = Path("data")
+
+
+def raw_dir(dataset: str) -> Path:
+    """Original files as fetched, with manifest.json (checksums of the decoded content)."""
+    return DATA / "raw" / dataset
+
+
+def prepared_dir(dataset: str) -> Path:
+    """Canonical arrays: uint8 images N x H x W x C, int64 labels, class names."""
+    return DATA / "prepared" / dataset
+
+
+def splits_dir(dataset: str) -> Path:
+    """Train/validation/test indices, nested label-fraction subsets and the split report."""
+    return DATA / "splits" / dataset
+
+
+def fraction_name(fraction: float) -> str:
+    """The spelling of a label fraction in file names and wildcards: 0.01, 0.1, 1."""
+    return f"{fraction:g}"

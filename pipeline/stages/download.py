@@ -1,0 +1,227 @@
+"""download stage: fetch a dataset's original files, verify them, and write canonical arrays.
+
+Outputs (both replaced only when everything succeeded, see pipeline.io.atomic_dir):
+``data/raw/<dataset>/`` the original files and ``manifest.json`` with their checksums, and
+``data/prepared/<dataset>/`` (see pipeline.data.prepared).
+
+Files already in ``data/raw/<dataset>/`` serve as a local cache: they are verified and reused, and
+a cached file that fails verification stops the stage with an error that names it, because a file
+that changed on disk is news the user should hear about rather than have silently replaced.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import paths
+from pipeline.config import Config
+from pipeline.data import formats, prepared
+from pipeline.data.sources import SPECS, Checksums, DatasetSpec, RemoteFile, checksums, fetch
+from pipeline.errors import ChecksumError, DataError
+from pipeline.io import atomic_dir, write_json
+
+log = logging.getLogger(__name__)
+
+#: params.yaml keys that change this stage's outputs (data.mirrors does not: checksums pin content).
+PARAMS = (
+    "data.dataset",
+    "data.local_path",
+    "data.image_size",
+    "data.channels",
+    "data.on_bad_image",
+)
+
+
+def run(config: Config, dataset: str | None = None) -> dict:
+    """Download (or copy) and decode ``dataset``; return the prepared manifest."""
+    from pipeline import tracking
+
+    dataset = dataset or config.data.dataset
+    raw_final = paths.raw_dir(dataset)
+    with tracking.stage_run("download", config, dataset, PARAMS) as tracked:
+        with atomic_dir(raw_final) as raw_tmp, atomic_dir(paths.prepared_dir(dataset)) as prep_tmp:
+            if dataset == "imagefolder":
+                raw_manifest, arrays = _imagefolder(config, raw_tmp)
+            elif dataset == "idx":
+                raw_manifest, arrays = _local_idx(config, raw_tmp)
+            else:
+                spec = SPECS[dataset]
+                raw_manifest = _fetch_all(
+                    spec, config.data.mirrors_for(dataset), raw_final, raw_tmp
+                )
+                arrays = _decode(spec, raw_tmp)
+            write_json(raw_tmp / "manifest.json", {"dataset": dataset, **raw_manifest})
+            manifest = prepared.write(arrays, prep_tmp, dataset)
+        checksum = prepared.dataset_checksum(paths.prepared_dir(dataset))
+        tracked.set_tags({"dataset_checksum": checksum})
+        tracked.log_metrics(
+            {
+                f"n_{name}": float(entry["shape"][0])
+                for name, entry in manifest["arrays"].items()
+                if name.endswith("_images")
+            }
+        )
+        tracked.log_artifact(raw_final / "manifest.json", "raw")
+        tracked.log_artifact(paths.prepared_dir(dataset) / "manifest.json", "prepared")
+    shapes = {k: v["shape"] for k, v in manifest["arrays"].items()}
+    log.info("prepared %s: %s", dataset, shapes)
+    return manifest
+
+
+def _fetch_all(spec: DatasetSpec, mirrors: tuple[str, ...], cache: Path, dest: Path) -> dict:
+    """Every file of ``spec`` into ``dest``, reusing verified copies from ``cache``."""
+    files = {}
+    for expected in spec.files:
+        cached = cache / expected.name
+        if cached.is_file():
+            sums = _verify_cached(cached, expected)
+            _link_or_copy(cached, dest / expected.name)
+        else:
+            sums = fetch(expected, mirrors, dest)
+        files[expected.name] = _entry(sums, sums.verified_by(expected))
+    return {"files": files}
+
+
+def _verify_cached(path: Path, expected: RemoteFile) -> Checksums:
+    try:
+        sums = checksums(path)
+        sums.verified_by(expected)
+    except ChecksumError as err:
+        raise ChecksumError(
+            f"{path}: {err}. The file was changed or corrupted on disk; delete it (or its folder) "
+            "and run the download stage again to fetch a fresh copy"
+        ) from None
+    return sums
+
+
+def _entry(sums: Checksums, verified_by: str) -> dict:
+    return {
+        "md5": sums.md5,
+        "decoded_md5": sums.decoded_md5,
+        "size": sums.size,
+        "verified_by": verified_by,
+    }
+
+
+def _link_or_copy(source: Path, dest: Path) -> None:
+    try:
+        os.link(source, dest)
+    except OSError:
+        shutil.copyfile(source, dest)
+
+
+def _decode(spec: DatasetSpec, raw: Path) -> formats.Arrays:
+    if spec.format == "idx":
+        train = formats.read_idx_pair(raw / spec.files[0].name, raw / spec.files[1].name)
+        test = formats.read_idx_pair(raw / spec.files[2].name, raw / spec.files[3].name)
+        arrays = formats.Arrays(train[0], train[1], list(spec.classes), test[0], test[1])
+    else:
+        reader = {
+            "cifar10_binary": formats.read_cifar10_binary,
+            "stl10_binary": formats.read_stl10_binary,
+        }[spec.format]
+        parts, classes = reader(raw / spec.files[0].name)
+        arrays = formats.Arrays(classes=classes or list(spec.classes), **parts)
+    _check(arrays, spec.name)
+    return arrays
+
+
+def _check(arrays: formats.Arrays, where: str) -> None:
+    n_classes = len(arrays.classes)
+    formats.check_labels(arrays.train_labels, n_classes, f"{where} training labels")
+    if arrays.test_labels is not None:
+        formats.check_labels(arrays.test_labels, n_classes, f"{where} test labels")
+        if arrays.test_images.shape[1:] != arrays.train_images.shape[1:]:
+            raise DataError(
+                f"{where}: test images are {arrays.test_images.shape[1:]} but training images are "
+                f"{arrays.train_images.shape[1:]}"
+            )
+
+
+_IDX_NAMES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+
+
+def _local_idx(config: Config, raw: Path) -> tuple[dict, formats.Arrays]:
+    """A folder of MNIST-style IDX files (gzipped or not); the t10k pair is optional."""
+    root = Path(config.data.local_path)
+    found: dict[str, Path] = {}
+    for key, stem in _IDX_NAMES.items():
+        for candidate in (root / stem, root / f"{stem}.gz"):
+            if candidate.is_file():
+                found[key] = candidate
+                break
+    missing = [f"{_IDX_NAMES[k]}[.gz]" for k in ("train_images", "train_labels") if k not in found]
+    if missing:
+        raise DataError(
+            f"{root}: missing {', '.join(missing)}; data.local_path must hold MNIST-style IDX files"
+        )
+    if ("test_images" in found) != ("test_labels" in found):
+        raise DataError(f"{root}: t10k images and labels must come together (found only one)")
+    files = {}
+    for source in found.values():
+        shutil.copyfile(source, raw / source.name)
+        files[source.name] = _entry(checksums(raw / source.name), "none (local files)")
+    classes_file = root / "classes.txt"
+    images, labels = formats.read_idx_pair(
+        raw / found["train_images"].name, raw / found["train_labels"].name
+    )
+    test_images = test_labels = None
+    if "test_images" in found:
+        test_images, test_labels = formats.read_idx_pair(
+            raw / found["test_images"].name, raw / found["test_labels"].name
+        )
+    if classes_file.is_file():
+        shutil.copyfile(classes_file, raw / "classes.txt")
+        classes = [c.strip() for c in classes_file.read_text().splitlines() if c.strip()]
+    else:
+        top = int(max(labels.max(), test_labels.max() if test_labels is not None else 0))
+        classes = [str(i) for i in range(top + 1)]
+    arrays = formats.Arrays(images, labels, classes, test_images, test_labels)
+    _check(arrays, str(root))
+    return {"files": files}, arrays
+
+
+def _imagefolder(config: Config, raw: Path) -> tuple[dict, formats.Arrays]:
+    """A folder of class folders with images of any size and mode, converted to one shape."""
+    root = Path(config.data.local_path)
+    size, channels = config.data.image_size, config.data.channels
+    classes, samples, others = formats.list_imagefolder(root)
+    rejected = {str(p.relative_to(root)): "not an image file (unknown extension)" for p in others}
+    images, labels, files = [], [], {}
+    for path, label in samples:
+        rel = path.relative_to(root)
+        try:
+            images.append(formats.load_image(path, size, channels))
+        except DataError as err:
+            rejected[str(rel)] = str(err).split(": ", 1)[-1]
+            continue
+        labels.append(label)
+        (raw / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, raw / rel)
+        files[str(rel)] = _entry(checksums(raw / rel), "none (local files)")
+    if rejected and config.data.on_bad_image == "error":
+        listed = "; ".join(f"{name}: {why}" for name, why in sorted(rejected.items())[:20])
+        more = f" (and {len(rejected) - 20} more)" if len(rejected) > 20 else ""
+        raise DataError(
+            f"{root}: {len(rejected)} file(s) could not be used: {listed}{more}. Remove them, or "
+            "set data.on_bad_image: skip in params.yaml to leave them out"
+        )
+    if not images:
+        raise DataError(f"{root}: no readable images found")
+    for name, why in sorted(rejected.items()):
+        log.warning("left out %s: %s", name, why)
+    arrays = formats.Arrays(
+        np.stack(images), np.asarray(labels, dtype=np.int64), classes,
+        notes=[f"left out {name}: {why}" for name, why in sorted(rejected.items())],
+    )  # fmt: skip
+    return {"files": files, "rejected": rejected}, arrays
