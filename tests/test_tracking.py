@@ -1,0 +1,126 @@
+"""Every stage execution is one MLflow run with its tags, params and artifacts."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline import tracking
+from pipeline.config import from_dict
+from pipeline.stages import download, split
+from tests.conftest import VENV_BIN, params_for, run, run_env, write_params
+
+
+def _runs(uri: str, experiment: str = "label-efficiency") -> list:
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None, f"no experiment {experiment} in {uri}"
+    return client.search_runs([found.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def _idx_config(tiny_idx: Path):
+    params = params_for("idx", split={"label_fractions": [0.5, 1.0]})
+    params["data"]["local_path"] = str(tiny_idx)
+    return from_dict(params)
+
+
+def test_stage_runs_land_in_the_default_sqlite_store_with_tags(workdir: Path, tiny_idx: Path):
+    config = _idx_config(tiny_idx)
+    download.run(config)
+    split.run(config)
+    assert tracking.tracking_uri() == f"sqlite:///{workdir / 'mlflow.db'}"
+    runs = _runs(tracking.tracking_uri())
+    assert [r.data.tags["stage"] for r in runs] == ["download", "split"]
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        assert r.data.tags["dataset"] == "idx"
+        assert r.data.tags["pipeline_id"].endswith(config.params_hash[:12])
+        assert len(r.data.tags["dataset_checksum"]) == 64
+    assert runs[0].data.tags["dataset_checksum"] == runs[1].data.tags["dataset_checksum"]
+    assert runs[1].data.params["split.label_fractions"] == "[0.5, 1.0]"
+    assert runs[1].data.metrics["n_test"] == 100
+    artifacts = MlflowClient(tracking.tracking_uri()).list_artifacts(runs[1].info.run_id)
+    assert {a.path for a in artifacts} == {"report.json", "report.md"}
+    assert (workdir / "mlartifacts").is_dir()
+
+
+def test_a_failing_stage_is_recorded_as_failed(workdir: Path, tiny_idx: Path):
+    config = _idx_config(tiny_idx)
+    with pytest.raises(ValueError, match="boom"), tracking.stage_run("split", config, "idx", []):
+        raise ValueError("boom")
+    (failed,) = _runs(tracking.tracking_uri())
+    assert failed.info.status == "FAILED"
+    assert failed.data.tags["stage"] == "split"
+
+
+def test_mlflow_tracking_uri_is_honoured(workdir: Path, tiny_idx: Path, monkeypatch, tmp_path):
+    other = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", other)
+    monkeypatch.setenv("PIPELINE_EXECUTION", "exec-1")
+    download.run(_idx_config(tiny_idx))
+    assert not (workdir / "mlflow.db").exists()
+    (only,) = _runs(other)
+    assert only.data.tags["execution"] == "exec-1"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path) -> Iterator[str]:
+    """A real `mlflow server` on 127.0.0.1, stopped after the test."""
+    port = _free_port()
+    log = open(tmp_path / "server.log", "w")  # noqa: SIM115 - closed below
+    process = subprocess.Popen(
+        [
+            str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+            "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination", str(tmp_path / "server-artifacts"),
+        ],
+        stdout=log, stderr=subprocess.STDOUT, env=run_env(),
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server did not start: {(tmp_path / 'server.log')}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+
+
+def test_stages_log_to_a_real_mlflow_server(mlflow_server: str, tiny_idx: Path, tmp_path: Path):
+    work = tmp_path / "work"
+    work.mkdir()
+    params = params_for("idx")
+    params["data"]["local_path"] = str(tiny_idx)
+    write_params(work, params)
+    env = run_env() | {"MLFLOW_TRACKING_URI": mlflow_server}
+    run(["python", "-m", "pipeline", "download"], work, env=env)
+    run(["python", "-m", "pipeline", "split"], work, env=env)
+    assert not (work / "mlflow.db").exists()
+    runs = _runs(mlflow_server)
+    assert [r.data.tags["stage"] for r in runs] == ["download", "split"]
+    artifacts = MlflowClient(mlflow_server).list_artifacts(runs[1].info.run_id)
+    assert "report.json" in {a.path for a in artifacts}
