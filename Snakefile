@@ -1,0 +1,15 @@
+# Snakemake entry point: load params.yaml, validate it, include the rules.
+# Every rule runs `python -m pipeline <stage> ...`, the same command as in dvc.yaml.
+
+
+configfile: "params.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        all_targets(),

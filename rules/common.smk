@@ -1,0 +1,63 @@
+# Shared helpers: params validation, the params each stage reads, the code each stage runs.
+from pipeline.config import ConfigError, check
+import sys
+
+try:
+    config.update(check(config, source="params.yaml"))
+except ConfigError as err:
+    sys.exit(f"error: {err}")
+
+
+DATASET = config["data"]["dataset"]
+
+
+wildcard_constraints:
+    dataset="fashion_mnist|mnist|cifar10|stl10|idx|imagefolder",
+
+
+# The pipeline/ modules (and schema) each stage imports: a change in any of them re-runs the
+# stage. dvc.yaml lists the same files; tests/test_runners.py checks both against real imports.
+_COMMON_CODE = [
+    "pipeline/__init__.py",
+    "pipeline/__main__.py",
+    "pipeline/cli.py",
+    "pipeline/config.py",
+    "pipeline/errors.py",
+    "pipeline/io.py",
+    "pipeline/paths.py",
+    "pipeline/stages/__init__.py",
+    "pipeline/tracking.py",
+    "schemas/params.schema.yaml",
+]
+_DATA_CODE = [
+    "pipeline/data/__init__.py",
+    "pipeline/data/formats.py",
+    "pipeline/data/prepared.py",
+]
+CODE = {
+    "download": _COMMON_CODE
+    + _DATA_CODE
+    + ["pipeline/data/sources.py", "pipeline/stages/download.py"],
+    "split": _COMMON_CODE
+    + _DATA_CODE
+    + ["pipeline/data/split.py", "pipeline/stages/split.py"],
+}
+
+
+def stage_params(stage):
+    """The values of the params.yaml keys a stage declares (its PARAMS): a change re-runs it."""
+    import importlib
+
+    keys = importlib.import_module(f"pipeline.stages.{stage}").PARAMS
+    values = {}
+    for key in keys:
+        value = config
+        for part in key.split("."):
+            value = value[part]
+        values[key] = value
+    return values
+
+
+def all_targets():
+    """What `snakemake` builds by default: every stage's outputs for the configured dataset."""
+    return [f"data/splits/{DATASET}"]

@@ -1,0 +1,156 @@
+"""Snakemake and DVC run the same stages with the same commands, and agree on what is up to date.
+
+These tests run both tools for real on a copy of the project configured for tiny IDX data.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import REPO, run, run_env
+
+# Imported by each `python -m pipeline <stage>` process; it records the modules the stage loaded.
+TRACE_HOOK = """
+import atexit, os, sys
+def _dump():
+    if not sys.argv or not sys.argv[0].endswith(os.path.join("pipeline", "__main__.py")):
+        return
+    files = sorted({m.__file__ for m in list(sys.modules.values()) if getattr(m, "__file__", None)})
+    out = os.path.join(os.environ["PIPELINE_IMPORT_TRACE"], sys.argv[1] + ".txt")
+    with open(out, "w") as handle:
+        handle.write("\\n".join(files))
+atexit.register(_dump)
+"""
+
+
+def snakemake_jobs(project: Path) -> dict[str, dict]:
+    """Rule name -> inputs, outputs, shell command, from a forced dry run with -p."""
+    text = run(["snakemake", "-n", "-p", "--forceall"], project).stdout
+    jobs = {}
+    for block in re.split(r"\n(?=rule |localrule )", text):
+        header = re.match(r"(?:local)?rule (\w+):", block)
+        if not header or header.group(1) == "all":
+            continue
+        field = dict(re.findall(r"^    (input|output): (.*)$", block, re.M))
+        jobs[header.group(1)] = {
+            "deps": set(field.get("input", "").split(", ")) - {""},
+            "outs": set(field["output"].split(", ")),
+            "cmd": re.search(r"^Shell command: (.*)$", block, re.M).group(1).strip(),
+        }
+    return jobs
+
+
+def dvc_stages(project: Path) -> dict[str, dict]:
+    """Stage name -> deps, outs, cmd, params as DVC resolves dvc.yaml against params.yaml."""
+    from dvc.repo import Repo
+
+    with Repo(str(project)) as repo:
+        stages = {}
+        for stage in repo.index.stages:
+            files = [d for d in stage.deps if not hasattr(d, "params")]
+            params = [p for d in stage.deps if hasattr(d, "params") for p in d.params]
+            stages[stage.name] = {
+                "deps": {str(d.def_path) for d in files},
+                "outs": {str(o.def_path) for o in stage.outs},
+                "cmd": stage.cmd,
+                "params": params,
+            }
+    return stages
+
+
+def nothing_to_do(project: Path) -> bool:
+    return "Nothing to be done" in run(["snakemake", "-n"], project).stdout
+
+
+def snakemake_would_run(project: Path) -> set[str]:
+    out = run(["snakemake", "-n"], project).stdout
+    return set(re.findall(r"^(?:local)?rule (\w+):", out, re.M)) - {"all"}
+
+
+def dvc_changed(project: Path) -> set[str]:
+    out = run(["dvc", "status"], project).stdout
+    return set(re.findall(r"^(\w+):$", out, re.M))
+
+
+def test_both_runners_declare_the_same_stages_commands_deps_and_outs(project: Path):
+    snakemake = snakemake_jobs(project)
+    dvc = dvc_stages(project)
+    assert set(snakemake) == set(dvc)
+    for name, job in snakemake.items():
+        assert job["cmd"] == dvc[name]["cmd"], name
+        assert job["deps"] == dvc[name]["deps"], name
+        assert job["outs"] == dvc[name]["outs"], name
+        assert job["cmd"].startswith(f"python -m pipeline {name} ")
+
+
+def test_dvc_params_are_the_keys_each_stage_declares(project: Path):
+    for name, stage in dvc_stages(project).items():
+        module = importlib.import_module(f"pipeline.stages.{name}")
+        assert stage["params"] == list(module.PARAMS), name
+
+
+def test_snakemake_runs_the_pipeline_and_dvc_then_sees_it_up_to_date(
+    project: Path, tmp_path: Path
+):
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    (trace / "sitecustomize.py").write_text(TRACE_HOOK)
+    env = run_env() | {"PYTHONPATH": str(trace), "PIPELINE_IMPORT_TRACE": str(trace)}
+    run(["snakemake", "--cores", "2"], project, env=env)
+    report = yaml.safe_load((project / "data/splits/idx/report.json").read_text())
+    assert report["disjointness"]["disjoint"] is True
+
+    # Declared code deps are exactly the pipeline files each stage process imported.
+    declared = snakemake_jobs(project)
+    for stage, job in declared.items():
+        loaded = (trace / f"{stage}.txt").read_text().split("\n")
+        imported = {
+            str(Path(f).relative_to(project)) for f in loaded
+            if Path(f).is_relative_to(project / "pipeline")
+        }  # fmt: skip
+        code = {d for d in job["deps"] if d.startswith("pipeline/")}
+        assert code == imported, stage
+        assert "schemas/params.schema.yaml" in job["deps"]  # read by pipeline/config.py
+
+    run(["dvc", "commit", "--force", "--quiet"], project)  # what `make run` does after snakemake
+    assert dvc_changed(project) == set()
+    assert run(["dvc", "repro"], project).stdout.count("didn't change, skipping") == 2
+    assert nothing_to_do(project)
+
+
+def test_dvc_repro_then_snakemake_agrees_and_a_change_reruns_only_what_it_touches(project: Path):
+    run(["dvc", "repro", "--quiet"], project)
+    assert nothing_to_do(project)
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["split"]["val_fraction"] = 0.25
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert dvc_changed(project) == {"split"}
+    run(["dvc", "repro", "--quiet"], project)
+    run(["snakemake", "--touch", "--cores", "1", "--quiet"], project)  # what `make repro` does
+    assert nothing_to_do(project)
+    report = yaml.safe_load((project / "data/splits/idx/report.json").read_text())
+    assert report["val_fraction"] == 0.25
+
+    with open(project / "pipeline/data/split.py", "a") as handle:
+        handle.write("\n# a code change\n")
+    assert dvc_changed(project) == {"split"}
+    assert snakemake_would_run(project) == {"split"}
+
+
+def test_dvc_exp_run_sets_a_param(project: Path):
+    run(["dvc", "repro", "--quiet"], project)
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "baseline"], project)
+    run(["dvc", "exp", "run", "-S", "split.val_fraction=0.2"], project)
+    report = yaml.safe_load((project / "data/splits/idx/report.json").read_text())
+    assert report["val_fraction"] == 0.2
+    assert report["sets"]["val"]["per_class"] == [20, 20, 20, 20]  # 400 images, 4 classes
+
+
+def test_the_repository_dvc_yaml_and_rules_exist_side_by_side():
+    assert (REPO / "dvc.yaml").is_file() and (REPO / "Snakefile").is_file()
