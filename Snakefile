@@ -7,6 +7,7 @@ configfile: "params.yaml"
 
 include: "rules/common.smk"
 include: "rules/data.smk"
+include: "rules/augment.smk"
 
 
 rule all:

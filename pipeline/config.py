@@ -56,6 +56,16 @@ class SplitConfig:
 
 
 @dataclass(frozen=True)
+class AugmentConfig:
+    seed: int
+    preview_images: int
+    preview_views: int
+    offline_copies: int
+    offline_policy: str
+    policies: dict[str, dict[str, Any]]  # as written in params.yaml; augment.resolve_policy fills
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     experiment: str
 
@@ -64,6 +74,7 @@ class TrackingConfig:
 class Config:
     data: DataConfig
     split: SplitConfig
+    augment: AugmentConfig
     tracking: TrackingConfig
     raw: dict[str, Any]  # the validated params with defaults filled in
 
@@ -105,6 +116,7 @@ def from_dict(params: Any, source: str = PARAMS_FILE) -> Config:
     params = check(params, source)
     data = params["data"]
     split = params["split"]
+    augment = params["augment"]
     config = Config(
         data=DataConfig(
             dataset=data["dataset"],
@@ -120,9 +132,22 @@ def from_dict(params: Any, source: str = PARAMS_FILE) -> Config:
             test_fraction=float(split["test_fraction"]),
             label_fractions=tuple(sorted(float(f) for f in split["label_fractions"])),
         ),
+        augment=AugmentConfig(
+            seed=augment["seed"],
+            preview_images=augment["preview_images"],
+            preview_views=augment["preview_views"],
+            offline_copies=augment["offline_copies"],
+            offline_policy=augment["offline_policy"],
+            policies=augment["policies"],
+        ),
         tracking=TrackingConfig(experiment=params["tracking"]["experiment"]),
         raw=params,
     )
+    if config.augment.offline_policy not in config.augment.policies:
+        raise ConfigError(
+            f"{source}: augment.offline_policy = {config.augment.offline_policy!r} is not a "
+            f"policy; must be one of {', '.join(config.augment.policies)}"
+        )
     if config.data.dataset in LOCAL_DATASETS and not config.data.local_path:
         raise ConfigError(
             f"{source}: data.local_path is empty but data.dataset is {config.data.dataset!r}: "
@@ -139,7 +164,6 @@ def check(params: Any, source: str = PARAMS_FILE) -> dict[str, Any]:
     """
     import copy
 
-    from jsonschema import Draft202012Validator
     from jsonschema.exceptions import best_match
 
     schema = _schema()
@@ -150,7 +174,7 @@ def check(params: Any, source: str = PARAMS_FILE) -> dict[str, Any]:
         )
     params = copy.deepcopy(params)
     _fill_defaults(schema, params)
-    error = best_match(Draft202012Validator(schema).iter_errors(params))
+    error = best_match(_validator(schema).iter_errors(params))
     if error is not None:
         raise ConfigError(f"{source}: {_describe(error)}")
     return params
@@ -158,6 +182,24 @@ def check(params: Any, source: str = PARAMS_FILE) -> dict[str, Any]:
 
 def _schema() -> dict[str, Any]:
     return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def _validator(schema: dict[str, Any]) -> Any:
+    """Draft 2020-12 plus ``orderedRange``: a ``[min, max]`` pair must have min <= max."""
+    from jsonschema import Draft202012Validator, ValidationError, validators
+
+    def ordered_range(validator: Any, enabled: bool, instance: Any, schema: Any) -> Any:
+        if (
+            enabled
+            and isinstance(instance, list)
+            and len(instance) == 2
+            and all(isinstance(v, int | float) for v in instance)
+            and instance[0] > instance[1]
+        ):
+            yield ValidationError(f"{instance} has min > max")
+
+    extended = validators.extend(Draft202012Validator, {"orderedRange": ordered_range})
+    return extended(schema)
 
 
 def _fill_defaults(schema: dict[str, Any], instance: dict[str, Any]) -> None:
@@ -193,6 +235,10 @@ def _describe(error: Any) -> str:
         "exclusiveMaximum": lambda: f"less than {arg}",
         "exclusiveMinimum": lambda: f"greater than {arg}",
         "minItems": lambda: f"a list of at least {arg} item(s)",
+        "maxItems": lambda: f"a list of at most {arg} item(s)",
+        "orderedRange": lambda: "a [min, max] range with min <= max",
+        "not": lambda: "an odd number" if arg == {"multipleOf": 2} else f"not {arg}",
+        "pattern": lambda: f"a name matching {arg}",
         "uniqueItems": lambda: "a list without repeated items",
         "minLength": lambda: f"at least {arg} character(s) long",
     }.get(rule)

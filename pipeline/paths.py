@@ -23,6 +23,11 @@ def splits_dir(dataset: str) -> Path:
     return DATA / "splits" / dataset
 
 
+def augment_dir(dataset: str) -> Path:
+    """Resolved augmentation policies, the preview grid and the optional offline pool."""
+    return DATA / "augment" / dataset
+
+
 def fraction_name(fraction: float) -> str:
     """The spelling of a label fraction in file names and wildcards: 0.01, 0.1, 1."""
     return f"{fraction:g}"

@@ -41,6 +41,9 @@ CODE = {
     "split": _COMMON_CODE
     + _DATA_CODE
     + ["pipeline/data/split.py", "pipeline/stages/split.py"],
+    "augment": _COMMON_CODE
+    + _DATA_CODE
+    + ["pipeline/augment.py", "pipeline/stages/augment.py"],
 }
 
 
@@ -60,4 +63,8 @@ def stage_params(stage):
 
 def all_targets():
     """What `snakemake` builds by default: every stage's outputs for the configured dataset."""
-    return [f"data/splits/{DATASET}"]
+    return [
+        f"data/splits/{DATASET}",
+        f"data/augment/{DATASET}/policy.json",
+        f"data/augment/{DATASET}/preview.png",
+    ]

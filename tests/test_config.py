@@ -19,10 +19,14 @@ def test_the_repository_params_are_valid_and_typed():
 
 
 def test_missing_optional_keys_take_the_schema_defaults():
-    config = from_dict({"data": {"dataset": "mnist"}, "split": {}, "tracking": {}})
+    policies = {"ssl": {}, "supervised": {}}
+    config = from_dict(
+        {"data": {"dataset": "mnist"}, "split": {}, "augment": {"policies": policies}, "tracking": {}}
+    )
     assert config.split.val_fraction == 0.1
     assert config.split.label_fractions == (0.01, 0.1, 1.0)
     assert config.data.channels == 1
+    assert config.augment.offline_copies == 0 and config.augment.offline_policy == "supervised"
 
 
 @pytest.mark.parametrize(
