@@ -10,7 +10,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 # Stage commands call plain `python`: the venv must come first on PATH for both runners.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup dataset run repro test lint clean
+.PHONY: setup dataset run repro test lint benchmarks clean
 
 setup: $(STAMP) dataset
 
@@ -48,6 +48,11 @@ lint: setup
 
 test: lint
 	pytest
+
+# Speed benchmarks (run on a quiet machine); results in benchmarks/results/, summary in BENCHMARKS.md.
+benchmarks: setup
+	python -m benchmarks.augment --json benchmarks/results/augment.json
+	python -m benchmarks.report
 
 clean:
 	rm -rf data/raw data/prepared data/splits data/augment models metrics reports logs .snakemake

@@ -1,0 +1,1 @@
+"""Speed and quality benchmarks; results land in benchmarks/results/*.json and BENCHMARKS.md."""
