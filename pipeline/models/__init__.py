@@ -1,0 +1,1 @@
+"""Networks (backbones, heads, decoders), losses and the LightningModules that train them."""
