@@ -8,6 +8,7 @@ configfile: "params.yaml"
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/augment.smk"
+include: "rules/pretrain.smk"
 
 
 rule all:

@@ -45,6 +45,7 @@ __all__ = [
     "AugmentParams",
     "BatchAugment",
     "PolicyError",
+    "from_policy_document",
     "mask_region",
     "resolve_policy",
     "rotate90",
@@ -811,3 +812,27 @@ def mask_region(
     left = draw.integers(width - box_w + 1, images.shape[0])
     mask = _box_mask(top, left, box_h, box_w, (height, width))
     return images.masked_fill(mask, fill), mask
+
+
+def from_policy_document(
+    document: Mapping[str, Any], policy: str | None, normalize: bool = True
+) -> BatchAugment:
+    """A BatchAugment for one named policy of the augment stage's ``policy.json``.
+
+    ``policy=None`` only normalizes (for features and evaluation); ``normalize=False`` keeps pixel
+    units ([0, 1]), for pictures and the uint8 offline pool.
+    """
+    if policy is not None and policy not in document["policies"]:
+        raise PolicyError(
+            f"policy {policy!r} is not in the augment stage's policy.json; it has "
+            f"{', '.join(document['policies'])} (augment.policies in params.yaml; re-run the "
+            "augment stage after changing them)"
+        )
+    channels = int(document["channels"])
+    return BatchAugment(
+        {} if policy is None else document["policies"][policy],
+        tuple(document["image_size"]),
+        channels,
+        document["mean"] if normalize else [0.0] * channels,
+        document["std"] if normalize else [1.0] * channels,
+    )

@@ -35,7 +35,11 @@ def stage_names() -> list[str]:
 PIPELINE_ORDER = ("download", "split", "augment", "pretrain", "finetune", "evaluate", "visualize")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only the ``selected`` stage module is imported (for its own options).
+
+    Importing just that one keeps each stage's code dependencies exactly its own modules.
+    """
     parser = argparse.ArgumentParser(
         prog="python -m pipeline",
         description="Run one stage of the self-supervised label-efficiency pipeline.",
@@ -45,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
         doc = _first_line(f"pipeline.stages.{name}") or name
         stage = commands.add_parser(name, help=doc, description=doc)
         stage.add_argument("--dataset", help="dataset to work on (default: data.dataset)")
+        if name == selected:
+            module = importlib.import_module(f"pipeline.stages.{name}")  # no torch at import
+            if hasattr(module, "add_arguments"):
+                module.add_arguments(stage)
         _common(stage)
     check = commands.add_parser("check-params", help="validate params.yaml and exit")
     _common(check)
@@ -57,7 +65,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _first_line(module: str) -> str:
-    """The first line of a stage module's docstring, read without importing it."""
+    """The first line of a stage module's docstring, read without importing the module."""
     spec = importlib.util.find_spec(module)
     text = Path(spec.origin).read_text() if spec and spec.origin else ""
     start = text.find('"""')
@@ -86,7 +94,8 @@ def _setup_logging(log_file: Path | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     _setup_logging(args.log)
     try:
         config = load(args.params)
@@ -94,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.params}: ok")
             return 0
         stage = importlib.import_module(f"pipeline.stages.{args.command}")
-        stage.run(config, dataset=args.dataset)
+        extra = {k: v for k, v in vars(args).items()
+                 if k not in ("command", "dataset", "params", "log")}  # fmt: skip
+        stage.run(config, dataset=args.dataset, **extra)
     except ConfigError as err:
         log.error("%s", err)
         return 2

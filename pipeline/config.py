@@ -66,6 +66,45 @@ class AugmentConfig:
 
 
 @dataclass(frozen=True)
+class ModelConfig:
+    backbone: str
+    width: int
+    depth: int
+    activation: str
+    leaky_relu_slope: float
+    init: str
+    dropout: float
+    batch_norm: bool
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    name: str
+    lr: float
+    weight_decay: float
+    momentum: float
+    nesterov: bool
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    methods: tuple[str, ...]
+    seed: int
+    epochs: int
+    batch_size: int
+    max_images: int | None
+    policy: str
+    optimizer: OptimizerConfig
+    warmup_epochs: float
+    monitor: dict[str, Any]
+    options: dict[str, dict[str, Any]]  # the per-method sections (simclr, vae, ...)
+
+    def policy_for(self, method: str) -> str:
+        """The augment policy a method trains with: its own ``policy`` key, else the common one."""
+        return self.options.get(method, {}).get("policy", self.policy)
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     experiment: str
 
@@ -75,6 +114,8 @@ class Config:
     data: DataConfig
     split: SplitConfig
     augment: AugmentConfig
+    model: ModelConfig
+    pretrain: PretrainConfig
     tracking: TrackingConfig
     raw: dict[str, Any]  # the validated params with defaults filled in
 
@@ -140,9 +181,12 @@ def from_dict(params: Any, source: str = PARAMS_FILE) -> Config:
             offline_policy=augment["offline_policy"],
             policies=augment["policies"],
         ),
+        model=ModelConfig(**params["model"]),
+        pretrain=_pretrain(params["pretrain"]),
         tracking=TrackingConfig(experiment=params["tracking"]["experiment"]),
         raw=params,
     )
+    _check_policy_names(config, source)
     if config.augment.offline_policy not in config.augment.policies:
         raise ConfigError(
             f"{source}: augment.offline_policy = {config.augment.offline_policy!r} is not a "
@@ -154,6 +198,39 @@ def from_dict(params: Any, source: str = PARAMS_FILE) -> Config:
             "set data.local_path to the folder that holds the data"
         )
     return config
+
+
+_METHOD_SECTIONS = ("simclr", "autoencoder", "rotation", "inpainting", "vae", "pca")
+
+
+def _pretrain(section: dict[str, Any]) -> PretrainConfig:
+    return PretrainConfig(
+        methods=tuple(section["methods"]),
+        seed=section["seed"],
+        epochs=section["epochs"],
+        batch_size=section["batch_size"],
+        max_images=section["max_images"],
+        policy=section["policy"],
+        optimizer=OptimizerConfig(**section["optimizer"]),
+        warmup_epochs=float(section["warmup_epochs"]),
+        monitor=section["monitor"],
+        options={name: section[name] for name in _METHOD_SECTIONS},
+    )
+
+
+def _check_policy_names(config: Config, source: str) -> None:
+    """Every policy a stage asks for must exist in augment.policies."""
+    known = config.augment.policies
+    wanted = {"pretrain.policy": config.pretrain.policy}
+    wanted.update(
+        {f"pretrain.{m}.policy": o["policy"] for m, o in config.pretrain.options.items()
+         if "policy" in o}
+    )  # fmt: skip
+    for key, name in wanted.items():
+        if name not in known:
+            raise ConfigError(
+                f"{source}: {key} = {name!r} is not a policy; must be one of {', '.join(known)}"
+            )
 
 
 def check(params: Any, source: str = PARAMS_FILE) -> dict[str, Any]:
@@ -202,13 +279,31 @@ def _validator(schema: dict[str, Any]) -> Any:
     return extended(schema)
 
 
-def _fill_defaults(schema: dict[str, Any], instance: dict[str, Any]) -> None:
-    """Insert schema defaults for missing keys, recursively through nested objects."""
+def _fill_defaults(schema: dict[str, Any], instance: dict[str, Any], root: Any = None) -> None:
+    """Insert schema defaults for missing keys, recursively through nested objects.
+
+    A missing section whose schema has properties is created, so its keys get their defaults too.
+    """
+    root = schema if root is None else root
     for key, sub in schema.get("properties", {}).items():
-        if key not in instance and "default" in sub:
-            instance[key] = json.loads(json.dumps(sub["default"]))
+        sub = _deref(sub, root)
+        if key not in instance:
+            if "default" in sub:
+                instance[key] = json.loads(json.dumps(sub["default"]))
+            elif sub.get("type") == "object" and "properties" in sub:
+                instance[key] = {}
         if isinstance(instance.get(key), dict) and sub.get("type") == "object":
-            _fill_defaults(sub, instance[key])
+            _fill_defaults(sub, instance[key], root)
+
+
+def _deref(sub: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
+    """Follow a local ``$ref`` (``#/$defs/name``), keeping sibling keywords such as default."""
+    if "$ref" not in sub:
+        return sub
+    target = root
+    for part in sub["$ref"].removeprefix("#/").split("/"):
+        target = target[part]
+    return {**target, **{k: v for k, v in sub.items() if k != "$ref"}}
 
 
 def _describe(error: Any) -> str:

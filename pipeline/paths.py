@@ -28,6 +28,11 @@ def augment_dir(dataset: str) -> Path:
     return DATA / "augment" / dataset
 
 
+def pretrain_dir(method: str) -> Path:
+    """A pretrained encoder: encoder.pt (state_dict), encoder.json (how to rebuild it)."""
+    return Path("models") / "pretrain" / method
+
+
 def fraction_name(fraction: float) -> str:
     """The spelling of a label fraction in file names and wildcards: 0.01, 0.1, 1."""
     return f"{fraction:g}"

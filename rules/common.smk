@@ -13,6 +13,7 @@ DATASET = config["data"]["dataset"]
 
 wildcard_constraints:
     dataset="fashion_mnist|mnist|cifar10|stl10|idx|imagefolder",
+    method="simclr|autoencoder|rotation|inpainting|vae|pca",
 
 
 # The pipeline/ modules (and schema) each stage imports: a change in any of them re-runs the
@@ -43,15 +44,30 @@ CODE = {
     + ["pipeline/data/split.py", "pipeline/stages/split.py"],
     "augment": _COMMON_CODE
     + _DATA_CODE
-    + ["pipeline/augment.py", "pipeline/stages/augment.py"],
+    + ["pipeline/augment.py", "pipeline/data/split.py", "pipeline/stages/augment.py"],
+    "pretrain": _COMMON_CODE
+    + _DATA_CODE
+    + [
+        "pipeline/augment.py",
+        "pipeline/data/datamodule.py",
+        "pipeline/data/split.py",
+        "pipeline/models/__init__.py",
+        "pipeline/models/backbones.py",
+        "pipeline/models/knn.py",
+        "pipeline/models/losses.py",
+        "pipeline/models/optim.py",
+        "pipeline/models/pretrain.py",
+        "pipeline/stages/pretrain.py",
+    ],
 }
 
 
-def stage_params(stage):
+def stage_params(stage, method=None):
     """The values of the params.yaml keys a stage declares (its PARAMS): a change re-runs it."""
     import importlib
 
-    keys = importlib.import_module(f"pipeline.stages.{stage}").PARAMS
+    stage_module = importlib.import_module(f"pipeline.stages.{stage}")
+    keys = stage_module.params_for(method) if method else stage_module.PARAMS
     values = {}
     for key in keys:
         value = config
@@ -67,4 +83,5 @@ def all_targets():
         f"data/splits/{DATASET}",
         f"data/augment/{DATASET}/policy.json",
         f"data/augment/{DATASET}/preview.png",
+        *expand("models/pretrain/{method}", method=config["pretrain"]["methods"]),
     ]

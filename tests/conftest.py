@@ -134,6 +134,9 @@ def project(tmp_path: Path, tiny_idx: Path) -> Path:
             shutil.copy2(source, root / name)
     params = params_for("idx", split={"label_fractions": [0.1, 0.5, 1.0]})
     params["data"]["local_path"] = str(tiny_idx)
+    params["model"].update(backbone="lenet5", width=8)
+    params["pretrain"].update(methods=["simclr", "pca"], epochs=1, batch_size=64)
+    params["pretrain"]["monitor"]["knn_max_train"] = 200
     write_params(root, params)
     shutil.copy2(REPO / ".gitignore", root / ".gitignore")
     run(["git", "init", "-q"], root)

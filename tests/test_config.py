@@ -20,9 +20,7 @@ def test_the_repository_params_are_valid_and_typed():
 
 def test_missing_optional_keys_take_the_schema_defaults():
     policies = {"ssl": {}, "supervised": {}}
-    config = from_dict(
-        {"data": {"dataset": "mnist"}, "split": {}, "augment": {"policies": policies}, "tracking": {}}
-    )
+    config = from_dict({"data": {"dataset": "mnist"}, "augment": {"policies": policies}})
     assert config.split.val_fraction == 0.1
     assert config.split.label_fractions == (0.01, 0.1, 1.0)
     assert config.data.channels == 1
@@ -57,11 +55,15 @@ def test_local_datasets_need_a_folder():
         from_dict(params_for("idx"))
 
 
-def test_a_missing_section_is_named():
+def test_a_missing_required_key_is_named_and_missing_sections_take_defaults():
     params = params_for()
-    del params["split"]
-    with pytest.raises(ConfigError, match="missing key split"):
+    del params["data"]
+    with pytest.raises(ConfigError, match="missing key data.dataset"):
         from_dict(params)
+    params = params_for()
+    del params["split"], params["pretrain"]["monitor"]
+    config = from_dict(params)
+    assert config.split.val_fraction == 0.1 and config.pretrain.monitor["knn_k"] == 20
 
 
 def test_yaml_syntax_errors_name_the_line(tmp_path: Path):

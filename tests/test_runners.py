@@ -20,7 +20,10 @@ def _dump():
     if not sys.argv or not sys.argv[0].endswith(os.path.join("pipeline", "__main__.py")):
         return
     files = sorted({m.__file__ for m in list(sys.modules.values()) if getattr(m, "__file__", None)})
-    out = os.path.join(os.environ["PIPELINE_IMPORT_TRACE"], sys.argv[1] + ".txt")
+    name = sys.argv[1]
+    if "--method" in sys.argv:
+        name += "@" + sys.argv[sys.argv.index("--method") + 1]
+    out = os.path.join(os.environ["PIPELINE_IMPORT_TRACE"], name + ".txt")
     with open(out, "w") as handle:
         handle.write("\\n".join(files))
 atexit.register(_dump)
@@ -35,8 +38,12 @@ def snakemake_jobs(project: Path) -> dict[str, dict]:
         header = re.match(r"(?:local)?rule (\w+):", block)
         if not header or header.group(1) == "all":
             continue
-        field = dict(re.findall(r"^    (input|output): (.*)$", block, re.M))
-        jobs[header.group(1)] = {
+        field = dict(re.findall(r"^    (input|output|wildcards): (.*)$", block, re.M))
+        name = header.group(1)
+        method = re.search(r"method=(\w+)", field.get("wildcards", ""))
+        if method:  # one job per pretraining method: DVC's foreach names it pretrain@<method>
+            name += f"@{method.group(1)}"
+        jobs[name] = {
             "deps": set(field.get("input", "").split(", ")) - {""},
             "outs": set(field["output"].split(", ")),
             "cmd": re.search(r"^Shell command: (.*)$", block, re.M).group(1).strip(),
@@ -84,13 +91,15 @@ def test_both_runners_declare_the_same_stages_commands_deps_and_outs(project: Pa
         assert job["cmd"] == dvc[name]["cmd"], name
         assert job["deps"] == dvc[name]["deps"], name
         assert job["outs"] == dvc[name]["outs"], name
-        assert job["cmd"].startswith(f"python -m pipeline {name} ")
+        assert job["cmd"].startswith(f"python -m pipeline {name.split('@')[0]} ")
 
 
 def test_dvc_params_are_the_keys_each_stage_declares(project: Path):
     for name, stage in dvc_stages(project).items():
-        module = importlib.import_module(f"pipeline.stages.{name}")
-        assert stage["params"] == list(module.PARAMS), name
+        stage_name, _, method = name.partition("@")
+        module = importlib.import_module(f"pipeline.stages.{stage_name}")
+        keys = module.params_for(method) if method else module.PARAMS
+        assert stage["params"] == list(keys), name
 
 
 def test_snakemake_runs_the_pipeline_and_dvc_then_sees_it_up_to_date(
@@ -137,11 +146,11 @@ def test_dvc_repro_then_snakemake_agrees_and_a_change_reruns_only_what_it_touche
     report = yaml.safe_load((project / "data/splits/idx/report.json").read_text())
     assert report["val_fraction"] == 0.25
 
-    with open(project / "pipeline/data/split.py", "a") as handle:
+    with open(project / "pipeline/stages/split.py", "a") as handle:
         handle.write("\n# a code change\n")
     assert dvc_changed(project) == {"split"}
     # Snakemake lists the stage and what is downstream of it; download is upstream and stays.
-    assert snakemake_would_run(project) == {"split", "augment"}
+    assert snakemake_would_run(project) == {"split", "augment", "pretrain"}
 
 
 def test_dvc_exp_run_sets_a_param(project: Path):

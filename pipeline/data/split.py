@@ -18,9 +18,13 @@ Rules (documented in README and the split report):
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
+
+from pipeline import paths
+from pipeline.errors import MissingInputError
 
 
 def content_groups(*image_sets: np.ndarray) -> list[np.ndarray]:
@@ -190,3 +194,26 @@ def disjointness(
         "label_subsets_nested_inside_train": bool(nested),
         "disjoint": not any(index.values()) and not any(content.values()) and bool(nested),
     }
+
+
+def load_indices(dataset: str, name: str) -> np.ndarray:
+    """Indices of one set (``train``, ``val``, ``test``, ``labeled-0.1``) from the split stage."""
+    path = paths.splits_dir(dataset) / f"{name}.npy"
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise MissingInputError(
+            f"{path} is missing or unreadable ({err}); run the split stage "
+            "(python -m pipeline split) to make it"
+        ) from None
+
+
+def test_source(dataset: str) -> str:
+    """Where a split's test indices point: ``test`` (official arrays) or ``train``."""
+    report = paths.splits_dir(dataset) / "report.json"
+    try:
+        return json.loads(report.read_text())["test_source"]
+    except (OSError, ValueError, KeyError):
+        raise MissingInputError(
+            f"{report} is missing or unreadable; run the split stage (python -m pipeline split)"
+        ) from None

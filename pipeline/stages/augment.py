@@ -27,7 +27,7 @@ import numpy as np
 from pipeline import paths
 from pipeline.config import Config
 from pipeline.data import prepared
-from pipeline.errors import MissingInputError
+from pipeline.data.split import load_indices
 from pipeline.io import atomic_dir, save_npy, write_bytes, write_json
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def run(config: Config, dataset: str | None = None) -> dict:
 
     dataset = dataset or config.data.dataset
     data = prepared.load(paths.prepared_dir(dataset))
-    train = load_indices(paths.splits_dir(dataset), "train")
+    train = load_indices(dataset, "train")
     out = paths.augment_dir(dataset)
     with tracking.stage_run("augment", config, dataset, PARAMS) as tracked:
         tracked.set_tags({"dataset_checksum": data.checksum})
@@ -60,18 +60,6 @@ def run(config: Config, dataset: str | None = None) -> dict:
         tracked.log_artifact(out / "policy.json")
         tracked.log_artifact(out / "preview.png")
     return document
-
-
-def load_indices(splits: Path, name: str) -> np.ndarray:
-    """Indices of one set of the split stage, with an error that names the stage on failure."""
-    path = Path(splits) / f"{name}.npy"
-    try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise MissingInputError(
-            f"{path} is missing or unreadable ({err}); run the split stage "
-            "(python -m pipeline split) to make it"
-        ) from None
 
 
 def policy_document(
@@ -100,28 +88,6 @@ def policy_document(
 def _plain(options: dict[str, Any]) -> dict[str, Any]:
     """Tuples to lists so the JSON (and its hash) is the same whoever writes it."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
-
-
-def augmenter(document: dict[str, Any], policy: str, normalize: bool = True) -> Any:
-    """A BatchAugment for one named policy of a policy document.
-
-    ``normalize=False`` keeps pixel units ([0, 1]) for pictures and the uint8 pool.
-    """
-    from pipeline.augment import BatchAugment
-
-    if policy not in document["policies"]:
-        raise MissingInputError(
-            f"policy {policy!r} is not in the augment stage's policy.json; it has "
-            f"{', '.join(document['policies'])} (augment.policies in params.yaml)"
-        )
-    channels = document["channels"]
-    return BatchAugment(
-        document["policies"][policy],
-        tuple(document["image_size"]),
-        channels,
-        document["mean"] if normalize else [0.0] * channels,
-        document["std"] if normalize else [1.0] * channels,
-    )
 
 
 def to_nchw(images: np.ndarray, device: Any = "cpu") -> Any:
@@ -163,13 +129,15 @@ def preview_png(
     import torch
     from PIL import Image, ImageDraw
 
+    from pipeline.augment import from_policy_document
+
     device = _device()
     chosen = preview_images(np.asarray(data.train_labels), train, config.augment.preview_images)
     originals = to_nchw(np.asarray(data.train_images)[chosen], device)
     views = config.augment.preview_views
     blocks = []
     for index, name in enumerate(document["policies"]):
-        augment = augmenter(document, name, normalize=False).to(device)
+        augment = from_policy_document(document, name, normalize=False).to(device)
         generator = _generator(config.augment.seed + index, device)
         repeated = originals.repeat_interleave(views, dim=0)
         with torch.no_grad():
@@ -215,13 +183,15 @@ def write_pool(
     """Materialize ``offline_copies`` augmented copies of the training split; return seconds."""
     import torch
 
+    from pipeline.augment import from_policy_document
+
     copies = config.augment.offline_copies
     with atomic_dir(folder) as tmp:
         manifest = {"copies": copies, "policy": config.augment.offline_policy, "files": {}}
         seconds = None
         if copies:
             device = _device()
-            augment = augmenter(document, config.augment.offline_policy, normalize=False)
+            augment = from_policy_document(document, config.augment.offline_policy, normalize=False)
             augment = augment.to(device)
             images = np.asarray(data.train_images)
             pool = np.empty((copies * len(train), *images.shape[1:]), np.uint8)

@@ -1,0 +1,128 @@
+"""LightningDataModule that keeps whole splits as uint8 tensors and hands out index batches.
+
+Why indices: the images live on the training device as one tensor (Fashion-MNIST's training set is
+47 MB), the LightningModule gathers a batch with one indexing op and augments it there
+(pipeline.augment). Nothing per-sample runs in Python, and there are no worker processes.
+
+Only the sets asked for are loaded: a stage that must not see the test split never opens it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from pipeline import paths
+from pipeline.data import prepared
+from pipeline.data.split import load_indices, test_source
+from pipeline.errors import MissingInputError
+
+
+class EpochPermutation(Sampler[int]):
+    """A random order that depends only on (seed, epoch), so a resumed run replays it exactly.
+
+    Lightning calls ``set_epoch`` before every epoch. ``limit`` keeps the first that many
+    positions of each epoch's permutation (a subset of the data per epoch).
+    """
+
+    def __init__(self, size: int, seed: int, limit: int | None = None) -> None:
+        self.size = size
+        self.seed = seed
+        self.limit = min(limit, size) if limit else size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator)[: self.limit].tolist())
+
+    def __len__(self) -> int:
+        return self.limit
+
+
+class _Positions(Dataset):
+    """The dataset of positions 0..n-1; the default collate turns a batch into an index tensor."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+
+class SplitData(L.LightningDataModule):
+    """The sets of one dataset's split as uint8 N x C x H x W tensors plus int64 labels.
+
+    ``sets`` names what to load: any of ``train``, ``val``, ``test``, ``labeled-<fraction>``.
+    The test set is loaded only when asked for by name.
+    """
+
+    def __init__(
+        self,
+        dataset: str,
+        sets: Sequence[str] = ("train", "val"),
+        batch_size: int = 256,
+        seed: int = 0,
+        max_images: int | None = None,
+        train_set: str = "train",
+    ) -> None:
+        super().__init__()
+        self.dataset = dataset
+        self.sets = tuple(sets)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.max_images = max_images
+        self.train_set = train_set
+        self.images: dict[str, torch.Tensor] = {}
+        self.labels: dict[str, torch.Tensor] = {}
+        self.classes: list[str] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.images:
+            return
+        data = prepared.load(paths.prepared_dir(self.dataset))
+        self.classes = list(data.classes)
+        source = test_source(self.dataset)
+        for name in self.sets:
+            index = load_indices(self.dataset, name)
+            from_test = name == "test" and source == "test"
+            images = data.test_images if from_test else data.train_images
+            labels = data.test_labels if from_test else data.train_labels
+            batch = np.ascontiguousarray(np.asarray(images)[index])
+            self.images[name] = torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()
+            self.labels[name] = torch.from_numpy(np.asarray(labels)[index].astype(np.int64))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def train_dataloader(self) -> DataLoader:
+        size = len(self.labels[self.train_set])
+        sampler = EpochPermutation(size, self.seed, self.max_images)
+        return DataLoader(
+            _Positions(size),
+            batch_size=min(self.batch_size, len(sampler)),
+            sampler=sampler,
+            drop_last=True,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._sequential("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._sequential("test")
+
+    def _sequential(self, name: str) -> DataLoader:
+        if name not in self.labels:
+            raise MissingInputError(f"the {name} set was not loaded (sets={self.sets})")
+        return DataLoader(_Positions(len(self.labels[name])), batch_size=self.batch_size)
+

@@ -1,0 +1,53 @@
+"""Weighted k-nearest-neighbour classification on encoder features (cosine similarity).
+
+The monitor during pretraining and the kNN baseline of the study (SCIENCE.md: cosine similarity,
+k and temperature chosen on validation). Each of the k nearest training features votes for its
+class with weight ``exp(sim / temperature)``, as in Wu et al. 2018 (instance discrimination).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def knn_scores(
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    queries: torch.Tensor,
+    k: int,
+    temperature: float,
+    num_classes: int,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """Class scores (N_queries x num_classes); argmax is the prediction.
+
+    Queries are processed in chunks so the similarity matrix never exceeds chunk x N_bank.
+    """
+    if k < 1 or temperature <= 0:
+        raise ValueError(f"k must be >= 1 and temperature > 0, got {k=}, {temperature=}")
+    bank = F.normalize(bank.float(), dim=1)
+    k = min(k, bank.shape[0])
+    scores = []
+    for start in range(0, queries.shape[0], chunk):
+        query = F.normalize(queries[start : start + chunk].float(), dim=1)
+        similarity, index = (query @ bank.T).topk(k, dim=1)
+        weights = (similarity / temperature).exp()
+        votes = torch.zeros(query.shape[0], num_classes, device=query.device)
+        votes.scatter_add_(1, bank_labels[index], weights)
+        scores.append(votes)
+    return torch.cat(scores) if scores else torch.zeros(0, num_classes)
+
+
+def knn_accuracy(
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    queries: torch.Tensor,
+    query_labels: torch.Tensor,
+    k: int,
+    temperature: float,
+    num_classes: int,
+) -> float:
+    """Fraction of queries whose weighted kNN vote is their label."""
+    scores = knn_scores(bank, bank_labels, queries, k, temperature, num_classes)
+    return (scores.argmax(1) == query_labels).float().mean().item()

@@ -1,0 +1,274 @@
+"""Self-supervised pretraining as LightningModules: one encoder, one objective per method.
+
+Methods (SCIENCE.md, "Self-supervised pretraining"):
+
+- ``simclr``: two augmented views, projection head, NT-Xent (pipeline.models.losses).
+- ``autoencoder``: bottleneck decoder reconstructs the view (MSE or L1); denoising with noise_std.
+- ``rotation``: predict which of 0/90/180/270 degrees a view was rotated by (Gidaris et al. 2018).
+- ``inpainting``: reconstruct a hidden square from its context (Pathak et al. 2016); the loss is
+  taken on the hidden region only.
+- ``vae``: Gaussian encoder and decoder, negative ELBO.
+- ``pca`` (not a network): the linear baseline, :class:`PCAEncoder` fitted in closed form.
+
+The data stay on the device (pipeline.data.datamodule); a batch arrives as indices, is gathered
+from the device tensor and augmented there. Every random draw comes from a generator seeded by
+(seed, global step) and dropout's RNG is re-seeded every epoch, so a run resumed from its
+checkpoint ends with the same weights as one that was never interrupted (CPU, deterministic).
+
+Online monitors, each epoch on the validation split: a kNN classifier on encoder features and a
+linear probe trained on detached features (labels never reach the encoder).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from pipeline.augment import BatchAugment, mask_region, rotate90
+from pipeline.models.backbones import BackboneConfig, build_backbone, build_decoder
+from pipeline.models.knn import knn_accuracy
+from pipeline.models.losses import negative_elbo, nt_xent, reparameterize
+from pipeline.models.optim import build_optimizer, warmup_cosine_scheduler
+
+METHODS = ("simclr", "autoencoder", "rotation", "inpainting", "vae")
+_FEATURE_CHUNK = 2048
+
+
+class PretrainModule(L.LightningModule):
+    """Encoder + the heads one method needs + an online linear probe."""
+
+    def __init__(
+        self,
+        method: str,
+        backbone: dict[str, Any],
+        in_channels: int,
+        image_size: int,
+        num_classes: int,
+        policy: dict[str, Any],
+        mean: list[float],
+        std: list[float],
+        options: dict[str, Any],
+        optimizer: dict[str, Any],
+        epochs: int,
+        warmup_epochs: float,
+        steps_per_epoch: int,
+        seed: int,
+        monitor: dict[str, Any],
+    ) -> None:
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"unknown pretraining method {method!r}; use one of {METHODS}")
+        self.save_hyperparameters(logger=False)
+        self.method = method
+        self.options = options
+        config = BackboneConfig(**backbone)
+        self.backbone = build_backbone(config, in_channels, image_size)
+        dim = self.backbone.feature_dim
+        self.augment = BatchAugment(policy, (image_size, image_size), in_channels, mean, std)
+        self.normalize = BatchAugment({}, (image_size, image_size), in_channels, mean, std)
+        if method == "simclr":
+            hidden = options["projection_hidden"]
+            self.head = nn.Sequential(
+                nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                nn.Linear(hidden, options["projection_dim"]),
+            )  # fmt: skip
+        elif method == "rotation":
+            self.head = nn.Linear(dim, 4)
+        elif method == "vae":
+            latent = options["latent_dim"]
+            self.head = nn.Linear(dim, 2 * latent)  # mean and log-variance
+            self.decoder = build_decoder(latent, in_channels, image_size, config.width)
+        else:  # autoencoder, inpainting
+            self.decoder = build_decoder(dim, in_channels, image_size, config.width)
+        self.probe = nn.Linear(dim, num_classes)
+        self.train_loss = MeanMetric()
+        self.val_probe_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.history: list[dict[str, float]] = []
+        self.images: dict[str, torch.Tensor] = {}
+        self.labels: dict[str, torch.Tensor] = {}
+        self._val_features: list[torch.Tensor] = []
+
+    # ---------------------------------------------------------------- data on the device
+    def on_fit_start(self) -> None:
+        data = self.trainer.datamodule
+        self.images = {name: t.to(self.device) for name, t in data.images.items()}
+        self.labels = {name: t.to(self.device) for name, t in data.labels.items()}
+
+    def _generator(self) -> torch.Generator:
+        seed = self.hparams.seed * 1_000_003 + self.global_step
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def on_train_epoch_start(self) -> None:
+        # Dropout and any other global-RNG user: same stream whether or not the run was resumed.
+        torch.manual_seed(self.hparams.seed * 7919 + self.current_epoch)
+
+    # ---------------------------------------------------------------- objectives
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        index = batch.to(self.device)
+        images, labels = self.images["train"][index], self.labels["train"][index]
+        loss, features, probe_rows = self.objective(images, self._generator())
+        probe_loss = F.cross_entropy(self.probe(features.detach()[probe_rows]), labels[probe_rows])
+        self.train_loss.update(loss.detach())
+        return loss + probe_loss
+
+    def objective(
+        self, images: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(method loss, encoder features for the probe, which rows the probe may use)."""
+        everyone = torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
+        view = self.augment(images, generator)
+        if self.method == "simclr":
+            second = self.augment(images, generator)
+            features = self.backbone(torch.cat([view, second]))
+            z1, z2 = self.head(features).float().chunk(2)
+            loss = nt_xent(z1, z2, self.options["temperature"], self.options["normalization"])
+            return loss, features[: images.shape[0]], everyone
+        if self.method == "rotation":
+            rotated, quarter = rotate90(view, generator)
+            features = self.backbone(rotated)
+            loss = F.cross_entropy(self.head(features).float(), quarter)
+            return loss, features, quarter == 0  # the probe sees upright images only
+        if self.method == "autoencoder":
+            noisy = view
+            if self.options["noise_std"] > 0:
+                noise = torch.randn(view.shape, generator=generator, device=generator.device)
+                noisy = view + self.options["noise_std"] * noise.to(view.device)
+            features = self.backbone(noisy)
+            reconstruction = self.decoder(features).float()
+            distance = F.mse_loss if self.options["loss"] == "mse" else F.l1_loss
+            return distance(reconstruction, view), features, everyone
+        if self.method == "inpainting":
+            masked, hidden = mask_region(view, self.options["mask_size"], generator)
+            features = self.backbone(masked)
+            error = (self.decoder(features).float() - view) ** 2 * hidden
+            loss = error.sum() / (hidden.sum() * view.shape[1]).clamp(min=1)
+            return loss, features, everyone
+        features = self.backbone(view)  # vae
+        mu, logvar = self.head(features).float().chunk(2, dim=1)
+        z = reparameterize(mu, logvar, generator)
+        loss, _, _ = negative_elbo(self.decoder(z).float(), view, mu, logvar, self.options["beta"])
+        return loss, features, everyone
+
+    # ---------------------------------------------------------------- monitors
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Encoder features of uint8 images (normalized, not augmented), in chunks, no grad."""
+        with torch.no_grad():
+            return torch.cat([
+                self.backbone(self.normalize(images[i : i + _FEATURE_CHUNK])).float()
+                for i in range(0, images.shape[0], _FEATURE_CHUNK)
+            ])  # fmt: skip
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        index = batch.to(self.device)
+        features = self.encode(self.images["val"][index])
+        self.val_probe_acc.update(self.probe(features), self.labels["val"][index])
+        self._val_features.append(features)
+
+    def on_validation_epoch_end(self) -> None:
+        monitor = self.hparams.monitor
+        bank_size = min(monitor["knn_max_train"], self.images["train"].shape[0])
+        bank = self.encode(self.images["train"][:bank_size])
+        queries = torch.cat(self._val_features)
+        self._val_features.clear()
+        knn = knn_accuracy(
+            bank, self.labels["train"][:bank_size], queries, self.labels["val"],
+            monitor["knn_k"], monitor["knn_temperature"], self.probe.out_features,
+        )  # fmt: skip
+        row = {
+            "epoch": float(self.current_epoch + 1),
+            "train_loss": float(self.train_loss.compute()) if self.train_loss.update_called
+            else float("nan"),
+            "val_knn_acc": knn,
+            "val_probe_acc": float(self.val_probe_acc.compute()),
+        }
+        self.train_loss.reset()
+        self.val_probe_acc.reset()
+        self.history.append(row)
+        self.log_dict({k: v for k, v in row.items() if k != "epoch"}, sync_dist=True)
+
+    # ---------------------------------------------------------------- optimization
+    def configure_optimizers(self) -> dict[str, Any]:
+        opt = self.hparams.optimizer
+        monitor = self.hparams.monitor
+        probe = set(self.probe.parameters())
+        groups = [
+            {"params": [p for p in self.parameters() if p not in probe]},
+            {"params": list(probe), "lr": monitor["probe_lr"], "weight_decay": 0.0},
+        ]
+        optimizer = build_optimizer(groups, opt["name"], opt["lr"], opt["weight_decay"],
+                                    opt["momentum"], opt["nesterov"])  # fmt: skip
+        steps = self.hparams.steps_per_epoch
+        scheduler = warmup_cosine_scheduler(
+            optimizer, round(self.hparams.warmup_epochs * steps), self.hparams.epochs * steps
+        )
+        schedule = {"scheduler": scheduler, "interval": "step"}
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
+
+    # ---------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["history"] = list(self.history)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.history = list(checkpoint.get("history", []))
+
+    # ---------------------------------------------------------------- VAE pictures
+    def vae_pictures(
+        self, images: torch.Tensor, count: int, seed: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 samples from the prior and reconstructions of ``images`` (N x C x H x W)."""
+        if self.method != "vae":
+            raise TypeError("only the vae method has samples and reconstructions")
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        latent = self.hparams.options["latent_dim"]
+        with torch.no_grad():
+            z = torch.randn(count, latent, generator=generator, device=self.device)
+            samples = self.decoder(z).float()
+            mu, _ = self.head(self.backbone(self.normalize(images))).float().chunk(2, dim=1)
+            reconstructions = self.decoder(mu).float()
+        return self._to_uint8(samples), self._to_uint8(reconstructions)
+
+    def _to_uint8(self, x: torch.Tensor) -> torch.Tensor:
+        pixels = x * self.normalize.std.to(x.device) + self.normalize.mean.to(x.device)
+        return (pixels.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+class PCAEncoder(nn.Module):
+    """The linear baseline: features = top principal components of the normalized pixels.
+
+    Fitted in closed form on the training split only (eigenvectors of the sample covariance, the
+    maximum-likelihood subspace of probabilistic PCA, Tipping & Bishop 1999).
+    """
+
+    has_gap = False
+
+    def __init__(self, input_dim: int, components: int) -> None:
+        super().__init__()
+        self.feature_dim = components
+        self.register_buffer("mean", torch.zeros(input_dim))
+        self.register_buffer("components", torch.zeros(components, input_dim))
+        self.register_buffer("explained_variance", torch.zeros(components))
+
+    def fit(self, x: torch.Tensor) -> PCAEncoder:
+        """``x``: N x D float (normalized, flattened) training images."""
+        x = x.double()
+        mean = x.mean(0)
+        centered = x - mean
+        covariance = centered.T @ centered / max(1, x.shape[0] - 1)
+        values, vectors = torch.linalg.eigh(covariance)  # ascending
+        order = values.argsort(descending=True)[: self.feature_dim]
+        vectors = vectors[:, order].T
+        # A fixed sign per component (largest entry positive) makes the fit reproducible.
+        signs = vectors.gather(1, vectors.abs().argmax(1, keepdim=True)).sign()
+        self.mean.copy_(mean.float())
+        self.components.copy_((vectors * signs).float())
+        self.explained_variance.copy_(values[order].float())
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.flatten(1) - self.mean) @ self.components.T

@@ -1,0 +1,311 @@
+"""pretrain stage: learn an encoder without labels, one method per run (``--method``).
+
+Outputs: ``models/pretrain/<method>/encoder.pt`` (a plain state_dict: ``torch.load(...,
+weights_only=True)`` reads it) with ``encoder.json`` (how to rebuild the encoder), for the VAE
+also ``samples.npy`` and ``reconstructions.npy`` (uint8 N x H x W x C);
+``metrics/pretrain/<method>.json`` (final monitors) and ``metrics/pretrain/<method>.csv`` (one
+row per epoch).
+
+Training checkpoints go to ``checkpoints/pretrain/<method>-<key>/`` outside the declared outputs
+(the runners delete outputs before a re-run), keyed by everything that shapes the run, so a re-run
+after an interruption resumes from the last epoch and a re-run with other settings starts afresh.
+They are removed once the run has finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import paths
+from pipeline.config import Config
+from pipeline.errors import MissingInputError
+from pipeline.io import atomic_dir, read_json, save_npy, write_bytes, write_json, write_text
+
+log = logging.getLogger(__name__)
+
+#: params.yaml keys every method reads; each method also reads its own ``pretrain.<method>``.
+COMMON_PARAMS = (
+    "model",
+    "pretrain.seed",
+    "pretrain.epochs",
+    "pretrain.batch_size",
+    "pretrain.max_images",
+    "pretrain.policy",
+    "pretrain.optimizer",
+    "pretrain.warmup_epochs",
+    "pretrain.monitor",
+)
+PARAMS = COMMON_PARAMS  # the CLI's view; params_for(method) is the full list
+CURVE_COLUMNS = ("epoch", "train_loss", "val_knn_acc", "val_probe_acc")
+_VAE_PICTURES = 64
+
+
+def params_for(method: str) -> tuple[str, ...]:
+    return (*COMMON_PARAMS, f"pretrain.{method}")
+
+
+def add_arguments(parser: Any) -> None:
+    parser.add_argument("--method", required=True,
+                        choices=("simclr", "autoencoder", "rotation", "inpainting", "vae", "pca"),
+                        help="which pretraining method to run")  # fmt: skip
+
+
+def metrics_paths(method: str) -> tuple[Path, Path]:
+    base = Path("metrics/pretrain")
+    return base / f"{method}.json", base / f"{method}.csv"
+
+
+def run(config: Config, dataset: str | None = None, method: str = "simclr",
+        callbacks: tuple = ()) -> dict:  # fmt: skip
+    """Pretrain one method; ``callbacks`` are extra Lightning callbacks (tests use them)."""
+    from pipeline import tracking
+
+    dataset = dataset or config.data.dataset
+    if method not in config.pretrain.methods:
+        raise MissingInputError(
+            f"pretraining method {method!r} is not in pretrain.methods "
+            f"({', '.join(config.pretrain.methods)}) in params.yaml"
+        )
+    document = _policy_document(dataset)
+    with tracking.stage_run("pretrain", config, dataset, params_for(method)) as tracked:
+        tracked.set_tags({"method": method, "dataset_checksum": _checksum(dataset)})
+        if method == "pca":
+            result = _fit_pca(config, dataset, document)
+        else:
+            result = _train(config, dataset, method, document, tracked, callbacks)
+        _write_outputs(method, result)
+        tracked.log_metrics({f"final_{k}": v for k, v in result["metrics"].items()
+                             if isinstance(v, float)})  # fmt: skip
+        for path in (*metrics_paths(method), paths.pretrain_dir(method) / "encoder.json"):
+            tracked.log_artifact(path)
+    log.info("pretrained %s: %s", method, result["metrics"])
+    return result["metrics"]
+
+
+def _policy_document(dataset: str) -> dict[str, Any]:
+    path = paths.augment_dir(dataset) / "policy.json"
+    try:
+        return read_json(path)
+    except (OSError, ValueError) as err:
+        raise MissingInputError(
+            f"{path} is missing or unreadable ({err}); run the augment stage "
+            "(python -m pipeline augment) to make it"
+        ) from None
+
+
+def _checksum(dataset: str) -> str:
+    from pipeline.data.prepared import dataset_checksum
+
+    return dataset_checksum(paths.prepared_dir(dataset))
+
+
+def _hparams(config: Config, method: str, document: dict, num_classes: int, steps: int) -> dict:
+    pre = config.pretrain
+    policy = pre.policy_for(method)
+    if policy not in document["policies"]:
+        raise MissingInputError(
+            f"policy {policy!r} is not in {paths.augment_dir(config.data.dataset)}/policy.json; "
+            "re-run the augment stage after changing augment.policies"
+        )
+    return {
+        "method": method,
+        "backbone": backbone_fields(config),
+        "in_channels": document["channels"],
+        "image_size": document["image_size"][0],
+        "num_classes": num_classes,
+        "policy": document["policies"][policy],
+        "mean": document["mean"],
+        "std": document["std"],
+        "options": {k: v for k, v in pre.options[method].items() if k != "policy"},
+        "optimizer": config.raw["pretrain"]["optimizer"],
+        "epochs": pre.epochs,
+        "warmup_epochs": pre.warmup_epochs,
+        "steps_per_epoch": steps,
+        "seed": pre.seed,
+        "monitor": pre.monitor,
+    }
+
+
+def backbone_fields(config: Config) -> dict[str, Any]:
+    """params.yaml's ``model`` section as BackboneConfig fields (``backbone`` is its ``name``)."""
+    fields = dict(config.raw["model"])
+    fields["name"] = fields.pop("backbone")
+    return fields
+
+
+def checkpoint_dir(method: str, hparams: dict, checksum: str) -> Path:
+    """Where a run's checkpoints live: one folder per (method, settings, data)."""
+    key = hashlib.sha256(json.dumps([hparams, checksum], sort_keys=True).encode()).hexdigest()
+    return Path("checkpoints/pretrain") / f"{method}-{key[:12]}"
+
+
+def _train(config: Config, dataset: str, method: str, document: dict, tracked: Any,
+           callbacks: tuple) -> dict:  # fmt: skip
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    from pipeline import tracking
+    from pipeline.data.datamodule import SplitData
+    from pipeline.models.pretrain import PretrainModule
+
+    pre = config.pretrain
+    data = SplitData(dataset, ("train", "val"), pre.batch_size, pre.seed, pre.max_images)
+    data.setup("fit")
+    steps = len(data.train_dataloader())
+    hparams = _hparams(config, method, document, data.num_classes, steps)
+    ckpt_dir = checkpoint_dir(method, hparams, _checksum(dataset))
+    last = ckpt_dir / "last.ckpt"
+    resume = str(last) if last.is_file() else None
+    if resume:
+        _check_checkpoint(last, method)
+        log.info("resuming %s from %s", method, last)
+    L.seed_everything(pre.seed, workers=True, verbose=False)
+    module = PretrainModule(**hparams)
+    cuda = torch.cuda.is_available()
+    trainer = L.Trainer(
+        max_epochs=pre.epochs,
+        accelerator="auto",
+        devices=1,
+        precision="bf16-mixed" if cuda else "32-true",
+        deterministic=not cuda,
+        logger=MLFlowLogger(
+            experiment_name=config.tracking.experiment,
+            tracking_uri=tracking.tracking_uri(),
+            run_id=tracked.run_id,
+        ),
+        callbacks=[
+            ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=1, every_n_epochs=1),
+            *callbacks,
+        ],
+        default_root_dir=ckpt_dir,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=max(1, steps),
+    )
+    trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
+    if len(module.history) != pre.epochs:
+        raise RuntimeError(f"{method}: training stopped after {len(module.history)} epochs")
+    result = {
+        "encoder": module.backbone.state_dict(),
+        "description": _description(config, dataset, method, hparams, module.backbone),
+        "history": module.history,
+        "metrics": {"method": method, **module.history[-1]},
+        "pictures": {},
+    }
+    if method == "vae":
+        images = data.images["val"][:_VAE_PICTURES].to(module.device)
+        samples, reconstructions = module.vae_pictures(images, _VAE_PICTURES, pre.seed)
+        result["pictures"] = {
+            "samples": samples.permute(0, 2, 3, 1).cpu().numpy(),
+            "reconstructions": reconstructions.permute(0, 2, 3, 1).cpu().numpy(),
+            "originals": data.images["val"][:_VAE_PICTURES].permute(0, 2, 3, 1).numpy(),
+        }
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return result
+
+
+def _check_checkpoint(path: Path, method: str) -> None:
+    """A checkpoint must load as plain tensors and containers (no pickled code) to be resumed."""
+    import pickle
+
+    import torch
+
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise MissingInputError(
+            f"{path} (the pretrain stage's checkpoint for {method}) is corrupt or unsafe to "
+            f"load ({reason}); delete {path.parent} to start this method's pretraining over"
+        ) from None
+
+
+def _description(config: Config, dataset: str, method: str, hparams: dict, encoder: Any) -> dict:
+    return {
+        "method": method,
+        "kind": "pca" if method == "pca" else "backbone",
+        "backbone": hparams.get("backbone"),
+        "in_channels": hparams["in_channels"],
+        "image_size": hparams["image_size"],
+        "feature_dim": int(encoder.feature_dim),
+        "mean": hparams["mean"],
+        "std": hparams["std"],
+        "dataset": dataset,
+        "dataset_checksum": _checksum(dataset),
+    }
+
+
+def _fit_pca(config: Config, dataset: str, document: dict) -> dict:
+    import torch
+
+    from pipeline.augment import from_policy_document
+    from pipeline.data.datamodule import SplitData
+    from pipeline.models.knn import knn_accuracy
+    from pipeline.models.pretrain import PCAEncoder
+
+    data = SplitData(dataset, ("train", "val"))
+    data.setup("fit")
+    normalize = from_policy_document(document, None)
+    train = normalize(data.images["train"]).flatten(1)
+    components = min(config.pretrain.options["pca"]["components"], train.shape[1])
+    encoder = PCAEncoder(train.shape[1], components).fit(train)
+    monitor = config.pretrain.monitor
+    bank = min(monitor["knn_max_train"], train.shape[0])
+    with torch.no_grad():
+        knn = knn_accuracy(
+            encoder(train[:bank]), data.labels["train"][:bank],
+            encoder(normalize(data.images["val"])), data.labels["val"],
+            monitor["knn_k"], monitor["knn_temperature"], data.num_classes,
+        )  # fmt: skip
+    explained = float(encoder.explained_variance.sum() / train.double().var(0).sum())
+    hparams = {"in_channels": document["channels"], "image_size": document["image_size"][0],
+               "mean": document["mean"], "std": document["std"]}  # fmt: skip
+    row = {"epoch": 1.0, "train_loss": float("nan"), "val_knn_acc": knn,
+           "val_probe_acc": float("nan")}  # fmt: skip
+    return {
+        "encoder": encoder.state_dict(),
+        "description": {**_description(config, dataset, "pca", hparams, encoder),
+                        "input_dim": int(train.shape[1])},  # fmt: skip
+        "history": [row],
+        "metrics": {"method": "pca", **row, "explained_variance": round(explained, 6)},
+        "pictures": {},
+    }
+
+
+def _write_outputs(method: str, result: dict) -> None:
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in result["encoder"].items()}, buffer)
+    with atomic_dir(paths.pretrain_dir(method)) as tmp:
+        write_bytes(tmp / "encoder.pt", buffer.getvalue())
+        write_json(tmp / "encoder.json", result["description"])
+        for name, array in result["pictures"].items():
+            save_npy(tmp / f"{name}.npy", np.asarray(array, dtype=np.uint8))
+    metrics_json, curves_csv = metrics_paths(method)
+    write_json(metrics_json, {k: _round(v) for k, v in result["metrics"].items()})
+    lines = [",".join(CURVE_COLUMNS)]
+    for row in result["history"]:
+        lines.append(",".join(_csv(row[c]) for c in CURVE_COLUMNS))
+    write_text(curves_csv, "\n".join(lines) + "\n")
+
+
+def _round(value: Any) -> Any:
+    return round(value, 6) if isinstance(value, float) and value == value else value
+
+
+def _csv(value: float) -> str:
+    return "" if value != value else f"{value:.6g}"  # NaN (no such monitor) stays empty

@@ -1,0 +1,197 @@
+"""Self-supervised pretraining: each method learns, resumes exactly, writes loadable encoders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import from_dict
+from pipeline.errors import MissingInputError
+from pipeline.models.pretrain import METHODS, PCAEncoder, PretrainModule
+from pipeline.stages import augment, download, pretrain, split
+from tests.conftest import params_for
+
+SMALL_MODEL = {"backbone": "lenet5", "width": 8}
+FAST = {"epochs": 2, "batch_size": 64, "warmup_epochs": 0}
+
+
+def tiny_params(tiny_idx: Path, **pretrain_overrides) -> dict:
+    params = params_for("idx", split={"label_fractions": [0.5, 1.0]})
+    params["data"]["local_path"] = str(tiny_idx)
+    params["model"].update(SMALL_MODEL)
+    params["pretrain"].update(FAST, **pretrain_overrides)
+    params["pretrain"]["monitor"]["knn_max_train"] = 200
+    params["pretrain"]["inpainting"]["mask_size"] = 3
+    return params
+
+
+@pytest.fixture
+def prepared_tiny(workdir: Path, tiny_idx: Path) -> Path:
+    config = from_dict(tiny_params(tiny_idx))
+    download.run(config)
+    split.run(config)
+    augment.run(config)
+    return tiny_idx
+
+
+def _module(method: str, options: dict, channels: int = 1, size: int = 16) -> PretrainModule:
+    policy = {"random_resized_crop": {"p": 1.0, "scale": [0.5, 1.0]}, "hflip": {"p": 0.5}}
+    return PretrainModule(
+        method=method, backbone={"name": "lenet5", "width": 8}, in_channels=channels,
+        image_size=size, num_classes=4, policy=policy, mean=[0.5] * channels,
+        std=[0.25] * channels, options=options,
+        optimizer={"name": "adam", "lr": 3e-3, "weight_decay": 0.0, "momentum": 0.9,
+                   "nesterov": False},
+        epochs=1, warmup_epochs=0, steps_per_epoch=1, seed=0,
+        monitor={"knn_k": 5, "knn_temperature": 0.1, "knn_max_train": 100, "probe_lr": 0.01},
+    )  # fmt: skip
+
+
+METHOD_OPTIONS = {
+    "simclr": {"temperature": 0.5, "projection_dim": 16, "projection_hidden": 32,
+               "normalization": "simclr"},
+    "autoencoder": {"loss": "mse", "noise_std": 0.1},
+    "rotation": {},
+    "inpainting": {"mask_size": 5},
+    "vae": {"latent_dim": 4, "beta": 1.0},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_lowers_its_loss_on_a_fixed_batch(method: str):
+    torch.manual_seed(0)
+    module = _module(method, METHOD_OPTIONS[method])
+    images = torch.randint(0, 256, (32, 1, 16, 16), dtype=torch.uint8)
+    images[:, :, 4:12, 4:12] = 255  # structure worth learning: a bright square
+    optimizer = torch.optim.Adam(module.parameters(), lr=3e-3)
+
+    def loss() -> torch.Tensor:
+        generator = torch.Generator().manual_seed(1)  # the same views every step
+        return module.objective(images, generator)[0]
+
+    before = loss().item()
+    for _ in range(25):
+        optimizer.zero_grad()
+        loss().backward()
+        optimizer.step()
+    assert loss().item() < 0.9 * before
+
+
+def test_pca_recovers_the_top_principal_direction():
+    generator = torch.Generator().manual_seed(0)
+    direction = torch.nn.functional.normalize(torch.randn(10, generator=generator), dim=0)
+    data = torch.randn(2000, 1, generator=generator) * 5 * direction + 0.1 * torch.randn(
+        2000, 10, generator=generator
+    )
+    encoder = PCAEncoder(10, 2).fit(data)
+    assert abs(torch.dot(encoder.components[0], direction)).item() > 0.999
+    assert encoder(data).shape == (2000, 2)
+
+
+def test_the_stage_writes_a_loadable_encoder_curves_and_metrics(prepared_tiny: Path):
+    config = from_dict(tiny_params(prepared_tiny))
+    metrics = pretrain.run(config, method="simclr")
+    folder = Path("models/pretrain/simclr")
+    state = torch.load(folder / "encoder.pt", weights_only=True)
+    description = json.loads((folder / "encoder.json").read_text())
+    assert description["kind"] == "backbone" and description["feature_dim"] == 120
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    curves = Path("metrics/pretrain/simclr.csv").read_text().splitlines()
+    assert curves[0] == "epoch,train_loss,val_knn_acc,val_probe_acc"
+    assert len(curves) == 1 + FAST["epochs"]
+    saved = json.loads(Path("metrics/pretrain/simclr.json").read_text())
+    assert saved["val_knn_acc"] == pytest.approx(metrics["val_knn_acc"], abs=1e-6)
+    assert 0.0 <= saved["val_knn_acc"] <= 1.0
+    assert not Path("checkpoints").exists() or not any(Path("checkpoints").rglob("*.ckpt"))
+
+
+def test_vae_and_pca_outputs(prepared_tiny: Path):
+    config = from_dict(tiny_params(prepared_tiny, epochs=1))
+    pretrain.run(config, method="vae")
+    samples = np.load("models/pretrain/vae/samples.npy")
+    reconstructions = np.load("models/pretrain/vae/reconstructions.npy")
+    assert samples.dtype == np.uint8 and samples.shape[1:] == (8, 8, 1)
+    assert reconstructions.shape == np.load("models/pretrain/vae/originals.npy").shape
+    metrics = pretrain.run(config, method="pca")
+    assert 0 < metrics["explained_variance"] <= 1
+    description = json.loads(Path("models/pretrain/pca/encoder.json").read_text())
+    assert description["kind"] == "pca" and description["feature_dim"] == 64
+
+
+class StopAtEpoch(L.Callback):
+    """Simulates an interruption: fails when the given epoch starts (after earlier checkpoints)."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError("interrupted")
+
+
+def test_an_interrupted_run_resumes_and_ends_with_the_same_weights(prepared_tiny: Path):
+    config = from_dict(tiny_params(prepared_tiny, epochs=3, max_images=128))
+    pretrain.run(config, method="rotation")
+    uninterrupted = torch.load("models/pretrain/rotation/encoder.pt", weights_only=True)
+    curves = Path("metrics/pretrain/rotation.csv").read_text()
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        pretrain.run(config, method="rotation", callbacks=(StopAtEpoch(2),))
+    checkpoints = list(Path("checkpoints/pretrain").glob("rotation-*/last.ckpt"))
+    assert len(checkpoints) == 1
+    pretrain.run(config, method="rotation")  # resumes at epoch 3 of 3
+    resumed = torch.load("models/pretrain/rotation/encoder.pt", weights_only=True)
+    for name, tensor in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=name)
+    assert Path("metrics/pretrain/rotation.csv").read_text() == curves
+    assert not checkpoints[0].exists()  # removed once the run finished
+
+
+def test_a_corrupt_checkpoint_is_a_clear_error_naming_it(prepared_tiny: Path):
+    config = from_dict(tiny_params(prepared_tiny, epochs=2, max_images=64))
+    with pytest.raises(RuntimeError, match="interrupted"):
+        pretrain.run(config, method="rotation", callbacks=(StopAtEpoch(1),))
+    (last,) = Path("checkpoints/pretrain").glob("rotation-*/last.ckpt")
+    last.write_bytes(last.read_bytes()[:100])
+    with pytest.raises(MissingInputError, match=f"{last}.*corrupt.*delete"):
+        pretrain.run(config, method="rotation")
+
+
+def test_a_missing_policy_names_the_augment_stage(workdir: Path, tiny_idx: Path):
+    config = from_dict(tiny_params(tiny_idx))
+    download.run(config)
+    split.run(config)
+    with pytest.raises(MissingInputError, match="policy.json.*run the augment stage"):
+        pretrain.run(config, method="simclr")
+
+
+def test_a_method_not_in_params_is_refused(prepared_tiny: Path):
+    config = from_dict(tiny_params(prepared_tiny, methods=["simclr"]))
+    with pytest.raises(MissingInputError, match="'vae' is not in pretrain.methods"):
+        pretrain.run(config, method="vae")
+
+
+def test_encoders_load_back_and_a_corrupt_one_is_named(prepared_tiny: Path):
+    from pipeline.models.encoders import load_encoder
+
+    config = from_dict(tiny_params(prepared_tiny, epochs=1))
+    pretrain.run(config, method="autoencoder")
+    encoder, description = load_encoder("autoencoder")
+    assert description["method"] == "autoencoder"
+    assert encoder(torch.zeros(2, 1, 8, 8)).shape == (2, description["feature_dim"])
+
+    weights = Path("models/pretrain/autoencoder/encoder.pt")
+    weights.write_bytes(weights.read_bytes()[:50])
+    remedy = "pretrain --method autoencoder"
+    with pytest.raises(MissingInputError, match=f"{weights}.*corrupt.*{remedy}"):
+        load_encoder("autoencoder")
+    torch.save({"not": "tensors", "code": print}, weights)  # a pickle that would run code
+    with pytest.raises(MissingInputError, match="not a plain state_dict"):
+        load_encoder("autoencoder")
+    with pytest.raises(MissingInputError, match="encoder.json is missing"):
+        load_encoder("simclr")
