@@ -52,6 +52,7 @@ test: lint
 # Speed benchmarks (run on a quiet machine); results in benchmarks/results/, summary in BENCHMARKS.md.
 benchmarks: setup
 	python -m benchmarks.augment --json benchmarks/results/augment.json
+	python -m benchmarks.pretrain --json benchmarks/results/pretrain.json
 	python -m benchmarks.report
 
 clean:

@@ -16,6 +16,8 @@ rule pretrain:
         "logs/pretrain/{method}.log",
     conda:
         "../envs/pipeline.yaml"
+    # Training uses every core: running two methods side by side would only oversubscribe them.
+    threads: workflow.cores
     params:
         values=lambda wildcards: stage_params("pretrain", wildcards.method),
         dataset=DATASET,

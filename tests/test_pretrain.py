@@ -20,6 +20,15 @@ SMALL_MODEL = {"backbone": "lenet5", "width": 8}
 FAST = {"epochs": 2, "batch_size": 64, "warmup_epochs": 0}
 
 
+def strict_json(path: Path) -> dict:
+    """Parse JSON as other tools will: NaN and Infinity are not JSON."""
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{path} holds {constant}, which is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
 def tiny_params(tiny_idx: Path, **pretrain_overrides) -> dict:
     params = params_for("idx", split={"label_fractions": [0.5, 1.0]})
     params["data"]["local_path"] = str(tiny_idx)
@@ -104,7 +113,7 @@ def test_the_stage_writes_a_loadable_encoder_curves_and_metrics(prepared_tiny: P
     curves = Path("metrics/pretrain/simclr.csv").read_text().splitlines()
     assert curves[0] == "epoch,train_loss,val_knn_acc,val_probe_acc"
     assert len(curves) == 1 + FAST["epochs"]
-    saved = json.loads(Path("metrics/pretrain/simclr.json").read_text())
+    saved = strict_json(Path("metrics/pretrain/simclr.json"))
     assert saved["val_knn_acc"] == pytest.approx(metrics["val_knn_acc"], abs=1e-6)
     assert 0.0 <= saved["val_knn_acc"] <= 1.0
     assert not Path("checkpoints").exists() or not any(Path("checkpoints").rglob("*.ckpt"))
@@ -119,6 +128,8 @@ def test_vae_and_pca_outputs(prepared_tiny: Path):
     assert reconstructions.shape == np.load("models/pretrain/vae/originals.npy").shape
     metrics = pretrain.run(config, method="pca")
     assert 0 < metrics["explained_variance"] <= 1
+    saved = strict_json(Path("metrics/pretrain/pca.json"))
+    assert saved["val_probe_acc"] is None and 0 <= saved["val_knn_acc"] <= 1
     description = json.loads(Path("models/pretrain/pca/encoder.json").read_text())
     assert description["kind"] == "pca" and description["feature_dim"] == 64
 

@@ -87,6 +87,11 @@ class PretrainModule(L.LightningModule):
         else:  # autoencoder, inpainting
             self.decoder = build_decoder(dim, in_channels, image_size, config.width)
         self.probe = nn.Linear(dim, num_classes)
+        # Convolutions run about a third faster in channels-last layout on this CPU (and with
+        # bf16 on GPUs); the MLP flattens its input, so layout does not matter there.
+        self.channels_last = self.backbone.has_gap
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)
         self.train_loss = MeanMetric()
         self.val_probe_acc = MulticlassAccuracy(num_classes, average="micro")
         self.history: list[dict[str, float]] = []
@@ -99,6 +104,10 @@ class PretrainModule(L.LightningModule):
         data = self.trainer.datamodule
         self.images = {name: t.to(self.device) for name, t in data.images.items()}
         self.labels = {name: t.to(self.device) for name, t in data.labels.items()}
+
+    def to_model_layout(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in the memory layout the encoder is fastest with."""
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def _generator(self) -> torch.Generator:
         seed = self.hparams.seed * 1_000_003 + self.global_step
@@ -122,16 +131,16 @@ class PretrainModule(L.LightningModule):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(method loss, encoder features for the probe, which rows the probe may use)."""
         everyone = torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
-        view = self.augment(images, generator)
+        view = self.to_model_layout(self.augment(images, generator))
         if self.method == "simclr":
-            second = self.augment(images, generator)
+            second = self.to_model_layout(self.augment(images, generator))
             features = self.backbone(torch.cat([view, second]))
             z1, z2 = self.head(features).float().chunk(2)
             loss = nt_xent(z1, z2, self.options["temperature"], self.options["normalization"])
             return loss, features[: images.shape[0]], everyone
         if self.method == "rotation":
             rotated, quarter = rotate90(view, generator)
-            features = self.backbone(rotated)
+            features = self.backbone(self.to_model_layout(rotated))
             loss = F.cross_entropy(self.head(features).float(), quarter)
             return loss, features, quarter == 0  # the probe sees upright images only
         if self.method == "autoencoder":
@@ -145,7 +154,7 @@ class PretrainModule(L.LightningModule):
             return distance(reconstruction, view), features, everyone
         if self.method == "inpainting":
             masked, hidden = mask_region(view, self.options["mask_size"], generator)
-            features = self.backbone(masked)
+            features = self.backbone(self.to_model_layout(masked))
             error = (self.decoder(features).float() - view) ** 2 * hidden
             loss = error.sum() / (hidden.sum() * view.shape[1]).clamp(min=1)
             return loss, features, everyone
@@ -160,7 +169,8 @@ class PretrainModule(L.LightningModule):
         """Encoder features of uint8 images (normalized, not augmented), in chunks, no grad."""
         with torch.no_grad():
             return torch.cat([
-                self.backbone(self.normalize(images[i : i + _FEATURE_CHUNK])).float()
+                self.backbone(self.to_model_layout(self.normalize(images[i : i + _FEATURE_CHUNK])))
+                .float()
                 for i in range(0, images.shape[0], _FEATURE_CHUNK)
             ])  # fmt: skip
 
@@ -182,7 +192,8 @@ class PretrainModule(L.LightningModule):
         )  # fmt: skip
         row = {
             "epoch": float(self.current_epoch + 1),
-            "train_loss": float(self.train_loss.compute()) if self.train_loss.update_called
+            "train_loss": float(self.train_loss.compute())
+            if self.train_loss.update_called
             else float("nan"),
             "val_knn_acc": knn,
             "val_probe_acc": float(self.val_probe_acc.compute()),
@@ -229,7 +240,8 @@ class PretrainModule(L.LightningModule):
         with torch.no_grad():
             z = torch.randn(count, latent, generator=generator, device=self.device)
             samples = self.decoder(z).float()
-            mu, _ = self.head(self.backbone(self.normalize(images))).float().chunk(2, dim=1)
+            features = self.backbone(self.to_model_layout(self.normalize(images)))
+            mu, _ = self.head(features).float().chunk(2, dim=1)
             reconstructions = self.decoder(mu).float()
         return self._to_uint8(samples), self._to_uint8(reconstructions)
 

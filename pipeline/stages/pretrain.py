@@ -304,7 +304,10 @@ def _write_outputs(method: str, result: dict) -> None:
 
 
 def _round(value: Any) -> Any:
-    return round(value, 6) if isinstance(value, float) and value == value else value
+    """Six decimals; NaN (a monitor a method has not got, e.g. PCA's probe) becomes null."""
+    if isinstance(value, float):
+        return round(value, 6) if value == value else None
+    return value
 
 
 def _csv(value: float) -> str:

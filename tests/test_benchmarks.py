@@ -1,0 +1,129 @@
+"""The benchmarks run and report, on tiny data (no timing is asserted: the machine is shared).
+
+Why: `make benchmarks` is run rarely, on a quiet machine; a benchmark that broke since would
+only be found then. These tests run the real measuring code for a step or two.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from benchmarks import pretrain, report
+from tests.conftest import REPO
+
+PRETRAIN_KEYS = {
+    "ours_img_s", "per_sample_img_s", "ratio", "model_only_img_s", "backbone", "width",
+    "batch_size", "steps", "rounds", "machine", "resnet18_w32_img_s", "device", "precision",
+}  # fmt: skip
+
+
+@pytest.fixture
+def threads() -> Iterator[None]:
+    """run() sets torch's thread count for the process; give the other tests theirs back."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_pretrain_benchmark_measures_both_paths(threads: None) -> None:
+    images = torch.randint(0, 256, (512, 1, 28, 28), dtype=torch.uint8)
+    result = pretrain.run(
+        steps=2, params=REPO / "params.yaml", images=images, data="random", batch_size=64,
+        rounds=1, warmup=1, resnets=[{"width": 32, "batch_size": 16, "steps": 1}],
+        device=torch.device("cpu"),
+    )  # fmt: skip
+    assert not PRETRAIN_KEYS - result.keys()
+    for key in ("ours_img_s", "per_sample_img_s", "model_only_img_s", "resnet18_w32_img_s"):
+        assert math.isfinite(result[key]) and result[key] > 0, key
+    assert result["ratio"] == pytest.approx(result["ours_img_s"] / result["per_sample_img_s"])
+    assert (result["backbone"], result["batch_size"], result["device"]) == ("lenet5", 64, "cpu")
+    assert result["machine"]["command"].startswith("python -m benchmarks.pretrain")
+    json.loads(json.dumps(result))  # what --json writes
+
+
+def test_two_view_dataset_gives_two_different_views() -> None:
+    images = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
+    policy = pretrain.module_kwargs(REPO / "params.yaml")["policy"]
+    dataset = pretrain.TwoViewDataset(images, pretrain.torchvision_views(policy, 1, 28))
+    first, second = dataset[0]
+    assert first.shape == second.shape == (1, 28, 28) and first.dtype == torch.float32
+    assert not torch.equal(first, second)
+
+
+def _machine(gpu: str | None) -> dict[str, Any]:
+    return {"date": "2025-01-01 00:00 UTC", "cpu": "Test CPU", "cores": 2, "gpu": gpu,
+            "python": "3.11", "torch": "2.x", "command": "python -m benchmarks.x"}  # fmt: skip
+
+
+def _augment_result() -> dict[str, Any]:
+    return {
+        "batched_img_s": 100_000.0, "kornia_img_s": 50_000.0, "per_sample_img_s": 5_000.0,
+        "cifar_batched_img_s": 20_000.0, "cifar_kornia_img_s": 10_000.0, "ratio": 20.0,
+        "batch_size": 512, "threads": 2, "rounds": 3, "batches": 20, "machine": _machine(None),
+    }  # fmt: skip
+
+
+def _pretrain_result(gpu: str | None) -> dict[str, Any]:
+    util = 50.0 if gpu else None
+    resnets = [{"width": 32, "batch_size": 256, "steps": 5, "img_s": 150.0, "gpu_util_pct": util}]
+    if gpu:
+        resnets.append({"width": 64, "batch_size": 512, "steps": 20, "img_s": 9_000.0,
+                        "gpu_util_pct": 90.0})  # fmt: skip
+    return {
+        "ours_img_s": 900.0, "per_sample_img_s": 300.0, "ratio": 3.0, "target_ratio": 3.0,
+        "model_only_img_s": 1_000.0, "backbone": "lenet5", "width": 32, "batch_size": 256,
+        "steps": 20, "rounds": 3, "warmup_steps": 2, "threads": 2, "workers": 2,
+        "device": gpu or "cpu", "precision": "bf16-mixed" if gpu else "32-true",
+        "gpu_util_ours_pct": util, "gpu_util_per_sample_pct": util, "optimizer": "adamw",
+        "simclr": {"temperature": 0.5}, "data": "fashion-mnist", "resnet18": resnets,
+        "resnet18_w32_img_s": 150.0, "machine": _machine(gpu),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("gpu", [None, "NVIDIA H100"])
+def test_report_renders_both_sections(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gpu: str | None
+) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "augment.json").write_text(json.dumps(_augment_result()))
+    (results / "pretrain.json").write_text(json.dumps(_pretrain_result(gpu)))
+    monkeypatch.setattr(report, "RESULTS", results)
+    monkeypatch.setattr(report, "OUT", tmp_path / "BENCHMARKS.md")
+    report.main()
+    text = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "## Augmentation throughput (`benchmarks/augment.py`)" in text
+    assert "**Batched vs per-sample: 20.0×** (target ≥ 10×)" in text
+    assert "## SimCLR pretraining throughput (`benchmarks/pretrain.py`)" in text
+    assert "**Ours vs per-sample: 3.0×** (target ≥ 3×: met)" in text
+    assert "| 900 |" in text and "| 300 |" in text
+    assert ("GPU util" in text) == bool(gpu)
+    assert ("resnet18 w64, batch 512" in text) == bool(gpu)
+
+
+def test_gpu_utilization_samples_nvidia_smi(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sampler's parsing and thread, against a stand-in nvidia-smi (no GPU needed)."""
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text('#!/bin/sh\ncase "$*" in *--id=GPU-x*) echo 42;; *) echo "[N/A]";; esac\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    with pretrain.GpuUtilization("GPU-x", interval=0.01) as sampler:
+        deadline = time.monotonic() + 10
+        while not sampler.samples and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert sampler.samples and sampler.mean == 42.0
+    with pretrain.GpuUtilization("GPU-other", interval=0.01) as unsupported:
+        time.sleep(0.1)
+    assert unsupported.mean is None  # "[N/A]" is skipped, not an error
+    assert pretrain.GpuUtilization(None).mean is None
