@@ -117,6 +117,27 @@ def test_the_stage_writes_a_loadable_encoder_curves_and_metrics(prepared_tiny: P
     assert saved["val_knn_acc"] == pytest.approx(metrics["val_knn_acc"], abs=1e-6)
     assert 0.0 <= saved["val_knn_acc"] <= 1.0
     assert not Path("checkpoints").exists() or not any(Path("checkpoints").rglob("*.ckpt"))
+    # Per-epoch monitors reach the stage's MLflow run.
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri())
+    experiment = client.get_experiment_by_name("label-efficiency")
+    (run,) = client.search_runs([experiment.experiment_id], "tags.stage = 'pretrain'")
+    assert run.data.tags["method"] == "simclr" and run.info.status == "FINISHED"
+    history = client.get_metric_history(run.info.run_id, "val_knn_acc")
+    assert len(history) == FAST["epochs"]
+    assert run.data.params["pretrain.simclr.temperature"] == "0.5"
+
+
+def test_images_of_another_shape_than_the_policy_are_an_error(prepared_tiny: Path):
+    policy = Path("data/augment/idx/policy.json")
+    document = json.loads(policy.read_text())
+    document["image_size"] = [28, 28]
+    policy.write_text(json.dumps(document))
+    with pytest.raises(MissingInputError, match=r"expects C x H x W = \[1, 28, 28\].*\[1, 8, 8\]"):
+        pretrain.run(from_dict(tiny_params(prepared_tiny)), method="simclr")
 
 
 def test_vae_and_pca_outputs(prepared_tiny: Path):
@@ -206,3 +227,62 @@ def test_encoders_load_back_and_a_corrupt_one_is_named(prepared_tiny: Path):
         load_encoder("autoencoder")
     with pytest.raises(MissingInputError, match="encoder.json is missing"):
         load_encoder("simclr")
+
+
+def simclr_rank(rank: int, store: str, out_dir: str) -> None:
+    """One of two gloo ranks: its half of a batch through PretrainModule's SimCLR objective."""
+    import torch.distributed as dist
+
+    from pipeline.models.losses import nt_xent, nt_xent_negatives
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)  # the same initial weights on both ranks
+        module = _module("simclr", METHOD_OPTIONS["simclr"])
+        images = torch.randint(
+            0, 256, (16, 1, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(5)
+        )
+        local = images[rank * 8 : (rank + 1) * 8]
+        temperature = METHOD_OPTIONS["simclr"]["temperature"]
+        with torch.no_grad():  # the objective's views, scored with and without the other rank
+            generator = torch.Generator().manual_seed(rank)
+            views = torch.cat([module.augment(local, generator) for _ in range(2)])
+            z1, z2 = module.head(module.backbone(module.to_model_layout(views))).chunk(2)
+            gathered = nt_xent(z1, z2, temperature, gather=True).item()
+            alone = nt_xent(z1, z2, temperature, gather=False).item()
+        loss = module.objective(local, torch.Generator().manual_seed(rank))[0]
+        loss.backward()
+        for parameter in module.parameters():  # what DDP does: average the gradients
+            if parameter.grad is not None:
+                dist.all_reduce(parameter.grad)
+                parameter.grad /= 2
+        torch.optim.SGD(module.parameters(), lr=0.1).step()
+        result = {
+            "negatives": nt_xent_negatives(8),
+            "local_negatives": nt_xent_negatives(8, gather=False),
+            "loss": loss.item(),
+            "gathered": gathered,
+            "alone": alone,
+            # parameters only: BN running statistics are per rank (DDP broadcasts rank 0's)
+            "state": {k: v.detach().clone() for k, v in module.backbone.named_parameters()},
+        }
+        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_two_process_simclr_step_sees_the_other_ranks_negatives(tmp_path: Path):
+    import torch.multiprocessing as mp
+
+    mp.start_processes(
+        simclr_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, start_method="spawn"
+    )
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for result in ranks:
+        assert result["negatives"] == 2 * 8 * 2 - 2 == 30  # twice the views of one rank ...
+        assert result["local_negatives"] == 2 * 8 - 2 == 14  # ... minus self and positive
+        assert result["loss"] == pytest.approx(result["gathered"], abs=1e-5)
+        assert result["gathered"] > result["alone"]  # more negatives, strictly larger loss
+    for name, tensor in ranks[0]["state"].items():
+        torch.testing.assert_close(ranks[1]["state"][name], tensor, msg=name)
