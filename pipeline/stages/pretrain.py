@@ -163,6 +163,7 @@ def _train(config: Config, dataset: str, method: str, document: dict, tracked: A
     pre = config.pretrain
     data = SplitData(dataset, ("train", "val"), pre.batch_size, pre.seed, pre.max_images)
     data.setup("fit")
+    _check_image_shape(data, document, dataset)
     steps = len(data.train_dataloader())
     hparams = _hparams(config, method, document, data.num_classes, steps)
     ckpt_dir = checkpoint_dir(method, hparams, _checksum(dataset))
@@ -217,6 +218,17 @@ def _train(config: Config, dataset: str, method: str, document: dict, tracked: A
     return result
 
 
+def _check_image_shape(data: Any, document: dict, dataset: str) -> None:
+    """The policy was resolved for one image shape; other images are an error, never resized."""
+    channels, height, width = data.images["train"].shape[1:]
+    expected = [document["channels"], *document["image_size"]]
+    if [channels, height, width] != expected:
+        raise MissingInputError(
+            f"{paths.augment_dir(dataset)}/policy.json expects C x H x W = {expected} but the "
+            f"prepared {dataset} images are {[channels, height, width]}; re-run the augment stage"
+        )
+
+
 def _check_checkpoint(path: Path, method: str) -> None:
     """A checkpoint must load as plain tensors and containers (no pickled code) to be resumed."""
     import pickle
@@ -258,6 +270,7 @@ def _fit_pca(config: Config, dataset: str, document: dict) -> dict:
 
     data = SplitData(dataset, ("train", "val"))
     data.setup("fit")
+    _check_image_shape(data, document, dataset)
     normalize = from_policy_document(document, None)
     train = normalize(data.images["train"]).flatten(1)
     components = min(config.pretrain.options["pca"]["components"], train.shape[1])
