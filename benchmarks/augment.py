@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from benchmarks.machine import describe
+from benchmarks.machine import describe, save_result
 from pipeline.augment import BatchAugment
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
@@ -321,9 +320,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--batches must be >= 1")
     result = run(args.batches, args.params)
     print_table(result)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    save_result(args.json, result)
 
 
 if __name__ == "__main__":

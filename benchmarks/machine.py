@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import platform
 import sys
+from pathlib import Path
 from typing import Any
 
 
@@ -29,3 +31,10 @@ def describe(module: str) -> dict[str, Any]:
         "torch": torch.__version__,
         "command": " ".join(["python", "-m", module, *sys.argv[1:]]),
     }
+
+
+def save_result(path: Path | None, result: dict[str, Any]) -> None:
+    """Write a benchmark's numbers as JSON (for benchmarks.report), when a path is given."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")

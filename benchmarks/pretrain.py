@@ -35,7 +35,6 @@ utilization during each timed loop are recorded, and ResNet-18 width 64 at batch
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shutil
 import subprocess
@@ -50,7 +49,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from benchmarks import augment as augment_bench
-from benchmarks.machine import describe
+from benchmarks.machine import describe, save_result
 
 PARAMS = Path("params.yaml")
 THREADS = 2
@@ -515,9 +514,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--steps must be >= 1")
     result = run(args.steps, args.params)
     print_table(result)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    save_result(args.json, result)
 
 
 if __name__ == "__main__":
