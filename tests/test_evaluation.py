@@ -1,0 +1,386 @@
+"""Behaviour of pipeline.evaluation: test-set metrics, bootstrap intervals, summaries, figure.
+
+Point metrics are checked against scikit-learn on fixed predictions and ECE against a hand-written
+loop over equal-width bins; the vectorized bootstrap is checked against recomputing the point
+metrics on explicitly resampled test sets drawn from the same random stream.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn import metrics as skm
+
+from pipeline import evaluation
+from pipeline.evaluation import (
+    POINT_METRICS,
+    bootstrap_intervals,
+    confusion_matrix,
+    evaluate,
+    label_efficiency_figure,
+    per_class_accuracy,
+    point_metrics,
+    summarize,
+    summary_csv,
+    summary_markdown,
+)
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def problem(n: int, k: int, seed: int, skill: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities of a noisy classifier (larger ``skill`` -> more accurate)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, k, n)
+    logits = rng.normal(size=(n, k))
+    logits[np.arange(n), labels] += skill
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return probs / probs.sum(axis=1, keepdims=True), labels
+
+
+def knn_like(n: int, k: int, votes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Normalized vote counts: many rows are one-hot (confidence exactly 1) and ties happen."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, k, n)
+    voted = np.where(rng.random((n, votes)) < 0.7, labels[:, None], rng.integers(0, k, (n, votes)))
+    counts = np.stack([np.bincount(row, minlength=k) for row in voted]).astype(np.float64)
+    return counts / votes, labels
+
+
+def ece_loop(probs: np.ndarray, labels: np.ndarray, bins: int) -> float:
+    """Textbook ECE: equal-width bins of top confidence, sum of bin fraction x |acc - conf|."""
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    total = 0.0
+    for b in range(bins):
+        low, high = b / bins, (b + 1) / bins
+        inside = (confidence >= low) & (confidence < high)
+        if inside.any():
+            gap = abs(correct[inside].mean() - confidence[inside].mean())
+            total += inside.mean() * gap
+    return total
+
+
+# --- point metrics -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_point_metrics_match_scikit_learn(seed: int) -> None:
+    k = 5
+    probs, labels = problem(300, k, seed, skill=1.5)
+    predicted = probs.argmax(axis=1)
+    got = point_metrics(probs, labels, k)
+    assert got["accuracy"] == pytest.approx(skm.accuracy_score(labels, predicted), abs=1e-6)
+    assert got["macro_f1"] == pytest.approx(
+        skm.f1_score(labels, predicted, average="macro"), abs=1e-6
+    )
+    assert got["nll"] == pytest.approx(skm.log_loss(labels, probs, labels=range(k)), abs=1e-9)
+    assert got["ece"] == pytest.approx(ece_loop(probs, labels, 15), abs=1e-6)
+    assert (
+        confusion_matrix(probs, labels, k)
+        == skm.confusion_matrix(labels, predicted, labels=range(k)).tolist()
+    )
+    recall = skm.recall_score(labels, predicted, labels=range(k), average=None, zero_division=0)
+    assert per_class_accuracy(probs, labels, k) == pytest.approx(recall, abs=1e-6)
+
+
+def test_error_is_one_minus_accuracy() -> None:
+    probs, labels = problem(101, 3, seed=4)
+    got = point_metrics(probs, labels, 3)
+    cerr = float(np.mean(probs.argmax(axis=1) != labels))
+    assert got["error"] == pytest.approx(1 - got["accuracy"], abs=1e-12)
+    assert got["error"] == pytest.approx(cerr, abs=1e-6)
+
+
+def test_ece_on_a_hand_made_example() -> None:
+    # 5 bins of width 0.2; confidences chosen away from the bin edges.
+    probs = np.array(
+        [
+            [0.90, 0.05, 0.05],  # conf 0.90, correct  -> bin 4
+            [0.10, 0.85, 0.05],  # conf 0.85, wrong    -> bin 4
+            [0.70, 0.20, 0.10],  # conf 0.70, correct  -> bin 3
+            [0.45, 0.35, 0.20],  # conf 0.45, wrong    -> bin 2
+            [0.25, 0.50, 0.25],  # conf 0.50, correct  -> bin 2
+            [0.20, 0.15, 0.65],  # conf 0.65, correct  -> bin 3
+        ]
+    )
+    labels = np.array([0, 0, 0, 1, 1, 2])
+    # bin 4: |0.5 - 0.875| * 2/6; bin 3: |1 - 0.675| * 2/6; bin 2: |0.5 - 0.475| * 2/6
+    expected = (0.375 + 0.325 + 0.025) * 2 / 6
+    assert ece_loop(probs, labels, 5) == pytest.approx(expected)
+    assert point_metrics(probs, labels, 3, ece_bins=5)["ece"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_nll_is_finite_for_a_confident_mistake() -> None:
+    probs = np.array([[1.0, 0.0], [0.0, 1.0]])
+    got = point_metrics(probs, np.array([1, 1]), 2)
+    assert got["nll"] == pytest.approx(-math.log(1e-12) / 2)
+
+
+def test_macro_f1_skips_classes_never_seen_like_scikit_learn() -> None:
+    # class 3 occurs neither in the labels nor in the predictions
+    probs, labels = problem(200, 3, seed=5)
+    probs = np.hstack([probs, np.zeros((200, 1))])
+    predicted = probs.argmax(axis=1)
+    got = point_metrics(probs, labels, 4)["macro_f1"]
+    assert got == pytest.approx(skm.f1_score(labels, predicted, average="macro"), abs=1e-6)
+
+
+def test_ties_go_to_the_first_class() -> None:
+    probs = np.array([[0.5, 0.5], [0.5, 0.5]])
+    assert confusion_matrix(probs, np.array([0, 1]), 2) == [[1, 0], [1, 0]]
+
+
+# --- bootstrap -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data",
+    [problem(150, 4, seed=6), knn_like(150, 4, votes=5, seed=7), problem(40, 3, 8, skill=0.3)],
+    ids=["softmax", "knn-votes", "tiny-weak"],
+)
+def test_vectorized_bootstrap_equals_recomputing_on_resamples(data: tuple) -> None:
+    probs, labels = data
+    k = probs.shape[1]
+    samples, seed, n = 5, 3, len(labels)
+    features = evaluation._image_features(*evaluation._as_inputs(probs, labels, k), k, 15)
+    draws = evaluation._bootstrap_distributions(features, k, 15, samples, seed)
+    indices = np.random.default_rng(seed).integers(0, n, size=(samples, n))
+    for row, index in enumerate(indices):
+        expected = point_metrics(probs[index], labels[index], k)
+        for name in POINT_METRICS:
+            assert draws[name][row] == pytest.approx(expected[name], abs=1e-6), name
+
+
+def test_bootstrap_is_reproducible_and_depends_on_the_seed() -> None:
+    probs, labels = problem(500, 4, seed=9)
+    first = bootstrap_intervals(probs, labels, 4, samples=200, seed=1)
+    assert bootstrap_intervals(probs, labels, 4, samples=200, seed=1) == first
+    other = bootstrap_intervals(probs, labels, 4, samples=200, seed=2)
+    assert other != first
+    assert other["nll"] != first["nll"]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        problem(30, 3, seed=10),
+        problem(200, 10, seed=11, skill=0.5),
+        problem(1000, 4, seed=12, skill=4.0),
+        knn_like(80, 5, votes=3, seed=13),
+        knn_like(300, 2, votes=1, seed=14),
+    ],
+)
+def test_every_interval_contains_its_point_estimate(data: tuple) -> None:
+    probs, labels = data
+    k = probs.shape[1]
+    point = point_metrics(probs, labels, k)
+    intervals = bootstrap_intervals(probs, labels, k, samples=300, seed=0)
+    assert set(intervals) == set(POINT_METRICS)
+    for name in POINT_METRICS:
+        low, high = intervals[name]
+        assert low <= point[name] <= high, (name, low, point[name], high)
+        assert low < high, name  # none of these problems is degenerate
+
+
+def test_larger_test_set_gives_narrower_accuracy_interval() -> None:
+    small = bootstrap_intervals(*problem(200, 5, seed=15), 5, samples=500)
+    large = bootstrap_intervals(*problem(5000, 5, seed=15), 5, samples=500)
+    width = {
+        name: ci["accuracy"][1] - ci["accuracy"][0] for name, ci in [("s", small), ("l", large)]
+    }
+    assert width["l"] < width["s"] / 2  # sqrt(25) = 5 times narrower in theory
+
+
+def test_perfect_classifier_has_degenerate_intervals() -> None:
+    labels = np.arange(60) % 3
+    probs = np.eye(3)[labels]
+    intervals = bootstrap_intervals(probs, labels, 3, samples=100)
+    assert intervals["accuracy"] == (1.0, 1.0)
+    assert intervals["error"] == (0.0, 0.0)
+    assert intervals["macro_f1"] == (1.0, 1.0)
+    assert intervals["ece"] == (0.0, 0.0)
+    assert intervals["nll"][1] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_interval_is_wider_at_a_higher_level() -> None:
+    probs, labels = problem(300, 4, seed=16)
+    narrow = bootstrap_intervals(probs, labels, 4, samples=400, level=0.5)["nll"]
+    wide = bootstrap_intervals(probs, labels, 4, samples=400, level=0.99)["nll"]
+    assert wide[0] < narrow[0] < narrow[1] < wide[1]
+
+
+def test_bootstrap_is_fast_enough_for_a_full_test_split() -> None:
+    probs, labels = problem(10_000, 10, seed=17)
+    start = time.perf_counter()
+    bootstrap_intervals(probs.astype(np.float32), labels, 10, samples=1000)
+    # about 1 s here; calling torchmetrics per resample would take minutes
+    assert time.perf_counter() - start < 10
+
+
+# --- evaluate ------------------------------------------------------------------------------------
+
+
+def test_evaluate_report_is_plain_rounded_json() -> None:
+    probs, labels = problem(250, 4, seed=18)
+    report = evaluate(
+        torch.tensor(probs, dtype=torch.float32), torch.tensor(labels), 4, samples=200
+    )
+    assert json.loads(json.dumps(report)) == report
+    assert report["n"] == 250
+    assert set(report["metrics"]) == set(report["ci95"]) == set(POINT_METRICS)
+    for name, value in report["metrics"].items():
+        low, high = report["ci95"][name]
+        assert type(value) is float and low <= value <= high
+        assert round(value, 6) == value
+    assert len(report["per_class_accuracy"]) == 4
+    matrix = report["confusion_matrix"]
+    assert sum(map(sum, matrix)) == 250 and all(type(v) is int for row in matrix for v in row)
+    assert report == evaluate(probs, labels, 4, samples=200)  # float32 or float64, same report
+
+
+# --- input checks --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("probs", "labels", "message"),
+    [
+        (np.full(4, 0.5), np.zeros(4, int), "N x K"),
+        (np.full((4, 3), 1 / 3), np.zeros(4, int), "N x K"),
+        (np.full((4, 2), 0.5), np.zeros(3, int), "labels must have shape"),
+        (np.full((4, 2), 0.5), np.zeros((4, 1), int), "labels must have shape"),
+        (np.full((4, 2), 0.5), np.array([0, 1, 2, 0]), "labels out of range"),
+        (np.full((4, 2), 0.5), np.array([0, -1, 1, 0]), "labels out of range"),
+        (np.full((4, 2), 0.5), np.zeros(4), "labels must be integers"),
+        (np.zeros((0, 2)), np.zeros(0, int), "empty"),
+        (np.array([[2.0, -1.0]]), np.zeros(1, int), "logits"),
+        (np.array([[0.2, 0.2]]), np.zeros(1, int), "sum to 1"),
+        (np.array([[np.nan, 0.5]]), np.zeros(1, int), "NaN"),
+        (np.array([[1, 0]]), np.zeros(1, int), "floating point"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(probs: np.ndarray, labels: np.ndarray, message: str) -> None:
+    for call in (
+        point_metrics,
+        per_class_accuracy,
+        confusion_matrix,
+        bootstrap_intervals,
+        evaluate,
+    ):
+        with pytest.raises(ValueError, match=message):
+            call(probs, labels, 2)
+
+
+def test_bad_options_raise() -> None:
+    probs, labels = problem(20, 2, seed=19)
+    with pytest.raises(ValueError, match="num_classes"):
+        point_metrics(probs, labels, 1)
+    with pytest.raises(ValueError, match="samples"):
+        bootstrap_intervals(probs, labels, 2, samples=1)
+    with pytest.raises(ValueError, match="level"):
+        bootstrap_intervals(probs, labels, 2, level=95)
+    with pytest.raises(ValueError, match="ece_bins"):
+        evaluate(probs, labels, 2, ece_bins=0)
+
+
+# --- summaries -----------------------------------------------------------------------------------
+
+
+def run_row(init: str, mode: str, fraction: str, seed: int, acc: float, ci: tuple) -> dict:
+    return {
+        "init": init,
+        "mode": mode,
+        "fraction": fraction,
+        "seed": seed,
+        "metrics": {"accuracy": acc, "nll": 1 - acc},
+        "ci95": {"accuracy": list(ci), "nll": [0.0, 1.0]},
+    }
+
+
+ROWS = [
+    run_row("simclr", "linear", "1.0", 0, 0.90, (0.88, 0.92)),
+    run_row("simclr", "linear", "1.0", 1, 0.92, (0.90, 0.94)),
+    run_row("simclr", "linear", "1.0", 2, 0.94, (0.93, 0.95)),
+    run_row("simclr", "linear", "0.01", 0, 0.70, (0.69, 0.71)),
+    run_row("scratch", "finetune", "0.1", 0, 0.80, (0.79, 0.81)),
+    run_row("scratch", "finetune", "0.01", 0, 0.50, (0.48, 0.52)),
+    run_row("scratch", "finetune", "0.01", 1, 0.60, (0.58, 0.62)),
+]
+
+
+def test_summarize_by_hand() -> None:
+    summary = summarize(ROWS)
+    keys = [(s["init"], s["mode"], s["fraction"]) for s in summary]
+    assert keys == [
+        ("scratch", "finetune", "0.01"),
+        ("scratch", "finetune", "0.1"),
+        ("simclr", "linear", "0.01"),
+        ("simclr", "linear", "1.0"),
+    ]
+    three = summary[3]
+    assert three["n_seeds"] == 3
+    assert three["mean"] == pytest.approx(0.92)
+    assert three["std"] == pytest.approx(0.02)  # sqrt((0.02² + 0 + 0.02²) / 2)
+    assert three["ci_low"] == pytest.approx((0.88 + 0.90 + 0.93) / 3)
+    assert three["ci_high"] == pytest.approx((0.92 + 0.94 + 0.95) / 3)
+    two = summary[0]
+    assert two["mean"] == pytest.approx(0.55) and two["std"] == pytest.approx(math.sqrt(0.005))
+    assert summary[1]["std"] == 0.0 and summary[1]["n_seeds"] == 1
+    assert summarize(ROWS, metric="nll")[3]["mean"] == pytest.approx(0.08)
+
+
+def test_summarize_rejects_a_repeated_seed() -> None:
+    with pytest.raises(ValueError, match="repeat a seed"):
+        summarize(ROWS + [ROWS[0]])
+
+
+def test_summary_markdown_cells() -> None:
+    text = summary_markdown(summarize(ROWS), ["0.01", "0.1", "1.0"])
+    lines = text.splitlines()
+    assert "mean ± std over seeds" in lines[0]
+    assert "| init | mode | 1 % | 10 % | 100 % |" in lines
+    simclr = next(line for line in lines if line.startswith("| simclr | linear |"))
+    assert (
+        simclr
+        == "| simclr | linear | 70.00 ± 0.00 [69.00, 71.00] | — | 92.00 ± 2.00 [90.33, 93.67] |"
+    )
+    scratch = next(line for line in lines if line.startswith("| scratch | finetune |"))
+    assert "55.00 ± 7.07 [53.00, 57.00]" in scratch and scratch.endswith("| — |")
+
+
+def test_summary_csv() -> None:
+    text = summary_csv(summarize(ROWS))
+    lines = text.splitlines()
+    assert lines[0] == "init,mode,fraction,n_seeds,mean,std,ci_low,ci_high"
+    assert len(lines) == 1 + 4
+    assert lines[-1] == "simclr,linear,1.0,3,0.920000,0.020000,0.903333,0.936667"
+
+
+# --- figure --------------------------------------------------------------------------------------
+
+
+def test_label_efficiency_figure_is_a_reproducible_png(tmp_path: Path) -> None:
+    summary = summarize(ROWS)
+    first, second = tmp_path / "a" / "fig.png", tmp_path / "b.png"
+    label_efficiency_figure(summary, first)
+    label_efficiency_figure(summary, second)
+    data = first.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    with Image.open(io.BytesIO(data)) as image:
+        image.verify()
+    assert data == second.read_bytes()
+    assert b"matplotlib" not in data.lower()  # no version stamp that would change the bytes
+    assert list(tmp_path.rglob(".*tmp*")) == []
+
+
+def test_label_efficiency_figure_needs_data(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="empty"):
+        label_efficiency_figure([], tmp_path / "fig.png")
