@@ -34,6 +34,9 @@ def stage_names() -> list[str]:
 #: The order stages are listed in ``--help``; execution order is the runners' business.
 PIPELINE_ORDER = ("download", "split", "augment", "pretrain", "finetune", "evaluate", "visualize")
 
+#: Commands that are not stages: modules pipeline.<name> with add_arguments(parser) and main(args).
+TOOLS = ("predict", "compare")
+
 
 def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     """The parser; only the ``selected`` stage module is imported (for its own options).
@@ -54,6 +57,12 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
             if hasattr(module, "add_arguments"):
                 module.add_arguments(stage)
         _common(stage)
+    for name in TOOLS:
+        doc = _first_line(f"pipeline.{name}") or name
+        tool = commands.add_parser(name, help=doc, description=doc)
+        if name == selected:  # imported only when run, so stages never load it
+            importlib.import_module(f"pipeline.{name}").add_arguments(tool)
+        _common(tool)
     check = commands.add_parser("check-params", help="validate params.yaml and exit")
     _common(check)
     return parser
@@ -98,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv[0] if argv else None).parse_args(argv)
     _setup_logging(args.log)
     try:
+        if args.command in TOOLS:
+            return importlib.import_module(f"pipeline.{args.command}").main(args)
         config = load(args.params)
         if args.command == "check-params":
             print(f"{args.params}: ok")
@@ -110,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", err)
         return 2
     except PipelineError as err:
-        log.error("%s stage failed: %s", args.command, err)
+        what = args.command if args.command in TOOLS else f"{args.command} stage"
+        log.error("%s failed: %s", what, err)
         return 1
     except KeyboardInterrupt:
         log.error("%s stage interrupted; its outputs were left as they were", args.command)
