@@ -9,6 +9,8 @@ include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/augment.smk"
 include: "rules/pretrain.smk"
+include: "rules/finetune.smk"
+include: "rules/evaluate.smk"
 
 
 rule all:

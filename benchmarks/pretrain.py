@@ -79,7 +79,7 @@ def module_kwargs(
 ) -> dict[str, Any]:
     """PretrainModule(method="simclr") arguments, built as pipeline/stages/pretrain.py does.
 
-    Why not call the stage's ``_hparams``: it reads policy.json and the statistics from the
+    Why not call the stage's ``hparams_for``: it reads policy.json and the statistics from the
     augment stage's outputs, which a benchmark must not depend on. Everything else comes from
     params.yaml, so a change there (policy, loss options, optimizer) is what gets measured;
     ``backbone``/``width``/``batch_size`` override the defaults for the extra measurements.

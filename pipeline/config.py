@@ -105,6 +105,38 @@ class PretrainConfig:
 
 
 @dataclass(frozen=True)
+class FinetuneConfig:
+    inits: tuple[str, ...]
+    modes: tuple[str, ...]
+    fractions: tuple[float, ...]
+    seeds: tuple[int, ...]
+    epochs: int
+    patience: int
+    min_steps_per_epoch: int
+    batch_size: int
+    policy: str
+    optimizer: OptimizerConfig
+    encoder_lr_scale: float
+    l1: float
+    dropout: float
+    label_smoothing: float
+    multitask_weight: float
+    knn_ks: tuple[int, ...]
+    knn_temperatures: tuple[float, ...]
+
+    def cells(self) -> list[tuple[str, str, float]]:
+        """Every (init, mode, fraction) job of the matrix."""
+        return [(i, m, f) for i in self.inits for m in self.modes for f in self.fractions]
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    bootstrap: int
+    seed: int
+    ece_bins: int
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     experiment: str
 
@@ -116,6 +148,8 @@ class Config:
     augment: AugmentConfig
     model: ModelConfig
     pretrain: PretrainConfig
+    finetune: FinetuneConfig
+    evaluate: EvaluateConfig
     tracking: TrackingConfig
     raw: dict[str, Any]  # the validated params with defaults filled in
 
@@ -183,10 +217,13 @@ def from_dict(params: Any, source: str = PARAMS_FILE) -> Config:
         ),
         model=ModelConfig(**params["model"]),
         pretrain=_pretrain(params["pretrain"]),
+        finetune=_finetune(params["finetune"]),
+        evaluate=EvaluateConfig(**params["evaluate"]),
         tracking=TrackingConfig(experiment=params["tracking"]["experiment"]),
         raw=params,
     )
     _check_policy_names(config, source)
+    _check_matrix(config, source)
     if config.augment.offline_policy not in config.augment.policies:
         raise ConfigError(
             f"{source}: augment.offline_policy = {config.augment.offline_policy!r} is not a "
@@ -200,7 +237,7 @@ def from_dict(params: Any, source: str = PARAMS_FILE) -> Config:
     return config
 
 
-_METHOD_SECTIONS = ("simclr", "autoencoder", "rotation", "inpainting", "vae", "pca")
+_METHOD_SECTIONS = ("scratch", "simclr", "autoencoder", "rotation", "inpainting", "vae", "pca")
 
 
 def _pretrain(section: dict[str, Any]) -> PretrainConfig:
@@ -216,6 +253,42 @@ def _pretrain(section: dict[str, Any]) -> PretrainConfig:
         monitor=section["monitor"],
         options={name: section[name] for name in _METHOD_SECTIONS},
     )
+
+
+def _finetune(section: dict[str, Any]) -> FinetuneConfig:
+    knn = section["knn"]
+    fields = {k: v for k, v in section.items() if k not in ("knn", "optimizer")}
+    return FinetuneConfig(
+        **{**fields, "inits": tuple(fields["inits"]), "modes": tuple(fields["modes"]),
+           "fractions": tuple(sorted(float(f) for f in fields["fractions"])),
+           "seeds": tuple(fields["seeds"])},
+        optimizer=OptimizerConfig(**section["optimizer"]),
+        knn_ks=tuple(knn["ks"]),
+        knn_temperatures=tuple(float(t) for t in knn["temperatures"]),
+    )  # fmt: skip
+
+
+def _check_matrix(config: Config, source: str) -> None:
+    """Fine-tuning asks only for label fractions the split makes and encoders pretraining makes."""
+    made = set(config.split.label_fractions)
+    allowed = ", ".join(f"{f:g}" for f in sorted(made))
+    for fraction in config.finetune.fractions:
+        if fraction not in made:
+            raise ConfigError(
+                f"{source}: finetune.fractions has {fraction:g}, which the split stage does not "
+                f"make; allowed: {allowed} (split.label_fractions)"
+            )
+    for init in config.finetune.inits:
+        if init not in config.pretrain.methods:
+            raise ConfigError(
+                f"{source}: finetune.inits has {init!r} but pretrain.methods does not make that "
+                f"encoder; allowed: {', '.join(config.pretrain.methods)}"
+            )
+    if config.finetune.policy not in config.augment.policies:
+        raise ConfigError(
+            f"{source}: finetune.policy = {config.finetune.policy!r} is not a policy; must be one "
+            f"of {', '.join(config.augment.policies)}"
+        )
 
 
 def _check_policy_names(config: Config, source: str) -> None:
@@ -275,7 +348,16 @@ def _validator(schema: dict[str, Any]) -> Any:
         ):
             yield ValidationError(f"{instance} has min > max")
 
-    extended = validators.extend(Draft202012Validator, {"orderedRange": ordered_range})
+    def written_as_float(validator: Any, enabled: bool, instance: Any, schema: Any) -> Any:
+        # JSON Schema counts 1.0 as an integer; YAML's 1 and 1.0 differ, and the spelling names
+        # files (DVC renders 1 as "1" but Python's float as "1.0").
+        if enabled and isinstance(instance, int) and not isinstance(instance, bool):
+            yield ValidationError(f"{instance} is an integer")
+
+    extended = validators.extend(
+        Draft202012Validator,
+        {"orderedRange": ordered_range, "writtenAsFloat": written_as_float},
+    )
     return extended(schema)
 
 
@@ -333,6 +415,7 @@ def _describe(error: Any) -> str:
         "maxItems": lambda: f"a list of at most {arg} item(s)",
         "orderedRange": lambda: "a [min, max] range with min <= max",
         "not": lambda: "an odd number" if arg == {"multipleOf": 2} else f"not {arg}",
+        "writtenAsFloat": lambda: "written as a float (1.0, not 1)",
         "pattern": lambda: f"a name matching {arg}",
         "uniqueItems": lambda: "a list without repeated items",
         "minLength": lambda: f"at least {arg} character(s) long",

@@ -33,6 +33,10 @@ def pretrain_dir(method: str) -> Path:
     return Path("models") / "pretrain" / method
 
 
-def fraction_name(fraction: float) -> str:
-    """The spelling of a label fraction in file names and wildcards: 0.01, 0.1, 1."""
-    return f"{fraction:g}"
+def fraction_name(fraction: float | str) -> str:
+    """The spelling of a label fraction in file names and wildcards: 0.01, 0.1, 1.0.
+
+    Python's shortest round-trip form of the float, which is also how DVC renders the YAML
+    floats of params.yaml in ``${...}``, so both runners name the same files.
+    """
+    return repr(float(fraction))

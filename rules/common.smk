@@ -13,7 +13,10 @@ DATASET = config["data"]["dataset"]
 
 wildcard_constraints:
     dataset="fashion_mnist|mnist|cifar10|stl10|idx|imagefolder",
-    method="simclr|autoencoder|rotation|inpainting|vae|pca",
+    method="scratch|simclr|autoencoder|rotation|inpainting|vae|pca",
+    init="scratch|simclr|autoencoder|rotation|inpainting|vae|pca",
+    mode="linear|finetune|knn",
+    fraction="[0-9]+\\.[0-9]+",
 
 
 # The pipeline/ modules (and schema) each stage imports: a change in any of them re-runs the
@@ -35,6 +38,18 @@ _DATA_CODE = [
     "pipeline/data/formats.py",
     "pipeline/data/prepared.py",
 ]
+# What every training stage imports: data on the device, augmentation, the networks.
+_TRAIN_CODE = _DATA_CODE + [
+    "pipeline/augment.py",
+    "pipeline/data/datamodule.py",
+    "pipeline/data/split.py",
+    "pipeline/models/__init__.py",
+    "pipeline/models/backbones.py",
+    "pipeline/models/knn.py",
+    "pipeline/models/losses.py",
+    "pipeline/models/optim.py",
+    "pipeline/models/pretrain.py",
+]
 CODE = {
     "download": _COMMON_CODE
     + _DATA_CODE
@@ -45,19 +60,24 @@ CODE = {
     "augment": _COMMON_CODE
     + _DATA_CODE
     + ["pipeline/augment.py", "pipeline/data/split.py", "pipeline/stages/augment.py"],
-    "pretrain": _COMMON_CODE
-    + _DATA_CODE
+    "pretrain": _COMMON_CODE + _TRAIN_CODE + ["pipeline/stages/pretrain.py"],
+    "finetune": _COMMON_CODE
+    + _TRAIN_CODE
     + [
-        "pipeline/augment.py",
-        "pipeline/data/datamodule.py",
-        "pipeline/data/split.py",
-        "pipeline/models/__init__.py",
-        "pipeline/models/backbones.py",
-        "pipeline/models/knn.py",
-        "pipeline/models/losses.py",
-        "pipeline/models/optim.py",
-        "pipeline/models/pretrain.py",
+        "pipeline/models/classifier.py",
+        "pipeline/models/encoders.py",
+        "pipeline/models/finetune.py",
+        "pipeline/stages/finetune.py",
         "pipeline/stages/pretrain.py",
+    ],
+    "evaluate": _COMMON_CODE
+    + _TRAIN_CODE
+    + [
+        "pipeline/evaluation.py",
+        "pipeline/models/classifier.py",
+        "pipeline/models/encoders.py",
+        "pipeline/stages/evaluate.py",
+        "pipeline/stages/finetune.py",
     ],
 }
 
@@ -84,4 +104,14 @@ def all_targets():
         f"data/augment/{DATASET}/policy.json",
         f"data/augment/{DATASET}/preview.png",
         *expand("models/pretrain/{method}", method=config["pretrain"]["methods"]),
+        "metrics/summary.json",
     ]
+
+
+def finetune_cells():
+    """models/finetune/<init>-<mode>-<fraction> for every cell of the study's matrix."""
+    from pipeline.config import from_dict
+    from pipeline.paths import fraction_name
+
+    cells = from_dict(config).finetune.cells()
+    return [f"{init}-{mode}-{fraction_name(f)}" for init, mode, f in cells]

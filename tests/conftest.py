@@ -77,6 +77,15 @@ def params_for(dataset: str = "fashion_mnist", **overrides: dict) -> dict:
     params["data"]["dataset"] = dataset
     for section, values in overrides.items():
         params[section].update(values)
+    sync_matrix(params)
+    return params
+
+
+def sync_matrix(params: dict) -> dict:
+    """Keep fine-tuning's matrix inside what split and pretraining make (config checks this)."""
+    params["finetune"]["fractions"] = list(params["split"]["label_fractions"])
+    made = params["pretrain"]["methods"]
+    params["finetune"]["inits"] = [i for i in params["finetune"]["inits"] if i in made]
     return params
 
 
@@ -132,11 +141,16 @@ def project(tmp_path: Path, tiny_idx: Path) -> Path:
             shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(source, root / name)
-    params = params_for("idx", split={"label_fractions": [0.1, 0.5, 1.0]})
+    params = params_for("idx")
     params["data"]["local_path"] = str(tiny_idx)
     params["model"].update(backbone="lenet5", width=8)
-    params["pretrain"].update(methods=["simclr", "pca"], epochs=1, batch_size=64)
+    params["pretrain"].update(methods=["scratch", "simclr"], epochs=1, batch_size=64)
     params["pretrain"]["monitor"]["knn_max_train"] = 200
+    params["finetune"].update(modes=["linear", "knn"], seeds=[0], epochs=1, batch_size=64,
+                              min_steps_per_epoch=1)  # fmt: skip
+    params["split"]["label_fractions"] = [1.0]
+    params["evaluate"]["bootstrap"] = 50
+    sync_matrix(params)
     write_params(root, params)
     shutil.copy2(REPO / ".gitignore", root / ".gitignore")
     run(["git", "init", "-q"], root)

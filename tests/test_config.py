@@ -104,3 +104,22 @@ def test_snakemake_rejects_the_same_mistake_in_one_line(tmp_path: Path):
         'error: params.yaml: data.dataset = "imagenet" is not allowed: must be one of '
         '"fashion_mnist", "mnist", "cifar10", "stl10", "idx", "imagefolder"'
     ]
+
+
+def test_label_fractions_are_written_as_floats_because_they_name_files():
+    params = params_for()
+    params["split"]["label_fractions"] = [0.1, 1]
+    with pytest.raises(ConfigError, match=r"split.label_fractions.1 = 1 .*float \(1.0, not 1\)"):
+        from_dict(params)
+
+
+def test_fine_tuning_asks_only_for_what_split_and_pretraining_make():
+    params = params_for()
+    params["finetune"]["fractions"] = [0.5]
+    with pytest.raises(ConfigError, match="finetune.fractions has 0.5, which the split stage"):
+        from_dict(params)
+    params = params_for()
+    params["pretrain"]["methods"] = ["simclr"]
+    params["finetune"]["inits"] = ["simclr", "vae"]
+    with pytest.raises(ConfigError, match="finetune.inits has 'vae' but pretrain.methods"):
+        from_dict(params)

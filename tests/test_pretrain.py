@@ -14,7 +14,7 @@ from pipeline.config import from_dict
 from pipeline.errors import MissingInputError
 from pipeline.models.pretrain import METHODS, PCAEncoder, PretrainModule
 from pipeline.stages import augment, download, pretrain, split
-from tests.conftest import params_for
+from tests.conftest import params_for, sync_matrix
 
 SMALL_MODEL = {"backbone": "lenet5", "width": 8}
 FAST = {"epochs": 2, "batch_size": 64, "warmup_epochs": 0}
@@ -36,7 +36,7 @@ def tiny_params(tiny_idx: Path, **pretrain_overrides) -> dict:
     params["pretrain"].update(FAST, **pretrain_overrides)
     params["pretrain"]["monitor"]["knn_max_train"] = 200
     params["pretrain"]["inpainting"]["mask_size"] = 3
-    return params
+    return sync_matrix(params)
 
 
 @pytest.fixture

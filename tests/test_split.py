@@ -108,7 +108,7 @@ def test_the_stage_writes_indices_and_a_report(workdir: Path, tiny_idx: Path):
     report = split.run(config)
     folder = Path("data/splits/idx")
     assert sorted(p.name for p in folder.iterdir()) == [
-        "labeled-0.1.npy", "labeled-1.npy", "report.json", "report.md",
+        "labeled-0.1.npy", "labeled-1.0.npy", "report.json", "report.md",
         "test.npy", "train.npy", "val.npy",
     ]  # fmt: skip
     assert read_json(folder / "report.json") == report

@@ -26,24 +26,32 @@ class EpochPermutation(Sampler[int]):
     """A random order that depends only on (seed, epoch), so a resumed run replays it exactly.
 
     Lightning calls ``set_epoch`` before every epoch. ``limit`` keeps the first that many
-    positions of each epoch's permutation (a subset of the data per epoch).
+    positions of each epoch's permutation (a subset of the data per epoch); ``min_length``
+    chains further permutations until an epoch is at least that long (tiny labeled subsets).
     """
 
-    def __init__(self, size: int, seed: int, limit: int | None = None) -> None:
+    def __init__(self, size: int, seed: int, limit: int | None = None, min_length: int = 0) -> None:
         self.size = size
         self.seed = seed
-        self.limit = min(limit, size) if limit else size
+        self.length = max(min(limit, size) if limit else size, min_length)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator)[: self.limit].tolist())
+        order: list[int] = []
+        repeat = 0
+        while len(order) < self.length:
+            seed = (self.seed * 1_000_003 + self.epoch) * 131 + repeat
+            order += torch.randperm(
+                self.size, generator=torch.Generator().manual_seed(seed)
+            ).tolist()
+            repeat += 1
+        return iter(order[: self.length])
 
     def __len__(self) -> int:
-        return self.limit
+        return self.length
 
 
 class _Positions(Dataset):
@@ -74,6 +82,7 @@ class SplitData(L.LightningDataModule):
         seed: int = 0,
         max_images: int | None = None,
         train_set: str = "train",
+        min_steps: int = 0,
     ) -> None:
         super().__init__()
         self.dataset = dataset
@@ -82,6 +91,7 @@ class SplitData(L.LightningDataModule):
         self.seed = seed
         self.max_images = max_images
         self.train_set = train_set
+        self.min_steps = min_steps
         self.images: dict[str, torch.Tensor] = {}
         self.labels: dict[str, torch.Tensor] = {}
         self.classes: list[str] = []
@@ -89,9 +99,12 @@ class SplitData(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.images:
             return
-        data = prepared.load(paths.prepared_dir(self.dataset))
-        self.classes = list(data.classes)
         source = test_source(self.dataset)
+        wanted = ("train_images", "train_labels")
+        if "test" in self.sets and source == "test":
+            wanted += ("test_images", "test_labels")
+        data = prepared.load(paths.prepared_dir(self.dataset), only=wanted)
+        self.classes = list(data.classes)
         for name in self.sets:
             index = load_indices(self.dataset, name)
             from_test = name == "test" and source == "test"
@@ -107,10 +120,11 @@ class SplitData(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         size = len(self.labels[self.train_set])
-        sampler = EpochPermutation(size, self.seed, self.max_images)
+        batch = min(self.batch_size, size)
+        sampler = EpochPermutation(size, self.seed, self.max_images, self.min_steps * batch)
         return DataLoader(
             _Positions(size),
-            batch_size=min(self.batch_size, len(sampler)),
+            batch_size=batch,
             sampler=sampler,
             drop_last=True,
         )
@@ -125,4 +139,3 @@ class SplitData(L.LightningDataModule):
         if name not in self.labels:
             raise MissingInputError(f"the {name} set was not loaded (sets={self.sets})")
         return DataLoader(_Positions(len(self.labels[name])), batch_size=self.batch_size)
-

@@ -71,10 +71,12 @@ def dataset_checksum(folder: Path) -> str:
     return hashlib.sha256((Path(folder) / "manifest.json").read_bytes()).hexdigest()
 
 
-def load(folder: Path, verify: bool = True) -> Prepared:
+def load(folder: Path, verify: bool = True, only: tuple[str, ...] | None = None) -> Prepared:
     """Load a prepared dataset, checking it against its manifest.
 
-    A missing or altered file raises MissingInputError naming the file and the stage that makes it.
+    ``only`` names the arrays to open (e.g. the training arrays); the others are not even read,
+    which is how stages that must not see the test set stay away from it. A missing or altered
+    file raises MissingInputError naming the file and the stage that makes it.
     """
     folder = Path(folder)
     hint = f"run the download stage (python -m pipeline download) to make {folder}"
@@ -88,7 +90,7 @@ def load(folder: Path, verify: bool = True) -> Prepared:
     arrays: dict[str, np.ndarray | None] = {}
     for name in ARRAY_NAMES:
         entry = manifest["arrays"].get(name)
-        if entry is None:
+        if entry is None or (only is not None and name not in only):
             arrays[name] = None
             continue
         path = folder / f"{name}.npy"

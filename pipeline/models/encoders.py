@@ -39,7 +39,7 @@ def load_encoder(method: str, folder: Path | None = None) -> tuple[nn.Module, di
         raise MissingInputError(
             f"{weights_path} is missing, corrupt or not a plain state_dict ({reason}); {remedy}"
         ) from None
-    encoder = _build(description, description_path)
+    encoder = build_from_description(description, description_path)
     try:
         encoder.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as err:
@@ -51,7 +51,8 @@ def load_encoder(method: str, folder: Path | None = None) -> tuple[nn.Module, di
     return encoder, description
 
 
-def _build(description: dict[str, Any], where: Path) -> nn.Module:
+def build_from_description(description: dict[str, Any], where: Path) -> nn.Module:
+    """An untrained encoder with the architecture an encoder.json describes."""
     try:
         if description["kind"] == "pca":
             return PCAEncoder(description["input_dim"], description["feature_dim"])

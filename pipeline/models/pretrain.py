@@ -263,7 +263,8 @@ class PCAEncoder(nn.Module):
         super().__init__()
         self.feature_dim = components
         self.register_buffer("mean", torch.zeros(input_dim))
-        self.register_buffer("components", torch.zeros(components, input_dim))
+        # A parameter, so fine-tuning can adapt the projection (the linear probe freezes it).
+        self.components = nn.Parameter(torch.zeros(components, input_dim))
         self.register_buffer("explained_variance", torch.zeros(components))
 
     def fit(self, x: torch.Tensor) -> PCAEncoder:
@@ -278,7 +279,8 @@ class PCAEncoder(nn.Module):
         # A fixed sign per component (largest entry positive) makes the fit reproducible.
         signs = vectors.gather(1, vectors.abs().argmax(1, keepdim=True)).sign()
         self.mean.copy_(mean.float())
-        self.components.copy_((vectors * signs).float())
+        with torch.no_grad():
+            self.components.copy_((vectors * signs).float())
         self.explained_variance.copy_(values[order].float())
         return self
 

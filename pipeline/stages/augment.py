@@ -45,7 +45,7 @@ def run(config: Config, dataset: str | None = None) -> dict:
     from pipeline import tracking
 
     dataset = dataset or config.data.dataset
-    data = prepared.load(paths.prepared_dir(dataset))
+    data = prepared.load(paths.prepared_dir(dataset), only=("train_images", "train_labels"))
     train = load_indices(dataset, "train")
     out = paths.augment_dir(dataset)
     with tracking.stage_run("augment", config, dataset, PARAMS) as tracked:

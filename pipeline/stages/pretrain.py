@@ -54,7 +54,8 @@ def params_for(method: str) -> tuple[str, ...]:
 
 def add_arguments(parser: Any) -> None:
     parser.add_argument("--method", required=True,
-                        choices=("simclr", "autoencoder", "rotation", "inpainting", "vae", "pca"),
+                        choices=("scratch", "simclr", "autoencoder", "rotation", "inpainting",
+                                 "vae", "pca"),
                         help="which pretraining method to run")  # fmt: skip
 
 
@@ -79,11 +80,13 @@ def run(config: Config, dataset: str | None = None, method: str = "simclr",
         tracked.set_tags({"method": method, "dataset_checksum": _checksum(dataset)})
         if method == "pca":
             result = _fit_pca(config, dataset, document)
+        elif method == "scratch":
+            result = _untrained(config, dataset, document)
         else:
             result = _train(config, dataset, method, document, tracked, callbacks)
         _write_outputs(method, result)
         tracked.log_metrics({f"final_{k}": v for k, v in result["metrics"].items()
-                             if isinstance(v, float)})  # fmt: skip
+                             if isinstance(v, float) and v == v})  # NaN: no such monitor
         for path in (*metrics_paths(method), paths.pretrain_dir(method) / "encoder.json"):
             tracked.log_artifact(path)
     log.info("pretrained %s: %s", method, result["metrics"])
@@ -107,7 +110,7 @@ def _checksum(dataset: str) -> str:
     return dataset_checksum(paths.prepared_dir(dataset))
 
 
-def _hparams(config: Config, method: str, document: dict, num_classes: int, steps: int) -> dict:
+def hparams_for(config: Config, method: str, document: dict, num_classes: int, steps: int) -> dict:
     pre = config.pretrain
     policy = pre.policy_for(method)
     if policy not in document["policies"]:
@@ -165,7 +168,7 @@ def _train(config: Config, dataset: str, method: str, document: dict, tracked: A
     data.setup("fit")
     _check_image_shape(data, document, dataset)
     steps = len(data.train_dataloader())
-    hparams = _hparams(config, method, document, data.num_classes, steps)
+    hparams = hparams_for(config, method, document, data.num_classes, steps)
     ckpt_dir = checkpoint_dir(method, hparams, _checksum(dataset))
     last = ckpt_dir / "last.ckpt"
     resume = str(last) if last.is_file() else None
@@ -260,12 +263,60 @@ def _description(config: Config, dataset: str, method: str, hparams: dict, encod
     }
 
 
-def _fit_pca(config: Config, dataset: str, document: dict) -> dict:
+def _frozen_knn(config: Config, data: Any, encoder: Any, normalize: Any) -> float:
+    """The kNN monitor for an encoder that does not train (PCA, the random initialization)."""
     import torch
+
+    from pipeline.models.knn import knn_accuracy
+
+    monitor = config.pretrain.monitor
+    bank = min(monitor["knn_max_train"], data.images["train"].shape[0])
+    encoder.eval()
+    with torch.no_grad():
+        return knn_accuracy(
+            encoder(normalize(data.images["train"][:bank])), data.labels["train"][:bank],
+            encoder(normalize(data.images["val"])), data.labels["val"],
+            monitor["knn_k"], monitor["knn_temperature"], data.num_classes,
+        )  # fmt: skip
+
+
+def _untrained(config: Config, dataset: str, document: dict) -> dict:
+    """The from-scratch baseline's encoder: the random initialization, seeded, never trained.
+
+    Written like every other encoder so fine-tuning treats all inits alike and every seed of
+    every init starts from the same weights.
+    """
+    import lightning as L
 
     from pipeline.augment import from_policy_document
     from pipeline.data.datamodule import SplitData
-    from pipeline.models.knn import knn_accuracy
+    from pipeline.models.backbones import BackboneConfig, build_backbone
+
+    data = SplitData(dataset, ("train", "val"))
+    data.setup("fit")
+    _check_image_shape(data, document, dataset)
+    L.seed_everything(config.pretrain.seed, verbose=False)
+    fields = backbone_fields(config)
+    encoder = build_backbone(BackboneConfig(**fields), document["channels"],
+                             document["image_size"][0])  # fmt: skip
+    knn = _frozen_knn(config, data, encoder, from_policy_document(document, None))
+    hparams = {"backbone": fields, "in_channels": document["channels"],
+               "image_size": document["image_size"][0], "mean": document["mean"],
+               "std": document["std"]}  # fmt: skip
+    row = {"epoch": 0.0, "train_loss": float("nan"), "val_knn_acc": knn,
+           "val_probe_acc": float("nan")}  # fmt: skip
+    return {
+        "encoder": encoder.state_dict(),
+        "description": _description(config, dataset, "scratch", hparams, encoder),
+        "history": [row],
+        "metrics": {"method": "scratch", **row},
+        "pictures": {},
+    }
+
+
+def _fit_pca(config: Config, dataset: str, document: dict) -> dict:
+    from pipeline.augment import from_policy_document
+    from pipeline.data.datamodule import SplitData
     from pipeline.models.pretrain import PCAEncoder
 
     data = SplitData(dataset, ("train", "val"))
@@ -275,14 +326,7 @@ def _fit_pca(config: Config, dataset: str, document: dict) -> dict:
     train = normalize(data.images["train"]).flatten(1)
     components = min(config.pretrain.options["pca"]["components"], train.shape[1])
     encoder = PCAEncoder(train.shape[1], components).fit(train)
-    monitor = config.pretrain.monitor
-    bank = min(monitor["knn_max_train"], train.shape[0])
-    with torch.no_grad():
-        knn = knn_accuracy(
-            encoder(train[:bank]), data.labels["train"][:bank],
-            encoder(normalize(data.images["val"])), data.labels["val"],
-            monitor["knn_k"], monitor["knn_temperature"], data.num_classes,
-        )  # fmt: skip
+    knn = _frozen_knn(config, data, encoder, normalize)
     explained = float(encoder.explained_variance.sum() / train.double().var(0).sum())
     hparams = {"in_channels": document["channels"], "image_size": document["image_size"][0],
                "mean": document["mean"], "std": document["std"]}  # fmt: skip

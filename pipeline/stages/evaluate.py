@@ -1,0 +1,132 @@
+"""evaluate stage: every classifier of the study on the test split, the only stage that reads it.
+
+Outputs: ``metrics/eval/<init>-<mode>-<fraction>.json`` (per seed: accuracy, error, macro-F1,
+NLL, ECE with bootstrap 95 % intervals, per-class accuracy, confusion matrix),
+``metrics/summary.{json,csv,md}`` (rows init x mode, columns label fractions, mean ± std over
+seeds with the mean interval), ``metrics/label_efficiency.csv`` and
+``reports/figures/label_efficiency.png`` (the study's figure). The best classifier of each label
+fraction, chosen by *validation* accuracy, is logged to MLflow as a model.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from pipeline import paths
+from pipeline.config import Config
+from pipeline.errors import MissingInputError
+from pipeline.io import read_json, write_json, write_text
+
+log = logging.getLogger(__name__)
+
+PARAMS = ("evaluate", "finetune.inits", "finetune.modes", "finetune.fractions", "finetune.seeds")
+SUMMARY = Path("metrics/summary")
+CURVE = Path("metrics/label_efficiency.csv")
+FIGURE = Path("reports/figures/label_efficiency.png")
+_CHUNK = 2048
+
+
+def run(config: Config, dataset: str | None = None) -> dict:
+    """Score every cell and seed on the test split; write the per-cell files and the summary."""
+    from pipeline import evaluation, tracking
+    from pipeline.data.datamodule import SplitData
+    from pipeline.stages.finetune import cell_name, metrics_path, model_dir
+
+    dataset = dataset or config.data.dataset
+    ev = config.evaluate
+    with tracking.stage_run("evaluate", config, dataset, PARAMS) as tracked:
+        data = SplitData(dataset, ("test",))
+        data.setup("test")
+        images, labels = data.images["test"], data.labels["test"]
+        rows, best = [], {}
+        for init, mode, fraction in config.finetune.cells():
+            name = cell_name(init, mode, fraction)
+            per_seed = {}
+            for seed in config.finetune.seeds:
+                probabilities = _probabilities(model_dir(init, mode, fraction), seed, images)
+                result = evaluation.evaluate(probabilities, labels, data.num_classes,
+                                             ev.bootstrap, ev.seed, ev.ece_bins)  # fmt: skip
+                per_seed[str(seed)] = result
+                rows.append({"init": init, "mode": mode, "fraction": paths.fraction_name(fraction),
+                             "seed": seed, **result})  # fmt: skip
+            write_json(Path("metrics/eval") / f"{name}.json", {"cell": name, "seeds": per_seed})
+            validation = _validation_accuracy(metrics_path(init, mode, fraction))
+            key = paths.fraction_name(fraction)
+            if key not in best or validation > best[key][0]:
+                best[key] = (validation, init, mode, fraction)
+        summary = evaluation.summarize(rows)
+        _write_summary(config, summary)
+        tracked.log_metrics({f"test_accuracy.{s['init']}-{s['mode']}-{s['fraction']}": s["mean"]
+                             for s in summary})  # fmt: skip
+        for path in (SUMMARY.with_suffix(".md"), SUMMARY.with_suffix(".json"), FIGURE):
+            tracked.log_artifact(path)
+        _log_best_models(tracked, best)
+    return {"summary": summary, "best_by_validation": {k: v[1:3] for k, v in best.items()}}
+
+
+def _probabilities(folder: Path, seed: int, images: Any) -> Any:
+    import torch
+
+    from pipeline.augment import BatchAugment
+    from pipeline.models import classifier
+
+    model, description = classifier.load(folder, seed)
+    size = description["image_size"]
+    normalize = BatchAugment({}, (size, size), description["in_channels"], description["mean"],
+                             description["std"])  # fmt: skip
+    with torch.no_grad():
+        return torch.cat([model(normalize(images[i : i + _CHUNK]))
+                          for i in range(0, images.shape[0], _CHUNK)])  # fmt: skip
+
+
+def _validation_accuracy(path: Path) -> float:
+    try:
+        return float(read_json(path)["val_acc_mean"])
+    except (OSError, ValueError, KeyError) as err:
+        raise MissingInputError(
+            f"{path} is missing or unreadable ({err}); run the finetune stage for that cell"
+        ) from None
+
+
+def _write_summary(config: Config, summary: list[dict]) -> None:
+    from pipeline import evaluation
+
+    fractions = [paths.fraction_name(f) for f in config.finetune.fractions]
+    nested: dict[str, dict[str, dict]] = {}
+    for s in summary:
+        cell = {k: s[k] for k in ("mean", "std", "ci_low", "ci_high", "n_seeds")}
+        nested.setdefault(f"{s['init']}-{s['mode']}", {})[s["fraction"]] = cell
+    write_json(SUMMARY.with_suffix(".json"), {"test_accuracy": nested})
+    write_text(SUMMARY.with_suffix(".csv"), evaluation.summary_csv(summary))
+    write_text(SUMMARY.with_suffix(".md"), evaluation.summary_markdown(summary, fractions))
+    lines = ["fraction,model,accuracy,ci_low,ci_high"]
+    lines += [f"{s['fraction']},{s['init']}-{s['mode']},{s['mean']},{s['ci_low']},{s['ci_high']}"
+              for s in summary]  # fmt: skip
+    write_text(CURVE, "\n".join(lines) + "\n")
+    FIGURE.parent.mkdir(parents=True, exist_ok=True)
+    evaluation.label_efficiency_figure(summary, FIGURE)
+
+
+def _log_best_models(tracked: Any, best: dict[str, tuple]) -> None:
+    """Per label fraction, the cell with the best validation accuracy, as an MLflow model."""
+    import mlflow
+    import torch
+
+    from pipeline import tracking
+    from pipeline.models import classifier
+    from pipeline.stages.finetune import model_dir
+
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    with mlflow.start_run(run_id=tracked.run_id):
+        for fraction, (validation, init, mode, value) in sorted(best.items()):
+            model, _ = classifier.load(model_dir(init, mode, value))
+            mlflow.pytorch.log_model(
+                model, name=f"best-{fraction.replace('.', '_')}",  # MLflow names refuse dots
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                # pt2 export cannot trace the kNN classifier's data-dependent top-k; the
+                # pipeline's own files stay plain state_dicts (models/finetune/).
+                serialization_format="pickle",
+            )  # fmt: skip
+            mlflow.set_tag(f"best.{fraction}", f"{init}-{mode} (validation {validation:.4f})")

@@ -1,0 +1,256 @@
+"""finetune stage: one cell of the study, a classifier from one init, mode and label fraction.
+
+``python -m pipeline finetune --init I --mode M --fraction F`` trains on the labeled subset
+``labeled-F`` of the split with the supervised augmentation policy, once per seed in
+``finetune.seeds``, every choice (epoch, kNN k and temperature) made on the validation split. The
+test split is never loaded here: evaluation is the only stage that reads it.
+
+Outputs: ``models/finetune/<I>-<M>-<F>/`` (``model.json`` + ``seed<k>.pt``) and
+``metrics/finetune/<I>-<M>-<F>.json`` (validation accuracy and the choices, per seed).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from pipeline import paths
+from pipeline.config import Config
+from pipeline.errors import MissingInputError
+from pipeline.io import read_json, write_json
+from pipeline.stages import pretrain as pretrain_stage  # the multi-task term's settings
+
+log = logging.getLogger(__name__)
+
+COMMON_PARAMS = (
+    "model",
+    "finetune.seeds",
+    "finetune.epochs",
+    "finetune.patience",
+    "finetune.min_steps_per_epoch",
+    "finetune.batch_size",
+    "finetune.policy",
+    "finetune.optimizer",
+    "finetune.encoder_lr_scale",
+    "finetune.l1",
+    "finetune.dropout",
+    "finetune.label_smoothing",
+    "finetune.multitask_weight",
+    "finetune.knn",
+)
+PARAMS = COMMON_PARAMS
+
+
+def params_for(cell: str | None = None) -> tuple[str, ...]:
+    return COMMON_PARAMS
+
+
+def add_arguments(parser: Any) -> None:
+    parser.add_argument("--init", required=True, help="scratch, pca or a pretraining method")
+    parser.add_argument("--mode", required=True, choices=("linear", "finetune", "knn"))
+    parser.add_argument("--fraction", required=True, help="a label fraction the split made")
+
+
+def cell_name(init: str, mode: str, fraction: str | float) -> str:
+    return f"{init}-{mode}-{paths.fraction_name(float(fraction))}"
+
+
+def model_dir(init: str, mode: str, fraction: str | float) -> Path:
+    return Path("models/finetune") / cell_name(init, mode, fraction)
+
+
+def metrics_path(init: str, mode: str, fraction: str | float) -> Path:
+    return Path("metrics/finetune") / f"{cell_name(init, mode, fraction)}.json"
+
+
+def run(config: Config, dataset: str | None = None, init: str = "scratch", mode: str = "linear",
+        fraction: str = "1") -> dict:  # fmt: skip
+    """Train (or fit, for kNN) the classifiers of one cell, one per seed."""
+    from pipeline import tracking
+
+    dataset = dataset or config.data.dataset
+    fraction_value = _check_cell(config, init, mode, fraction)
+    name = cell_name(init, mode, fraction_value)
+    document = _policy_document(dataset)
+    with tracking.stage_run("finetune", config, dataset, COMMON_PARAMS) as tracked:
+        fraction_tag = paths.fraction_name(fraction_value)
+        tracked.set_tags({"init": init, "mode": mode, "fraction": fraction_tag, "cell": name})
+        states, per_seed, description = _train_cell(
+            config, dataset, init, mode, fraction_value, document, tracked
+        )
+        from pipeline.models import classifier
+
+        classifier.save(model_dir(init, mode, fraction_value), description, states)
+        accuracies = [r["val_acc"] for r in per_seed.values()]
+        summary = {
+            "init": init, "mode": mode, "fraction": paths.fraction_name(fraction_value),
+            "val_acc_mean": round(sum(accuracies) / len(accuracies), 6),
+            "seeds": per_seed,
+        }  # fmt: skip
+        write_json(metrics_path(init, mode, fraction_value), summary)
+        tracked.log_metrics({"val_acc": summary["val_acc_mean"]})
+        tracked.log_artifact(metrics_path(init, mode, fraction_value))
+    log.info("%s: validation accuracy %.4f", name, summary["val_acc_mean"])
+    return summary
+
+
+def _check_cell(config: Config, init: str, mode: str, fraction: str) -> float:
+    try:
+        value = float(fraction)
+    except ValueError:
+        value = -1.0
+    if value not in config.finetune.fractions:
+        allowed = ", ".join(paths.fraction_name(f) for f in config.finetune.fractions)
+        raise MissingInputError(
+            f"label fraction {fraction!r} is not in finetune.fractions; allowed: {allowed}"
+        )
+    if init not in config.finetune.inits:
+        raise MissingInputError(
+            f"init {init!r} is not in finetune.inits; allowed: {', '.join(config.finetune.inits)}"
+        )
+    if mode not in config.finetune.modes:
+        modes = ", ".join(config.finetune.modes)
+        raise MissingInputError(f"mode {mode!r} is not in finetune.modes; allowed: {modes}")
+    return value
+
+
+def _policy_document(dataset: str) -> dict[str, Any]:
+    path = paths.augment_dir(dataset) / "policy.json"
+    try:
+        return read_json(path)
+    except (OSError, ValueError) as err:
+        raise MissingInputError(
+            f"{path} is missing or unreadable ({err}); run the augment stage "
+            "(python -m pipeline augment) to make it"
+        ) from None
+
+
+def _encoder(init: str) -> tuple[Any, dict]:
+    """A fresh copy of the init's encoder (scratch: the saved random initialization)."""
+    from pipeline.models.encoders import load_encoder
+
+    return load_encoder(init)
+
+
+def _train_cell(config, dataset, init, mode, fraction, document, tracked):
+    import lightning as L
+
+    from pipeline.data.datamodule import SplitData
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    ft = config.finetune
+    subset = f"labeled-{paths.fraction_name(fraction)}"
+    data = SplitData(dataset, (subset, "val"), ft.batch_size, seed=0, train_set=subset,
+                     min_steps=ft.min_steps_per_epoch)  # fmt: skip
+    data.setup("fit")
+    states, per_seed = {}, {}
+    encoder_description: dict = {}
+    for seed in ft.seeds:
+        L.seed_everything(seed, workers=True, verbose=False)
+        data.seed = seed
+        encoder, encoder_description = _encoder(init)
+        if mode == "knn":
+            state, result = _fit_knn(config, data, encoder, document)
+        else:
+            state, result = _fit_linear(config, data, encoder, encoder_description, init, mode,
+                                        document, seed, tracked)  # fmt: skip
+        states[seed], per_seed[str(seed)] = state, result
+        tracked.log_metrics({f"val_acc_seed{seed}": result["val_acc"]})
+    description = {
+        "init": init, "mode": mode, "fraction": paths.fraction_name(fraction),
+        "classes": data.classes, "image_size": document["image_size"][0],
+        "in_channels": document["channels"], "mean": document["mean"], "std": document["std"],
+        "dropout": ft.dropout if mode != "knn" else 0.0, "encoder": encoder_description,
+        "dataset": dataset,
+    }  # fmt: skip
+    return states, per_seed, description
+
+
+def _fit_knn(config: Config, data: Any, encoder: Any, document: dict) -> tuple[dict, dict]:
+    """k and temperature chosen by validation accuracy; the bank is the labeled subset."""
+    import torch
+
+    from pipeline.augment import from_policy_document
+    from pipeline.models.classifier import KNNClassifier
+    from pipeline.models.knn import knn_accuracy
+
+    normalize = from_policy_document(document, None)
+    encoder.eval()
+    with torch.no_grad():
+        bank = torch.cat([encoder(normalize(chunk)).float()
+                          for chunk in data.images[data.train_set].split(2048)])  # fmt: skip
+        val = torch.cat([encoder(normalize(chunk)).float()
+                         for chunk in data.images["val"].split(2048)])  # fmt: skip
+    bank_labels = data.labels[data.train_set]
+    scores = {
+        (k, t): knn_accuracy(bank, bank_labels, val, data.labels["val"], k, t, data.num_classes)
+        for k in config.finetune.knn_ks
+        for t in config.finetune.knn_temperatures
+    }
+    (k, t), accuracy = max(scores.items(), key=lambda item: (item[1], -item[0][0], item[0][1]))
+    model = KNNClassifier(encoder, bank, bank_labels, k, t, data.num_classes)
+    return model.state_dict(), {"val_acc": round(accuracy, 6), "k": k, "temperature": t}
+
+
+def _fit_linear(config, data, encoder, encoder_description, init, mode, document, seed, tracked):
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import EarlyStopping
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    from pipeline import tracking
+    from pipeline.models.classifier import LinearClassifier
+    from pipeline.models.finetune import FinetuneModule
+
+    ft = config.finetune
+    classifier = LinearClassifier(encoder, encoder_description["feature_dim"], data.num_classes,
+                                  ft.dropout)  # fmt: skip
+    ssl = _multitask_module(config, init, document, classifier, data) if (
+        mode == "finetune" and ft.multitask_weight > 0) else None  # fmt: skip
+    steps = len(data.train_dataloader())
+    module = FinetuneModule(
+        classifier, mode, document["policies"][ft.policy], document["mean"], document["std"],
+        document["image_size"][0], document["channels"], config.raw["finetune"]["optimizer"],
+        ft.encoder_lr_scale, ft.l1, ft.label_smoothing, ft.epochs, steps, seed,
+        ssl=ssl, multitask_weight=ft.multitask_weight,
+    )  # fmt: skip
+    cuda = torch.cuda.is_available()
+    trainer = L.Trainer(
+        max_epochs=ft.epochs,
+        accelerator="auto",
+        devices=1,
+        precision="bf16-mixed" if cuda else "32-true",
+        deterministic=not cuda,
+        logger=MLFlowLogger(
+            experiment_name=config.tracking.experiment,
+            tracking_uri=tracking.tracking_uri(),
+            run_id=tracked.run_id,
+            prefix=f"seed{seed}",
+        ),  # fmt: skip
+        callbacks=[EarlyStopping("val_acc", patience=ft.patience, mode="max")],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=max(1, steps),
+    )
+    trainer.fit(module, datamodule=data)
+    state = module.best_state
+    result = {"val_acc": round(module.best_acc, 6), "best_epoch": module.best_epoch,
+              "epochs_run": len(module.history)}  # fmt: skip
+    return state, result
+
+
+def _multitask_module(config, init, document, classifier, data):
+    """A PretrainModule whose encoder is the classifier's, for the self-supervised term.
+
+    The init's own objective when it has one; rotation prediction for scratch and pca.
+    """
+    from pipeline.models.pretrain import METHODS, PretrainModule
+
+    method = init if init in METHODS else "rotation"
+    hparams = pretrain_stage.hparams_for(config, method, document, data.num_classes, 1)
+    ssl = PretrainModule(**hparams)
+    ssl.backbone = classifier.encoder
+    return ssl
