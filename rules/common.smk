@@ -78,6 +78,7 @@ CODE = {
         "pipeline/models/encoders.py",
         "pipeline/stages/evaluate.py",
         "pipeline/stages/finetune.py",
+        "pipeline/stages/pretrain.py",
     ],
 }
 

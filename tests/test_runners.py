@@ -149,9 +149,20 @@ def test_snakemake_runs_the_pipeline_and_dvc_then_sees_it_up_to_date(
 
     run(["dvc", "commit", "--force", "--quiet"], project)  # what `make run` does after snakemake
     assert dvc_changed(project) == set()
+    # The study's numbers and plots through DVC's own commands, no flags needed.
+    assert "metrics/summary.json" in run(["dvc", "metrics", "show"], project).stdout
+    run(["dvc", "plots", "show", "-o", str(tmp_path / "plots")], project)
+    assert (tmp_path / "plots" / "index.html").is_file()
     skipped = run(["dvc", "repro"], project).stdout.count("didn't change, skipping")
     assert skipped == len(declared)
     assert nothing_to_do(project)
+
+    # A fine-tuning param re-runs the fine-tuning cells and what reads them, nothing upstream.
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["finetune"]["label_smoothing"] = 0.1
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert {name.split("@")[0] for name in dvc_changed(project)} == {"finetune"}
+    assert snakemake_would_run(project) == {"finetune", "evaluate"}
 
 
 def test_dvc_repro_then_snakemake_agrees_and_a_change_reruns_only_what_it_touches(project: Path):
@@ -167,14 +178,6 @@ def test_dvc_repro_then_snakemake_agrees_and_a_change_reruns_only_what_it_touche
     assert nothing_to_do(project)
     report = yaml.safe_load((project / "data/splits/idx/report.json").read_text())
     assert report["val_fraction"] == 0.25
-
-    # A fine-tuning param re-runs the fine-tuning cells and what reads them, nothing upstream.
-    params["finetune"]["label_smoothing"] = 0.1
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert {name.split("@")[0] for name in dvc_changed(project)} == {"finetune"}
-    assert snakemake_would_run(project) == {"finetune", "evaluate"}
-    params["finetune"]["label_smoothing"] = 0.0
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     with open(project / "pipeline/stages/split.py", "a") as handle:
         handle.write("\n# a code change\n")

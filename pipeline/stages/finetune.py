@@ -18,7 +18,7 @@ from typing import Any
 from pipeline import paths
 from pipeline.config import Config
 from pipeline.errors import MissingInputError
-from pipeline.io import read_json, write_json
+from pipeline.io import write_json
 from pipeline.stages import pretrain as pretrain_stage  # the multi-task term's settings
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def run(config: Config, dataset: str | None = None, init: str = "scratch", mode:
     dataset = dataset or config.data.dataset
     fraction_value = _check_cell(config, init, mode, fraction)
     name = cell_name(init, mode, fraction_value)
-    document = _policy_document(dataset)
+    document = pretrain_stage.policy_document(dataset)
     with tracking.stage_run("finetune", config, dataset, COMMON_PARAMS) as tracked:
         fraction_tag = paths.fraction_name(fraction_value)
         tracked.set_tags({"init": init, "mode": mode, "fraction": fraction_tag, "cell": name})
@@ -113,17 +113,6 @@ def _check_cell(config: Config, init: str, mode: str, fraction: str) -> float:
         modes = ", ".join(config.finetune.modes)
         raise MissingInputError(f"mode {mode!r} is not in finetune.modes; allowed: {modes}")
     return value
-
-
-def _policy_document(dataset: str) -> dict[str, Any]:
-    path = paths.augment_dir(dataset) / "policy.json"
-    try:
-        return read_json(path)
-    except (OSError, ValueError) as err:
-        raise MissingInputError(
-            f"{path} is missing or unreadable ({err}); run the augment stage "
-            "(python -m pipeline augment) to make it"
-        ) from None
 
 
 def _encoder(init: str) -> tuple[Any, dict]:

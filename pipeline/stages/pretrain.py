@@ -75,7 +75,7 @@ def run(config: Config, dataset: str | None = None, method: str = "simclr",
             f"pretraining method {method!r} is not in pretrain.methods "
             f"({', '.join(config.pretrain.methods)}) in params.yaml"
         )
-    document = _policy_document(dataset)
+    document = policy_document(dataset)
     with tracking.stage_run("pretrain", config, dataset, params_for(method)) as tracked:
         tracked.set_tags({"method": method, "dataset_checksum": _checksum(dataset)})
         if method == "pca":
@@ -93,7 +93,8 @@ def run(config: Config, dataset: str | None = None, method: str = "simclr",
     return result["metrics"]
 
 
-def _policy_document(dataset: str) -> dict[str, Any]:
+def policy_document(dataset: str) -> dict[str, Any]:
+    """The augment stage's policy.json (policies, image shape, normalization statistics)."""
     path = paths.augment_dir(dataset) / "policy.json"
     try:
         return read_json(path)
