@@ -224,11 +224,6 @@ def from_dict(params: Any, source: str = PARAMS_FILE) -> Config:
     )
     _check_policy_names(config, source)
     _check_matrix(config, source)
-    if config.augment.offline_policy not in config.augment.policies:
-        raise ConfigError(
-            f"{source}: augment.offline_policy = {config.augment.offline_policy!r} is not a "
-            f"policy; must be one of {', '.join(config.augment.policies)}"
-        )
     if config.data.dataset in LOCAL_DATASETS and not config.data.local_path:
         raise ConfigError(
             f"{source}: data.local_path is empty but data.dataset is {config.data.dataset!r}: "
@@ -284,17 +279,16 @@ def _check_matrix(config: Config, source: str) -> None:
                 f"{source}: finetune.inits has {init!r} but pretrain.methods does not make that "
                 f"encoder; allowed: {', '.join(config.pretrain.methods)}"
             )
-    if config.finetune.policy not in config.augment.policies:
-        raise ConfigError(
-            f"{source}: finetune.policy = {config.finetune.policy!r} is not a policy; must be one "
-            f"of {', '.join(config.augment.policies)}"
-        )
 
 
 def _check_policy_names(config: Config, source: str) -> None:
     """Every policy a stage asks for must exist in augment.policies."""
     known = config.augment.policies
-    wanted = {"pretrain.policy": config.pretrain.policy}
+    wanted = {
+        "augment.offline_policy": config.augment.offline_policy,
+        "pretrain.policy": config.pretrain.policy,
+        "finetune.policy": config.finetune.policy,
+    }
     wanted.update(
         {f"pretrain.{m}.policy": o["policy"] for m, o in config.pretrain.options.items()
          if "policy" in o}
