@@ -127,7 +127,6 @@ def _train_cell(config, dataset, init, mode, fraction, document, tracked):
 
     from pipeline.data.datamodule import SplitData
 
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     ft = config.finetune
     subset = f"labeled-{paths.fraction_name(fraction)}"
     data = SplitData(dataset, (subset, "val"), ft.batch_size, seed=0, train_set=subset,
@@ -183,12 +182,8 @@ def _fit_knn(config: Config, data: Any, encoder: Any, document: dict) -> tuple[d
 
 
 def _fit_linear(config, data, encoder, encoder_description, init, mode, document, seed, tracked):
-    import lightning as L
-    import torch
     from lightning.pytorch.callbacks import EarlyStopping
-    from lightning.pytorch.loggers import MLFlowLogger
 
-    from pipeline import tracking
     from pipeline.models.classifier import LinearClassifier
     from pipeline.models.finetune import FinetuneModule
 
@@ -204,26 +199,11 @@ def _fit_linear(config, data, encoder, encoder_description, init, mode, document
         ft.encoder_lr_scale, ft.l1, ft.label_smoothing, ft.epochs, steps, seed,
         ssl=ssl, multitask_weight=ft.multitask_weight,
     )  # fmt: skip
-    cuda = torch.cuda.is_available()
-    trainer = L.Trainer(
-        max_epochs=ft.epochs,
-        accelerator="auto",
-        devices=1,
-        precision="bf16-mixed" if cuda else "32-true",
-        deterministic=not cuda,
-        logger=MLFlowLogger(
-            experiment_name=config.tracking.experiment,
-            tracking_uri=tracking.tracking_uri(),
-            run_id=tracked.run_id,
-            prefix=f"seed{seed}",
-        ),  # fmt: skip
-        callbacks=[EarlyStopping("val_acc", patience=ft.patience, mode="max")],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        log_every_n_steps=max(1, steps),
-    )
+    trainer = pretrain_stage.make_trainer(
+        config, tracked, ft.epochs, steps,
+        [EarlyStopping("val_acc", patience=ft.patience, mode="max")],
+        prefix=f"seed{seed}", enable_checkpointing=False,
+    )  # fmt: skip
     trainer.fit(module, datamodule=data)
     state = module.best_state
     result = {"val_acc": round(module.best_acc, 6), "best_epoch": module.best_epoch,

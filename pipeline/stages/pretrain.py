@@ -154,13 +154,8 @@ def checkpoint_dir(method: str, hparams: dict, checksum: str) -> Path:
 def _train(config: Config, dataset: str, method: str, document: dict, tracked: Any,
            callbacks: tuple) -> dict:  # fmt: skip
     import lightning as L
-    import torch
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    from lightning.pytorch.loggers import MLFlowLogger
-
-    from pipeline import tracking
     from pipeline.data.datamodule import SplitData
     from pipeline.models.pretrain import PretrainModule
 
@@ -178,28 +173,12 @@ def _train(config: Config, dataset: str, method: str, document: dict, tracked: A
         log.info("resuming %s from %s", method, last)
     L.seed_everything(pre.seed, workers=True, verbose=False)
     module = PretrainModule(**hparams)
-    cuda = torch.cuda.is_available()
-    trainer = L.Trainer(
-        max_epochs=pre.epochs,
-        accelerator="auto",
-        devices=1,
-        precision="bf16-mixed" if cuda else "32-true",
-        deterministic=not cuda,
-        logger=MLFlowLogger(
-            experiment_name=config.tracking.experiment,
-            tracking_uri=tracking.tracking_uri(),
-            run_id=tracked.run_id,
-        ),
-        callbacks=[
-            ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=1, every_n_epochs=1),
-            *callbacks,
-        ],
+    trainer = make_trainer(
+        config, tracked, pre.epochs, steps,
+        [ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=1, every_n_epochs=1),
+         *callbacks],
         default_root_dir=ckpt_dir,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        log_every_n_steps=max(1, steps),
-    )
+    )  # fmt: skip
     trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
     if len(module.history) != pre.epochs:
         raise RuntimeError(f"{method}: training stopped after {len(module.history)} epochs")
@@ -220,6 +199,39 @@ def _train(config: Config, dataset: str, method: str, document: dict, tracked: A
         }
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return result
+
+
+def make_trainer(config: Config, tracked: Any, epochs: int, steps_per_epoch: int,
+                 callbacks: list, prefix: str = "", **options: Any) -> Any:  # fmt: skip
+    """The Trainer every training stage uses: accelerator chosen by Lightning, bf16 on CUDA and
+    deterministic fp32 on the CPU, per-epoch metrics into the stage's own MLflow run."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    from pipeline import tracking
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no banner per process
+    cuda = torch.cuda.is_available()
+    return L.Trainer(
+        max_epochs=epochs,
+        accelerator="auto",
+        devices=1,
+        precision="bf16-mixed" if cuda else "32-true",
+        deterministic=not cuda,
+        logger=MLFlowLogger(
+            experiment_name=config.tracking.experiment,
+            tracking_uri=tracking.tracking_uri(),
+            run_id=tracked.run_id,
+            prefix=prefix,
+        ),
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=max(1, steps_per_epoch),
+        **options,
+    )
 
 
 def _check_image_shape(data: Any, document: dict, dataset: str) -> None:
