@@ -12,6 +12,7 @@ rule finetune:
     output:
         model=directory("models/finetune/{init}-{mode}-{fraction}"),
         metrics="metrics/finetune/{init}-{mode}-{fraction}.json",
+        curve="metrics/finetune/{init}-{mode}-{fraction}.csv",
     log:
         "logs/finetune/{init}-{mode}-{fraction}.log",
     conda:

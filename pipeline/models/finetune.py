@@ -19,6 +19,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from pipeline.augment import BatchAugment
@@ -61,6 +62,7 @@ class FinetuneModule(L.LightningModule):
         self.augment = BatchAugment(policy, size, in_channels, mean, std)
         self.normalize = BatchAugment({}, size, in_channels, mean, std)
         self.val_acc = MulticlassAccuracy(classifier.head.out_features, average="micro")
+        self.train_loss = MeanMetric()
         if mode == "linear":
             for parameter in self.classifier.encoder.parameters():
                 parameter.requires_grad_(False)
@@ -116,6 +118,7 @@ class FinetuneModule(L.LightningModule):
             )
             ssl_loss = self.ssl.objective(images, generator)[0]
             loss = loss + self.hparams.multitask_weight * ssl_loss
+        self.train_loss.update(loss.detach())
         return loss
 
     # ------------------------------------------------------------------ validation
@@ -130,8 +133,12 @@ class FinetuneModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         accuracy = float(self.val_acc.compute())
         self.val_acc.reset()
+        train_loss = float(self.train_loss.compute())
+        self.train_loss.reset()
         self.log("val_acc", accuracy)
-        self.history.append({"epoch": float(self.current_epoch + 1), "val_acc": accuracy})
+        self.log("train_loss", train_loss)
+        self.history.append({"epoch": float(self.current_epoch + 1), "train_loss": train_loss,
+                             "val_acc": accuracy})  # fmt: skip
         if accuracy > self.best_acc:  # strictly better: ties keep the earlier, cheaper epoch
             self.best_acc = accuracy
             self.best_epoch = self.current_epoch + 1

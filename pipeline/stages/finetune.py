@@ -5,8 +5,11 @@
 ``finetune.seeds``, every choice (epoch, kNN k and temperature) made on the validation split. The
 test split is never loaded here: evaluation is the only stage that reads it.
 
-Outputs: ``models/finetune/<I>-<M>-<F>/`` (``model.json`` + ``seed<k>.pt``) and
-``metrics/finetune/<I>-<M>-<F>.json`` (validation accuracy and the choices, per seed).
+Outputs: ``models/finetune/<I>-<M>-<F>/`` (``model.json`` + ``seed<k>.pt``),
+``metrics/finetune/<I>-<M>-<F>.json`` (validation accuracy, the choices and the per-epoch history,
+per seed) and ``metrics/finetune/<I>-<M>-<F>.csv`` (the curve: per epoch, the mean over the seeds
+that ran it of the training loss and validation accuracy; a kNN cell has no epochs, so its curve
+is one point, its validation accuracy).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 from pipeline import paths
 from pipeline.config import Config
 from pipeline.errors import MissingInputError
-from pipeline.io import write_json
+from pipeline.io import write_json, write_text
 from pipeline.stages import pretrain as pretrain_stage  # the multi-task term's settings
 
 log = logging.getLogger(__name__)
@@ -64,6 +67,10 @@ def metrics_path(init: str, mode: str, fraction: str | float) -> Path:
     return Path("metrics/finetune") / f"{cell_name(init, mode, fraction)}.json"
 
 
+def curve_path(init: str, mode: str, fraction: str | float) -> Path:
+    return metrics_path(init, mode, fraction).with_suffix(".csv")
+
+
 def run(config: Config, dataset: str | None = None, init: str = "scratch", mode: str = "linear",
         fraction: str = "1") -> dict:  # fmt: skip
     """Train (or fit, for kNN) the classifiers of one cell, one per seed."""
@@ -89,6 +96,7 @@ def run(config: Config, dataset: str | None = None, init: str = "scratch", mode:
             "seeds": per_seed,
         }  # fmt: skip
         write_json(metrics_path(init, mode, fraction_value), summary)
+        write_text(curve_path(init, mode, fraction_value), curve_csv(per_seed))
         tracked.log_metrics({"val_acc": summary["val_acc_mean"]})
         tracked.log_artifact(metrics_path(init, mode, fraction_value))
     log.info("%s: validation accuracy %.4f", name, summary["val_acc_mean"])
@@ -206,9 +214,31 @@ def _fit_linear(config, data, encoder, encoder_description, init, mode, document
     )  # fmt: skip
     trainer.fit(module, datamodule=data)
     state = module.best_state
+    history = [{k: round(v, 6) for k, v in row.items()} for row in module.history]
     result = {"val_acc": round(module.best_acc, 6), "best_epoch": module.best_epoch,
-              "epochs_run": len(module.history)}  # fmt: skip
+              "epochs_run": len(module.history), "history": history}  # fmt: skip
     return state, result
+
+
+def curve_csv(per_seed: dict[str, dict]) -> str:
+    """``epoch,train_loss,val_acc``: per epoch, the mean over the seeds that ran it.
+
+    Seeds stop at different epochs (early stopping), so later epochs average fewer seeds. A kNN
+    cell has no history: its curve is the single point (1, -, validation accuracy).
+    """
+    rows: dict[int, list[dict]] = {}
+    for result in per_seed.values():
+        history = result.get("history") or [{"epoch": 1.0, "val_acc": result["val_acc"]}]
+        for row in history:
+            rows.setdefault(int(row["epoch"]), []).append(row)
+    lines = ["epoch,train_loss,val_acc"]
+    for epoch, group in sorted(rows.items()):
+        losses = [r["train_loss"] for r in group if "train_loss" in r]
+        loss = f"{sum(losses) / len(losses):.6g}" if losses else ""
+        accuracy = sum(r["val_acc"] for r in group) / len(group)
+        lines.append(f"{epoch},{loss},{accuracy:.6g}")
+    return "\n".join(lines) + "\n"
+
 
 
 def _multitask_module(config, init, document, classifier, data):
