@@ -10,7 +10,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 # Stage commands call plain `python`: the venv must come first on PATH for both runners.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup dataset run repro test lint benchmarks clean
+.PHONY: setup dataset browser run repro test lint benchmarks clean
 
 setup: $(STAMP) dataset
 
@@ -31,6 +31,16 @@ dataset:
 		echo "      (the download stage will otherwise fetch Fashion-MNIST from the mirrors in params.yaml)"; \
 	fi
 
+# The report test opens reports/index.html in a real headless browser: Debian's chromium.
+browser:
+	@if command -v chromium >/dev/null || command -v chromium-browser >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian's chromium (for the report test)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else \
+		echo "note: chromium is missing; the report's browser test will be skipped (sudo apt-get install chromium)"; \
+	fi
+
 # `dvc commit` records what Snakemake made in dvc.lock, so `dvc repro`/`dvc status` agree afterwards.
 run: setup
 	PIPELINE_EXECUTION=$${PIPELINE_EXECUTION:-$$(date -u +%Y%m%dT%H%M%SZ)} snakemake --cores all
@@ -46,7 +56,7 @@ lint: setup
 	snakefmt --check Snakefile rules
 	snakemake --lint
 
-test: lint
+test: lint browser
 	pytest
 
 # Speed benchmarks (run on a quiet machine); results in benchmarks/results/, summary in BENCHMARKS.md.

@@ -11,6 +11,7 @@ include: "rules/augment.smk"
 include: "rules/pretrain.smk"
 include: "rules/finetune.smk"
 include: "rules/evaluate.smk"
+include: "rules/visualize.smk"
 
 
 rule all:

@@ -137,6 +137,18 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class VisualizeConfig:
+    seed: int
+    embedding_images: int
+    embeddings: tuple[str, ...]
+    cam_examples: int
+    deconv_channels: int
+    deconv_top: int
+    deconv_images: int
+    toy: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     experiment: str
 
@@ -150,6 +162,7 @@ class Config:
     pretrain: PretrainConfig
     finetune: FinetuneConfig
     evaluate: EvaluateConfig
+    visualize: VisualizeConfig
     tracking: TrackingConfig
     raw: dict[str, Any]  # the validated params with defaults filled in
 
@@ -219,6 +232,8 @@ def from_dict(params: Any, source: str = PARAMS_FILE) -> Config:
         pretrain=_pretrain(params["pretrain"]),
         finetune=_finetune(params["finetune"]),
         evaluate=EvaluateConfig(**params["evaluate"]),
+        visualize=VisualizeConfig(**{**params["visualize"],
+                                     "embeddings": tuple(params["visualize"]["embeddings"])}),
         tracking=TrackingConfig(experiment=params["tracking"]["experiment"]),
         raw=params,
     )

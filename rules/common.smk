@@ -80,6 +80,25 @@ CODE = {
         "pipeline/stages/finetune.py",
         "pipeline/stages/pretrain.py",
     ],
+    "visualize": _COMMON_CODE
+    + _TRAIN_CODE
+    + [
+        "pipeline/models/classifier.py",
+        "pipeline/models/encoders.py",
+        "pipeline/stages/evaluate.py",
+        "pipeline/stages/finetune.py",
+        "pipeline/stages/pretrain.py",
+        "pipeline/stages/visualize.py",
+        "pipeline/viz/__init__.py",
+        "pipeline/viz/cam.py",
+        "pipeline/viz/deconv.py",
+        "pipeline/viz/embedding.py",
+        "pipeline/viz/features.py",
+        "pipeline/viz/figures.py",
+        "pipeline/viz/plots.py",
+        "pipeline/viz/report.py",
+        "pipeline/viz/toy.py",
+    ],
 }
 
 
@@ -106,6 +125,7 @@ def all_targets():
         f"data/augment/{DATASET}/preview.png",
         *expand("models/pretrain/{method}", method=config["pretrain"]["methods"]),
         "metrics/summary.json",
+        "reports/index.html",
     ]
 
 

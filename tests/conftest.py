@@ -150,6 +150,9 @@ def project(tmp_path: Path, tiny_idx: Path) -> Path:
                               min_steps_per_epoch=1)  # fmt: skip
     params["split"]["label_fractions"] = [1.0]
     params["evaluate"]["bootstrap"] = 50
+    params["visualize"].update(embedding_images=50, embeddings=["tsne"], deconv_images=16,
+                               deconv_channels=2, deconv_top=2, cam_examples=1)
+    params["visualize"]["toy"].update(samples=40, depths=[0, 1], widths=[4], steps=20)
     sync_matrix(params)
     write_params(root, params)
     shutil.copy2(REPO / ".gitignore", root / ".gitignore")

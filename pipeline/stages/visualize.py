@@ -1,0 +1,647 @@
+"""visualize stage: the study as one page a person opens offline, ``reports/index.html``.
+
+Sections follow the pipeline: the data, the augmentations, pretraining (curves, VAE pictures),
+what each encoder learned (first-layer filters, feature maps, Deconvnet, 2-D embeddings),
+fine-tuning curves, the evaluation (summary table, label-efficiency figure with confidence
+intervals, confusion matrices), where the classifiers look (CAM, or Grad-CAM where CAM does not
+apply, said in the report), the course's toy decision boundaries, and the run (params, git commit,
+MLflow run ids).
+
+The stage reads the test split for pictures only: every choice it shows (best cell per fraction,
+best epoch, kNN k) was made on validation by the earlier stages, and it makes none of its own.
+
+Outputs: ``reports/index.html`` (self-contained: images embedded) and the same figures as PNGs
+in ``reports/figures/visualize/``; both are also logged to the stage's MLflow run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import paths
+from pipeline.config import Config
+from pipeline.errors import MissingInputError
+from pipeline.io import atomic_dir, read_json, write_text
+
+log = logging.getLogger(__name__)
+
+PARAMS = (
+    "visualize",
+    "pretrain.methods",
+    "finetune.inits",
+    "finetune.modes",
+    "finetune.fractions",
+    "finetune.seeds",
+)
+REPORT = Path("reports/index.html")
+FIGURES = Path("reports/figures/visualize")
+_CHUNK = 1024
+
+
+@dataclass
+class _Study:
+    """What every section reads: the config, the data on the device, where figures go."""
+
+    config: Config
+    dataset: str
+    out: Path
+    device: Any
+    classes: list[str]
+    document: dict[str, Any]
+    images: dict[str, Any]  # uint8 N x C x H x W tensors (CPU) by split
+    labels: dict[str, Any]
+    tracked: Any
+    figures: list[Path] = field(default_factory=list)
+
+    def path(self, name: str) -> Path:
+        path = self.out / f"{name}.png"
+        self.figures.append(path)
+        return path
+
+    def normalized(self, images: Any) -> Any:
+        """Float images on the device, normalized with the training split's statistics."""
+        from pipeline.augment import from_policy_document
+
+        normalize = from_policy_document(self.document, None).to(self.device)
+        return normalize(images.to(self.device))
+
+
+def run(config: Config, dataset: str | None = None) -> dict:
+    """Draw every figure, write the page, log both to MLflow."""
+    import torch
+
+    from pipeline import tracking
+    from pipeline.data.datamodule import SplitData
+    from pipeline.stages.pretrain import policy_document
+    from pipeline.viz import report
+
+    dataset = dataset or config.data.dataset
+    document = policy_document(dataset)
+    with tracking.stage_run("visualize", config, dataset, PARAMS) as tracked:
+        data = SplitData(dataset, ("train", "test"))
+        data.setup("test")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        with atomic_dir(FIGURES) as out:
+            study = _Study(config, dataset, out, device, data.classes, document, data.images,
+                           data.labels, tracked)  # fmt: skip
+            builders = (_data, _augmentation, _pretraining, _encoders, _embeddings, _finetuning,
+                        _evaluation, _interpretation, _course, _run)  # fmt: skip
+            sections = []
+            for build in builders:
+                log.info("visualize: %s", build.__name__.strip("_"))
+                sections.append(build(study))
+            names = [p.name for p in study.figures]
+        meta = _meta(config, dataset)
+        write_text(REPORT, report.render(f"Label efficiency on {dataset}", meta, sections))
+        for name in names:
+            tracked.log_artifact(FIGURES / name, "figures")
+        tracked.log_artifact(REPORT)
+        tracked.log_metrics({"figures": len(names)})
+    log.info("wrote %s with %d figures", REPORT, len(names))
+    return {"report": str(REPORT), "figures": names}
+
+
+def _meta(config: Config, dataset: str) -> list[tuple[str, str]]:
+    from datetime import UTC, datetime
+
+    from pipeline import tracking
+
+    commit, dirty = tracking.git_state()
+    return [
+        ("dataset", dataset),
+        ("git commit", commit[:12] + (" (uncommitted changes)" if dirty else "")),
+        ("pipeline id", tracking.pipeline_id(config, commit)),
+        ("made", datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")),
+    ]
+
+
+# ------------------------------------------------------------------------------ data
+
+
+def _data(study: _Study) -> Any:
+    from pipeline.viz import plots
+    from pipeline.viz.report import Section, Table
+
+    section = Section("data", "Data")
+    split = read_json(paths.splits_dir(study.dataset) / "report.json")
+    sizes = split.get("sets", {})
+    section.paragraphs.append(
+        f"{study.dataset}: {len(study.classes)} classes, images of "
+        f"{' x '.join(str(s) for s in study.images['train'].shape[1:])} (channels x height x "
+        "width). The official test set is the test split; validation is a stratified, seeded "
+        "part of the training set; the labeled subsets are nested (the smaller inside the larger)."
+    )
+    rows = [[name, _count(info)] for name, info in sizes.items()]
+    if rows:
+        section.table(Table(["split", "images"], rows), "Split sizes (data/splits/…/report.json)")
+    train = study.images["train"].permute(0, 2, 3, 1).numpy()
+    grid = plots.samples_per_class(train, study.labels["train"].numpy(), study.classes, 10)
+    section.figure(plots.image_grid_figure(grid, study.path("samples")),
+                   "Ten training images of every class.")  # fmt: skip
+    return section
+
+
+def _count(info: Any) -> str:
+    if isinstance(info, dict):
+        for key in ("size", "count", "n", "images"):
+            if key in info:
+                return str(info[key])
+    return str(info)
+
+
+def _augmentation(study: _Study) -> Any:
+    from pipeline.viz.report import Section
+
+    section = Section("augment", "Augmentation")
+    preview = paths.augment_dir(study.dataset) / "preview.png"
+    section.paragraphs.append(
+        "Each row is one training image and views drawn from the augmentation policies "
+        "(params.yaml, augment.policies): the strong views self-supervised pretraining compares, "
+        "and the mild, label-preserving ones fine-tuning trains on."
+    )
+    if preview.is_file():
+        section.figure(preview, "The augment stage's preview (data/augment/…/preview.png).")
+    else:
+        section.note(f"{preview} is missing: run the augment stage to draw it.")
+    return section
+
+
+# ------------------------------------------------------------------------------ pretraining
+
+
+def _pretraining(study: _Study) -> Any:
+    from pipeline.stages.pretrain import metrics_paths
+    from pipeline.viz import plots
+    from pipeline.viz.report import Section, Table
+
+    section = Section("pretrain", "Self-supervised pretraining")
+    methods = study.config.pretrain.methods
+    section.paragraphs.append(
+        "One encoder per method, the same backbone for all, trained without labels. The "
+        "validation monitors use labels only to measure: a kNN classifier and a linear probe on "
+        "the frozen features. scratch is the untrained initialization (the baseline), pca the "
+        "linear baseline."
+    )
+    rows, curves = [], {}
+    for method in methods:
+        final_path, curve_path = metrics_paths(method)
+        final = _read(final_path, f"python -m pipeline pretrain --method {method}")
+        rows.append([method, _fmt(final.get("train_loss"), 4), _fmt(final.get("val_knn_acc")),
+                     _fmt(final.get("val_probe_acc"))])  # fmt: skip
+        if curve_path.is_file():
+            curves[method] = plots.read_curve(curve_path)
+    best = _best_cells(rows, columns=(2, 3))
+    section.table(Table(["method", "final train loss", "val kNN acc", "val probe acc"], rows, best),
+                  "Final monitors (metrics/pretrain/<method>.json)")  # fmt: skip
+    trained = {m: c for m, c in curves.items() if len(c.get("epoch", [])) > 1}
+    if trained:
+        section.figure(plots.pretrain_curves_figure(trained, study.path("pretrain_curves")),
+                       "Training loss (grey, left axis) and validation monitors (right axis) per "
+                       "epoch.")  # fmt: skip
+    vae = paths.pretrain_dir("vae")
+    if "vae" in methods and (vae / "samples.npy").is_file():
+        rows_v = [(name, np.load(vae / f"{name}.npy", allow_pickle=False))
+                  for name in ("originals", "reconstructions", "samples")]  # fmt: skip
+        section.figure(plots.image_grid_figure(rows_v, study.path("vae")),
+                       "VAE: validation images, their reconstructions (decoder of the posterior "
+                       "mean), and samples decoded from the prior N(0, I).")  # fmt: skip
+    return section
+
+
+def _encoders(study: _Study) -> Any:
+    """Per encoder: first-layer filters, feature maps of one image, Deconvnet patches."""
+    from pipeline.viz import deconv, features
+    from pipeline.viz.report import Section
+
+    section = Section("encoders", "What each encoder learned")
+    section.paragraphs.append(
+        "First-layer filters, the feature maps of one test image, and, for convolutional "
+        "encoders, Deconvnet projections (Zeiler & Fergus 2013) of the strongest activations of a "
+        "few channels in several layers, next to the test-image patches that caused them."
+    )
+    vis = study.config.visualize
+    test = study.images["test"]
+    image_uint8 = test[:1].permute(0, 2, 3, 1).numpy()[0]
+    pool = study.normalized(test[: vis.deconv_images])
+    pool_uint8 = test[: vis.deconv_images].permute(0, 2, 3, 1).numpy()
+    for method in study.config.pretrain.methods:
+        encoder = _load_encoder(study, method)
+        section.heading(method)
+        filters = _filters(encoder)
+        section.figure(features.filters_figure(filters, study.path(f"filters_{method}"),
+                                               f"{method}: first-layer filters"),
+                       _filters_caption(encoder))  # fmt: skip
+        if not _is_backbone(encoder) or not encoder.has_gap:
+            section.note(f"{method}: no spatial feature maps or Deconvnet: the encoder "
+                         f"({_kind(encoder)}) has no convolutional layers.")  # fmt: skip
+            continue
+        maps = features.feature_maps(encoder, study.normalized(test[:1]))
+        section.figure(features.feature_maps_figure(image_uint8, maps,
+                                                    study.path(f"feature_maps_{method}"),
+                                                    f"{method}: feature maps of one test image"),
+                       "The first channels of each layer's output for the image on the left.")
+        if not deconv.supports(encoder):
+            section.note(f"{method}: the Deconvnet does not support this encoder.")
+            continue
+        net = deconv.Deconvnet(encoder)
+        entries = []
+        for layer in _spread(net.layers, 3):
+            channels = deconv.choose_channels(net, pool, layer, vis.deconv_channels)
+            entries += [(layer, patches) for patches in
+                        deconv.top_activations(net, pool, layer, channels, vis.deconv_top)]
+        section.figure(deconv.deconv_figure(entries, pool_uint8, study.path(f"deconv_{method}"),
+                                            f"{method}: Deconvnet"),
+                       "Per layer and channel: the projections of the top activations back to "
+                       "pixel space (left) and the test-image patches that caused them (right).")
+    return section
+
+
+def _embeddings(study: _Study) -> Any:
+    import torch
+
+    from pipeline.viz import embedding
+    from pipeline.viz.report import Section
+
+    vis = study.config.visualize
+    section = Section("embeddings", "The test set in two dimensions")
+    section.paragraphs.append(
+        f"{vis.embedding_images} test images (a seeded random sample), their features from each "
+        f"encoder mapped to 2-D with {' and '.join(m.upper() if m == 'umap' else 't-SNE' for m in vis.embeddings)}, "  # noqa: E501
+        "coloured by class. The number in each title is the fraction of a point's 10 nearest "
+        "neighbours in the picture that share its class: the picture's evidence in one number."
+    )
+    rng = np.random.default_rng(vis.seed)
+    count = min(vis.embedding_images, len(study.labels["test"]))
+    index = torch.from_numpy(np.sort(rng.choice(len(study.labels["test"]), count, replace=False)))
+    images = study.normalized(study.images["test"][index])
+    labels = study.labels["test"][index].numpy()
+    panels = []
+    for method in study.config.pretrain.methods:
+        encoder = _load_encoder(study, method)
+        with torch.no_grad():
+            feats = torch.cat([encoder(chunk).float().cpu() for chunk in images.split(_CHUNK)])
+        for kind in vis.embeddings:
+            points = embedding.embed(feats.numpy(), kind, vis.seed)
+            panels.append((f"{method} · {'t-SNE' if kind == 'tsne' else 'UMAP'}", points))
+    section.figure(embedding.embedding_figure(panels, labels, study.classes,
+                                              study.path("embeddings"), "Test-set embeddings"),
+                   "Each panel: one encoder and one embedding method.")  # fmt: skip
+    return section
+
+
+# ------------------------------------------------------------------------------ fine-tuning
+
+
+def _finetuning(study: _Study) -> Any:
+    from pipeline.stages.finetune import cell_name, curve_path
+    from pipeline.viz import plots
+    from pipeline.viz.report import Section
+
+    section = Section("finetune", "Fine-tuning")
+    ft = study.config.finetune
+    section.paragraphs.append(
+        f"Every init x mode x label fraction, {len(ft.seeds)} seed(s) each: linear (frozen "
+        "encoder, linear classifier), finetune (all layers; the encoder at a lower learning "
+        "rate) and knn (weighted kNN on frozen features). The epoch, and kNN's k and "
+        "temperature, are chosen on validation accuracy. Lines are the mean over seeds."
+    )
+    curves: dict[str, dict[str, dict]] = {}
+    for init, mode, fraction in ft.cells():
+        path = curve_path(init, mode, fraction)
+        if not path.is_file():
+            raise MissingInputError(f"{path} is missing; run the finetune stage for that cell")
+        fraction_key = paths.fraction_name(fraction)
+        curves.setdefault(fraction_key, {})[cell_name(init, mode, fraction)] = plots.read_curve(
+            path
+        )
+    section.figure(plots.finetune_curves_figure(curves, study.path("finetune_curves")),
+                   "Validation accuracy per epoch (kNN cells: one point).")  # fmt: skip
+    return section
+
+
+def _validation(path: Path) -> float:
+    return float(_read(path, "python -m pipeline finetune ...")["val_acc_mean"])
+
+
+def _best_by_validation(config: Config) -> dict[str, tuple[str, str, float, float]]:
+    """Per label fraction, the cell with the best mean validation accuracy (as evaluate chose)."""
+    from pipeline.stages.finetune import metrics_path
+
+    best: dict[str, tuple[str, str, float, float]] = {}
+    for init, mode, fraction in config.finetune.cells():
+        accuracy = _validation(metrics_path(init, mode, fraction))
+        key = paths.fraction_name(fraction)
+        if key not in best or accuracy > best[key][3]:
+            best[key] = (init, mode, fraction, accuracy)
+    return best
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+
+def _evaluation(study: _Study) -> Any:
+    from pipeline.stages.evaluate import FIGURE, SUMMARY
+    from pipeline.stages.finetune import cell_name
+    from pipeline.viz import plots
+    from pipeline.viz.report import Section
+
+    section = Section("evaluate", "Evaluation on the test split")
+    summary = _read(SUMMARY.with_suffix(".json"), "python -m pipeline evaluate")["test_accuracy"]
+    fractions = [paths.fraction_name(f) for f in study.config.finetune.fractions]
+    section.paragraphs.append(
+        "Test accuracy, mean ± standard deviation over seeds, with the bootstrap 95 % interval "
+        "of the mean. The best of each column is marked. The test split is read once, here; "
+        "nothing was chosen on it."
+    )
+    for line in _gains(summary, fractions):
+        section.paragraphs.append(line)
+    section.table(_summary_table(summary, fractions), "metrics/summary.json")
+    if FIGURE.is_file():
+        section.figure(FIGURE, "Test accuracy against the labeled fraction, 95 % intervals.")
+    best = _best_by_validation(study.config)
+    matrices = []
+    for fraction in fractions:
+        init, mode, value, accuracy = best[fraction]
+        name = cell_name(init, mode, value)
+        cell = _read(Path("metrics/eval") / f"{name}.json", "python -m pipeline evaluate")
+        first = sorted(cell["seeds"], key=int)[0]
+        matrix = np.array(cell["seeds"][first]["confusion_matrix"])
+        matrices.append((f"{name} (seed {first})", matrix))
+    section.figure(plots.confusion_figure(matrices, study.classes, study.path("confusion")),
+                   "Confusion matrices of the best classifier of each label fraction (chosen on "
+                   "validation); rows are true classes, shading the row-normalized rate.")
+    return section
+
+
+def _summary_table(summary: dict, fractions: list[str]) -> Any:
+    from pipeline.viz.report import Table
+
+    rows, means = [], []
+    for model, cells in sorted(summary.items()):
+        row, values = [model], []
+        for fraction in fractions:
+            cell = cells.get(fraction)
+            if cell is None:
+                row.append("–")
+                values.append(-math.inf)
+                continue
+            row.append(f"{100 * cell['mean']:.2f} ± {100 * cell['std']:.2f} "
+                       f"[{100 * cell['ci_low']:.1f}, {100 * cell['ci_high']:.1f}]")  # fmt: skip
+            values.append(cell["mean"])
+        rows.append(row)
+        means.append(values)
+    best = set()
+    for c in range(len(fractions)):
+        top = max(m[c] for m in means)
+        best |= {(r, c + 1) for r, m in enumerate(means) if m[c] == top and top > -math.inf}
+    header = ["init-mode"] + [f"{float(f) * 100:g} % labels" for f in fractions]
+    return Table(header, rows, best)
+
+
+def _gains(summary: dict, fractions: list[str]) -> list[str]:
+    """One sentence per fraction: the best pretrained init against the best from-scratch cell."""
+    lines = []
+    for fraction in fractions:
+        scratch = [(c[fraction]["mean"], m) for m, c in summary.items()
+                   if m.startswith("scratch-") and fraction in c]  # fmt: skip
+        pretrained = [(c[fraction]["mean"], m) for m, c in summary.items()
+                      if not m.startswith("scratch-") and fraction in c]  # fmt: skip
+        if scratch and pretrained:
+            (s, s_name), (p, p_name) = max(scratch), max(pretrained)
+            lines.append(f"With {float(fraction) * 100:g} % of the labels: best pretrained "
+                         f"{p_name} {100 * p:.2f} % vs best from scratch {s_name} {100 * s:.2f} % "
+                         f"({100 * (p - s):+.2f} points).")  # fmt: skip
+    return lines
+
+
+# ------------------------------------------------------------------------------ interpretation
+
+
+def _interpretation(study: _Study) -> Any:
+    """Per init: where its best classifier (largest fraction, chosen on validation) looks."""
+    import torch
+
+    from pipeline.models import classifier as classifiers
+    from pipeline.stages.finetune import cell_name, metrics_path, model_dir
+    from pipeline.viz import cam
+    from pipeline.viz.report import Section
+
+    vis = study.config.visualize
+    ft = study.config.finetune
+    section = Section("interpret", "Where the classifiers look")
+    section.paragraphs.append(
+        "Class activation maps (Zhou et al. 2016): for the predicted class c, "
+        "M_c(x, y) = Σ_k w_ck h_k(x, y) over the maps before global average pooling, upsampled to "
+        "the image. Where CAM does not apply (no global average pooling, or no linear head) the "
+        "map is Grad-CAM, and the figure says so. Per class: correct predictions (✓) and mistakes "
+        "(✗, with the predicted class)."
+    )
+    fraction = max(ft.fractions)
+    rng = np.random.default_rng(vis.seed)
+    order = torch.from_numpy(rng.permutation(len(study.labels["test"])))
+    for init in ft.inits:
+        mode = max(ft.modes, key=lambda m: _validation(metrics_path(init, m, fraction)))
+        model, _ = classifiers.load(model_dir(init, mode, fraction))
+        model = model.to(study.device)
+        rows, explanation = _cam_rows(study, model, order)
+        name = cell_name(init, mode, fraction)
+        path = cam.cam_figure(rows, study.path(f"cam_{init}"), f"{name}: {explanation.method}")
+        if explanation.method != "CAM":
+            section.note(f"{name}: {explanation.reason}")
+        section.figure(path, f"{name} (the best mode of {init} at {float(fraction) * 100:g} % "
+                             f"labels on validation): {explanation.reason}")  # fmt: skip
+    return section
+
+
+def _cam_rows(study: _Study, model: Any, order: Any) -> tuple[list, Any]:
+    """Per class, the first correct and the first wrong test predictions (in a seeded order),
+    overlaid with the map of the predicted class: (class name, overlays, captions) rows."""
+    import torch
+
+    from pipeline.viz import cam
+
+    test, truth = study.images["test"][order], study.labels["test"][order]
+    with torch.no_grad():
+        predicted = torch.cat([model(study.normalized(chunk)).argmax(1).cpu()
+                               for chunk in test.split(_CHUNK)])  # fmt: skip
+    count = study.config.visualize.cam_examples
+    chosen, captions = [], []
+    for k, name in enumerate(study.classes):
+        right = torch.nonzero((truth == k) & (predicted == k)).flatten()[:count]
+        wrong = torch.nonzero((truth == k) & (predicted != k)).flatten()[:count]
+        chosen.append(torch.cat([right, wrong]))
+        captions.append([f"✓ {name}" for _ in right]
+                        + [f"✗ as {study.classes[int(predicted[i])]}" for i in wrong])
+    picks = torch.cat(chosen)
+    images = test[picks]
+    explanation = cam.explain(model, study.normalized(images), predicted[picks].to(study.device))
+    overlays = cam.overlay(images.permute(0, 2, 3, 1).numpy(), explanation.maps.cpu().numpy())
+    rows, start = [], 0
+    for k, name in enumerate(study.classes):
+        rows.append((name, overlays[start : start + len(chosen[k])], captions[k]))
+        start += len(chosen[k])
+    return rows, explanation
+
+
+# ------------------------------------------------------------------------------ the course
+
+
+def _course(study: _Study) -> Any:
+    from pipeline.viz import toy
+    from pipeline.viz.report import Section
+
+    t = study.config.visualize.toy
+    section = Section("course", "Why depth and non-linearity matter")
+    section.paragraphs.append(
+        f"Small MLPs ({t['activation']} activations) trained on the 2-D {t['dataset']} data "
+        f"({t['samples']} points, noise {t['noise']}), one per depth x width; depth 0 is "
+        "logistic regression. Shading is the predicted probability of the second class: a linear "
+        "model can only cut the plane with a straight line; hidden layers with a non-linearity "
+        "bend it, and more width and depth bend it more."
+    )
+    X, y = toy.make_toy(t["dataset"], t["samples"], t["noise"], study.config.visualize.seed)
+    results = toy.decision_boundary_grid(X, y, t["depths"], t["widths"], t["activation"],
+                                         t["steps"], t["lr"], study.config.visualize.seed)
+    section.figure(toy.decision_boundary_figure(results, X, y, study.path("decision_boundaries"),
+                                                f"MLPs on {t['dataset']}"),
+                   "Rows: depth (hidden layers); columns: width (units per layer). Titles: "
+                   "training accuracy and parameter count.")  # fmt: skip
+    return section
+
+
+# ------------------------------------------------------------------------------ the run
+
+
+def _run(study: _Study) -> Any:
+    import yaml
+
+    from pipeline import tracking
+    from pipeline.viz.report import Section, Table
+
+    section = Section("run", "The run")
+    commit, dirty = tracking.git_state()
+    section.paragraphs.append(
+        f"git commit {commit}{' with uncommitted changes' if dirty else ''}; MLflow store "
+        f"{tracking.tracking_uri()}, experiment {study.config.tracking.experiment!r}. The table "
+        "lists the latest finished MLflow run of every job of this dataset, and this stage's own."
+    )
+    rows = _mlflow_runs(study)
+    section.table(Table(["stage", "job", "run id", "finished (UTC)"], rows), "MLflow runs")
+    section.heading("params.yaml (validated, defaults filled in)")
+    section.pre(yaml.safe_dump(study.config.raw, sort_keys=False, allow_unicode=True))
+    return section
+
+
+def _mlflow_runs(study: _Study) -> list[list[str]]:
+    from datetime import UTC, datetime
+
+    from pipeline import tracking
+
+    client = tracking.client()
+    experiment = client.get_experiment_by_name(study.config.tracking.experiment)
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.dataset = '{study.dataset}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=5000,
+    )  # fmt: skip
+    stages = ("download", "split", "augment", "pretrain", "finetune", "evaluate")
+    latest: dict[tuple[str, str], Any] = {}
+    for run in runs:
+        tags = run.data.tags
+        key = (tags.get("stage", "?"), tags.get("method") or tags.get("cell") or "")
+        latest.setdefault(key, run)
+    rows = []
+    for (stage, job), run in sorted(latest.items(), key=lambda item: (
+            stages.index(item[0][0]) if item[0][0] in stages else 99, item[0][1])):  # fmt: skip
+        if stage not in stages:
+            continue
+        when = datetime.fromtimestamp((run.info.end_time or 0) / 1000, UTC)
+        rows.append([stage, job, run.info.run_id, when.strftime("%Y-%m-%d %H:%M")])
+    rows.append(["visualize", "", study.tracked.run_id, "this run"])
+    return rows
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _read(path: Path, command: str) -> dict:
+    try:
+        return read_json(path)
+    except (OSError, ValueError) as err:
+        raise MissingInputError(f"{path} is missing or unreadable ({err}); run {command}") from None
+
+
+def _load_encoder(study: _Study, method: str) -> Any:
+    from pipeline.models.encoders import load_encoder
+
+    encoder, _ = load_encoder(method)
+    return encoder.to(study.device).eval()
+
+
+def _is_backbone(encoder: Any) -> bool:
+    from pipeline.models.backbones import Backbone
+
+    return isinstance(encoder, Backbone)
+
+
+def _kind(encoder: Any) -> str:
+    return encoder.config.name if _is_backbone(encoder) else "pca"
+
+
+def _filters(encoder: Any) -> np.ndarray:
+    """First-layer filters; PCA's are its principal components ("eigen-images")."""
+    from pipeline.viz import features
+
+    if _is_backbone(encoder):
+        return features.first_layer_filters(encoder)
+    components = encoder.components.detach().cpu().numpy()
+    shape = (components.shape[0], *_image_shape(encoder))
+    return _unit(components.reshape(shape).transpose(0, 2, 3, 1))
+
+
+def _filters_caption(encoder: Any) -> str:
+    if not _is_backbone(encoder):
+        return "The principal components (\"eigen-images\"), each scaled to its own range."
+    return (f"The {encoder.config.name} encoder's first-layer weights, each scaled to its own "
+            "range.")  # fmt: skip
+
+
+def _image_shape(encoder: Any) -> tuple[int, int, int]:
+    for channels in (1, 3):
+        side = int(round(math.sqrt(encoder.components.shape[1] / channels)))
+        if channels * side * side == encoder.components.shape[1]:
+            return channels, side, side
+    raise ValueError(f"PCA components of length {encoder.components.shape[1]} are not an image")
+
+
+def _unit(array: np.ndarray) -> np.ndarray:
+    """Each item min-max scaled to [0, 1] on its own."""
+    flat = array.reshape(len(array), -1)
+    low, high = flat.min(1, keepdims=True), flat.max(1, keepdims=True)
+    return ((flat - low) / np.where(high > low, high - low, 1)).reshape(array.shape)
+
+
+def _spread(items: list[str], count: int) -> list[str]:
+    """``count`` items spread from first to last (all of them when there are fewer)."""
+    if len(items) <= count:
+        return list(items)
+    return [items[round(i * (len(items) - 1) / (count - 1))] for i in range(count)]
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    return "–" if value is None else f"{float(value):.{digits}f}"
+
+
+def _best_cells(rows: list[list[str]], columns: tuple[int, ...]) -> set[tuple[int, int]]:
+    best = set()
+    for c in columns:
+        values = [float(r[c]) if r[c] != "–" else -math.inf for r in rows]
+        top = max(values, default=-math.inf)
+        best |= {(i, c) for i, v in enumerate(values) if v == top and top > -math.inf}
+    return best

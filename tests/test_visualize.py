@@ -1,0 +1,233 @@
+"""The visualize stage end to end on tiny data: the report is one page that a browser renders.
+
+The browser is Debian's chromium, run headless for real (``make test`` installs it when missing);
+without it the browser test is skipped and says why.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.config import from_dict
+from pipeline.stages import augment, download, evaluate, finetune, pretrain, split, visualize
+from tests.conftest import params_for, sync_matrix
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None, reason="chromium is not installed (make test installs it as root)"
+)
+
+# Added to a copy of the report by the test only: once the page has loaded, counts the <img>
+# elements the browser could not load and size (a broken image has no natural width), and writes
+# the outcome where --dump-dom shows it. (Awaiting img.decode() instead is flaky: decoding runs
+# outside headless Chromium's virtual time, so the DOM is often dumped first.) Every pixel of
+# every embedded PNG is decoded by Pillow in embedded_images().
+PROBE = """<script>
+window.addEventListener("load", () => {
+  const images = Array.from(document.images);
+  const broken = images.filter((image) => !(image.complete && image.naturalWidth > 0));
+  const out = document.createElement("pre");
+  out.id = "probe";
+  out.textContent = `images=${images.length} broken=${broken.length}`;
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def tiny_study(tiny_idx: Path, backbone: str = "lenet5", methods=("scratch", "vae", "pca"),
+               modes=("linear", "knn")) -> dict:  # fmt: skip
+    params = params_for("idx", split={"label_fractions": [0.5, 1.0]})
+    params["data"]["local_path"] = str(tiny_idx)
+    params["model"].update(backbone=backbone, width=8)
+    params["pretrain"].update(methods=list(methods), epochs=2, batch_size=64)
+    params["pretrain"]["monitor"]["knn_max_train"] = 200
+    params["finetune"].update(modes=list(modes), epochs=2, batch_size=32, min_steps_per_epoch=2,
+                              seeds=[0])  # fmt: skip
+    params["finetune"]["knn"] = {"ks": [1, 5], "temperatures": [0.1]}
+    params["evaluate"]["bootstrap"] = 20
+    params["visualize"].update(embedding_images=60, embeddings=["tsne"], deconv_images=32,
+                               deconv_channels=2, deconv_top=3, cam_examples=1)  # fmt: skip
+    params["visualize"]["toy"].update(samples=60, depths=[0, 2], widths=[8], steps=30)
+    return sync_matrix(params)
+
+
+def run_study(params: dict) -> dict:
+    config = from_dict(params)
+    download.run(config)
+    split.run(config)
+    augment.run(config)
+    for method in config.pretrain.methods:
+        pretrain.run(config, method=method)
+    for init, mode, fraction in config.finetune.cells():
+        finetune.run(config, init=init, mode=mode, fraction=str(fraction))
+    evaluate.run(config)
+    return visualize.run(config)
+
+
+def embedded_images(html: str) -> list[Image.Image]:
+    images = []
+    for data in re.findall(r'<img src="data:image/png;base64,([^"]+)"', html):
+        image = Image.open(io.BytesIO(base64.b64decode(data)))
+        image.load()  # decodes every pixel: a truncated PNG raises here
+        images.append(image)
+    return images
+
+
+@pytest.fixture(scope="module")
+def lenet_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """One tiny study (lenet5; scratch, vae, pca; linear and kNN) shared by the report tests."""
+    from tests.conftest import tiny_images, write_idx
+
+    root = tmp_path_factory.mktemp("study")
+    data = root / "tiny_idx"
+    for prefix, n, seed in (("train", 400, 1), ("t10k", 100, 2)):
+        images, labels = tiny_images(n, 4, 8, seed)
+        write_idx(data / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(data / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    work = root / "work"
+    work.mkdir()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(work)
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        params = tiny_study(data)
+        result = run_study(params)
+    assert result["report"] == "reports/index.html"
+    return work, params
+
+
+@pytest.fixture
+def lenet_report(lenet_study: tuple[Path, dict]) -> Path:
+    return lenet_study[0] / "reports" / "index.html"
+
+
+def test_the_report_has_every_section_in_pipeline_order_and_its_figures(lenet_report: Path):
+    html = lenet_report.read_text()
+    ids = re.findall(r'<section id="(\w+)">', html)
+    assert ids == ["data", "augment", "pretrain", "encoders", "embeddings", "finetune",
+                   "evaluate", "interpret", "course", "run"]  # fmt: skip
+    # Self-contained: every image is embedded, nothing is fetched from elsewhere.
+    assert not re.search(r'<img src="(?!data:)', html)
+    assert not re.search(r'(src|href)="(https?:)?//', html) and "<link" not in html
+    images = embedded_images(html)
+    figures = sorted(p.name for p in (lenet_report.parent / "figures/visualize").glob("*.png"))
+    assert len(images) == len(figures) + 2  # + the augment preview and the label-efficiency plot
+    for name in ("samples", "pretrain_curves", "vae", "filters_vae", "filters_pca",
+                 "feature_maps_vae", "deconv_vae", "embeddings", "finetune_curves", "confusion",
+                 "cam_scratch", "cam_vae", "cam_pca", "decision_boundaries"):  # fmt: skip
+        assert f"{name}.png" in figures
+    for image in images:
+        pixels = np.asarray(image.convert("L"), dtype=float)
+        assert pixels.std() > 1.0  # not a blank canvas
+    # The run: its commit, its params and the MLflow run ids of every job.
+    assert "pipeline id" in html and "params.yaml" in html
+    run_ids = re.findall(r"<td>([0-9a-f]{32})</td>", html)
+    # download, split, augment, 3 pretrain, 3 x 2 x 2 finetune cells, evaluate and this run
+    assert len(set(run_ids)) == 1 + 1 + 1 + 3 + 12 + 1 + 1
+    # The summary table and how much pretraining bought, in words.
+    assert "best pretrained" in html and "points)" in html
+
+
+def test_the_figures_and_the_page_are_logged_to_the_stage_mlflow_run(lenet_study):
+    from mlflow.tracking import MlflowClient
+
+    work, _ = lenet_study
+    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("label-efficiency")
+    runs = client.search_runs([experiment.experiment_id], "tags.stage = 'visualize'")
+    assert runs and runs[0].info.status == "FINISHED"
+    run_id = runs[0].info.run_id
+    assert "index.html" in [a.path for a in client.list_artifacts(run_id)]
+    logged = {Path(a.path).name for a in client.list_artifacts(run_id, "figures")}
+    assert logged == {p.name for p in (work / "reports/figures/visualize").glob("*.png")}
+    assert runs[0].data.metrics["figures"] == len(logged)
+
+
+def test_a_second_run_draws_the_same_figures(lenet_study: tuple[Path, dict]):
+    work, params = lenet_study
+    figures = work / "reports/figures/visualize"
+    before = {p.name: p.read_bytes() for p in figures.glob("*.png")}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(work)
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        visualize.run(from_dict(params))
+    after = {p.name: p.read_bytes() for p in figures.glob("*.png")}
+    assert after.keys() == before.keys()
+    assert [name for name in before if before[name] != after[name]] == []
+
+
+@needs_chromium
+def test_the_report_opens_in_headless_chromium_with_every_image_decoded(
+    lenet_report: Path, tmp_path: Path
+):
+    page = tmp_path / "probe.html"
+    page.write_text(lenet_report.read_text().replace("</body>", PROBE + "</body>"))
+    profile = f"--user-data-dir={tmp_path / 'profile'}"
+    browser = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", profile,
+               "--virtual-time-budget=20000"]  # fmt: skip
+    dom = subprocess.run([*browser, "--dump-dom", page.as_uri()], capture_output=True,
+                         text=True, timeout=120, check=True).stdout  # fmt: skip
+    found = re.search(r"images=(\d+) broken=(\d+)", dom)
+    assert found, f"the page's load handler never ran: {dom[-300:]!r}"
+    count, broken = map(int, found.groups())
+    assert count == len(embedded_images(lenet_report.read_text())) and count > 10
+    assert broken == 0
+    shot = tmp_path / "shot.png"
+    command = [*browser, f"--screenshot={shot}", "--window-size=1200,1600", lenet_report.as_uri()]
+    subprocess.run(command, capture_output=True, timeout=120, check=True)
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
+    assert pixels.shape == (1600, 1200)
+    assert pixels.std() > 10  # text and figures, not a blank page
+    assert (pixels < 128).mean() > 0.01  # some dark ink on the light background
+
+
+@needs_chromium
+def test_the_browser_probe_sees_a_broken_image(tmp_path: Path):
+    good = base64.b64encode(_tiny_png()).decode()
+    page = tmp_path / "page.html"
+    page.write_text(f'<html><body><img src="data:image/png;base64,{good}">'
+                    f'<img src="data:image/png;base64,bm90IGEgcG5n">{PROBE}</body></html>')
+    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
+               f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000",
+               "--dump-dom", page.as_uri()]  # fmt: skip
+    dom = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "images=2 broken=1" in dom
+
+
+def _tiny_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_cam_falls_back_to_grad_cam_for_an_mlp_and_the_report_says_so(
+    workdir: Path, tiny_idx: Path
+):
+    run_study(tiny_study(tiny_idx, backbone="mlp", methods=("scratch",), modes=("linear",)))
+    html = (workdir / "reports/index.html").read_text()
+    assert 'class="note"' in html
+    note = re.search(r'<p class="note">(scratch-linear-1\.0: Grad-CAM[^<]*)</p>', html)
+    assert note, "the fallback to Grad-CAM is not said in the report"
+    assert "mlp" in note.group(1)
+    assert (workdir / "reports/figures/visualize/cam_scratch.png").is_file()
+
+
+def test_the_page_escapes_text_and_marks_the_best_cells(tmp_path: Path):
+    from pipeline.viz import report
+
+    section = report.Section("data", "Data <b>", ["a class named <script>alert(1)</script>"])
+    section.table(report.Table(["model", "acc"], [["a", "0.5"], ["b", "0.9"]], {(1, 1)}))
+    html = report.render("T & T", [("commit", "abc")], [section])
+    assert "<script>alert" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "<title>T &amp; T</title>" in html
+    assert re.findall(r'<td class="best">([^<]*)</td>', html) == ["0.9"]
+    with pytest.raises(ValueError, match="only PNG, JPEG and SVG"):
+        report.data_uri(tmp_path / "notes.txt")
