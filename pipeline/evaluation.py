@@ -467,17 +467,26 @@ def label_efficiency_figure(summary: Sequence[dict[str, Any]], path: Path | str)
 
 
 def _draw_label_efficiency(figure: Any, summary: Sequence[dict[str, Any]]) -> None:
+    import matplotlib
+
     axes = figure.add_subplot()
     lines: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for entry in sorted(summary, key=lambda s: (s["init"], s["mode"], float(s["fraction"]))):
         lines[(entry["init"], entry["mode"])].append(entry)
+    # Colour says the init, line style and marker the mode: 7 inits x 3 modes stay readable
+    # where one colour per line would repeat after ten.
+    inits = sorted({init for init, _ in lines})
+    palette = matplotlib.colormaps["tab10" if len(inits) <= 10 else "tab20"]
+    styles = {"linear": ("-", "o"), "finetune": ("--", "s"), "knn": (":", "^")}
     for (init, mode), entries in lines.items():
         x = np.array([float(e["fraction"]) for e in entries])
         mean = np.array([e["mean"] for e in entries]) * 100
         low = np.array([e["ci_low"] for e in entries]) * 100
         high = np.array([e["ci_high"] for e in entries]) * 100
         yerr = np.clip(np.stack([mean - low, high - mean]), 0, None)
-        axes.errorbar(x, mean, yerr=yerr, marker="o", capsize=3, label=f"{init} / {mode}")
+        linestyle, marker = styles.get(mode, ("-.", "d"))
+        axes.errorbar(x, mean, yerr=yerr, marker=marker, linestyle=linestyle, capsize=3,
+                      color=palette(inits.index(init) % palette.N), label=f"{init} / {mode}")
     fractions = sorted({float(e["fraction"]) for e in summary})
     axes.set_xscale("log")
     axes.set_xticks(fractions, [_fraction_label(f) for f in fractions])

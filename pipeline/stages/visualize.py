@@ -299,7 +299,7 @@ def _embeddings(study: _Study) -> Any:
 
 
 def _finetuning(study: _Study) -> Any:
-    from pipeline.stages.finetune import cell_name, curve_path
+    from pipeline.stages.finetune import curve_path
     from pipeline.viz import plots
     from pipeline.viz.report import Section
 
@@ -317,9 +317,7 @@ def _finetuning(study: _Study) -> Any:
         if not path.is_file():
             raise MissingInputError(f"{path} is missing; run the finetune stage for that cell")
         fraction_key = paths.fraction_name(fraction)
-        curves.setdefault(fraction_key, {})[cell_name(init, mode, fraction)] = plots.read_curve(
-            path
-        )
+        curves.setdefault(fraction_key, {})[f"{init}-{mode}"] = plots.read_curve(path)
     section.figure(plots.finetune_curves_figure(curves, study.path("finetune_curves")),
                    "Validation accuracy per epoch (kNN cells: one point).")  # fmt: skip
     return section
@@ -635,7 +633,10 @@ def _spread(items: list[str], count: int) -> list[str]:
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
-    return "–" if value is None else f"{float(value):.{digits}f}"
+    """A number for a table; missing or NaN (a monitor the method has not got) is a dash."""
+    if value is None or not math.isfinite(float(value)):
+        return "–"
+    return f"{float(value):.{digits}f}"
 
 
 def _best_cells(rows: list[list[str]], columns: tuple[int, ...]) -> set[tuple[int, int]]:

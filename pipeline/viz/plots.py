@@ -72,25 +72,31 @@ def finetune_curves_figure(
 ) -> Path:
     """One panel per label fraction; one validation-accuracy line per init x mode.
 
-    ``curves[fraction][cell]`` holds the columns of ``metrics/finetune/<cell>.csv``. A kNN cell
-    has a single point (no epochs) and is drawn as a marker at epoch 1.
+    ``curves[fraction]["<init>-<mode>"]`` holds the columns of ``metrics/finetune/<cell>.csv``;
+    a model keeps its colour in every panel. A kNN cell has a single point (no epochs) and is
+    drawn as a marker at epoch 1.
     """
     fractions = list(curves)
+    models = sorted({model for cells in curves.values() for model in cells})
+    colors = dict(zip(models, _colors(len(models)), strict=True))
     with figures.figure(4.6 * len(fractions), 3.8) as fig:
         for i, fraction in enumerate(fractions):
             axes = fig.add_subplot(1, len(fractions), i + 1)
-            cmap = _colors(len(curves[fraction]))
-            for j, (cell, curve) in enumerate(sorted(curves[fraction].items())):
+            for model, curve in sorted(curves[fraction].items()):
                 style = "-" if len(curve["epoch"]) > 1 else ""
                 axes.plot(curve["epoch"], curve["val_acc"], style, marker="o", markersize=3,
-                          color=cmap[j], label=cell)  # fmt: skip
+                          color=colors[model], label=model)  # fmt: skip
             axes.set_title(f"{_percent(fraction)} of the labels")
             axes.set_xlabel("epoch")
             axes.set_ylabel("validation accuracy")
             axes.grid(alpha=0.3)
-        handles, labels = fig.axes[0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="upper center", ncol=min(6, len(labels)), fontsize=7,
-                   bbox_to_anchor=(0.5, 0.0))  # fmt: skip
+        handles = {}
+        for axes in fig.axes:
+            found, names = axes.get_legend_handles_labels()
+            handles.update(zip(names, found, strict=True))
+        labels = sorted(handles)
+        fig.legend([handles[label] for label in labels], labels, loc="upper center",
+                   ncol=min(6, len(labels)), fontsize=7, bbox_to_anchor=(0.5, 0.0))  # fmt: skip
         fig.tight_layout()
         return figures.save(fig, path)
 
