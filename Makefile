@@ -59,11 +59,10 @@ lint: setup
 test: lint browser
 	pytest
 
-# Speed benchmarks (run on a quiet machine); results in benchmarks/results/, summary in BENCHMARKS.md.
+# Speed and quality benchmarks, including the whole default pipeline from a clean clone (run on a
+# quiet machine; about 30 minutes here); results in benchmarks/results/, summary in BENCHMARKS.md.
 benchmarks: setup
-	python -m benchmarks.augment --json benchmarks/results/augment.json
-	python -m benchmarks.pretrain --json benchmarks/results/pretrain.json
-	python -m benchmarks.report
+	python -m benchmarks
 
 clean:
 	rm -rf data/raw data/prepared data/splits data/augment models metrics reports logs .snakemake

@@ -113,6 +113,7 @@ class FinetuneConfig:
     epochs: int
     patience: int
     min_steps_per_epoch: int
+    max_images: int | None
     batch_size: int
     policy: str
     optimizer: OptimizerConfig

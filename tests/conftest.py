@@ -85,7 +85,8 @@ def sync_matrix(params: dict) -> dict:
     """Keep fine-tuning's matrix inside what split and pretraining make (config checks this)."""
     params["finetune"]["fractions"] = list(params["split"]["label_fractions"])
     made = params["pretrain"]["methods"]
-    params["finetune"]["inits"] = [i for i in params["finetune"]["inits"] if i in made]
+    order = ("scratch", "pca", "simclr", "autoencoder", "rotation", "inpainting", "vae")
+    params["finetune"]["inits"] = [i for i in order if i in made]
     return params
 
 

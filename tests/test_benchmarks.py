@@ -127,3 +127,37 @@ def test_gpu_utilization_samples_nvidia_smi(
         time.sleep(0.1)
     assert unsupported.mean is None  # "[N/A]" is skipped, not an error
     assert pretrain.GpuUtilization(None).mean is None
+
+
+def test_pipeline_benchmark_measures_a_clean_run_its_reruns_and_the_targets(
+    project: Path, tmp_path: Path
+) -> None:
+    import yaml
+
+    from benchmarks import pipeline
+    from tests.conftest import sync_matrix
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["split"]["label_fractions"] = [0.1, 1.0]
+    params["finetune"]["modes"] = ["finetune", "knn"]
+    bench = tmp_path / "bench"
+    result = pipeline.run(source=project, cores=2, workdir=bench, params=sync_matrix(params))
+
+    assert list(result["stages"]) == list(pipeline.STAGES)
+    jobs = {stage: cost["jobs"] for stage, cost in result["stages"].items()}
+    assert jobs == {"download": 1, "split": 1, "augment": 1, "pretrain": 2, "finetune": 8,
+                    "evaluate": 1, "visualize": 1}  # fmt: skip
+    for cost in result["stages"].values():
+        assert 0 < cost["slowest_job_seconds"] <= cost["seconds"] < result["total_seconds"]
+        assert 50 < cost["peak_rss_mb"] < 64 * 1024
+    reruns = result["reruns"]
+    assert reruns["snakemake_noop_nothing_to_do"] and reruns["dvc_noop_skipped_all"]
+    assert reruns["param_change"] == "finetune.label_smoothing: 0.0 -> 0.05"
+    assert reruns["param_change_jobs"] == {"finetune": 8, "evaluate": 1, "visualize": 1}
+    quality = result["quality"]
+    assert quality["full_finetuned"]["cell"] in ("scratch-finetune-1.0", "simclr-finetune-1.0")
+    assert quality["tenth_pretrained"]["cell"].startswith("simclr-")
+    assert quality["one_percent_gain"] is None  # no 1 % subset in this study
+    for chosen in (quality["full_finetuned"], quality["tenth_pretrained"]):
+        assert 0 <= chosen["ci"][0] <= chosen["test"] <= chosen["ci"][1] <= 1
+    assert len(result["commit"]) == 40

@@ -46,6 +46,10 @@ def test_stage_runs_land_in_the_default_sqlite_store_with_tags(workdir: Path, ti
     assert runs[0].data.tags["dataset_checksum"] == runs[1].data.tags["dataset_checksum"]
     assert runs[1].data.params["split.label_fractions"] == "[0.5, 1.0]"
     assert runs[1].data.metrics["n_test"] == 100
+    # What each execution cost, for the benchmarks: in-process pytest counts from its start.
+    cost = runs[1].data.metrics
+    assert 0 < cost["stage_seconds"] <= cost["process_seconds"]
+    assert 50 < cost["peak_rss_mb"] < 64 * 1024
     artifacts = MlflowClient(tracking.tracking_uri()).list_artifacts(runs[1].info.run_id)
     assert {a.path for a in artifacts} == {"report.json", "report.md"}
     assert (workdir / "mlartifacts").is_dir()

@@ -32,6 +32,7 @@ COMMON_PARAMS = (
     "finetune.epochs",
     "finetune.patience",
     "finetune.min_steps_per_epoch",
+    "finetune.max_images",
     "finetune.batch_size",
     "finetune.policy",
     "finetune.optimizer",
@@ -137,8 +138,8 @@ def _train_cell(config, dataset, init, mode, fraction, document, tracked):
 
     ft = config.finetune
     subset = f"labeled-{paths.fraction_name(fraction)}"
-    data = SplitData(dataset, (subset, "val"), ft.batch_size, seed=0, train_set=subset,
-                     min_steps=ft.min_steps_per_epoch)  # fmt: skip
+    data = SplitData(dataset, (subset, "val"), ft.batch_size, seed=0, max_images=ft.max_images,
+                     train_set=subset, min_steps=ft.min_steps_per_epoch)  # fmt: skip
     data.setup("fit")
     states, per_seed = {}, {}
     encoder_description: dict = {}
