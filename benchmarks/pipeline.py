@@ -42,8 +42,9 @@ CHANGED_PARAM = ("finetune", "label_smoothing")
 
 
 def run(source: Path = REPO, cores: int | None = None, workdir: Path | None = None,
-        params: dict | None = None) -> dict[str, Any]:  # fmt: skip
-    """Measure a clean clone of ``source``; ``params`` replaces its params.yaml (tests do)."""
+        params: dict | None = None, figure_to: Path | None = None) -> dict[str, Any]:  # fmt: skip
+    """Measure a clean clone of ``source``; ``params`` replaces its params.yaml (tests do);
+    ``figure_to`` receives a copy of the run's label-efficiency figure."""
     cores = cores or os.cpu_count() or 1
     owned = workdir is None
     work = Path(workdir or tempfile.mkdtemp(prefix="pipeline-benchmark-")) / "project"
@@ -55,6 +56,10 @@ def run(source: Path = REPO, cores: int | None = None, workdir: Path | None = No
         result["total_seconds"] = time.perf_counter() - started
         result["stages"] = stage_costs(work)
         result["quality"] = quality(work)
+        result["summary_markdown"] = (work / "metrics/summary.md").read_text()
+        if figure_to is not None:  # the study's figure, for README (the clone is deleted)
+            figure_to.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(work / "reports/figures/label_efficiency.png", figure_to)
         result["reruns"] = reruns(work, cores)
         return result
     finally:
@@ -195,8 +200,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="write the result here")
     parser.add_argument("--cores", type=int, default=None, help="snakemake --cores (default: all)")
     args = parser.parse_args(argv)
-    result = {"machine": describe("benchmarks.pipeline"), **run(cores=args.cores),
-              "targets": TARGETS}  # fmt: skip
+    figure = args.json.with_name("label_efficiency.png") if args.json else None
+    result = {"machine": describe("benchmarks.pipeline"),
+              **run(cores=args.cores, figure_to=figure), "targets": TARGETS}  # fmt: skip
     save_result(args.json, result)
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2))
 

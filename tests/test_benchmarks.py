@@ -141,7 +141,11 @@ def test_pipeline_benchmark_measures_a_clean_run_its_reruns_and_the_targets(
     params["split"]["label_fractions"] = [0.1, 1.0]
     params["finetune"]["modes"] = ["finetune", "knn"]
     bench = tmp_path / "bench"
-    result = pipeline.run(source=project, cores=2, workdir=bench, params=sync_matrix(params))
+    figure = tmp_path / "results" / "label_efficiency.png"
+    result = pipeline.run(source=project, cores=2, workdir=bench, params=sync_matrix(params),
+                          figure_to=figure)  # fmt: skip
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| scratch | finetune |" in result["summary_markdown"]
 
     assert list(result["stages"]) == list(pipeline.STAGES)
     jobs = {stage: cost["jobs"] for stage, cost in result["stages"].items()}

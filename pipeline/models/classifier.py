@@ -39,6 +39,10 @@ class LinearClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.logits(x).float().softmax(dim=1)
 
+    def from_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Probabilities from ``encoder(x)`` computed elsewhere (evaluation shares them)."""
+        return self.head(self.dropout(features)).float().softmax(dim=1)
+
 
 class KNNClassifier(nn.Module):
     """Weighted kNN on frozen encoder features; probabilities are the normalized votes."""
@@ -54,7 +58,11 @@ class KNNClassifier(nn.Module):
         self.register_buffer("temperature", torch.tensor(float(temperature)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        votes = knn_scores(self.bank, self.bank_labels, self.encoder(x).float(), int(self.k),
+        return self.from_features(self.encoder(x))
+
+    def from_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Probabilities from ``encoder(x)`` computed elsewhere (evaluation shares them)."""
+        votes = knn_scores(self.bank, self.bank_labels, features.float(), int(self.k),
                            float(self.temperature), self.num_classes)  # fmt: skip
         return votes / votes.sum(dim=1, keepdim=True).clamp(min=1e-12)
 

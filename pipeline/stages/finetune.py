@@ -143,12 +143,15 @@ def _train_cell(config, dataset, init, mode, fraction, document, tracked):
     data.setup("fit")
     states, per_seed = {}, {}
     encoder_description: dict = {}
+    knn: tuple[dict, dict] | None = None
     for seed in ft.seeds:
         L.seed_everything(seed, workers=True, verbose=False)
         data.seed = seed
         encoder, encoder_description = _encoder(init)
         if mode == "knn":
-            state, result = _fit_knn(config, data, encoder, document)
+            # kNN on a frozen encoder has no randomness: one fit serves every seed.
+            knn = knn or _fit_knn(config, data, encoder, document)
+            state, result = knn
         else:
             state, result = _fit_linear(config, data, encoder, encoder_description, init, mode,
                                         document, seed, tracked)  # fmt: skip
@@ -170,7 +173,7 @@ def _fit_knn(config: Config, data: Any, encoder: Any, document: dict) -> tuple[d
 
     from pipeline.augment import from_policy_document
     from pipeline.models.classifier import KNNClassifier
-    from pipeline.models.knn import knn_accuracy
+    from pipeline.models.knn import knn_sweep
 
     normalize = from_policy_document(document, None)
     encoder.eval()
@@ -180,11 +183,8 @@ def _fit_knn(config: Config, data: Any, encoder: Any, document: dict) -> tuple[d
         val = torch.cat([encoder(normalize(chunk)).float()
                          for chunk in data.images["val"].split(2048)])  # fmt: skip
     bank_labels = data.labels[data.train_set]
-    scores = {
-        (k, t): knn_accuracy(bank, bank_labels, val, data.labels["val"], k, t, data.num_classes)
-        for k in config.finetune.knn_ks
-        for t in config.finetune.knn_temperatures
-    }
+    scores = knn_sweep(bank, bank_labels, val, data.labels["val"], config.finetune.knn_ks,
+                       config.finetune.knn_temperatures, data.num_classes)  # fmt: skip
     (k, t), accuracy = max(scores.items(), key=lambda item: (item[1], -item[0][0], item[0][1]))
     model = KNNClassifier(encoder, bank, bank_labels, k, t, data.num_classes)
     return model.state_dict(), {"val_acc": round(accuracy, 6), "k": k, "temperature": t}
