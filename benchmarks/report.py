@@ -10,6 +10,7 @@ from pathlib import Path
 
 RESULTS = Path("benchmarks/results")
 OUT = Path("BENCHMARKS.md")
+NOTES = Path("benchmarks/tuning.md")
 
 
 def _augment(result: dict) -> list[str]:
@@ -192,6 +193,8 @@ def main(argv: list[str] | None = None) -> None:
         path = RESULTS / f"{name}.json"
         if path.is_file():
             lines += render(json.loads(path.read_text()))
+    if NOTES.is_file():  # the hand-kept record of what was tried, after the measured tables
+        lines += [NOTES.read_text().strip(), ""]
     OUT.write_text("\n".join(lines))
     print(f"wrote {OUT}")
 
