@@ -33,6 +33,9 @@ def tiny_params(tiny_idx: Path, **pretrain_overrides) -> dict:
     params = params_for("idx", split={"label_fractions": [0.5, 1.0]})
     params["data"]["local_path"] = str(tiny_idx)
     params["model"].update(SMALL_MODEL)
+    # Every method (the default params.yaml runs only three of them).
+    params["pretrain"]["methods"] = ["scratch", "pca", "simclr", "autoencoder", "rotation",
+                                     "inpainting", "vae"]  # fmt: skip
     params["pretrain"].update(FAST, **pretrain_overrides)
     params["pretrain"]["monitor"]["knn_max_train"] = 200
     params["pretrain"]["inpainting"]["mask_size"] = 3
