@@ -28,6 +28,7 @@ from pipeline.viz import figures
 __all__ = [
     "CamInputError",
     "Explanation",
+    "autograd_on",
     "cam_figure",
     "class_activation_maps",
     "eval_mode",
@@ -78,7 +79,7 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextlib.contextmanager
-def _autograd_on() -> Iterator[None]:
+def autograd_on() -> Iterator[None]:
     """Gradients available even when the caller runs under no_grad or inference_mode."""
     with torch.inference_mode(False), torch.enable_grad():
         yield
@@ -172,7 +173,7 @@ def grad_cam(
         captured.append(leaf)
         return leaf
 
-    with _autograd_on():
+    with autograd_on():
         x = images.detach().clone()
         if layer is None:
             x.requires_grad_(True)
@@ -356,10 +357,7 @@ def cam_figure(
         for r, (name, overlays, captions) in enumerate(rows):
             for c in range(columns):
                 axes = fig.add_subplot(grid[r, c])
-                axes.set_xticks([])
-                axes.set_yticks([])
-                for spine in axes.spines.values():
-                    spine.set_visible(False)
+                figures.blank(axes)
                 if c < len(overlays):
                     axes.imshow(overlays[c], interpolation="nearest")
                     if c < len(captions):

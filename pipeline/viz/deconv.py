@@ -27,10 +27,9 @@ gradient), so it is exact for any architecture.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from torch import Tensor, nn
 
 from pipeline.errors import PipelineError
 from pipeline.viz import figures
-from pipeline.viz.cam import eval_mode
+from pipeline.viz.cam import autograd_on, eval_mode
 
 __all__ = [
     "ChannelPatches",
@@ -211,12 +210,6 @@ class _Rectify(torch.autograd.Function):
 
 def _rectify_hook(_module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
     return _Rectify.apply(inputs[0], output.detach())
-
-
-@contextlib.contextmanager
-def _autograd_on() -> Iterator[None]:
-    with torch.inference_mode(False), torch.enable_grad():
-        yield
 
 
 def _keep_strongest(activations: Tensor, channel: int) -> tuple[Tensor, Tensor]:
@@ -421,7 +414,7 @@ class Deconvnet:
         handles = [m.register_forward_hook(_rectify_hook)
                    for m in self.body.modules() if isinstance(m, ACTIVATIONS)]  # fmt: skip
         try:
-            with _autograd_on():
+            with autograd_on():
                 x = x.clone().requires_grad_(True)
                 out = _run_to(self.body, self._modules[spec.module], x)
                 self._check_channel(out, channel, spec.name)
@@ -440,7 +433,7 @@ class Deconvnet:
         spec = self._spec(layer)
         k = positions.shape[0]
         channels = self._in_channels()
-        with _autograd_on():
+        with autograd_on():
             if self._probe is None:  # built here so its weights are never inference tensors
                 self._probe = _receptive_field_probe(self.body)
             target = dict(self._probe.named_modules())[spec.module]
@@ -605,10 +598,7 @@ def deconv_figure(
         for r, (layer, items) in enumerate(layers.items()):
             for c in range(columns):
                 axes = fig.add_subplot(grid[r, c])
-                axes.set_xticks([])
-                axes.set_yticks([])
-                for spine in axes.spines.values():
-                    spine.set_visible(False)
+                figures.blank(axes)
                 if c == 0:
                     axes.set_ylabel(layer, fontsize=9)
                 if c // 2 >= len(items):

@@ -80,13 +80,6 @@ def _show_filter(axes: object, image: np.ndarray) -> None:
         axes.imshow(image.mean(-1), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
 
 
-def _blank(axes: object) -> None:
-    axes.set_xticks([])
-    axes.set_yticks([])
-    for spine in axes.spines.values():
-        spine.set_visible(False)
-
-
 def filters_figure(
     filters: np.ndarray, path: Path | str, title: str, max_filters: int = 64
 ) -> Path:
@@ -101,7 +94,7 @@ def filters_figure(
         grid = fig.add_gridspec(rows, columns, wspace=0.08, hspace=0.08)
         for k in range(rows * columns):
             axes = fig.add_subplot(grid[divmod(k, columns)])
-            _blank(axes)
+            figures.blank(axes)
             if k < len(shown):
                 _show_filter(axes, shown[k])
         more = f" (first {len(shown)} of {len(filters)})" if len(filters) > len(shown) else ""
@@ -170,7 +163,7 @@ def feature_maps_figure(
     with figures.figure(0.9 * columns + 1.0, 0.9 * rows + 0.5) as fig:
         grid = fig.add_gridspec(rows, columns, wspace=0.08, hspace=0.15)
         axes = fig.add_subplot(grid[0, 0])
-        _blank(axes)
+        figures.blank(axes)
         if image.ndim == 3 and image.shape[-1] == 1:
             image = image[..., 0]
         axes.imshow(image, cmap="gray" if image.ndim == 2 else None, interpolation="nearest")
@@ -178,7 +171,7 @@ def feature_maps_figure(
         for r, (layer, stack) in enumerate(maps, start=1):
             for c in range(columns):
                 axes = fig.add_subplot(grid[r, c])
-                _blank(axes)
+                figures.blank(axes)
                 if c < min(max_channels, len(stack)):
                     axes.imshow(stack[c], cmap="viridis", interpolation="nearest")
                 if c == 0:

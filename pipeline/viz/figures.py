@@ -38,3 +38,11 @@ def save(fig: Any, path: Path | str) -> Path:
     fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight", metadata={"Software": None})
     write_bytes(Path(path), buffer.getvalue())
     return Path(path)
+
+
+def blank(axes: Any) -> None:
+    """An axes that only shows an image: no ticks, no frame."""
+    axes.set_xticks([])
+    axes.set_yticks([])
+    for spine in axes.spines.values():
+        spine.set_visible(False)

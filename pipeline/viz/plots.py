@@ -144,10 +144,7 @@ def image_grid_figure(
         for r, (label, images) in enumerate(rows):
             for c in range(columns):
                 axes = fig.add_subplot(grid[r, c])
-                axes.set_xticks([])
-                axes.set_yticks([])
-                for spine in axes.spines.values():
-                    spine.set_visible(False)
+                figures.blank(axes)
                 if c < len(images):
                     _show(axes, images[c])
                 if c == 0:
