@@ -233,7 +233,7 @@ def _encoders(study: _Study) -> Any:
     for method in study.config.pretrain.methods:
         encoder = _load_encoder(study, method)
         section.heading(method)
-        filters = _filters(encoder)
+        filters = features.first_layer_filters(encoder)
         section.figure(features.filters_figure(filters, study.path(f"filters_{method}"),
                                                f"{method}: first-layer filters"),
                        _filters_caption(encoder))  # fmt: skip
@@ -592,37 +592,11 @@ def _kind(encoder: Any) -> str:
     return encoder.config.name if _is_backbone(encoder) else "pca"
 
 
-def _filters(encoder: Any) -> np.ndarray:
-    """First-layer filters; PCA's are its principal components ("eigen-images")."""
-    from pipeline.viz import features
-
-    if _is_backbone(encoder):
-        return features.first_layer_filters(encoder)
-    components = encoder.components.detach().cpu().numpy()
-    shape = (components.shape[0], *_image_shape(encoder))
-    return _unit(components.reshape(shape).transpose(0, 2, 3, 1))
-
-
 def _filters_caption(encoder: Any) -> str:
     if not _is_backbone(encoder):
         return "The principal components (\"eigen-images\"), each scaled to its own range."
     return (f"The {encoder.config.name} encoder's first-layer weights, each scaled to its own "
             "range.")  # fmt: skip
-
-
-def _image_shape(encoder: Any) -> tuple[int, int, int]:
-    for channels in (1, 3):
-        side = int(round(math.sqrt(encoder.components.shape[1] / channels)))
-        if channels * side * side == encoder.components.shape[1]:
-            return channels, side, side
-    raise ValueError(f"PCA components of length {encoder.components.shape[1]} are not an image")
-
-
-def _unit(array: np.ndarray) -> np.ndarray:
-    """Each item min-max scaled to [0, 1] on its own."""
-    flat = array.reshape(len(array), -1)
-    low, high = flat.min(1, keepdims=True), flat.max(1, keepdims=True)
-    return ((flat - low) / np.where(high > low, high - low, 1)).reshape(array.shape)
 
 
 def _spread(items: list[str], count: int) -> list[str]:

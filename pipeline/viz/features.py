@@ -49,8 +49,15 @@ def first_layer_filters(encoder: nn.Module) -> np.ndarray:
     """K x h x w x C floats in [0, 1]: the first layer's weights, each filter on its own scale.
 
     A conv encoder's first kernels (h x w = kernel size); an MLP's first-layer rows reshaped to
-    the image (h x w = image size), i.e. the template each hidden unit matches.
+    the image (h x w = image size), i.e. the template each hidden unit matches; a PCA encoder's
+    principal components reshaped to the image (its "eigen-images").
     """
+    components = getattr(encoder, "components", None)
+    if isinstance(components, torch.Tensor):  # PCA: its principal components, "eigen-images"
+        weights = components.detach().float().cpu().numpy()
+        return _unit(weights.reshape(len(weights), *_image_shape(weights.shape[1]))).transpose(
+            0, 2, 3, 1
+        )
     layer = getattr(encoder, "first_layer", None)
     if layer is None:
         layer = next((m for m in encoder.modules() if isinstance(m, nn.Conv2d | nn.Linear)), None)
@@ -70,6 +77,15 @@ def first_layer_filters(encoder: nn.Module) -> np.ndarray:
             f"the {type(encoder).__name__} encoder has no conv or linear layer to show filters of"
         )
     return _unit(weights).transpose(0, 2, 3, 1)
+
+
+def _image_shape(length: int) -> tuple[int, int, int]:
+    """C x S x S for a flattened square image of ``length`` values (1 or 3 channels)."""
+    for channels in (1, 3):
+        side = int(round(math.sqrt(length / channels)))
+        if channels * side * side == length:
+            return channels, side, side
+    raise FeaturesError(f"PCA components of length {length} are not a square 1- or 3-channel image")
 
 
 def _show_filter(axes: object, image: np.ndarray) -> None:
