@@ -33,7 +33,7 @@ def run(config: Config, dataset: str | None = None) -> dict:
     """Score every cell and seed on the test split; write the per-cell files and the summary."""
     from pipeline import evaluation, tracking
     from pipeline.data.datamodule import SplitData
-    from pipeline.stages.finetune import cell_name, metrics_path, model_dir
+    from pipeline.stages.finetune import cell_name, model_dir
 
     dataset = dataset or config.data.dataset
     ev = config.evaluate
@@ -41,7 +41,8 @@ def run(config: Config, dataset: str | None = None) -> dict:
         data = SplitData(dataset, ("test",))
         data.setup("test")
         images, labels = data.images["test"], data.labels["test"]
-        rows, best, features = [], {}, {}
+        best = best_by_validation(config)
+        rows, features = [], {}
         for init, mode, fraction in config.finetune.cells():
             name = cell_name(init, mode, fraction)
             per_seed = {}
@@ -54,10 +55,6 @@ def run(config: Config, dataset: str | None = None) -> dict:
                 rows.append({"init": init, "mode": mode, "fraction": paths.fraction_name(fraction),
                              "seed": seed, **result})  # fmt: skip
             write_json(Path("metrics/eval") / f"{name}.json", {"cell": name, "seeds": per_seed})
-            validation = _validation_accuracy(metrics_path(init, mode, fraction))
-            key = paths.fraction_name(fraction)
-            if key not in best or validation > best[key][0]:
-                best[key] = (validation, init, mode, fraction)
         summary = evaluation.summarize(rows)
         _write_summary(config, summary)
         tracked.log_metrics({f"test_accuracy.{s['init']}-{s['mode']}-{s['fraction']}": s["mean"]
@@ -97,7 +94,22 @@ def _weights_key(encoder: Any) -> str:
     return digest.hexdigest()
 
 
-def _validation_accuracy(path: Path) -> float:
+def best_by_validation(config: Config) -> dict[str, tuple[float, str, str, float]]:
+    """Per label fraction (as named in files), ``(validation accuracy, init, mode, fraction)``
+    of the cell with the best mean validation accuracy; ties keep the first cell of the matrix.
+    The one place this choice is made: evaluation logs it, the report shows it."""
+    from pipeline.stages.finetune import metrics_path
+
+    best: dict[str, tuple[float, str, str, float]] = {}
+    for init, mode, fraction in config.finetune.cells():
+        validation = validation_accuracy(metrics_path(init, mode, fraction))
+        key = paths.fraction_name(fraction)
+        if key not in best or validation > best[key][0]:
+            best[key] = (validation, init, mode, fraction)
+    return best
+
+
+def validation_accuracy(path: Path) -> float:
     try:
         return float(read_json(path)["val_acc_mean"])
     except (OSError, ValueError, KeyError) as err:

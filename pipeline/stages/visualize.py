@@ -323,28 +323,11 @@ def _finetuning(study: _Study) -> Any:
     return section
 
 
-def _validation(path: Path) -> float:
-    return float(_read(path, "python -m pipeline finetune ...")["val_acc_mean"])
-
-
-def _best_by_validation(config: Config) -> dict[str, tuple[str, str, float, float]]:
-    """Per label fraction, the cell with the best mean validation accuracy (as evaluate chose)."""
-    from pipeline.stages.finetune import metrics_path
-
-    best: dict[str, tuple[str, str, float, float]] = {}
-    for init, mode, fraction in config.finetune.cells():
-        accuracy = _validation(metrics_path(init, mode, fraction))
-        key = paths.fraction_name(fraction)
-        if key not in best or accuracy > best[key][3]:
-            best[key] = (init, mode, fraction, accuracy)
-    return best
-
-
 # ------------------------------------------------------------------------------ evaluation
 
 
 def _evaluation(study: _Study) -> Any:
-    from pipeline.stages.evaluate import FIGURE, SUMMARY
+    from pipeline.stages.evaluate import FIGURE, SUMMARY, best_by_validation
     from pipeline.stages.finetune import cell_name
     from pipeline.viz import plots
     from pipeline.viz.report import Section
@@ -362,10 +345,10 @@ def _evaluation(study: _Study) -> Any:
     section.table(_summary_table(summary, fractions), "metrics/summary.json")
     if FIGURE.is_file():
         section.figure(FIGURE, "Test accuracy against the labeled fraction, 95 % intervals.")
-    best = _best_by_validation(study.config)
+    best = best_by_validation(study.config)
     matrices = []
     for fraction in fractions:
-        init, mode, value, accuracy = best[fraction]
+        _, init, mode, value = best[fraction]
         name = cell_name(init, mode, value)
         cell = _read(Path("metrics/eval") / f"{name}.json", "python -m pipeline evaluate")
         first = sorted(cell["seeds"], key=int)[0]
@@ -426,6 +409,7 @@ def _interpretation(study: _Study) -> Any:
     import torch
 
     from pipeline.models import classifier as classifiers
+    from pipeline.stages.evaluate import validation_accuracy
     from pipeline.stages.finetune import cell_name, metrics_path, model_dir
     from pipeline.viz import cam
     from pipeline.viz.report import Section
@@ -444,7 +428,7 @@ def _interpretation(study: _Study) -> Any:
     rng = np.random.default_rng(vis.seed)
     order = torch.from_numpy(rng.permutation(len(study.labels["test"])))
     for init in ft.inits:
-        mode = max(ft.modes, key=lambda m: _validation(metrics_path(init, m, fraction)))
+        mode = max(ft.modes, key=lambda m: validation_accuracy(metrics_path(init, m, fraction)))
         model, _ = classifiers.load(model_dir(init, mode, fraction))
         model = model.to(study.device)
         rows, explanation = _cam_rows(study, model, order)
