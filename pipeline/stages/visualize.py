@@ -58,6 +58,7 @@ class _Study:
     labels: dict[str, Any]
     tracked: Any
     figures: list[Path] = field(default_factory=list)
+    encoders: dict[str, Any] = field(default_factory=dict)
 
     def path(self, name: str) -> Path:
         path = self.out / f"{name}.png"
@@ -70,6 +71,15 @@ class _Study:
 
         normalize = from_policy_document(self.document, None).to(self.device)
         return normalize(images.to(self.device))
+
+    def encoder(self, method: str) -> Any:
+        """The method's pretrained encoder on the device, in eval mode, loaded once per run
+        (the encoder figures and the embeddings both need it)."""
+        from pipeline.models.encoders import load_encoder
+
+        if method not in self.encoders:
+            self.encoders[method] = load_encoder(method)[0].to(self.device).eval()
+        return self.encoders[method]
 
 
 def run(config: Config, dataset: str | None = None) -> dict:
@@ -231,7 +241,7 @@ def _encoders(study: _Study) -> Any:
     pool = study.normalized(test[: vis.deconv_images])
     pool_uint8 = test[: vis.deconv_images].permute(0, 2, 3, 1).numpy()
     for method in study.config.pretrain.methods:
-        encoder = _load_encoder(study, method)
+        encoder = study.encoder(method)
         section.heading(method)
         filters = features.first_layer_filters(encoder)
         section.figure(features.filters_figure(filters, study.path(f"filters_{method}"),
@@ -283,7 +293,7 @@ def _embeddings(study: _Study) -> Any:
     labels = study.labels["test"][index].numpy()
     panels = []
     for method in study.config.pretrain.methods:
-        encoder = _load_encoder(study, method)
+        encoder = study.encoder(method)
         with torch.no_grad():
             feats = torch.cat([encoder(chunk).float().cpu() for chunk in images.split(_CHUNK)])
         for kind in vis.embeddings:
@@ -557,13 +567,6 @@ def _read(path: Path, command: str) -> dict:
         return read_json(path)
     except (OSError, ValueError) as err:
         raise MissingInputError(f"{path} is missing or unreadable ({err}); run {command}") from None
-
-
-def _load_encoder(study: _Study, method: str) -> Any:
-    from pipeline.models.encoders import load_encoder
-
-    encoder, _ = load_encoder(method)
-    return encoder.to(study.device).eval()
 
 
 def _is_backbone(encoder: Any) -> bool:
