@@ -146,6 +146,25 @@ class FinetuneModule(L.LightningModule):
                 {k: v.detach().cpu() for k, v in self.classifier.state_dict().items()}
             )
 
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The best epoch so far and the history travel with the checkpoint, so a resumed run
+        chooses the same epoch and reports the same curve as an uninterrupted one."""
+        checkpoint["finetune"] = {
+            "best_acc": self.best_acc, "best_epoch": self.best_epoch,
+            "best_state": self.best_state, "history": list(self.history),
+            "stopped": bool(self.trainer.should_stop),
+        }  # fmt: skip
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.restore(checkpoint["finetune"])
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        self.best_acc = float(saved["best_acc"])
+        self.best_epoch = int(saved["best_epoch"])
+        self.best_state = dict(saved["best_state"])
+        self.history = list(saved["history"])
+
     # ------------------------------------------------------------------ optimization
     def configure_optimizers(self) -> dict[str, Any]:
         opt = self.hparams.optimizer

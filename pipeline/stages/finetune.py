@@ -10,18 +10,25 @@ Outputs: ``models/finetune/<I>-<M>-<F>/`` (``model.json`` + ``seed<k>.pt``),
 per seed) and ``metrics/finetune/<I>-<M>-<F>.csv`` (the curve: per epoch, the mean over the seeds
 that ran it of the training loss and validation accuracy; a kNN cell has no epochs, so its curve
 is one point, its validation accuracy).
+
+Training is resumable: each seed checkpoints every epoch to ``checkpoints/finetune/<cell>-<key>/``
+(outside the declared outputs, which the runners delete before a re-run; the key hashes every
+setting, the init's weights and the data) and a finished seed's result is kept there, so a run
+killed part-way re-runs only what was left. The folder is removed once the cell's outputs exist.
 """
 
 from __future__ import annotations
 
+import io
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
 from pipeline import paths
 from pipeline.config import Config
 from pipeline.errors import MissingInputError
-from pipeline.io import write_json, write_text
+from pipeline.io import write_bytes, write_json, write_text
 from pipeline.stages import pretrain as pretrain_stage  # the multi-task term's settings
 
 log = logging.getLogger(__name__)
@@ -84,7 +91,7 @@ def run(config: Config, dataset: str | None = None, init: str = "scratch", mode:
     with tracking.stage_run("finetune", config, dataset, COMMON_PARAMS) as tracked:
         fraction_tag = paths.fraction_name(fraction_value)
         tracked.set_tags({"init": init, "mode": mode, "fraction": fraction_tag, "cell": name})
-        states, per_seed, description = _train_cell(
+        states, per_seed, description, ckpt_dir = _train_cell(
             config, dataset, init, mode, fraction_value, document, tracked
         )
         from pipeline.models import classifier
@@ -100,6 +107,7 @@ def run(config: Config, dataset: str | None = None, init: str = "scratch", mode:
         write_text(curve_path(init, mode, fraction_value), curve_csv(per_seed))
         tracked.log_metrics({"val_acc": summary["val_acc_mean"]})
         tracked.log_artifact(metrics_path(init, mode, fraction_value))
+        shutil.rmtree(ckpt_dir, ignore_errors=True)  # every output is written: nothing to resume
     log.info("%s: validation accuracy %.4f", name, summary["val_acc_mean"])
     return summary
 
@@ -141,6 +149,7 @@ def _train_cell(config, dataset, init, mode, fraction, document, tracked):
     data = SplitData(dataset, (subset, "val"), ft.batch_size, seed=0, max_images=ft.max_images,
                      train_set=subset, min_steps=ft.min_steps_per_epoch)  # fmt: skip
     data.setup("fit")
+    ckpt_dir = _checkpoint_dir(config, dataset, init, mode, fraction, document)
     states, per_seed = {}, {}
     encoder_description: dict = {}
     knn: tuple[dict, dict] | None = None
@@ -153,8 +162,8 @@ def _train_cell(config, dataset, init, mode, fraction, document, tracked):
             knn = knn or _fit_knn(config, data, encoder, document)
             state, result = knn
         else:
-            state, result = _fit_linear(config, data, encoder, encoder_description, init, mode,
-                                        document, seed, tracked)  # fmt: skip
+            state, result = _fit_seed(config, data, encoder, encoder_description, init, mode,
+                                      document, seed, tracked, ckpt_dir)  # fmt: skip
         states[seed], per_seed[str(seed)] = state, result
         tracked.log_metrics({f"val_acc_seed{seed}": result["val_acc"]})
     description = {
@@ -164,7 +173,42 @@ def _train_cell(config, dataset, init, mode, fraction, document, tracked):
         "dropout": ft.dropout if mode != "knn" else 0.0, "encoder": encoder_description,
         "dataset": dataset,
     }  # fmt: skip
-    return states, per_seed, description
+    return states, per_seed, description, ckpt_dir
+
+
+def _checkpoint_dir(config, dataset, init, mode, fraction, document) -> Path:
+    """One folder per cell, keyed by everything that shapes its training: the params it reads,
+    the init's encoder weights, the data and the policy document."""
+    from pipeline.data.prepared import dataset_checksum
+    from pipeline.io import sha256_file
+
+    weights = paths.pretrain_dir(init) / "encoder.pt"
+    return pretrain_stage.checkpoint_dir(
+        "finetune", cell_name(init, mode, fraction),
+        {key: config.section(key) for key in COMMON_PARAMS},
+        sha256_file(weights) if weights.is_file() else None,
+        dataset_checksum(paths.prepared_dir(dataset)), document,
+    )  # fmt: skip
+
+
+def _fit_seed(config, data, encoder, encoder_description, init, mode, document, seed, tracked,
+              ckpt_dir):  # fmt: skip
+    """Train one seed, resumable: a finished seed is kept in ``seed<k>.pt`` and reused, an
+    interrupted one resumes from its last epoch's checkpoint in ``seed<k>/``."""
+    import torch
+
+    done = ckpt_dir / f"seed{seed}.pt"
+    if done.is_file():
+        saved = pretrain_stage.load_checkpoint(done, f"fine-tuning seed {seed}'s result")
+        log.info("seed %d already trained (%s); reusing it", seed, done)
+        return dict(saved["state"]), saved["result"]
+    state, result = _fit_linear(config, data, encoder, encoder_description, init, mode, document,
+                                seed, tracked, ckpt_dir / f"seed{seed}")  # fmt: skip
+    buffer = io.BytesIO()
+    torch.save({"state": state, "result": result}, buffer)
+    write_bytes(done, buffer.getvalue())
+    shutil.rmtree(ckpt_dir / f"seed{seed}", ignore_errors=True)
+    return state, result
 
 
 def _fit_knn(config: Config, data: Any, encoder: Any, document: dict) -> tuple[dict, dict]:
@@ -190,8 +234,9 @@ def _fit_knn(config: Config, data: Any, encoder: Any, document: dict) -> tuple[d
     return model.state_dict(), {"val_acc": round(accuracy, 6), "k": k, "temperature": t}
 
 
-def _fit_linear(config, data, encoder, encoder_description, init, mode, document, seed, tracked):
-    from lightning.pytorch.callbacks import EarlyStopping
+def _fit_linear(config, data, encoder, encoder_description, init, mode, document, seed, tracked,
+                ckpt_dir):  # fmt: skip
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
     from pipeline.models.classifier import LinearClassifier
     from pipeline.models.finetune import FinetuneModule
@@ -208,12 +253,23 @@ def _fit_linear(config, data, encoder, encoder_description, init, mode, document
         ft.encoder_lr_scale, ft.l1, ft.label_smoothing, ft.epochs, steps, seed,
         ssl=ssl, multitask_weight=ft.multitask_weight,
     )  # fmt: skip
-    trainer = pretrain_stage.make_trainer(
-        config, tracked, ft.epochs, steps,
-        [EarlyStopping("val_acc", patience=ft.patience, mode="max")],
-        prefix=f"seed{seed}", enable_checkpointing=False,
-    )  # fmt: skip
-    trainer.fit(module, datamodule=data)
+    last = ckpt_dir / "last.ckpt"
+    saved = None
+    if last.is_file():
+        what = f"fine-tuning seed {seed}'s checkpoint"
+        saved = pretrain_stage.load_checkpoint(last, what)["finetune"]
+        log.info("resuming seed %d from %s (after epoch %d)", seed, last, len(saved["history"]))
+    if saved is not None and (saved["stopped"] or len(saved["history"]) >= ft.epochs):
+        module.restore(saved)  # killed after its last epoch: nothing left to train
+    else:
+        trainer = pretrain_stage.make_trainer(
+            config, tracked, ft.epochs, steps,
+            [EarlyStopping("val_acc", patience=ft.patience, mode="max"),
+             ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=1)],
+            prefix=f"seed{seed}", default_root_dir=ckpt_dir,
+        )  # fmt: skip
+        resume = str(last) if saved is not None else None
+        trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
     state = module.best_state
     history = [{k: round(v, 6) for k, v in row.items()} for row in module.history]
     result = {"val_acc": round(module.best_acc, 6), "best_epoch": module.best_epoch,
@@ -239,7 +295,6 @@ def curve_csv(per_seed: dict[str, dict]) -> str:
         accuracy = sum(r["val_acc"] for r in group) / len(group)
         lines.append(f"{epoch},{loss},{accuracy:.6g}")
     return "\n".join(lines) + "\n"
-
 
 
 def _multitask_module(config, init, document, classifier, data):

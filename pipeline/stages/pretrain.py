@@ -145,10 +145,12 @@ def backbone_fields(config: Config) -> dict[str, Any]:
     return fields
 
 
-def checkpoint_dir(method: str, hparams: dict, checksum: str) -> Path:
-    """Where a run's checkpoints live: one folder per (method, settings, data)."""
-    key = hashlib.sha256(json.dumps([hparams, checksum], sort_keys=True).encode()).hexdigest()
-    return Path("checkpoints/pretrain") / f"{method}-{key[:12]}"
+def checkpoint_dir(stage: str, name: str, *material: Any) -> Path:
+    """Where a run's checkpoints live: ``checkpoints/<stage>/<name>-<key>/``, one folder per
+    (job, settings, data), the key a hash of ``material`` (everything that shapes the run), so
+    an interrupted run resumes and a run with other settings starts afresh."""
+    blob = json.dumps(list(material), sort_keys=True, default=str).encode()
+    return Path("checkpoints") / stage / f"{name}-{hashlib.sha256(blob).hexdigest()[:12]}"
 
 
 def _train(config: Config, dataset: str, method: str, document: dict, tracked: Any,
@@ -165,12 +167,8 @@ def _train(config: Config, dataset: str, method: str, document: dict, tracked: A
     _check_image_shape(data, document, dataset)
     steps = len(data.train_dataloader())
     hparams = hparams_for(config, method, document, data.num_classes, steps)
-    ckpt_dir = checkpoint_dir(method, hparams, _checksum(dataset))
-    last = ckpt_dir / "last.ckpt"
-    resume = str(last) if last.is_file() else None
-    if resume:
-        _check_checkpoint(last, method)
-        log.info("resuming %s from %s", method, last)
+    ckpt_dir = checkpoint_dir("pretrain", method, hparams, _checksum(dataset))
+    resume = resume_from(ckpt_dir, f"the pretrain stage's checkpoint for {method}")
     L.seed_everything(pre.seed, workers=True, verbose=False)
     module = PretrainModule(**hparams)
     trainer = make_trainer(
@@ -226,12 +224,33 @@ def make_trainer(config: Config, tracked: Any, epochs: int, steps_per_epoch: int
             prefix=prefix,
         ),
         callbacks=callbacks,
+        plugins=[atomic_checkpoint_io()],
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
         log_every_n_steps=max(1, steps_per_epoch),
         **options,
     )
+
+
+def atomic_checkpoint_io() -> Any:
+    """Lightning's checkpoint writer, made atomic on the checkpoint's own file system.
+
+    Lightning stages a checkpoint in the system temp folder and moves it into place, which is a
+    copy (not a rename) when that folder is on another file system: a ``kill -9`` during the
+    copy would leave a truncated ``last.ckpt``. ``pipeline.io.write_bytes`` writes a sibling,
+    fsyncs it and renames it, so a killed run always leaves the previous checkpoint whole.
+    """
+    import torch
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        def save_checkpoint(self, checkpoint: dict, path: Any, storage_options: Any = None) -> None:
+            buffer = io.BytesIO()
+            torch.save(checkpoint, buffer)
+            write_bytes(Path(path), buffer.getvalue())
+
+    return AtomicCheckpointIO()
 
 
 def _check_image_shape(data: Any, document: dict, dataset: str) -> None:
@@ -245,19 +264,34 @@ def _check_image_shape(data: Any, document: dict, dataset: str) -> None:
         )
 
 
-def _check_checkpoint(path: Path, method: str) -> None:
-    """A checkpoint must load as plain tensors and containers (no pickled code) to be resumed."""
+def resume_from(folder: Path, what: str) -> str | None:
+    """``folder/last.ckpt`` when an earlier run left one (checked loadable), else None."""
+    last = folder / "last.ckpt"
+    if not last.is_file():
+        return None
+    checkpoint = load_checkpoint(last, what)
+    log.info("resuming from %s (after epoch %s)", last, checkpoint.get("epoch", 0) + 1)
+    return str(last)
+
+
+def load_checkpoint(path: Path, what: str) -> dict:
+    """A checkpoint read as plain tensors and containers (``weights_only``: no pickled code).
+
+    Checkpoints are written atomically (:func:`atomic_checkpoint_io`), so a killed run leaves the
+    previous one whole; a file that still fails to load was damaged afterwards, and the error
+    says which folder to delete to start that job over.
+    """
     import pickle
 
     import torch
 
     try:
-        torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise MissingInputError(
-            f"{path} (the pretrain stage's checkpoint for {method}) is corrupt or unsafe to "
-            f"load ({reason}); delete {path.parent} to start this method's pretraining over"
+            f"{path} ({what}) is corrupt or unsafe to load ({reason}); delete {path.parent} "
+            "to start this job over"
         ) from None
 
 

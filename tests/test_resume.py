@@ -1,0 +1,141 @@
+"""`kill -9` in the middle of training loses at most the epoch in progress.
+
+Each test trains once without interruption, then runs the same stage as a real process, kills it
+with SIGKILL as soon as it has written a checkpoint, and runs it again. The second run must say it
+resumed and must end with the same numbers as the uninterrupted run. Tolerance: none. On the CPU
+training is deterministic and every random draw is seeded by (seed, epoch or step), so the
+resumed run is bit-identical (weights compared with atol=0, metric files compared byte for byte).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import from_dict
+from pipeline.stages import augment, download, pretrain, split
+from tests.conftest import params_for, run_env, sync_matrix, write_params
+
+TIMEOUT_S = 120
+
+
+def resume_params(tiny_idx: Path) -> dict:
+    """Tiny data but many short epochs, so a kill lands part-way through training."""
+    params = params_for("idx", split={"label_fractions": [1.0]})
+    params["data"]["local_path"] = str(tiny_idx)
+    params["model"].update(backbone="lenet5", width=8)
+    params["pretrain"].update(methods=["scratch", "rotation"], epochs=12, batch_size=64,
+                              max_images=128, warmup_epochs=0)  # fmt: skip
+    params["pretrain"]["monitor"]["knn_max_train"] = 100
+    params["finetune"].update(modes=["finetune"], seeds=[0, 1], epochs=10, patience=100,
+                              batch_size=32, min_steps_per_epoch=2, max_images=96)  # fmt: skip
+    return sync_matrix(params)
+
+
+@pytest.fixture
+def prepared(workdir: Path, tiny_idx: Path) -> Path:
+    """A working folder with params.yaml, the data stages done and the scratch encoder made."""
+    params = resume_params(tiny_idx)
+    write_params(workdir, params)
+    config = from_dict(params)
+    download.run(config)
+    split.run(config)
+    augment.run(config)
+    pretrain.run(config, method="scratch")
+    return workdir
+
+
+def stage(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline", *args, "--dataset", "idx"]
+
+
+def finish(cmd: list[str], cwd: Path) -> str:
+    """Run a stage to the end; its log (stderr) is returned."""
+    done = subprocess.run(cmd, cwd=cwd, env=run_env(), capture_output=True, text=True,
+                          timeout=TIMEOUT_S)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stderr
+
+
+def kill_when(cmd: list[str], cwd: Path, pattern: str) -> None:
+    """Start a stage and SIGKILL it as soon as a file matching ``pattern`` exists."""
+    with open(cwd / "killed.log", "w") as log:
+        process = subprocess.Popen(cmd, cwd=cwd, env=run_env(), stdout=log, stderr=log)
+        deadline = time.monotonic() + TIMEOUT_S
+        while not list(cwd.glob(pattern)):
+            assert process.poll() is None, f"finished before {pattern} appeared"
+            assert time.monotonic() < deadline, f"no {pattern} after {TIMEOUT_S} s"
+            time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)
+        assert process.wait() == -signal.SIGKILL
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_weights(left: dict, right: dict) -> None:
+    assert left.keys() == right.keys()
+    for name, tensor in left.items():
+        torch.testing.assert_close(right[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_pretraining_killed_mid_run_resumes_to_the_same_encoder(prepared: Path):
+    command = stage("pretrain", "--method", "rotation")
+    finish(command, prepared)
+    reference = weights(prepared / "models/pretrain/rotation/encoder.pt")
+    curve = (prepared / "metrics/pretrain/rotation.csv").read_text()
+    for output in ("models/pretrain/rotation/encoder.pt", "metrics/pretrain/rotation.csv"):
+        (prepared / output).unlink()
+
+    kill_when(command, prepared, "checkpoints/pretrain/rotation-*/last.ckpt")
+    assert not (prepared / "models/pretrain/rotation/encoder.pt").exists()
+    log = finish(command, prepared)
+
+    assert "resuming from" in log and "(after epoch 0)" not in log
+    assert_same_weights(reference, weights(prepared / "models/pretrain/rotation/encoder.pt"))
+    assert (prepared / "metrics/pretrain/rotation.csv").read_text() == curve
+    assert not list(prepared.glob("checkpoints/pretrain/rotation-*"))  # removed after success
+
+
+def test_fine_tuning_killed_in_its_second_seed_keeps_the_first_and_resumes(prepared: Path):
+    command = stage("finetune", "--init", "scratch", "--mode", "finetune", "--fraction", "1.0")
+    finish(command, prepared)
+    reference = {seed: weights(prepared / f"models/finetune/scratch-finetune-1.0/seed{seed}.pt")
+                 for seed in (0, 1)}  # fmt: skip
+    summary = (prepared / "metrics/finetune/scratch-finetune-1.0.json").read_text()
+    curve = (prepared / "metrics/finetune/scratch-finetune-1.0.csv").read_text()
+
+    kill_when(command, prepared, "checkpoints/finetune/scratch-finetune-1.0-*/seed1/last.ckpt")
+    log = finish(command, prepared)
+
+    assert "seed 0 already trained" in log and "resuming seed 1" in log
+    history = json.loads(summary)["seeds"]["1"]["history"]
+    assert len(history) == 10  # every epoch ran: the kill came before the end
+    for seed in (0, 1):
+        resumed = weights(prepared / f"models/finetune/scratch-finetune-1.0/seed{seed}.pt")
+        assert_same_weights(reference[seed], resumed)
+    assert (prepared / "metrics/finetune/scratch-finetune-1.0.json").read_text() == summary
+    assert (prepared / "metrics/finetune/scratch-finetune-1.0.csv").read_text() == curve
+    assert not list(prepared.glob("checkpoints/finetune/*"))
+
+
+def test_a_checkpoint_damaged_after_the_kill_is_named_with_the_folder_to_delete(prepared: Path):
+    command = stage("finetune", "--init", "scratch", "--mode", "finetune", "--fraction", "1.0")
+    kill_when(command, prepared, "checkpoints/finetune/scratch-finetune-1.0-*/seed0/last.ckpt")
+    (last,) = prepared.glob("checkpoints/finetune/scratch-finetune-1.0-*/seed0/last.ckpt")
+    last.write_bytes(last.read_bytes()[:200])
+    failed = subprocess.run(command, cwd=prepared, env=run_env(), capture_output=True, text=True,
+                            timeout=TIMEOUT_S)  # fmt: skip
+    assert failed.returncode == 1
+    (line,) = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
+    folder = last.parent.relative_to(prepared)
+    assert str(last.relative_to(prepared)) in line and f"delete {folder}" in line
+    assert "Traceback" not in failed.stderr
