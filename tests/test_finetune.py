@@ -106,7 +106,9 @@ def test_a_model_folder_that_is_not_ours_is_named(tmp_path: Path):
         classifier.load(tmp_path)
 
 
-def test_evaluate_scores_every_cell_on_the_test_split_and_summarizes(pretrained_tiny: Path):
+def test_evaluate_scores_every_cell_on_the_test_split_and_summarizes(pretrained_tiny: Path,
+                                                                    tmp_path: Path):  # fmt: skip
+    import mlflow
     from mlflow.tracking import MlflowClient
 
     from pipeline.stages import evaluate
@@ -146,8 +148,14 @@ def test_evaluate_scores_every_cell_on_the_test_split_and_summarizes(pretrained_
     experiment = client.get_experiment_by_name("label-efficiency")
     (run,) = client.search_runs([experiment.experiment_id], "tags.stage = 'evaluate'")
     assert run.data.tags["best.1.0"].split(" ")[0] in {c for c in summary}
-    logged = client.search_logged_models([experiment.experiment_id])
-    assert {m.name for m in logged} >= {"best-0_25", "best-1_0"}
+    logged = {m.name: m for m in client.search_logged_models([experiment.experiment_id])}
+    assert set(logged) >= {"best-0_25", "best-1_0"}
+    # The logged model is the pipeline's own folder of plain state_dicts, loadable weights-only.
+    folder = mlflow.artifacts.download_artifacts(logged["best-1_0"].artifact_location,
+                                                 dst_path=str(tmp_path / "best"))  # fmt: skip
+    model, description = classifier.load(Path(folder))
+    assert f"{description['init']}-{description['mode']}" == logged["best-1_0"].tags["cell"]
+    assert not list(Path(folder).rglob("*.pkl")) and model(torch.zeros(2, 1, 8, 8)).shape == (2, 4)
 
 
 def test_the_multitask_term_trains_the_shared_encoder(pretrained_tiny: Path):

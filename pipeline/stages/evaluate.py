@@ -138,23 +138,23 @@ def _write_summary(config: Config, summary: list[dict]) -> None:
 
 
 def _log_best_models(tracked: Any, best: dict[str, tuple]) -> None:
-    """Per label fraction, the cell with the best validation accuracy, as an MLflow model."""
-    import mlflow
-    import torch
+    """Per label fraction, the cell with the best validation accuracy, as an MLflow model.
 
-    from pipeline import tracking
-    from pipeline.models import classifier
+    The logged model holds the pipeline's own folder (``model.json`` + ``seed<k>.pt`` plain
+    state_dicts), not a pickled module: whoever downloads it loads it with
+    ``pipeline.models.classifier.load`` (``torch.load(weights_only=True)``), so an untrusted
+    store cannot run code on the reader's machine.
+    """
     from pipeline.stages.finetune import model_dir
 
-    mlflow.set_tracking_uri(tracking.tracking_uri())
-    with mlflow.start_run(run_id=tracked.run_id):
-        for fraction, (validation, init, mode, value) in sorted(best.items()):
-            model, _ = classifier.load(model_dir(init, mode, value))
-            mlflow.pytorch.log_model(
-                model, name=f"best-{fraction.replace('.', '_')}",  # MLflow names refuse dots
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-                # pt2 export cannot trace the kNN classifier's data-dependent top-k; the
-                # pipeline's own files stay plain state_dicts (models/finetune/).
-                serialization_format="pickle",
-            )  # fmt: skip
-            mlflow.set_tag(f"best.{fraction}", f"{init}-{mode} (validation {validation:.4f})")
+    experiment = tracked.client.get_run(tracked.run_id).info.experiment_id
+    for fraction, (validation, init, mode, value) in sorted(best.items()):
+        cell = f"{init}-{mode}"
+        model = tracked.client.create_logged_model(
+            experiment, name=f"best-{fraction.replace('.', '_')}",  # MLflow names refuse dots
+            source_run_id=tracked.run_id, model_type="pipeline-classifier",
+            tags={"cell": cell, "fraction": fraction, "format": "state_dict (weights_only)"},
+        )  # fmt: skip
+        tracked.client.log_model_artifacts(model.model_id, str(model_dir(init, mode, value)))
+        tracked.client.finalize_logged_model(model.model_id, "READY")
+        tracked.set_tags({f"best.{fraction}": f"{cell} (validation {validation:.4f})"})
