@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -139,3 +140,33 @@ def test_a_checkpoint_damaged_after_the_kill_is_named_with_the_folder_to_delete(
     folder = last.parent.relative_to(prepared)
     assert str(last.relative_to(prepared)) in line and f"delete {folder}" in line
     assert "Traceback" not in failed.stderr
+
+
+class DieAtTheEnd(L.Callback):
+    """Fails after the last epoch's checkpoint is written, before the seed's result is kept."""
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        raise RuntimeError("killed after the last epoch")
+
+
+def test_a_run_stopped_after_its_last_checkpoint_trains_nothing_more(
+    prepared: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from pipeline.stages import finetune
+
+    params = resume_params(prepared.parent / "tiny_idx")
+    params["finetune"].update(seeds=[0], epochs=3)
+    config = from_dict(params)
+    finetune.run(config, init="scratch", mode="finetune", fraction="1.0")
+    summary = (prepared / "metrics/finetune/scratch-finetune-1.0.json").read_text()
+
+    make_trainer = pretrain.make_trainer
+    monkeypatch.setattr(pretrain, "make_trainer", lambda *args, **kwargs: make_trainer(
+        *args[:4], [*args[4], DieAtTheEnd()], *args[5:], **kwargs))  # fmt: skip
+    with pytest.raises(RuntimeError, match="killed after the last epoch"):
+        finetune.run(config, init="scratch", mode="finetune", fraction="1.0")
+    monkeypatch.setattr(pretrain, "make_trainer", make_trainer)
+    assert list(prepared.glob("checkpoints/finetune/scratch-finetune-1.0-*/seed0/last.ckpt"))
+
+    finetune.run(config, init="scratch", mode="finetune", fraction="1.0")
+    assert (prepared / "metrics/finetune/scratch-finetune-1.0.json").read_text() == summary
