@@ -3,20 +3,25 @@
 Both runners call exactly these commands. Heavy libraries (torch, lightning, mlflow) are imported
 inside the stage that needs them, so ``--help`` and params errors answer at once. Errors meant for
 the user (pipeline.errors.PipelineError, including params problems) print one line and exit 1
-(2 for params.yaml); anything else is a bug and keeps its traceback.
+(2 for params.yaml). So does a write the disk refuses (full, over quota, over the file-size limit,
+read-only): that is the machine's state, not a bug, and the user needs the path and what to do,
+not a traceback. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import importlib.util
 import logging
+import os
 import sys
 from pathlib import Path
 
 from pipeline.config import PARAMS_FILE, ConfigError, load
 from pipeline.errors import PipelineError
+from pipeline.io import is_disk_error
 
 log = logging.getLogger("pipeline")
 
@@ -121,10 +126,44 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", err)
         return 2
     except PipelineError as err:
-        what = args.command if args.command in TOOLS else f"{args.command} stage"
-        log.error("%s failed: %s", what, err)
+        log.error("%s failed: %s", _what(args.command), err)
+        return 1
+    except OSError as err:
+        if not is_disk_error(err):
+            raise
+        log.error("%s failed: %s", _what(args.command), disk_error_message(err))
         return 1
     except KeyboardInterrupt:
         log.error("%s stage interrupted; its outputs were left as they were", args.command)
         return 130
     return 0
+
+
+def _what(command: str) -> str:
+    return command if command in TOOLS else f"{command} stage"
+
+
+_DISK_PROBLEMS = {
+    errno.ENOSPC: ("no space left on device", "free space on that disk"),
+    errno.EDQUOT: ("disk quota exceeded", "free space within your quota or raise the quota"),
+    errno.EFBIG: (
+        "file too large for the file-size limit (ulimit -f) or the file system",
+        "raise the limit (ulimit -f unlimited) or use a file system that takes larger files",
+    ),
+    errno.EROFS: ("read-only file system", "make that file system writable"),
+}
+
+
+def disk_error_message(err: OSError) -> str:
+    """One line for a write the disk refused: what, where, and what to do about it.
+
+    The written path is ``filename2`` where an OSError has two (rename, copy: source, target).
+    """
+    problem, remedy = _DISK_PROBLEMS[err.errno]
+    target = err.filename2 if err.filename2 is not None else err.filename
+    where = f" while writing {os.fsdecode(target)}" if target is not None else ""
+    return (
+        f"{problem}{where}; {remedy}, or point the output elsewhere (link its folder to a "
+        "larger disk), then run the stage again. Outputs are replaced only once complete, so "
+        "the previous ones were left as they were"
+    )

@@ -10,6 +10,7 @@ import gzip
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -181,25 +182,58 @@ def list_imagefolder(root: Path) -> tuple[list[str], list[tuple[Path, int]], lis
     return classes, samples, others
 
 
+class BadImage(DataError):
+    """A file of an image folder that cannot be used; ``reason`` says why, without the path."""
+
+    def __init__(self, path: Path, detail: str) -> None:
+        self.path = path
+        self.reason = f"not a readable image: {detail}"
+        super().__init__(f"{path}: {self.reason}")
+
+
+#: Modes with more than 8 bits per sample: PIL's own conversion clips them at 255 (a 16-bit scan
+#: would come out white), so they are scaled from their 16-bit range instead.
+_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
 def load_image(path: Path, size: int, channels: int) -> np.ndarray:
     """Decode any image (size, mode) to ``size x size x channels`` uint8.
 
-    The shorter side is resized to ``size`` and the centre is cropped, so the aspect ratio is kept;
-    transparency is composited on black; palette and 16-bit modes are converted. A file that PIL
-    cannot fully decode (truncated, not an image) raises DataError naming it.
+    The EXIF orientation is applied (phones store pictures sideways and say so in EXIF); the
+    shorter side is resized to ``size`` and the centre is cropped, so the aspect ratio is kept;
+    transparency is composited on black; palette, bilevel and CMYK images are converted and 16-bit
+    ones scaled to 8 bits. A file that PIL cannot fully decode (empty, truncated, not an image,
+    absurdly large) raises BadImage naming it and why.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    if Path(path).stat().st_size == 0:
+        raise BadImage(path, "empty file (0 bytes)")
     try:
         with Image.open(path) as image:
             image.load()
-            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-                rgba = image.convert("RGBA")
-                image = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-                image.alpha_composite(rgba)
-            image = image.convert("L" if channels == 1 else "RGB")
+            image = _to_mode(ImageOps.exif_transpose(image), "L" if channels == 1 else "RGB")
             image = ImageOps.fit(image, (size, size), Image.Resampling.BILINEAR)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"{path}: not a readable image ({err})") from None
+    except UnidentifiedImageError:
+        raise BadImage(path, "unknown format (not an image, or one PIL cannot read)") from None
+    except Image.DecompressionBombError as err:
+        raise BadImage(path, f"too many pixels to decode safely ({err})") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        what = "truncated image data" if "truncated" in str(err) else "corrupt or unsupported image"
+        raise BadImage(path, f"{what} ({err})") from None
     array = np.asarray(image, dtype=np.uint8)
     return array[..., None] if array.ndim == 2 else array
+
+
+def _to_mode(image: Any, mode: str) -> Any:
+    """``image`` in ``mode`` (L or RGB), alpha composited on black, wide samples scaled."""
+    from PIL import Image
+
+    if image.mode in _WIDE_MODES:
+        wide = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        image.alpha_composite(rgba)
+    return image.convert(mode)

@@ -81,18 +81,20 @@ def load(folder: Path, verify: bool = True, only: tuple[str, ...] | None = None)
     folder = Path(folder)
     hint = f"run the download stage (python -m pipeline download) to make {folder}"
     manifest_path = folder / "manifest.json"
-    if not manifest_path.is_file():
-        raise MissingInputError(f"{manifest_path} is missing; {hint}")
-    manifest = read_json(manifest_path)
-    classes_path = folder / "classes.json"
-    if not classes_path.is_file():
-        raise MissingInputError(f"{classes_path} is missing; {hint}")
+    manifest = _read_document(manifest_path, dict, hint)
+    if not isinstance(manifest.get("arrays"), dict):
+        raise MissingInputError(f"{manifest_path} lists no arrays (corrupted or edited); {hint}")
+    classes = _read_document(folder / "classes.json", list, hint)
     arrays: dict[str, np.ndarray | None] = {}
     for name in ARRAY_NAMES:
         entry = manifest["arrays"].get(name)
         if entry is None or (only is not None and name not in only):
             arrays[name] = None
             continue
+        if not isinstance(entry, dict) or not {"sha256", "shape"} <= entry.keys():
+            raise MissingInputError(
+                f"{manifest_path}: the entry of {name} is malformed (corrupted or edited); {hint}"
+            )
         path = folder / f"{name}.npy"
         if not path.is_file():
             raise MissingInputError(f"{path} is missing; {hint}")
@@ -107,15 +109,28 @@ def load(folder: Path, verify: bool = True, only: tuple[str, ...] | None = None)
             raise MissingInputError(f"{path} is not a readable .npy file ({err}); {hint}") from None
         if list(array.shape) != entry["shape"]:
             raise MissingInputError(
-                f"{path} has shape {array.shape}, manifest says {entry['shape']}"
+                f"{path} has shape {array.shape}, manifest says {entry['shape']}; {hint}"
             )
         arrays[name] = array
     return Prepared(
         folder=folder,
         manifest=manifest,
-        classes=read_json(classes_path),
+        classes=classes,
         train_images=arrays["train_images"],
         train_labels=arrays["train_labels"],
         test_images=arrays["test_images"],
         test_labels=arrays["test_labels"],
     )
+
+
+def _read_document(path: Path, kind: type, hint: str) -> dict | list:
+    """A JSON file of the prepared folder; a missing, truncated or edited one names itself."""
+    if not path.is_file():
+        raise MissingInputError(f"{path} is missing; {hint}")
+    try:
+        document = read_json(path)
+    except (OSError, ValueError) as err:
+        raise MissingInputError(f"{path} is not readable JSON ({err}); {hint}") from None
+    if not isinstance(document, kind):
+        raise MissingInputError(f"{path} does not hold a JSON {kind.__name__}; {hint}")
+    return document

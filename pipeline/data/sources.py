@@ -5,13 +5,16 @@ checksum is taken of the *decoded* content (gunzipped) wherever it is known: Deb
 the Fashion-MNIST archives, so their .gz bytes differ from upstream while the decoded bytes match.
 Where only the publisher's archive checksum is known, that one is checked instead. A file is
 fetched to ``<name>.part`` and renamed only once verified, so an interrupted or corrupt fetch never
-leaves a file that looks complete.
+leaves a file that looks complete. A connection that ends before the announced Content-Length is
+reported as cut off (not as a checksum mismatch, and never accepted where no checksum is known); a
+disk that refuses the ``.part`` file stops the fetch, since another mirror would not help.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import logging
 import os
 import shutil
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import ChecksumError, FetchError
+from pipeline.io import is_disk_error
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +175,10 @@ def fetch(expected: RemoteFile, mirrors: tuple[str, ...] | list[str], dest_dir: 
             how = sums.verified_by(expected)
         except ChecksumError as err:
             failures.append(f"{location}: checksum mismatch: {err}")
-        except (OSError, urllib.error.URLError, ValueError) as err:
+        except (OSError, urllib.error.URLError, ValueError, http.client.HTTPException) as err:
+            if is_disk_error(err):
+                _name_part(err, part, dest)
+                raise
             failures.append(f"{location}: {_reason(err)}")
         else:
             os.replace(part, dest)
@@ -187,7 +194,26 @@ def fetch(expected: RemoteFile, mirrors: tuple[str, ...] | list[str], dest_dir: 
     )
 
 
+class IncompleteTransfer(ValueError):
+    """The server closed the connection before sending all the bytes it announced."""
+
+
+def _name_part(err: OSError, part: Path, dest: Path) -> None:
+    """A refused write of the ``.part`` file is reported as a write of ``dest``."""
+    for attr in ("filename", "filename2"):
+        if getattr(err, attr) is not None and os.fsdecode(getattr(err, attr)) == str(part):
+            setattr(err, attr, str(dest))
+    if err.filename is None:
+        err.filename = str(dest)
+
+
 def _reason(err: BaseException) -> str:
+    if isinstance(err, IncompleteTransfer):
+        return str(err)
+    if isinstance(err, http.client.IncompleteRead):
+        return f"connection cut off after {len(err.partial)} bytes (incomplete download)"
+    if isinstance(err, http.client.HTTPException):
+        return f"broken HTTP response ({type(err).__name__}: {err})"
     if isinstance(err, urllib.error.HTTPError):
         return f"HTTP {err.code} {err.reason}"
     if isinstance(err, urllib.error.URLError):
@@ -207,4 +233,11 @@ def _copy_to(location: str, part: Path) -> None:
         return
     request = urllib.request.Request(location, headers={"User-Agent": "pipeline-download"})
     with urllib.request.urlopen(request, timeout=_TIMEOUT_S) as response, open(part, "wb") as out:
+        announced = response.headers.get("Content-Length")
         shutil.copyfileobj(response, out, _CHUNK)
+        received = out.tell()
+    # http.client ends a short read quietly when the server closes early: compare by hand.
+    if announced is not None and announced.isdigit() and received != int(announced):
+        raise IncompleteTransfer(
+            f"connection cut off after {received} of {announced} bytes (incomplete download)"
+        )

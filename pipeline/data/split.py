@@ -18,13 +18,16 @@ Rules (documented in README and the split report):
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from pipeline import paths
 from pipeline.errors import MissingInputError
+from pipeline.io import sha256_file
 
 
 def content_groups(*image_sets: np.ndarray) -> list[np.ndarray]:
@@ -196,24 +199,98 @@ def disjointness(
     }
 
 
-def load_indices(dataset: str, name: str) -> np.ndarray:
-    """Indices of one set (``train``, ``val``, ``test``, ``labeled-0.1``) from the split stage."""
-    path = paths.splits_dir(dataset) / f"{name}.npy"
+#: The split's report, which also holds the sha256 of every other file of the split.
+REPORT = "report.json"
+#: Key of the report's own checksum: sha256 of the report written without this key.
+_SEAL = "report_sha256"
+
+
+def seal_report(report: dict, folder: Path) -> dict:
+    """``report`` plus the sha256 of every file already in ``folder`` and of the report itself.
+
+    Why: an index file that was edited still loads as valid indices, so only a checksum shows the
+    change; and the report (which says where the test indices point) checks itself, so no file of
+    the split can change unnoticed. Written last, into the folder from io.atomic_dir.
+    """
+    plain = json.loads(json.dumps(report))  # the form it will have on disk (lists, str keys)
+    plain.pop(_SEAL, None)
+    plain["checksums"] = {
+        p.name: sha256_file(p)
+        for p in sorted(Path(folder).iterdir())
+        if p.is_file() and p.name != REPORT
+    }
+    plain[_SEAL] = _digest(plain)
+    return plain
+
+
+def _digest(report: dict) -> str:
+    body = {k: v for k, v in report.items() if k != _SEAL}
+    return hashlib.sha256(json.dumps(body, indent=2, sort_keys=True).encode()).hexdigest()
+
+
+def _rerun(dataset: str) -> str:
+    return f"re-run the split stage (python -m pipeline split --dataset {dataset})"
+
+
+def verified_report(dataset: str) -> dict:
+    """The split report of ``dataset``, checked against its own checksum.
+
+    Raises MissingInputError naming the report and the command that remakes it when it is missing,
+    truncated, edited or from a version of the split stage that wrote no checksums.
+    """
+    path = paths.splits_dir(dataset) / REPORT
     try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise MissingInputError(
+            f"{path} is missing or unreadable ({err}); {_rerun(dataset)}"
+        ) from None
+    if not isinstance(report, dict) or not isinstance(report.get("checksums"), dict):
+        raise MissingInputError(
+            f"{path} holds no checksums (corrupted, or written by an older version); "
+            f"{_rerun(dataset)}"
+        )
+    if report.get(_SEAL) != _digest(report):
+        raise MissingInputError(
+            f"{path} does not match its own checksum (corrupted or edited); {_rerun(dataset)}"
+        )
+    return report
+
+
+def load_indices(dataset: str, name: str) -> np.ndarray:
+    """Indices of one set (``train``, ``val``, ``test``, ``labeled-0.1``) from the split stage.
+
+    The file must match its checksum in the report: a truncated, altered or foreign file is a
+    MissingInputError naming it and the command that remakes it, never silently wrong indices.
+    """
+    path = paths.splits_dir(dataset) / f"{name}.npy"
+    if not path.is_file():
+        raise MissingInputError(f"{path} is missing; {_rerun(dataset)}")
+    expected = verified_report(dataset)["checksums"].get(path.name)
+    try:
+        actual = sha256_file(path)
+        if expected is None:
+            raise MissingInputError(
+                f"{path} is not part of the split in {path.parent / REPORT} (the split made "
+                f"other sets); {_rerun(dataset)}"
+            )
+        if actual != expected:
+            raise MissingInputError(
+                f"{path} does not match its checksum in {path.parent / REPORT} "
+                f"(corrupted or edited); {_rerun(dataset)}"
+            )
         return np.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:
         raise MissingInputError(
-            f"{path} is missing or unreadable ({err}); run the split stage "
-            "(python -m pipeline split) to make it"
+            f"{path} is missing or unreadable ({err}); {_rerun(dataset)}"
         ) from None
 
 
 def test_source(dataset: str) -> str:
     """Where a split's test indices point: ``test`` (official arrays) or ``train``."""
-    report = paths.splits_dir(dataset) / "report.json"
-    try:
-        return json.loads(report.read_text())["test_source"]
-    except (OSError, ValueError, KeyError):
+    report = verified_report(dataset)
+    if report.get("test_source") not in ("test", "train"):
         raise MissingInputError(
-            f"{report} is missing or unreadable; run the split stage (python -m pipeline split)"
-        ) from None
+            f"{paths.splits_dir(dataset) / REPORT} names no test source; {_rerun(dataset)}"
+        )
+    return report["test_source"]

@@ -11,7 +11,8 @@ Outputs in ``data/augment/<dataset>/``:
   split (``images.npy``, ``indices.npy`` into the prepared training arrays); else only its
   ``manifest.json``. Deterministic for a given seed on a given device type.
 
-Augmentation runs batched on the GPU when there is one, else on the CPU (pipeline.augment).
+Augmentation runs batched on the GPU when there is one, else on the CPU (pipeline.augment). The
+folder is built beside the old one and swapped in when all three are complete (io.atomic_dir).
 """
 
 from __future__ import annotations
@@ -51,9 +52,12 @@ def run(config: Config, dataset: str | None = None) -> dict:
     with tracking.stage_run("augment", config, dataset, PARAMS) as tracked:
         tracked.set_tags({"dataset_checksum": data.checksum})
         document = policy_document(config, dataset, data, train)
-        write_json(out / "policy.json", document)
-        write_bytes(out / "preview.png", preview_png(config, document, data, train))
-        seconds = write_pool(config, document, data, train, out / "pool")
+        # One folder swapped in whole: a failure (a full disk in the pool) leaves the previous
+        # policy, preview and pool together rather than a new policy beside an old pool.
+        with atomic_dir(out) as tmp:
+            write_json(tmp / "policy.json", document)
+            write_bytes(tmp / "preview.png", preview_png(config, document, data, train))
+            seconds = write_pool(config, document, data, train, tmp / "pool")
         if seconds is not None:
             n = config.augment.offline_copies * len(train)
             tracked.log_metrics({"pool_images": float(n), "pool_images_per_s": n / seconds})

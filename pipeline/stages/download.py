@@ -192,7 +192,11 @@ def _local_idx(config: Config, raw: Path) -> tuple[dict, formats.Arrays]:
 
 
 def _imagefolder(config: Config, raw: Path) -> tuple[dict, formats.Arrays]:
-    """A folder of class folders with images of any size and mode, converted to one shape."""
+    """A folder of class folders with images of any size and mode, converted to one shape.
+
+    Every file that cannot be used is named with its reason: all of them in the log, and in the
+    error (data.on_bad_image: error) or in the prepared manifest's notes (skip).
+    """
     root = Path(config.data.local_path)
     size, channels = config.data.image_size, config.data.channels
     classes, samples, others = formats.list_imagefolder(root)
@@ -202,26 +206,51 @@ def _imagefolder(config: Config, raw: Path) -> tuple[dict, formats.Arrays]:
         rel = path.relative_to(root)
         try:
             images.append(formats.load_image(path, size, channels))
-        except DataError as err:
-            rejected[str(rel)] = str(err).split(": ", 1)[-1]
+        except formats.BadImage as err:
+            rejected[str(rel)] = err.reason
             continue
         labels.append(label)
         (raw / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, raw / rel)
         files[str(rel)] = _entry(checksums(raw / rel), "none (local files)")
-    if rejected and config.data.on_bad_image == "error":
-        listed = "; ".join(f"{name}: {why}" for name, why in sorted(rejected.items())[:20])
-        more = f" (and {len(rejected) - 20} more)" if len(rejected) > 20 else ""
-        raise DataError(
-            f"{root}: {len(rejected)} file(s) could not be used: {listed}{more}. Remove them, or "
-            "set data.on_bad_image: skip in params.yaml to leave them out"
-        )
-    if not images:
-        raise DataError(f"{root}: no readable images found")
     for name, why in sorted(rejected.items()):
-        log.warning("left out %s: %s", name, why)
+        log.warning("%s %s: %s", "cannot use" if _strict(config) else "left out", name, why)
+    if rejected and _strict(config):
+        raise DataError(f"{root}: {_listing(rejected)}. Remove or fix them, or set "
+                        "data.on_bad_image: skip in params.yaml to leave them out")  # fmt: skip
+    _check_every_class_has_images(root, classes, labels, rejected)
     arrays = formats.Arrays(
         np.stack(images), np.asarray(labels, dtype=np.int64), classes,
         notes=[f"left out {name}: {why}" for name, why in sorted(rejected.items())],
     )  # fmt: skip
     return {"files": files, "rejected": rejected}, arrays
+
+
+#: At most this many rejected files are spelled out in the one-line error (all are in the log).
+_LISTED = 50
+
+
+def _strict(config: Config) -> bool:
+    return config.data.on_bad_image == "error"
+
+
+def _listing(rejected: dict[str, str]) -> str:
+    """``N file(s) could not be used: a: why; b: why`` (the first _LISTED of them)."""
+    items = sorted(rejected.items())
+    listed = "; ".join(f"{name}: {why}" for name, why in items[:_LISTED])
+    more = f" (and {len(items) - _LISTED} more, listed in the log)" if len(items) > _LISTED else ""
+    return f"{len(items)} file(s) could not be used: {listed}{more}"
+
+
+def _check_every_class_has_images(
+    root: Path, classes: list[str], labels: list[int], rejected: dict[str, str]
+) -> None:
+    """A class folder left without usable images would make a dataset with a phantom class."""
+    present = set(labels)
+    empty = [name for index, name in enumerate(classes) if index not in present]
+    if empty:
+        why = f" ({_listing(rejected)})" if rejected else ""
+        raise DataError(
+            f"{root}: no usable images in class folder(s) {', '.join(empty)}{why}; add images "
+            "there or remove the folder(s)"
+        )

@@ -3,6 +3,8 @@
 Output ``data/splits/<dataset>/``: ``train.npy``, ``val.npy``, ``test.npy`` (sorted int64 indices;
 train and val index the prepared training arrays, test indexes the set named by ``test_source``
 in the report), ``labeled-<fraction>.npy`` per label fraction, ``report.json`` and ``report.md``.
+The report holds the sha256 of every other file and of itself (pipeline.data.split.seal_report),
+so the stages that read the split notice a truncated or edited file and name it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import numpy as np
 from pipeline import paths
 from pipeline.config import Config
 from pipeline.data import prepared
-from pipeline.data.split import SplitResult, disjointness, make_split
+from pipeline.data.split import REPORT, SplitResult, disjointness, make_split, seal_report
 from pipeline.errors import DataError
 from pipeline.io import atomic_dir, save_npy, write_json, write_text
 
@@ -55,8 +57,9 @@ def run(config: Config, dataset: str | None = None) -> dict:
                 save_npy(tmp / f"{name}.npy", getattr(result, name))
             for fraction, subset in result.label_subsets.items():
                 save_npy(tmp / f"labeled-{paths.fraction_name(fraction)}.npy", subset)
-            write_json(tmp / "report.json", report)
             write_text(tmp / "report.md", _markdown(report))
+            report = seal_report(report, tmp)  # checksums of the files above and of itself
+            write_json(tmp / REPORT, report)
         tracked.log_metrics(
             {f"n_{name}": float(report["sets"][name]["size"]) for name in ("train", "val", "test")}
         )
