@@ -135,11 +135,12 @@ def _meta(config: Config, dataset: str) -> list[tuple[str, str]]:
 
 
 def _data(study: _Study) -> Any:
+    from pipeline.data.split import verified_report
     from pipeline.viz import plots
     from pipeline.viz.report import Section, Table
 
     section = Section("data", "Data")
-    split = read_json(paths.splits_dir(study.dataset) / "report.json")
+    split = verified_report(study.dataset)  # checked like every split file a stage reads
     sizes = split.get("sets", {})
     section.paragraphs.append(
         f"{study.dataset}: {len(study.classes)} classes, images of "
