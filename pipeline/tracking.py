@@ -2,33 +2,190 @@
 
 The store is ``sqlite:///<repo>/mlflow.db`` (MLflow 3 refuses the old ./mlruns file store) with
 artifacts under ``<repo>/mlartifacts``; ``MLFLOW_TRACKING_URI`` overrides it, for example to point
-at an ``mlflow server``. Every run carries the tags ``stage``, ``dataset``, ``dataset_checksum``,
-``pipeline_id`` (git commit + hash of params.yaml), ``git_commit``, ``git_dirty`` and, when the
-Makefile or a user sets ``PIPELINE_EXECUTION``, ``execution`` (one id per pipeline invocation).
+at an ``mlflow server`` or at another SQLite file (whose artifacts then go beside that file).
+Every run carries the tags ``stage``, ``dataset``, ``dataset_checksum``, ``pipeline_id`` (git
+commit + hash of params.yaml), ``git_commit``, ``git_dirty`` and, when the Makefile or a user sets
+``PIPELINE_EXECUTION``, ``execution`` (one id per pipeline invocation).
+
+Stages run side by side (``snakemake --cores N``) and whole pipelines run at once against one
+SQLite store, so every client goes through :func:`prepare_store` (schema creation one process at a
+time, a generous SQLite busy timeout) and the calls a stage makes are retried while the store is
+locked (:func:`with_retry`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import functools
 import logging
 import os
 import subprocess
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pipeline.config import Config
+from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 
+#: SQLite busy timeout for every connection this process opens, so schema checks and migrations
+#: wait for another process's write instead of failing (pysqlite's default is 5 s; MLflow's own
+#: sessions set 20 s on each session, which then applies to the rest of their work).
+BUSY_TIMEOUT_S = 60.0
+#: How long to wait for another process that is creating or upgrading the store's schema.
+INIT_LOCK_TIMEOUT_S = 300.0
+#: Pauses between tries of an MLflow call that failed with "database is locked" (each try already
+#: waited for the busy timeout), so a stage gives up with a clear error after about two minutes.
+RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 16.0)
+LOCKED = "database is locked"
+
+T = TypeVar("T")
+_prepared: set[str] = set()
+
 
 def tracking_uri() -> str:
     """``MLFLOW_TRACKING_URI`` when set, else the SQLite store in the working directory."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(DEFAULT_DB).resolve()}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:`` tracking URI; None for servers and in-memory stores."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        url = make_url(uri)
+    except ArgumentError:  # http://, databricks, file stores: not a SQLAlchemy URL
+        return None
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    return Path(url.database).resolve()
+
+
+def artifacts_root(uri: str) -> Path | None:
+    """Where a SQLite store's artifacts go: ``mlartifacts`` beside the database file, so pipelines
+    sharing one store share one artifact folder whichever of them created the experiment."""
+    path = sqlite_path(uri)
+    return None if path is None else path.parent / DEFAULT_ARTIFACTS
+
+
+def is_locked(error: BaseException) -> bool:
+    """Whether an error (or what caused it) is SQLite's SQLITE_BUSY, "database is locked".
+
+    MLflow wraps sqlite3.OperationalError in sqlalchemy's, then in an MlflowException."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if LOCKED in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def with_retry(call: Callable[[], T], what: str) -> T:
+    """``call()``, tried again with growing pauses while the store reports "database is locked".
+
+    Every try already waited for SQLite's busy timeout, so a lock that outlasts all of them is
+    held by something stuck: the stage stops with one line that names the store and the way out.
+    A failed try was rolled back by MLflow's session, so trying again cannot record twice.
+    """
+    started = time.monotonic()
+    for attempt, delay in enumerate((*RETRY_DELAYS_S, None), start=1):
+        try:
+            return call()
+        except Exception as err:
+            if not is_locked(err):
+                raise
+            if delay is None:
+                raise PipelineError(
+                    f"MLflow store {tracking_uri()} stayed locked ({LOCKED}) while {what}, "
+                    f"{attempt} tries over {time.monotonic() - started:.0f} s: another process "
+                    "holds a write on it; stop that process, or give this pipeline its own "
+                    "store (MLFLOW_TRACKING_URI=sqlite:////abs/path/other.db) or an mlflow server"
+                ) from err
+            log.warning("MLflow store locked while %s (try %d); retrying in %.0f s",
+                        what, attempt, delay)  # fmt: skip
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _set_busy_timeout(dbapi_connection: Any, _record: Any) -> None:
+    """SQLAlchemy "connect" hook: a generous busy timeout on every new SQLite connection."""
+    import sqlite3
+
+    if isinstance(dbapi_connection, sqlite3.Connection):
+        dbapi_connection.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+
+
+def _install_busy_timeout() -> None:
+    """Hook :func:`_set_busy_timeout` into every SQLAlchemy engine of this process.
+
+    Listening on the Engine class reaches the engine MLflow creates (and caches per URI) for
+    our client and for Lightning's ``MlflowClient(tracking_uri)``, without touching MLflow."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    if not event.contains(Engine, "connect", _set_busy_timeout):
+        event.listen(Engine, "connect", _set_busy_timeout)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path, uri: str) -> Iterator[None]:
+    """Hold an flock on ``lock_path``; the kernel drops it if the holder dies, so a left-over
+    lock file never blocks anyone. Gives up after INIT_LOCK_TIMEOUT_S with a PipelineError.
+    Where the lock file cannot be made (a read-only folder) nothing can write the store either,
+    so reading goes on without it."""
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as err:
+        log.warning("cannot open %s (%s); using the MLflow store without it", lock_path, err)
+        yield
+        return
+    try:
+        deadline = time.monotonic() + INIT_LOCK_TIMEOUT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise PipelineError(
+                        f"another process has held {lock_path} for over "
+                        f"{INIT_LOCK_TIMEOUT_S:g} s while creating the MLflow store {uri}; "
+                        "wait for it to finish or stop it, then run the stage again"
+                    ) from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def prepare_store(uri: str) -> None:
+    """Make a SQLite store ready (tables, migrations, default experiment) one process at a time.
+
+    MLflow's tracking SqlAlchemyStore creates and migrates a fresh database without a lock (its
+    jobs and workspace stores use a file lock, ``_safe_initialize_tables``), so stages started
+    together fail with "table ... already exists", "duplicate column" or alembic errors. Here the
+    first store of the process is built under an flock on ``<db>.lock``; MLflow caches that store
+    per URI, so later clients in the process (Lightning's MLFlowLogger included) reuse it.
+    Servers and other stores are left alone: they handle their own concurrency.
+    """
+    path = sqlite_path(uri)
+    if path is None or uri in _prepared:
+        return
+    _install_busy_timeout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from mlflow.tracking import MlflowClient
+
+    with _exclusive(path.with_name(f"{path.name}.lock"), uri):
+        with_retry(lambda: MlflowClient(uri).search_experiments(max_results=1),
+                   "creating the store")  # fmt: skip
+    _prepared.add(uri)
 
 
 def git_state(cwd: Path | None = None) -> tuple[str, bool]:
@@ -70,15 +227,20 @@ class TrackedRun:
         self.run_id = run_id
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, str(value))
+        from mlflow.entities import RunTag
+
+        batch = [RunTag(k, str(v)) for k, v in tags.items()]
+        if batch:
+            with_retry(lambda: self.client.log_batch(self.run_id, tags=batch), "setting tags")
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
         batch = [Param(k, str(v)) for k, v in params.items()]
         for start in range(0, len(batch), 100):  # MLflow's per-request limit
-            self.client.log_batch(self.run_id, params=batch[start : start + 100])
+            chunk = batch[start : start + 100]
+            log_chunk = functools.partial(self.client.log_batch, self.run_id, params=chunk)
+            with_retry(log_chunk, "logging params")
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric
@@ -86,19 +248,28 @@ class TrackedRun:
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         if batch:
-            self.client.log_batch(self.run_id, metrics=batch)
+            with_retry(lambda: self.client.log_batch(self.run_id, metrics=batch),
+                       "logging metrics")  # fmt: skip
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        with_retry(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path),
+                   f"logging artifact {path}")  # fmt: skip
+
+    def terminate(self, status: str) -> None:
+        """End the run FINISHED or FAILED (retried: a run left RUNNING would hide the result)."""
+        with_retry(lambda: self.client.set_terminated(self.run_id, status=status),
+                   f"marking the run {status}")  # fmt: skip
 
 
 def client() -> Any:
-    """An MlflowClient on :func:`tracking_uri`, with MLflow's own chatter turned down."""
+    """An MlflowClient on :func:`tracking_uri` (store prepared for concurrent use), with MLflow's
+    own chatter turned down."""
     for name in ("alembic", "mlflow"):
         logging.getLogger(name).setLevel(logging.WARNING)
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri()
+    prepare_store(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -106,17 +277,21 @@ def ensure_experiment(mlflow_client: Any, name: str) -> str:
     """The experiment's id, creating it (artifacts beside the SQLite store) when missing."""
     from mlflow.exceptions import MlflowException
 
-    found = mlflow_client.get_experiment_by_name(name)
+    found = with_retry(lambda: mlflow_client.get_experiment_by_name(name), "finding the experiment")
     if found is not None:
         return found.experiment_id
-    location = None
-    if tracking_uri().startswith("sqlite:"):
-        location = Path(DEFAULT_ARTIFACTS).resolve().as_uri()
+    root = artifacts_root(tracking_uri())
+    location = None if root is None else root.as_uri()
     try:
-        return mlflow_client.create_experiment(name, artifact_location=location)
+        return with_retry(lambda: mlflow_client.create_experiment(name, artifact_location=location),
+                          "creating the experiment")  # fmt: skip
     except MlflowException:
         # Another stage created it between our look-up and our create.
-        return mlflow_client.get_experiment_by_name(name).experiment_id
+        found = with_retry(lambda: mlflow_client.get_experiment_by_name(name),
+                           "finding the experiment")  # fmt: skip
+        if found is None:
+            raise
+        return found.experiment_id
 
 
 def resource_metrics(started: float) -> dict[str, float]:
@@ -151,7 +326,10 @@ def stage_run(
     }
     if os.environ.get("PIPELINE_EXECUTION"):
         tags["execution"] = os.environ["PIPELINE_EXECUTION"]
-    run = mlflow_client.create_run(experiment_id, tags=tags, run_name=f"{stage}-{dataset}")
+    run = with_retry(
+        lambda: mlflow_client.create_run(experiment_id, tags=tags, run_name=f"{stage}-{dataset}"),
+        "creating the run",
+    )
     tracked = TrackedRun(mlflow_client, run.info.run_id)
     params: dict[str, str] = {}
     for key in param_keys:
@@ -162,7 +340,15 @@ def stage_run(
     try:
         yield tracked
     except BaseException:
-        mlflow_client.set_terminated(run.info.run_id, status="FAILED")
+        _mark_failed(tracked)
         raise
     tracked.log_metrics(resource_metrics(started))
-    mlflow_client.set_terminated(run.info.run_id, status="FINISHED")
+    tracked.terminate("FINISHED")
+
+
+def _mark_failed(tracked: TrackedRun) -> None:
+    """Record FAILED if the store lets us; the stage's own error is what the user must see."""
+    try:
+        tracked.terminate("FAILED")
+    except Exception as err:  # noqa: BLE001 - best effort, the original error is re-raised
+        log.warning("could not mark MLflow run %s FAILED: %s", tracked.run_id, err)

@@ -1,0 +1,263 @@
+"""Parallel stages and parallel pipelines on one SQLite MLflow store: every run recorded.
+
+Real processes on a real SQLite file. Before tracking.prepare_store, processes that met a fresh
+store together raced on MLflow's schema creation ("table ... already exists", "duplicate column",
+alembic "expected to match one row"); the tests below start them together on purpose.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline import tracking
+from pipeline.config import load
+from pipeline.errors import PipelineError
+from tests.conftest import REPO, run, run_env
+
+EXPERIMENT = "label-efficiency"
+STRESS_KEYS = ("split", "augment")
+WORKERS = 6
+STEPS = 20
+#: Pretraining and fine-tuning ask for every core (threads: workflow.cores), so with --cores 2
+#: nothing would run side by side; one thread each lets two training jobs share the two cores.
+ONE_THREAD_EACH = ["--set-threads", "pretrain=1", "finetune=1"]
+
+
+def _worker(index: int, mode: str, steps: int) -> None:
+    """What a stage does to the store: params, many metric batches, an artifact, the end status;
+    in "lightning" mode also Lightning's MLFlowLogger writing into the same run."""
+    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401 - imported before the start line
+
+    if mode == "lightning":
+        from lightning.pytorch.loggers import MLFlowLogger
+    config = load(REPO / "params.yaml")
+    artifact = Path(f"artifact-{index}.txt")
+    artifact.write_text(f"worker {index}\n")
+    _wait_for_start(index)
+    with tracking.stage_run("stress", config, "idx", STRESS_KEYS) as tracked:
+        tracked.set_tags({"worker": index, "mode": mode})
+        for step in range(steps):
+            tracked.log_metrics({"m_a": step, "m_b": 2.0 * step}, step=step)
+        if mode == "lightning":
+            logger = MLFlowLogger(
+                experiment_name=config.tracking.experiment,
+                tracking_uri=tracking.tracking_uri(),
+                run_id=tracked.run_id,
+            )
+            logger.log_hyperparams({"lr": 0.1, "worker": index})
+            for step in range(steps):
+                logger.log_metrics({"epoch_loss": 1.0 / (step + 1)}, step=step)
+            logger.finalize("success")
+        tracked.log_artifact(artifact)
+
+
+def _wait_for_start(index: int) -> None:
+    """Say ready, then wait for the test's "go": imports done, every worker meets the fresh store
+    within a few milliseconds of the others, which is what made schema creation race."""
+    Path(f"ready-{index}").touch()
+    deadline = time.monotonic() + 240
+    while not Path("go").exists():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"worker {index}: no start signal")
+        time.sleep(0.005)
+
+
+def _start_together(folder: Path, count: int, processes: dict[str, subprocess.Popen]) -> None:
+    """Touch ``go`` once ``count`` workers are ready (or one of them has already died)."""
+    deadline = time.monotonic() + 240
+    while len(list(folder.glob("ready-*"))) < count:
+        assert time.monotonic() < deadline, "workers never got ready"
+        if any(p.poll() is not None for p in processes.values()):
+            break  # _finish reports what it printed
+        time.sleep(0.05)
+    (folder / "go").touch()
+
+
+def _runs(uri: str) -> list:
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(EXPERIMENT)
+    assert found is not None, f"no experiment {EXPERIMENT} in {uri}"
+    return client.search_runs([found.experiment_id], max_results=1000)
+
+
+def _overlapping(runs: list) -> list[tuple[str, str]]:
+    """Pairs of runs (by name) whose start..end times overlap: they ran at the same time."""
+    spans = sorted((r.info.start_time, r.info.end_time, r.info.run_name) for r in runs)
+    return [(a[2], b[2]) for i, a in enumerate(spans) for b in spans[i + 1 :] if b[0] < a[1]]
+
+
+def _start(command: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+
+def _finish(processes: dict[str, subprocess.Popen], timeout: float) -> dict[str, str]:
+    """Wait for every process; all must exit 0 without a locked store in what they printed."""
+    outputs = {name: p.communicate(timeout=timeout)[0] for name, p in processes.items()}
+    for name, process in processes.items():
+        assert process.returncode == 0, f"{name} exited {process.returncode}:\n{outputs[name]}"
+        assert tracking.LOCKED not in outputs[name], f"{name}:\n{outputs[name]}"
+    return outputs
+
+
+def _assert_never_locked(project: Path, output: str) -> None:
+    """Neither Snakemake's output nor any stage log mentions a locked store (not even a retry)."""
+    logs = "".join(path.read_text() for path in (project / "logs").rglob("*.log"))
+    assert list((project / "logs").rglob("*.log")), "no stage logs"
+    assert tracking.LOCKED not in output + logs
+    assert "retrying" not in logs
+
+
+def test_processes_started_together_on_a_fresh_store_all_record_their_runs(tmp_path: Path):
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"  # a folder that does not exist yet
+    env = run_env() | {"MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO)}
+    modes = ["lightning" if i % 2 else "stage" for i in range(WORKERS)]
+    workers = {
+        f"worker-{i}": _start([sys.executable, "-m", "tests.test_tracking_concurrency",
+                               str(i), mode, str(STEPS)], tmp_path, env)
+        for i, mode in enumerate(modes)
+    }  # fmt: skip
+    _start_together(tmp_path, WORKERS, workers)
+    _finish(workers, timeout=300)
+
+    config = load(REPO / "params.yaml")
+    params = {k: v for key in STRESS_KEYS for k, v in tracking.flatten(config.section(key),
+                                                                       key).items()}  # fmt: skip
+    runs = _runs(uri)
+    assert len(runs) == WORKERS
+    assert sorted(int(r.data.tags["worker"]) for r in runs) == list(range(WORKERS))
+    client = MlflowClient(tracking_uri=uri)
+    for r in runs:
+        lightning = r.data.tags["mode"] == "lightning"
+        assert r.info.status == "FINISHED", r.data.tags["worker"]
+        assert r.data.params == params | ({"lr": "0.1", "worker": r.data.tags["worker"]}
+                                          if lightning else {})  # fmt: skip
+        for key in ("m_a", "m_b", *(["epoch_loss"] if lightning else [])):
+            steps = sorted(m.step for m in client.get_metric_history(r.info.run_id, key))
+            assert steps == list(range(STEPS)), (r.data.tags["worker"], key)
+        assert "stage_seconds" in r.data.metrics
+        assert [a.path for a in client.list_artifacts(r.info.run_id)] == [
+            f"artifact-{r.data.tags['worker']}.txt"
+        ]
+    assert (tmp_path / "store" / "mlartifacts").is_dir()  # beside the store, not in the cwd
+    assert len(_overlapping(runs)) > 0
+
+
+def test_snakemake_runs_stages_side_by_side_on_one_store(project: Path):
+    targets = ["models/pretrain/scratch", "models/pretrain/simclr"]
+    env = run_env() | {"PIPELINE_EXECUTION": "parallel-stages"}
+    done = run(["snakemake", "--cores", "2", *targets, *ONE_THREAD_EACH], project, env=env)
+    _assert_never_locked(project, done.stdout + done.stderr)
+
+    runs = _runs(f"sqlite:///{project / 'mlflow.db'}")
+    assert Counter(r.data.tags["stage"] for r in runs) == {
+        "download": 1, "split": 1, "augment": 1, "pretrain": 2
+    }  # fmt: skip
+    assert {r.data.tags["method"] for r in runs if r.data.tags["stage"] == "pretrain"} == {
+        "scratch", "simclr"
+    }  # fmt: skip
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert all(r.data.tags["execution"] == "parallel-stages" for r in runs)
+    # Lightning's MLFlowLogger wrote its per-epoch curve into simclr's run.
+    (simclr,) = (r for r in runs if r.data.tags.get("method") == "simclr")
+    assert {"val_knn_acc", "final_val_knn_acc"} <= simclr.data.metrics.keys()
+    both = [r for r in runs if r.data.tags["stage"] == "pretrain"]
+    assert _overlapping(both), "the two pretraining jobs did not run at the same time"
+
+
+def test_two_pipelines_at_once_share_one_store(project: Path, tmp_path: Path):
+    store = tmp_path / "shared" / "mlflow.db"
+    uri = f"sqlite:///{store}"
+    second = tmp_path / "second"
+    run(["git", "clone", "-q", str(project), str(second)], tmp_path)
+    target = "models/pretrain/simclr"
+    pipelines = {
+        name: _start(["snakemake", "--cores", "1", target], folder,
+                     run_env() | {"MLFLOW_TRACKING_URI": uri, "PIPELINE_EXECUTION": name})
+        for name, folder in (("first", project), ("second", second))
+    }  # fmt: skip
+    outputs = _finish(pipelines, timeout=600)
+    _assert_never_locked(project, outputs["first"])
+    _assert_never_locked(second, outputs["second"])
+
+    runs = _runs(uri)
+    for name in pipelines:
+        mine = [r for r in runs if r.data.tags.get("execution") == name]
+        assert sorted(r.data.tags["stage"] for r in mine) == [
+            "augment", "download", "pretrain", "split"
+        ], name  # fmt: skip
+        assert all(r.info.status == "FINISHED" for r in mine), name
+    assert len(runs) == 8
+    assert _overlapping(runs)
+    assert not (project / "mlflow.db").exists() and not (second / "mlflow.db").exists()
+
+
+def test_a_store_locked_for_a_while_makes_writers_wait_not_fail(tmp_path: Path):
+    """A write transaction held for 3 s by another process: the stage waits it out."""
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    env = run_env() | {"MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO)}
+    tracking.prepare_store(uri)  # the schema exists: what is measured is the wait for the lock
+    (tmp_path / "go").touch()
+    holder = _start([sys.executable, "-c",
+                     "import sqlite3, sys, time; c = sqlite3.connect(sys.argv[1]);"
+                     "c.execute('BEGIN EXCLUSIVE'); print('held', flush=True); time.sleep(3);"
+                     "c.rollback()", str(db)], tmp_path, env)  # fmt: skip
+    assert holder.stdout.readline().strip() == "held"
+    started = time.monotonic()
+    worker = _start([sys.executable, "-m", "tests.test_tracking_concurrency", "0", "stage", "3"],
+                    tmp_path, env)  # fmt: skip
+    _finish({"holder": holder, "worker": worker}, timeout=120)
+    assert time.monotonic() - started > 2.5  # it did have to wait
+    (only,) = _runs(uri)
+    assert only.info.status == "FINISHED"
+
+
+def test_a_lock_that_never_clears_ends_in_one_clear_error(monkeypatch, caplog):
+    monkeypatch.setattr(tracking, "RETRY_DELAYS_S", (0.01, 0.01))
+    calls = []
+
+    def locked() -> None:
+        calls.append(1)
+        raise RuntimeError("(sqlite3.OperationalError) database is locked")
+
+    with pytest.raises(PipelineError, match=r"stayed locked .* 3 tries .*MLFLOW_TRACKING_URI"):
+        tracking.with_retry(locked, "logging metrics")
+    assert len(calls) == 3
+    assert [r.levelname for r in caplog.records if "retrying" in r.message] == ["WARNING"] * 2
+    flaky = iter([RuntimeError("database is locked"), None])
+
+    def once_locked() -> str:
+        error = next(flaky)
+        if error:
+            raise error
+        return "done"
+
+    assert tracking.with_retry(once_locked, "logging metrics") == "done"
+    with pytest.raises(ValueError, match="other"):  # other errors are not retried
+        tracking.with_retry(lambda: (_ for _ in ()).throw(ValueError("other")), "x")
+
+
+def test_a_stuck_store_initialisation_ends_in_one_clear_error(tmp_path: Path, monkeypatch):
+    import fcntl
+
+    db = tmp_path / "mlflow.db"
+    monkeypatch.setattr(tracking, "INIT_LOCK_TIMEOUT_S", 0.5)
+    with open(tmp_path / "mlflow.db.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        # flock locks belong to the open file: a second open in this process is refused too.
+        with pytest.raises(PipelineError, match=r"mlflow\.db\.lock for over 0\.5 s"):
+            tracking.prepare_store(f"sqlite:///{db}")
+    tracking.prepare_store(f"sqlite:///{db}")  # released: it goes through
+    assert db.exists()
+
+
+if __name__ == "__main__":
+    _worker(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]))
