@@ -445,7 +445,7 @@ def check(params: Any, source: str = PARAMS_FILE) -> dict[str, Any]:
     schema = _schema()
     params = copy.deepcopy(params)
     _fill_defaults(schema, params)
-    error = best_match(_validator(schema).iter_errors(params))
+    error = best_match(_validator_class()(schema).iter_errors(params))
     if error is not None:
         raise ConfigError(f"{source}: {_describe(error)}")
     return params
@@ -468,7 +468,7 @@ def _check_shape(value: Any, path: tuple[Any, ...], walk: _Walk) -> int:
     schema cannot say any of that in a line, and jsonschema, deepcopy and json would raise or
     hang. Shared values are counted once per use but walked once, so an alias bomb is cheap.
     """
-    if isinstance(value, int) and not isinstance(value, bool):
+    if _is_integer(value):
         if not INT64[0] <= value <= INT64[1]:
             raise ConfigError(
                 f"{walk.source}: {_dotted(path)} = {_show(value)} is too large: integers must be "
@@ -530,10 +530,6 @@ def _schema() -> dict[str, Any]:
     return yaml.safe_load(SCHEMA_PATH.read_text())
 
 
-def _validator(schema: dict[str, Any]) -> Any:
-    return _validator_class()(schema)
-
-
 @functools.cache
 def _validator_class() -> Any:
     """Draft 2020-12 with YAML's types, plus ``orderedRange`` and ``writtenAsFloat``.
@@ -557,7 +553,7 @@ def _validator_class() -> Any:
     def written_as_float(validator: Any, enabled: bool, instance: Any, schema: Any) -> Any:
         # YAML's 1 and 1.0 differ, and the spelling names files (DVC renders 1 as "1" but
         # Python's float as "1.0").
-        if enabled and isinstance(instance, int) and not isinstance(instance, bool):
+        if enabled and _is_integer(instance):
             yield ValidationError(f"{instance} is an integer")
 
     types = Draft202012Validator.TYPE_CHECKER.redefine_many(
@@ -693,7 +689,7 @@ def _dotted(path: Any) -> str:
 
 def _key(part: Any) -> str:
     """One key of a path: plain names as they are, odd ones quoted so the line stays readable."""
-    if isinstance(part, int) and not isinstance(part, bool):
+    if _is_integer(part):
         return str(part)  # a list index
     if isinstance(part, str) and _PLAIN_KEY.fullmatch(part):
         return part
@@ -744,7 +740,7 @@ def _scalar(value: Any) -> str:
     """One scalar: JSON for JSON's types (strings quoted and escaped), words for YAML's others."""
     if isinstance(value, float) and not math.isfinite(value):
         return ".nan" if math.isnan(value) else (".inf" if value > 0 else "-.inf")
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+    if _is_integer(value) and value.bit_length() > 128:
         return f"<an integer of about {int(value.bit_length() * 0.30103) + 1} digits>"
     if isinstance(value, str):
         return _printable(json.dumps(value, ensure_ascii=False))
