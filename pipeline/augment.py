@@ -709,7 +709,11 @@ class BatchAugment(torch.nn.Module):
         configured one.
         """
         self.check_images(images)
-        return self.apply(images, self.sample_params(images.shape[0], images.device, generator))
+        # Always float32, also inside a training step under bf16 autocast (Lightning's
+        # bf16-mixed): the transforms write blurred or jittered rows back into a float32 batch,
+        # and mixed dtypes there are an error, not a speed-up.
+        with torch.autocast(images.device.type, enabled=False):
+            return self.apply(images, self.sample_params(images.shape[0], images.device, generator))
 
     @staticmethod
     def _flip(images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
