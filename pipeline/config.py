@@ -110,12 +110,20 @@ class PretrainConfig:
 
 
 @dataclass(frozen=True)
+class TrainerConfig:
+    precision: str  # auto | 32-true | bf16-mixed
+
+
+@dataclass(frozen=True)
 class FinetuneConfig:
     inits: tuple[str, ...]
+    baselines: tuple[str, ...]
+    baseline_modes: tuple[str, ...]
     modes: tuple[str, ...]
     fractions: tuple[float, ...]
     seeds: tuple[int, ...]
-    epochs: int
+    max_passes: int
+    min_steps: int
     patience: int
     min_steps_per_epoch: int
     max_images: int | None
@@ -131,8 +139,11 @@ class FinetuneConfig:
     knn_temperatures: tuple[float, ...]
 
     def cells(self) -> list[tuple[str, str, float]]:
-        """Every (init, mode, fraction) job of the matrix."""
-        return [(i, m, f) for i in self.inits for m in self.modes for f in self.fractions]
+        """Every (init, mode, fraction) job of the matrix: the inits in every mode, then the
+        feature baselines (raw pixels) in the frozen-encoder modes only."""
+        trained = [(i, m, f) for i in self.inits for m in self.modes for f in self.fractions]
+        return trained + [(i, m, f) for i in self.baselines for m in self.baseline_modes
+                          for f in self.fractions]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -165,6 +176,7 @@ class Config:
     split: SplitConfig
     augment: AugmentConfig
     model: ModelConfig
+    trainer: TrainerConfig
     pretrain: PretrainConfig
     finetune: FinetuneConfig
     evaluate: EvaluateConfig
@@ -340,6 +352,7 @@ def from_dict(params: Any, source: str = PARAMS_FILE) -> Config:
             policies=augment["policies"],
         ),
         model=ModelConfig(**params["model"]),
+        trainer=TrainerConfig(**params["trainer"]),
         pretrain=_pretrain(params["pretrain"]),
         finetune=_finetune(params["finetune"]),
         evaluate=EvaluateConfig(**params["evaluate"]),
@@ -358,7 +371,11 @@ def from_dict(params: Any, source: str = PARAMS_FILE) -> Config:
     return config
 
 
-_METHOD_SECTIONS = ("scratch", "simclr", "autoencoder", "rotation", "inpainting", "vae", "pca")
+_METHOD_SECTIONS = ("scratch", "pixels", "simclr", "autoencoder", "rotation", "inpainting", "vae",
+                    "pca")
+#: Inits with no weights to train: their features are the input itself. They are feature
+#: baselines (finetune.baselines), run in the frozen-encoder modes only.
+FEATURE_BASELINES = ("pixels",)
 
 
 def _pretrain(section: dict[str, Any]) -> PretrainConfig:
@@ -381,6 +398,8 @@ def _finetune(section: dict[str, Any]) -> FinetuneConfig:
     fields = {k: v for k, v in section.items() if k not in ("knn", "optimizer")}
     return FinetuneConfig(
         **{**fields, "inits": tuple(fields["inits"]), "modes": tuple(fields["modes"]),
+           "baselines": tuple(fields["baselines"]),
+           "baseline_modes": tuple(fields["baseline_modes"]),
            "fractions": tuple(sorted(float(f) for f in fields["fractions"])),
            "seeds": tuple(fields["seeds"])},
         optimizer=OptimizerConfig(**section["optimizer"]),
@@ -400,11 +419,19 @@ def _check_matrix(config: Config, source: str) -> None:
                 f"make; allowed: {allowed} (split.label_fractions)"
             )
     for init in config.finetune.inits:
-        if init not in config.pretrain.methods:
+        if init in FEATURE_BASELINES:
             raise ConfigError(
-                f"{source}: finetune.inits has {init!r} but pretrain.methods does not make that "
-                f"encoder; allowed: {', '.join(config.pretrain.methods)}"
+                f"{source}: finetune.inits has {init!r}, which has no weights to fine-tune; move "
+                f"it to finetune.baselines (run in the modes of finetune.baseline_modes: "
+                f"linear, knn)"
             )
+    for key in ("inits", "baselines"):
+        for init in getattr(config.finetune, key):
+            if init not in config.pretrain.methods:
+                raise ConfigError(
+                    f"{source}: finetune.{key} has {init!r} but pretrain.methods does not make "
+                    f"that encoder; allowed: {', '.join(config.pretrain.methods)}"
+                )
 
 
 def _check_policy_names(config: Config, source: str) -> None:

@@ -9,12 +9,14 @@ except ConfigError as err:
 
 
 DATASET = config["data"]["dataset"]
+# Inits that train (every mode) and feature baselines (frozen modes only): two finetune rules.
+TRAINED_INITS = "scratch|simclr|autoencoder|rotation|inpainting|vae|pca"
+BASELINE_INITS = "pixels"
 
 
 wildcard_constraints:
     dataset="fashion_mnist|mnist|cifar10|stl10|idx|imagefolder",
-    method="scratch|simclr|autoencoder|rotation|inpainting|vae|pca",
-    init="scratch|simclr|autoencoder|rotation|inpainting|vae|pca",
+    method="scratch|pixels|simclr|autoencoder|rotation|inpainting|vae|pca",
     mode="linear|finetune|knn",
     fraction="[0-9]+\\.[0-9]+",
 

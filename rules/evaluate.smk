@@ -20,6 +20,8 @@ rule evaluate:
         f"logs/evaluate/{DATASET}.log",
     conda:
         "../envs/pipeline.yaml"
+    # The last jobs run alone: every core.
+    threads: workflow.cores
     params:
         values=stage_params("evaluate"),
         dataset=DATASET,

@@ -1,5 +1,8 @@
 # The study's matrix: one fine-tuning job per init x mode x label fraction (seeds inside a job).
 # `conda:` documents each rule's software for --use-conda; `make setup` installs the same pins.
+# Two rules with one command: DVC's matrix cannot leave out a combination, so the feature
+# baselines (finetune.baselines: raw pixels, in the frozen modes only) are a stage of their own
+# in dvc.yaml, and here a rule of their own with the same name.
 
 
 rule finetune:
@@ -15,10 +18,42 @@ rule finetune:
         curve="metrics/finetune/{init}-{mode}-{fraction}.csv",
     log:
         "logs/finetune/{init}-{mode}-{fraction}.log",
+    wildcard_constraints:
+        init=TRAINED_INITS,
     conda:
         "../envs/pipeline.yaml"
-    # Training uses every core: jobs side by side would only oversubscribe them.
-    threads: workflow.cores
+    # One thread per job, jobs side by side: on 2 cores two 1-thread jobs did 15-25 % more work
+    # than one 2-thread job at a time (BENCHMARKS.md, "CPU speed"), and a job's start-up (about
+    # 7 s of imports, single-threaded) no longer leaves a core idle. Snakemake exports
+    # OMP_NUM_THREADS=threads, which torch follows.
+    threads: 1
+    params:
+        values=stage_params("finetune"),
+        dataset=DATASET,
+    shell:
+        "python -m pipeline finetune --dataset {params.dataset} --init {wildcards.init}"
+        " --mode {wildcards.mode} --fraction {wildcards.fraction} --log {log}"
+
+
+rule finetune_baseline:
+    input:
+        CODE["finetune"],
+        prepared=f"data/prepared/{DATASET}",
+        splits=f"data/splits/{DATASET}",
+        policy=f"data/augment/{DATASET}/policy.json",
+        encoder="models/pretrain/{init}",
+    output:
+        model=directory("models/finetune/{init}-{mode}-{fraction}"),
+        metrics="metrics/finetune/{init}-{mode}-{fraction}.json",
+        curve="metrics/finetune/{init}-{mode}-{fraction}.csv",
+    log:
+        "logs/finetune/{init}-{mode}-{fraction}.log",
+    wildcard_constraints:
+        init=BASELINE_INITS,
+        mode="linear|knn",
+    conda:
+        "../envs/pipeline.yaml"
+    threads: 1
     params:
         values=stage_params("finetune"),
         dataset=DATASET,

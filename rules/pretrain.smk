@@ -16,8 +16,8 @@ rule pretrain:
         "logs/pretrain/{method}.log",
     conda:
         "../envs/pipeline.yaml"
-    # Training uses every core: running two methods side by side would only oversubscribe them.
-    threads: workflow.cores
+    # One thread per job, jobs side by side (see rules/finetune.smk).
+    threads: 1
     params:
         values=lambda wildcards: stage_params("pretrain", wildcards.method),
         dataset=DATASET,

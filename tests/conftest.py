@@ -87,6 +87,7 @@ def sync_matrix(params: dict) -> dict:
     made = params["pretrain"]["methods"]
     order = ("scratch", "pca", "simclr", "autoencoder", "rotation", "inpainting", "vae")
     params["finetune"]["inits"] = [i for i in order if i in made]
+    params["finetune"]["baselines"] = [i for i in ("pixels",) if i in made]
     return params
 
 
@@ -147,8 +148,8 @@ def project(tmp_path: Path, tiny_idx: Path) -> Path:
     params["model"].update(backbone="lenet5", width=8)
     params["pretrain"].update(methods=["scratch", "simclr"], epochs=1, batch_size=64)
     params["pretrain"]["monitor"]["knn_max_train"] = 200
-    params["finetune"].update(modes=["linear", "knn"], seeds=[0], epochs=1, batch_size=64,
-                              min_steps_per_epoch=1)  # fmt: skip
+    params["finetune"].update(modes=["linear", "knn"], seeds=[0], max_passes=1, min_steps=1,
+                              batch_size=64, min_steps_per_epoch=1)  # fmt: skip
     params["split"]["label_fractions"] = [1.0]
     params["evaluate"]["bootstrap"] = 50
     params["visualize"].update(embedding_images=50, embeddings=["tsne"], deconv_images=16,

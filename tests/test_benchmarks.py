@@ -159,9 +159,77 @@ def test_pipeline_benchmark_measures_a_clean_run_its_reruns_and_the_targets(
     assert reruns["param_change"] == "finetune.label_smoothing: 0.0 -> 0.05"
     assert reruns["param_change_jobs"] == {"finetune": 8, "evaluate": 1, "visualize": 1}
     quality = result["quality"]
-    assert quality["full_finetuned"]["cell"] in ("scratch-finetune-1.0", "simclr-finetune-1.0")
-    assert quality["tenth_pretrained"]["cell"].startswith("simclr-")
+    assert quality["full"]["cell"].endswith("-1.0")
+    assert quality["tenth_ssl"]["cell"].startswith("simclr-")  # the one self-supervised init
     assert quality["one_percent_gain"] is None  # no 1 % subset in this study
-    for chosen in (quality["full_finetuned"], quality["tenth_pretrained"]):
+    for chosen in (quality["full"], quality["tenth_ssl"]):
         assert 0 <= chosen["ci"][0] <= chosen["test"] <= chosen["ci"][1] <= 1
+    assert set(quality["knn"]["per_method"]) == {"scratch", "simclr"}
+    assert quality["knn"]["best_ssl"] == "simclr"
     assert len(result["commit"]) == 40
+
+
+def test_cpu_benchmark_times_settings_interleaved_and_writes_its_section(
+    threads: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from benchmarks import cpu
+
+    calls: list[str] = []
+    steppers = {name: (lambda name=name: calls.append(name), 8) for name in ("a", "b")}
+    speed = cpu.interleaved_speed(steppers, rounds=3, steps=2)
+    assert set(speed) == {"a", "b"} and min(speed.values()) > 0
+    assert calls == ["a", "a", "b", "b"] * 3  # rounds alternate between the settings
+    # The real steps, a few of each: fine-tuning in both layouts and precisions, SimCLR.
+    monkeypatch.setattr(cpu, "WARMUP", 1)
+    backbone = {"name": "lenet5", "width": 8}
+    for channels_last in (False, True):
+        for bf16 in (False, True):
+            step, first = cpu.finetune_stepper(backbone, 16, channels_last, bf16)
+            step()
+            assert first > 0
+    step, batch = cpu.simclr_stepper(REPO / "params.yaml", bf16=True)
+    step()
+    assert batch == 256
+    result = {
+        "machine": {"date": "d", "cpu": "c", "cores": 2, "torch": "t", "command": "python -m x"},
+        "finetune_step": [{"batch": 128, "channels_last": cl, "bf16": bf, "compiled": False,
+                           "images_per_s": 1000.0 * (1 + cl + bf), "first_steps_s": 0.1,
+                           "ratio": 1.0 + cl + bf} for cl in (0, 1) for bf in (0, 1)],
+        "threads": {"one_process_2_threads": 100.0, "two_processes_1_thread": 120.0},
+        "simclr": {"float32": 10.0, "bf16": 15.0},
+        "accuracy": {"float32_contiguous": 0.85, "bf16_channels_last": 0.851},
+        "accuracy_steps": 600,
+    }  # fmt: skip
+    text = "\n".join(report._cpu(result))
+    assert "| 128 | bf16 autocast, channels-last | 3,000 | 3.00× |" in text
+    assert "(1.20×)" in text and "(1.50×)" in text and "85.00 %" in text
+
+
+def test_peer_benchmark_trains_both_engines_for_the_same_seconds(threads: None) -> None:
+    pytest.importorskip("lightly")
+    from benchmarks import peer
+
+    if not peer.FASHION_MNIST.is_dir():
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    result = peer.run(REPO / "params.yaml", seconds=2.0, every=1.0)
+    for side in ("ours", "lightly"):
+        curve = result[side]["curve"]
+        assert curve[0]["seconds"] == 0.0 and curve[-1]["seconds"] >= 2.0
+        assert all(0.0 < p["knn"] <= 1.0 for p in curve) and result[side]["images_per_s"] > 0
+        assert [p["images"] for p in curve] == sorted(p["images"] for p in curve)
+    assert result["lightly_final_knn"] == result["lightly"]["curve"][-1]["knn"]
+    reached = result["ours_seconds_to_lightly_final"]
+    assert reached is None or reached == peer.time_to_reach(result["ours"]["curve"],
+                                                            result["lightly_final_knn"])
+    text = "\n".join(report._peer({**result, "machine": {"date": "d", "cpu": "c", "cores": 2,
+                                                          "torch": "t", "command": "x"}}))
+    assert "| lightly | 0 | 0 |" in text and "Images/s: ours" in text
+
+
+def test_time_to_reach_is_the_first_point_at_or_above() -> None:
+    from benchmarks.peer import time_to_reach
+
+    curve = [{"seconds": 0.0, "knn": 0.7}, {"seconds": 30.0, "knn": 0.8},
+             {"seconds": 60.0, "knn": 0.79}, {"seconds": 90.0, "knn": 0.85}]  # fmt: skip
+    assert time_to_reach(curve, 0.8) == 30.0 and time_to_reach(curve, 0.84) == 90.0
+    assert time_to_reach(curve, 0.9) is None

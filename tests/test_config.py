@@ -63,7 +63,7 @@ def test_a_missing_required_key_is_named_and_missing_sections_take_defaults():
     params = params_for()
     del params["split"], params["pretrain"]["monitor"]
     config = from_dict(params)
-    assert config.split.val_fraction == 0.1 and config.pretrain.monitor["knn_k"] == 20
+    assert config.split.val_fraction == 0.1 and config.pretrain.monitor["knn_ks"] == [5, 10, 20, 50]
 
 
 def test_yaml_syntax_errors_name_the_line(tmp_path: Path):

@@ -22,7 +22,8 @@ def tiny_params(tiny_idx: Path, **finetune_overrides) -> dict:
     params["model"].update(backbone="lenet5", width=8)
     params["pretrain"].update(methods=["scratch", "rotation", "pca"], epochs=1, batch_size=64)
     params["pretrain"]["monitor"]["knn_max_train"] = 200
-    params["finetune"].update(epochs=2, batch_size=32, min_steps_per_epoch=2, seeds=[0, 1])
+    params["finetune"].update(max_passes=1, min_steps=4, batch_size=32, min_steps_per_epoch=2,
+                              seeds=[0, 1])  # fmt: skip
     params["finetune"].update(finetune_overrides)
     params["finetune"]["knn"] = {"ks": [1, 5], "temperatures": [0.1]}
     return sync_matrix(params)
@@ -175,3 +176,83 @@ def test_the_multitask_term_trains_the_shared_encoder(pretrained_tiny: Path):
     assert ssl.backbone is classifier_.encoder and ssl.method == "rotation"
     summary = finetune.run(config, init="rotation", mode="finetune", fraction="1.0")
     assert 0.0 <= summary["val_acc_mean"] <= 1.0
+
+
+def test_the_budget_grows_with_the_subset_and_has_a_floor_in_steps():
+    from pipeline.models.finetune import budget
+
+    # Fashion-MNIST's 1 %, 10 % and 100 % subsets at batch 128, 50 steps per epoch at least.
+    small = budget(540, 128, steps_per_epoch=50, max_passes=20, min_steps=600)
+    tenth = budget(5400, 128, steps_per_epoch=50, max_passes=20, min_steps=600)
+    full = budget(54000, 128, steps_per_epoch=421, max_passes=20, min_steps=600)
+    assert (small.pass_steps, small.cap_steps, small.max_epochs) == (4, 600, 12)  # the floor
+    # 20 passes of 42 steps: 840 steps, in whole epochs of 50 steps.
+    assert (tenth.pass_steps, tenth.max_epochs, tenth.cap_steps) == (42, 17, 850)
+    assert (full.cap_steps, full.max_epochs) == (20 * 421, 20)  # 20 passes
+    assert small.cap_steps < tenth.cap_steps < full.cap_steps
+    with pytest.raises(ValueError, match="max_passes=0"):
+        budget(540, 128, 50, max_passes=0, min_steps=600)
+
+
+def test_why_a_seed_stopped_is_early_stopping_or_the_cap():
+    from pipeline.models.finetune import stop_reason
+
+    history = [{"epoch": float(e)} for e in range(1, 6)]
+    assert stop_reason(history, best_epoch=2, max_epochs=10) == {
+        "stopped": "early_stopping", "improving_at_cap": False}  # fmt: skip
+    assert stop_reason(history, best_epoch=5, max_epochs=5) == {
+        "stopped": "cap", "improving_at_cap": True}  # fmt: skip
+    assert stop_reason(history, best_epoch=3, max_epochs=5)["improving_at_cap"] is False
+
+
+def test_each_cell_records_its_budget_and_why_each_seed_stopped(pretrained_tiny: Path):
+    config = from_dict(tiny_params(pretrained_tiny, max_passes=3, min_steps=1, patience=1))
+    finetune.run(config, init="rotation", mode="finetune", fraction="1.0")
+    cell = json.loads(Path("metrics/finetune/rotation-finetune-1.0.json").read_text())
+    budget = cell["budget"]
+    assert budget["max_epochs"] == 3 and budget["cap_steps"] == 3 * budget["steps_per_epoch"]
+    for seed in cell["seeds"].values():
+        assert seed["stopped"] in ("early_stopping", "cap")
+        assert (seed["stopped"] == "cap") == (seed["epochs_run"] == 3)
+        assert seed["improving_at_cap"] == (seed["stopped"] == "cap"
+                                            and seed["best_epoch"] == seed["epochs_run"])
+        assert len(seed["history"]) == seed["epochs_run"] >= 1
+
+
+def test_the_budget_keys_and_the_pixels_baseline_refuse_bad_input(tiny_idx: Path):
+    from pipeline.config import ConfigError
+
+    for key, value, message in (("max_passes", 0, "finetune.max_passes = 0 is not allowed"),
+                                ("min_steps", -1, "finetune.min_steps = -1 is not allowed")):
+        with pytest.raises(ConfigError, match=message):
+            from_dict(tiny_params(tiny_idx, **{key: value}))
+    params = tiny_params(tiny_idx)
+    params["pretrain"]["methods"].append("pixels")
+    params["finetune"]["inits"].append("pixels")
+    with pytest.raises(ConfigError, match="finetune.inits has 'pixels', which has no weights"):
+        from_dict(params)
+    params["pretrain"]["methods"].append("byol")
+    with pytest.raises(ConfigError, match='pretrain.methods.4 = "byol" is not allowed'):
+        from_dict(params)
+
+
+def test_raw_pixels_are_a_baseline_in_the_frozen_modes_only(pretrained_tiny: Path):
+    params = tiny_params(pretrained_tiny, min_steps=200)  # a linear head needs some steps
+    params["pretrain"]["methods"].append("pixels")
+    params = sync_matrix(params)
+    config = from_dict(params)
+    assert ("pixels", "finetune", 1.0) not in config.finetune.cells()
+    assert ("pixels", "knn", 1.0) in config.finetune.cells()
+    pretrain.run(config, method="pixels")
+    monitor = json.loads(Path("metrics/pretrain/pixels.json").read_text())
+    assert 0.0 < monitor["val_knn_acc"] <= 1.0
+    summary = finetune.run(config, init="pixels", mode="knn", fraction="1.0")
+    linear = finetune.run(config, init="pixels", mode="linear", fraction="1.0")
+    assert summary["val_acc_mean"] > 0.5 and linear["val_acc_mean"] > 0.5  # chance is 0.25
+    model, description = classifier.load(Path("models/finetune/pixels-knn-1.0"))
+    assert description["encoder"]["kind"] == "pixels"
+    assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 4)
+    files = json.loads(Path("models/finetune/pixels-knn-1.0/model.json").read_text())["files"]
+    assert files == {"0": "seed0.pt", "1": "seed0.pt"}  # kNN: both seeds are one bank
+    with pytest.raises(MissingInputError, match="--mode finetune is not allowed"):
+        finetune.run(config, init="pixels", mode="finetune", fraction="1.0")

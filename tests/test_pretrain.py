@@ -60,7 +60,8 @@ def _module(method: str, options: dict, channels: int = 1, size: int = 16) -> Pr
         optimizer={"name": "adam", "lr": 3e-3, "weight_decay": 0.0, "momentum": 0.9,
                    "nesterov": False},
         epochs=1, warmup_epochs=0, steps_per_epoch=1, seed=0,
-        monitor={"knn_k": 5, "knn_temperature": 0.1, "knn_max_train": 100, "probe_lr": 0.01},
+        monitor={"knn_ks": [5], "knn_temperatures": [0.1], "knn_max_train": 100,
+                 "probe_lr": 0.01},
     )  # fmt: skip
 
 

@@ -35,8 +35,9 @@ def resume_params(tiny_idx: Path) -> dict:
     params["pretrain"].update(methods=["scratch", "rotation"], epochs=12, batch_size=64,
                               max_images=128, warmup_epochs=0)  # fmt: skip
     params["pretrain"]["monitor"]["knn_max_train"] = 100
-    params["finetune"].update(modes=["finetune"], seeds=[0, 1], epochs=10, patience=100,
-                              batch_size=32, min_steps_per_epoch=2, max_images=96)  # fmt: skip
+    params["finetune"].update(modes=["finetune"], seeds=[0, 1], max_passes=1, min_steps=30,
+                              patience=100, batch_size=32, min_steps_per_epoch=2,
+                              max_images=96)  # fmt: skip
     return sync_matrix(params)
 
 
@@ -155,7 +156,7 @@ def test_a_run_stopped_after_its_last_checkpoint_trains_nothing_more(
     from pipeline.stages import finetune
 
     params = resume_params(prepared.parent / "tiny_idx")
-    params["finetune"].update(seeds=[0], epochs=3)
+    params["finetune"].update(seeds=[0], min_steps=9)
     config = from_dict(params)
     finetune.run(config, init="scratch", mode="finetune", fraction="1.0")
     summary = (prepared / "metrics/finetune/scratch-finetune-1.0.json").read_text()

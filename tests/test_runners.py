@@ -86,6 +86,12 @@ def dvc_stages(project: Path) -> dict[str, dict]:
     return stages
 
 
+def stage_of(name: str) -> str:
+    """The pipeline stage a rule or DVC stage runs: finetune_baseline is the finetune stage for
+    the feature baselines (a rule and a stage of its own, with the same command)."""
+    return name.split("@")[0].removesuffix("_baseline")
+
+
 def nothing_to_do(project: Path) -> bool:
     return "Nothing to be done" in run(["snakemake", "-n"], project).stdout
 
@@ -108,12 +114,12 @@ def test_both_runners_declare_the_same_stages_commands_deps_and_outs(project: Pa
         assert job["cmd"] == dvc[name]["cmd"], name
         assert _as_dvc_declares(job["deps"], name) == dvc[name]["deps"], name
         assert job["outs"] == dvc[name]["outs"], name
-        assert job["cmd"].startswith(f"python -m pipeline {name.split('@')[0]} ")
+        assert job["cmd"].startswith(f"python -m pipeline {stage_of(name)} ")
 
 
 def test_dvc_params_are_the_keys_each_stage_declares(project: Path):
     for name, stage in dvc_stages(project).items():
-        stage_name, _, method = name.partition("@")
+        stage_name, method = stage_of(name), name.partition("@")[2]
         module = importlib.import_module(f"pipeline.stages.{stage_name}")
         keys = module.params_for(method) if stage_name == "pretrain" else module.PARAMS
         assert stage["params"] == list(keys), name

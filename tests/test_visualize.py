@@ -50,8 +50,8 @@ def tiny_study(tiny_idx: Path, backbone: str = "lenet5", methods=("scratch", "va
     params["model"].update(backbone=backbone, width=8)
     params["pretrain"].update(methods=list(methods), epochs=2, batch_size=64)
     params["pretrain"]["monitor"]["knn_max_train"] = 200
-    params["finetune"].update(modes=list(modes), epochs=2, batch_size=32, min_steps_per_epoch=2,
-                              seeds=[0])  # fmt: skip
+    params["finetune"].update(modes=list(modes), max_passes=1, min_steps=4, batch_size=32,
+                              min_steps_per_epoch=2, seeds=[0])  # fmt: skip
     params["finetune"]["knn"] = {"ks": [1, 5], "temperatures": [0.1]}
     params["evaluate"]["bootstrap"] = 20
     params["visualize"].update(embedding_images=60, embeddings=["tsne"], deconv_images=32,
@@ -132,8 +132,17 @@ def test_the_report_has_every_section_in_pipeline_order_and_its_figures(lenet_re
     run_ids = re.findall(r"<td>([0-9a-f]{32})</td>", html)
     # download, split, augment, 3 pretrain, 3 x 2 x 2 finetune cells, evaluate and this run
     assert len(set(run_ids)) == 1 + 1 + 1 + 3 + 12 + 1 + 1
-    # The summary table and how much pretraining bought, in words.
-    assert "best pretrained" in html and "points)" in html
+    # The answer in one sentence, beside the figure: the self-supervised init (the VAE here)
+    # against the best baseline (scratch or PCA), each chosen on validation.
+    answer = re.search(r"<p>(Answer: self-supervised pretraining against the best baseline.*?)</p>",
+                       html, re.S)  # fmt: skip
+    assert answer and "with 50 % of the labels vae-" in answer.group(1)
+    assert re.search(r"vs (scratch|pca)-\w+ [0-9.]+ % \([+-][0-9.]+ points\)", answer.group(1))
+    assert html.index("Answer: ") < html.index("Test accuracy against the labeled fraction")
+    # Why each trained seed stopped, cell by cell.
+    assert "Why each seed stopped" in html
+    assert re.search(r"<td>scratch-linear-0\.5</td>.*?<td>(early stopping|cap)( †)?</td>", html,
+                     re.S)  # fmt: skip
 
 
 def test_the_figures_and_the_page_are_logged_to_the_stage_mlflow_run(lenet_study):

@@ -68,14 +68,21 @@ class KNNClassifier(nn.Module):
 
 
 def save(folder: Path, description: dict[str, Any], states: dict[int, dict]) -> None:
-    """Write model.json and one seed<k>.pt per seed into ``folder``, atomically."""
+    """Write model.json and one seed<k>.pt per seed into ``folder``, atomically.
+
+    Seeds that share one state (a kNN cell has no randomness: every seed is the same bank) share
+    one file, the first seed's: a 100 % kNN bank of raw pixels is 170 MB, once is enough.
+    """
     with atomic_dir(Path(folder)) as tmp:
-        files = {}
+        files: dict[str, str] = {}
+        written: dict[int, str] = {}
         for seed, state in sorted(states.items()):
-            buffer = io.BytesIO()
-            torch.save({k: v.detach().cpu() for k, v in state.items()}, buffer)
-            files[str(seed)] = f"seed{seed}.pt"
-            write_bytes(tmp / files[str(seed)], buffer.getvalue())
+            if id(state) not in written:
+                buffer = io.BytesIO()
+                torch.save({k: v.detach().cpu() for k, v in state.items()}, buffer)
+                written[id(state)] = f"seed{seed}.pt"
+                write_bytes(tmp / written[id(state)], buffer.getvalue())
+            files[str(seed)] = written[id(state)]
         write_json(tmp / "model.json", {**description, "files": files})
 
 

@@ -13,7 +13,7 @@ from torch import nn
 from pipeline import paths
 from pipeline.errors import MissingInputError
 from pipeline.models.backbones import BackboneConfig, build_backbone
-from pipeline.models.pretrain import PCAEncoder
+from pipeline.models.pretrain import PCAEncoder, PixelsEncoder
 
 
 def load_encoder(method: str, folder: Path | None = None) -> tuple[nn.Module, dict[str, Any]]:
@@ -56,9 +56,24 @@ def build_from_description(description: dict[str, Any], where: Path) -> nn.Modul
     try:
         if description["kind"] == "pca":
             return PCAEncoder(description["input_dim"], description["feature_dim"])
+        if description["kind"] == "pixels":
+            return PixelsEncoder(description["feature_dim"])
         config = BackboneConfig(**description["backbone"])
         return build_backbone(config, description["in_channels"], description["image_size"])
     except (KeyError, TypeError, ValueError) as err:
         raise MissingInputError(
             f"{where} is not an encoder description this pipeline wrote ({err})"
         ) from None
+
+
+def encode(encoder: nn.Module, normalize: nn.Module, images: torch.Tensor,
+           chunk: int = 2048) -> torch.Tensor:  # fmt: skip
+    """Float32 features of uint8 N x C x H x W images: normalized, in chunks, without grad.
+
+    Chunks bound the memory of a forward pass over a whole split (54,000 images).
+    """
+    with torch.no_grad():
+        parts = [encoder(normalize(images[i : i + chunk])).float()
+                 for i in range(0, images.shape[0], chunk)]  # fmt: skip
+    return torch.cat(parts) if parts else torch.zeros(0, getattr(encoder, "feature_dim", 0))
+

@@ -1,9 +1,17 @@
 """Supervised training on a labeled subset: the linear probe and full fine-tuning.
 
-- ``linear``: the encoder is frozen; its features of the (unaugmented) labeled images are
-  computed once and a linear classifier is trained on them (SCIENCE.md, "Transfer").
-- ``finetune``: every layer trains on augmented batches (the supervised policy), the encoder at
+- ``linear``: the encoder is frozen; its features of the (unaugmented) labeled and validation
+  images are computed once per cell by the caller and a linear classifier is trained on them,
+  with no encoder forward pass per step (SCIENCE.md, "Transfer"). The augmentation policy does
+  not apply: augmented features would need that forward pass every step.
+- ``finetune``: every layer trains on augmented batches (``finetune.policy``), the encoder at
   ``lr x encoder_lr_scale``.
+
+The budget (:func:`budget`): every init gets the same one at a given label fraction, and it
+scales with the subset, so that no cell stops because its budget was too small for its data
+(SCIENCE.md, "Transfer": a fixed number of steps for 540 and for 5,400 images under-trains the
+larger set). Training stops early when validation accuracy has not improved for ``patience``
+epochs, or at the cap; the learning rate follows a cosine decay over the cap.
 
 Both minimize cross-entropy (with optional label smoothing) + an L1 penalty ``λ Σ|w|`` (weight
 decay supplies L2) + optionally ``multitask_weight x`` a self-supervised loss on the same batch.
@@ -14,6 +22,8 @@ returned (early stopping is Lightning's EarlyStopping callback on the same numbe
 from __future__ import annotations
 
 import copy
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -26,7 +36,49 @@ from pipeline.augment import BatchAugment
 from pipeline.models.classifier import LinearClassifier
 from pipeline.models.optim import build_optimizer, warmup_cosine_scheduler
 
-_CHUNK = 2048
+
+@dataclass(frozen=True)
+class Budget:
+    """How long one cell may train, in optimizer steps and epochs (an epoch = one validation)."""
+
+    pass_steps: int  # steps in one pass over the labeled subset
+    steps_per_epoch: int  # one pass, or at least ``min_steps_per_epoch`` for small subsets
+    max_epochs: int
+
+    @property
+    def cap_steps(self) -> int:
+        return self.max_epochs * self.steps_per_epoch
+
+    def as_dict(self) -> dict[str, int]:
+        return {"pass_steps": self.pass_steps, "steps_per_epoch": self.steps_per_epoch,
+                "max_epochs": self.max_epochs, "cap_steps": self.cap_steps}  # fmt: skip
+
+
+def budget(subset_size: int, batch_size: int, steps_per_epoch: int, max_passes: int,
+           min_steps: int) -> Budget:  # fmt: skip
+    """The cap: ``max(min_steps, max_passes x steps per pass)`` steps, in whole epochs.
+
+    ``steps_per_epoch`` is what the data loader gives (a pass, or more for tiny subsets). With
+    the defaults, 540 labeled images get the floor of ``min_steps`` and 54,000 get
+    ``max_passes`` passes: the cap grows with the data, and early stopping ends a cell whose
+    validation accuracy has stopped improving long before it.
+    """
+    if min(subset_size, batch_size, steps_per_epoch, max_passes, min_steps) < 1:
+        raise ValueError(
+            f"budget: every size must be >= 1, got {subset_size=}, {batch_size=}, "
+            f"{steps_per_epoch=}, {max_passes=}, {min_steps=}"
+        )
+    pass_steps = max(1, subset_size // min(batch_size, subset_size))
+    cap = max(min_steps, max_passes * pass_steps)
+    return Budget(pass_steps, steps_per_epoch, math.ceil(cap / steps_per_epoch))
+
+
+def stop_reason(history: list[dict[str, float]], best_epoch: int, max_epochs: int) -> dict:
+    """Why a seed stopped: early stopping, or the cap; and whether it was still improving
+    (its best epoch was its last) when it hit the cap, which the report marks."""
+    epochs_run = len(history)
+    stopped = "cap" if epochs_run >= max_epochs else "early_stopping"
+    return {"stopped": stopped, "improving_at_cap": stopped == "cap" and best_epoch == epochs_run}
 
 
 class FinetuneModule(L.LightningModule):
@@ -45,16 +97,18 @@ class FinetuneModule(L.LightningModule):
         encoder_lr_scale: float,
         l1: float,
         label_smoothing: float,
-        epochs: int,
-        steps_per_epoch: int,
+        total_steps: int,
         seed: int,
         ssl: Any = None,
         multitask_weight: float = 0.0,
+        features: dict[str, torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         if mode not in ("linear", "finetune"):
             raise ValueError(f"unknown fine-tuning mode {mode!r}; use linear or finetune")
-        self.save_hyperparameters(ignore=["classifier", "ssl"], logger=False)
+        if mode == "linear" and features is None:
+            raise ValueError("linear mode trains on cached features: pass features={set: N x D}")
+        self.save_hyperparameters(ignore=["classifier", "ssl", "features"], logger=False)
         self.classifier = classifier
         self.mode = mode
         self.ssl = ssl  # a PretrainModule sharing the encoder, for the multi-task loss
@@ -66,33 +120,36 @@ class FinetuneModule(L.LightningModule):
         if mode == "linear":
             for parameter in self.classifier.encoder.parameters():
                 parameter.requires_grad_(False)
+        # Convolutions run 1.4-1.5x faster in channels-last layout on this CPU (BENCHMARKS.md);
+        # an MLP or PCA encoder flattens its input, so layout does not matter there.
+        self.channels_last = mode == "finetune" and bool(getattr(classifier.encoder, "has_gap",
+                                                                  False))  # fmt: skip
+        if self.channels_last:
+            self.classifier.to(memory_format=torch.channels_last)
         self.best_acc = -1.0
         self.best_epoch = 0
         self.best_state: dict[str, torch.Tensor] = {}
         self.history: list[dict[str, float]] = []
-        self.features: dict[str, torch.Tensor] = {}
+        self.features = features or {}
 
     # ------------------------------------------------------------------ data
     def on_fit_start(self) -> None:
         data = self.trainer.datamodule
-        self.images = {k: v.to(self.device) for k, v in data.images.items()}
         self.labels = {k: v.to(self.device) for k, v in data.labels.items()}
         self.train_set = data.train_set
-        if self.mode == "linear":  # frozen encoder: its features never change
+        if self.mode == "linear":  # frozen encoder: only its cached features are needed
             self.classifier.encoder.eval()
-            self.features = {k: self._encode(v) for k, v in self.images.items()}
+            self.features = {k: v.to(self.device) for k, v in self.features.items()}
+        else:
+            self.images = {k: v.to(self.device) for k, v in data.images.items()}
 
     def on_train_epoch_start(self) -> None:
         torch.manual_seed(self.hparams.seed * 7919 + self.current_epoch)
         if self.mode == "linear":
             self.classifier.encoder.eval()  # keep BN statistics frozen too
 
-    def _encode(self, images: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return torch.cat([
-                self.classifier.encoder(self.normalize(images[i : i + _CHUNK])).float()
-                for i in range(0, images.shape[0], _CHUNK)
-            ])  # fmt: skip
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
@@ -107,7 +164,7 @@ class FinetuneModule(L.LightningModule):
             generator = torch.Generator(device=self.device).manual_seed(
                 self.hparams.seed * 1_000_003 + self.global_step
             )
-            logits = self.classifier.logits(self.augment(images, generator))
+            logits = self.classifier.logits(self._layout(self.augment(images, generator)))
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.hparams.label_smoothing)
         if self.hparams.l1 > 0:
             weights = [p for n, p in self.named_parameters() if p.requires_grad and p.dim() > 1]
@@ -127,7 +184,7 @@ class FinetuneModule(L.LightningModule):
         if self.mode == "linear":
             logits = self.classifier.head(self.features["val"][index])
         else:
-            logits = self.classifier.logits(self.normalize(self.images["val"][index]))
+            logits = self.classifier.logits(self._layout(self.normalize(self.images["val"][index])))
         self.val_acc.update(logits, self.labels["val"][index])
 
     def on_validation_epoch_end(self) -> None:
@@ -179,7 +236,6 @@ class FinetuneModule(L.LightningModule):
                 groups.append({"params": extra})
         optimizer = build_optimizer(groups, opt["name"], opt["lr"], opt["weight_decay"],
                                     opt["momentum"], opt["nesterov"])  # fmt: skip
-        steps = self.hparams.steps_per_epoch
-        scheduler = warmup_cosine_scheduler(optimizer, 0, self.hparams.epochs * steps)
+        scheduler = warmup_cosine_scheduler(optimizer, 0, self.hparams.total_steps)
         schedule = {"scheduler": scheduler, "interval": "step"}
         return {"optimizer": optimizer, "lr_scheduler": schedule}

@@ -90,3 +90,23 @@ def knn_sweep(
                 correct[(k, t)] += int((votes.argmax(1) == truth).sum())
     total = max(1, queries.shape[0])
     return {pair: hits / total for pair, hits in correct.items()}
+
+
+def best_knn(
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    queries: torch.Tensor,
+    query_labels: torch.Tensor,
+    ks: tuple[int, ...] | list[int],
+    temperatures: tuple[float, ...] | list[float],
+    num_classes: int,
+) -> tuple[float, int, float]:
+    """``(accuracy, k, temperature)`` of the best pair on these queries (validation).
+
+    Ties keep the smaller k, then the larger temperature: the smoother, simpler vote. The same
+    rule serves the pretraining monitor and the kNN cells, so an encoder's monitor number and
+    its kNN cell at 100 % labels with the same bank are the same measurement.
+    """
+    scores = knn_sweep(bank, bank_labels, queries, query_labels, ks, temperatures, num_classes)
+    (k, t), accuracy = max(scores.items(), key=lambda item: (item[1], -item[0][0], item[0][1]))
+    return accuracy, k, t

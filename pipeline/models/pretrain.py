@@ -32,7 +32,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from pipeline.augment import BatchAugment, mask_region, rotate90
 from pipeline.models.backbones import BackboneConfig, build_backbone, build_decoder
-from pipeline.models.knn import knn_accuracy
+from pipeline.models.knn import best_knn
 from pipeline.models.losses import negative_elbo, nt_xent, reparameterize
 from pipeline.models.optim import build_optimizer, warmup_cosine_scheduler
 
@@ -186,9 +186,9 @@ class PretrainModule(L.LightningModule):
         bank = self.encode(self.images["train"][:bank_size])
         queries = torch.cat(self._val_features)
         self._val_features.clear()
-        knn = knn_accuracy(
+        knn, _, _ = best_knn(
             bank, self.labels["train"][:bank_size], queries, self.labels["val"],
-            monitor["knn_k"], monitor["knn_temperature"], self.probe.out_features,
+            monitor["knn_ks"], monitor["knn_temperatures"], self.probe.out_features,
         )  # fmt: skip
         row = {
             "epoch": float(self.current_epoch + 1),
@@ -286,3 +286,26 @@ class PCAEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x.flatten(1) - self.mean) @ self.components.T
+
+
+class PixelsEncoder(nn.Module):
+    """The raw-pixel baseline: features = the normalized pixels, flattened; no parameters.
+
+    A self-supervised encoder is only worth its cost if its features beat these (SCIENCE.md,
+    "Transfer"): kNN and a linear classifier on pixels are the floor the study measures against.
+    """
+
+    has_gap = False
+
+    def __init__(self, input_dim: int) -> None:
+        super().__init__()
+        self.feature_dim = input_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x[0].numel() != self.feature_dim:
+            raise ValueError(
+                f"the pixels encoder was built for {self.feature_dim} values per image, got "
+                f"{tuple(x.shape)}"
+            )
+        return x.flatten(1)
+

@@ -1,9 +1,16 @@
 """finetune stage: one cell of the study, a classifier from one init, mode and label fraction.
 
 ``python -m pipeline finetune --init I --mode M --fraction F`` trains on the labeled subset
-``labeled-F`` of the split with the supervised augmentation policy, once per seed in
-``finetune.seeds``, every choice (epoch, kNN k and temperature) made on the validation split. The
-test split is never loaded here: evaluation is the only stage that reads it.
+``labeled-F`` of the split, once per seed in ``finetune.seeds``, every choice (epoch, kNN k and
+temperature) made on the validation split. The test split is never loaded here: evaluation is
+the only stage that reads it.
+
+Budget (SCIENCE.md, "Transfer"): a cell trains until validation accuracy has not improved for
+``finetune.patience`` epochs, under a cap of ``max(finetune.min_steps, finetune.max_passes x
+steps per pass)`` steps, the same for every init at one fraction and growing with the subset.
+The cell's JSON records, per seed, why it stopped (``early_stopping`` or ``cap``) and whether it
+was still improving at the cap. ``linear`` and ``knn`` compute the frozen encoder's features of
+the labeled subset and of validation once per cell; the linear head trains on those.
 
 Outputs: ``models/finetune/<I>-<M>-<F>/`` (``model.json`` + ``seed<k>.pt``),
 ``metrics/finetune/<I>-<M>-<F>.json`` (validation accuracy, the choices and the per-epoch history,
@@ -22,6 +29,7 @@ from __future__ import annotations
 import io
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +43,10 @@ log = logging.getLogger(__name__)
 
 COMMON_PARAMS = (
     "model",
+    "trainer",
     "finetune.seeds",
-    "finetune.epochs",
+    "finetune.max_passes",
+    "finetune.min_steps",
     "finetune.patience",
     "finetune.min_steps_per_epoch",
     "finetune.max_images",
@@ -58,7 +68,8 @@ def params_for(cell: str | None = None) -> tuple[str, ...]:
 
 
 def add_arguments(parser: Any) -> None:
-    parser.add_argument("--init", required=True, help="scratch, pca or a pretraining method")
+    parser.add_argument("--init", required=True,
+                        help="scratch, pca, pixels or a pretraining method")  # fmt: skip
     parser.add_argument("--mode", required=True, choices=("linear", "finetune", "knn"))
     parser.add_argument("--fraction", required=True, help="a label fraction the split made")
 
@@ -91,7 +102,7 @@ def run(config: Config, dataset: str | None = None, init: str = "scratch", mode:
     with tracking.stage_run("finetune", config, dataset, COMMON_PARAMS) as tracked:
         fraction_tag = paths.fraction_name(fraction_value)
         tracked.set_tags({"init": init, "mode": mode, "fraction": fraction_tag, "cell": name})
-        states, per_seed, description, ckpt_dir = _train_cell(
+        states, per_seed, description, ckpt_dir, cell_budget = _train_cell(
             config, dataset, init, mode, fraction_value, document, tracked
         )
         from pipeline.models import classifier
@@ -101,6 +112,7 @@ def run(config: Config, dataset: str | None = None, init: str = "scratch", mode:
         summary = {
             "init": init, "mode": mode, "fraction": paths.fraction_name(fraction_value),
             "val_acc_mean": round(sum(accuracies) / len(accuracies), 6),
+            **({"budget": cell_budget.as_dict()} if cell_budget else {}),
             "seeds": per_seed,
         }  # fmt: skip
         write_json(metrics_path(init, mode, fraction_value), summary)
@@ -122,13 +134,23 @@ def _check_cell(config: Config, init: str, mode: str, fraction: str) -> float:
         raise MissingInputError(
             f"label fraction {fraction!r} is not in finetune.fractions; allowed: {allowed}"
         )
-    if init not in config.finetune.inits:
+    ft = config.finetune
+    if init in ft.baselines:
+        if mode not in ft.baseline_modes:
+            raise MissingInputError(
+                f"init {init!r} is a feature baseline (finetune.baselines) with no weights to "
+                f"train: --mode {mode} is not allowed; use one of finetune.baseline_modes "
+                f"({', '.join(ft.baseline_modes)})"
+            )
+        return value
+    if init not in ft.inits:
+        allowed = ", ".join(ft.inits + ft.baselines)
         raise MissingInputError(
-            f"init {init!r} is not in finetune.inits; allowed: {', '.join(config.finetune.inits)}"
+            f"init {init!r} is not in finetune.inits or finetune.baselines; allowed: {allowed}"
         )
-    if mode not in config.finetune.modes:
-        modes = ", ".join(config.finetune.modes)
-        raise MissingInputError(f"mode {mode!r} is not in finetune.modes; allowed: {modes}")
+    if mode not in ft.modes:
+        raise MissingInputError(f"mode {mode!r} is not in finetune.modes; allowed: "
+                                f"{', '.join(ft.modes)}")  # fmt: skip
     return value
 
 
@@ -143,6 +165,7 @@ def _train_cell(config, dataset, init, mode, fraction, document, tracked):
     import lightning as L
 
     from pipeline.data.datamodule import SplitData
+    from pipeline.models.finetune import budget
 
     ft = config.finetune
     subset = f"labeled-{paths.fraction_name(fraction)}"
@@ -150,20 +173,28 @@ def _train_cell(config, dataset, init, mode, fraction, document, tracked):
                      train_set=subset, min_steps=ft.min_steps_per_epoch)  # fmt: skip
     data.setup("fit")
     ckpt_dir = _checkpoint_dir(config, dataset, init, mode, fraction, document)
+    cell_budget = None
+    if mode != "knn":
+        cell_budget = budget(len(data.labels[subset]), ft.batch_size,
+                             len(data.train_dataloader()), ft.max_passes, ft.min_steps)  # fmt: skip
+    encoder, encoder_description = _encoder(init)
+    # A frozen encoder's features never change: computed once, shared by every seed.
+    features = _features(encoder, data, document) if mode in ("linear", "knn") else None
     states, per_seed = {}, {}
-    encoder_description: dict = {}
     knn: tuple[dict, dict] | None = None
     for seed in ft.seeds:
         L.seed_everything(seed, workers=True, verbose=False)
         data.seed = seed
-        encoder, encoder_description = _encoder(init)
         if mode == "knn":
             # kNN on a frozen encoder has no randomness: one fit serves every seed.
-            knn = knn or _fit_knn(config, data, encoder, document)
+            knn = knn or _fit_knn(config, data, encoder, features)
             state, result = knn
         else:
-            state, result = _fit_seed(config, data, encoder, encoder_description, init, mode,
-                                      document, seed, tracked, ckpt_dir)  # fmt: skip
+            if mode == "finetune" and seed != ft.seeds[0]:
+                encoder, _ = _encoder(init)  # every seed starts from the init's own weights
+            fit = _Fit(config, data, encoder, encoder_description, init, mode, document, seed,
+                       tracked, ckpt_dir, cell_budget, features)  # fmt: skip
+            state, result = _fit_seed(fit)
         states[seed], per_seed[str(seed)] = state, result
         tracked.log_metrics({f"val_acc_seed{seed}": result["val_acc"]})
     description = {
@@ -173,7 +204,17 @@ def _train_cell(config, dataset, init, mode, fraction, document, tracked):
         "dropout": ft.dropout if mode != "knn" else 0.0, "encoder": encoder_description,
         "dataset": dataset,
     }  # fmt: skip
-    return states, per_seed, description, ckpt_dir
+    return states, per_seed, description, ckpt_dir, cell_budget
+
+
+def _features(encoder: Any, data: Any, document: dict) -> dict[str, Any]:
+    """The frozen encoder's features of the labeled subset and of validation (unaugmented)."""
+    from pipeline.augment import from_policy_document
+    from pipeline.models.encoders import encode
+
+    normalize = from_policy_document(document, None)
+    encoder.eval()
+    return {name: encode(encoder, normalize, data.images[name]) for name in (data.train_set, "val")}
 
 
 def _checkpoint_dir(config, dataset, init, mode, fraction, document) -> Path:
@@ -191,90 +232,99 @@ def _checkpoint_dir(config, dataset, init, mode, fraction, document) -> Path:
     )  # fmt: skip
 
 
-def _fit_seed(config, data, encoder, encoder_description, init, mode, document, seed, tracked,
-              ckpt_dir):  # fmt: skip
+@dataclass
+class _Fit:
+    """Everything one seed's training reads."""
+
+    config: Config
+    data: Any
+    encoder: Any
+    encoder_description: dict
+    init: str
+    mode: str
+    document: dict
+    seed: int
+    tracked: Any
+    ckpt_dir: Path
+    budget: Any
+    features: dict | None
+
+
+def _fit_seed(fit: _Fit) -> tuple[dict, dict]:
     """Train one seed, resumable: a finished seed is kept in ``seed<k>.pt`` and reused, an
     interrupted one resumes from its last epoch's checkpoint in ``seed<k>/``."""
     import torch
 
-    done = ckpt_dir / f"seed{seed}.pt"
+    done = fit.ckpt_dir / f"seed{fit.seed}.pt"
     if done.is_file():
-        saved = pretrain_stage.load_checkpoint(done, f"fine-tuning seed {seed}'s result")
-        log.info("seed %d already trained (%s); reusing it", seed, done)
+        saved = pretrain_stage.load_checkpoint(done, f"fine-tuning seed {fit.seed}'s result")
+        log.info("seed %d already trained (%s); reusing it", fit.seed, done)
         return dict(saved["state"]), saved["result"]
-    state, result = _fit_linear(config, data, encoder, encoder_description, init, mode, document,
-                                seed, tracked, ckpt_dir / f"seed{seed}")  # fmt: skip
+    state, result = _fit_linear(fit, fit.ckpt_dir / f"seed{fit.seed}")
     buffer = io.BytesIO()
     torch.save({"state": state, "result": result}, buffer)
     write_bytes(done, buffer.getvalue())
-    shutil.rmtree(ckpt_dir / f"seed{seed}", ignore_errors=True)
+    shutil.rmtree(fit.ckpt_dir / f"seed{fit.seed}", ignore_errors=True)
     return state, result
 
 
-def _fit_knn(config: Config, data: Any, encoder: Any, document: dict) -> tuple[dict, dict]:
+def _fit_knn(config: Config, data: Any, encoder: Any, features: dict) -> tuple[dict, dict]:
     """k and temperature chosen by validation accuracy; the bank is the labeled subset."""
-    import torch
-
-    from pipeline.augment import from_policy_document
     from pipeline.models.classifier import KNNClassifier
-    from pipeline.models.knn import knn_sweep
+    from pipeline.models.knn import best_knn
 
-    normalize = from_policy_document(document, None)
-    encoder.eval()
-    with torch.no_grad():
-        bank = torch.cat([encoder(normalize(chunk)).float()
-                          for chunk in data.images[data.train_set].split(2048)])  # fmt: skip
-        val = torch.cat([encoder(normalize(chunk)).float()
-                         for chunk in data.images["val"].split(2048)])  # fmt: skip
-    bank_labels = data.labels[data.train_set]
-    scores = knn_sweep(bank, bank_labels, val, data.labels["val"], config.finetune.knn_ks,
-                       config.finetune.knn_temperatures, data.num_classes)  # fmt: skip
-    (k, t), accuracy = max(scores.items(), key=lambda item: (item[1], -item[0][0], item[0][1]))
+    bank, bank_labels = features[data.train_set], data.labels[data.train_set]
+    accuracy, k, t = best_knn(bank, bank_labels, features["val"], data.labels["val"],
+                              config.finetune.knn_ks, config.finetune.knn_temperatures,
+                              data.num_classes)  # fmt: skip
     model = KNNClassifier(encoder, bank, bank_labels, k, t, data.num_classes)
     return model.state_dict(), {"val_acc": round(accuracy, 6), "k": k, "temperature": t}
 
 
-def _fit_linear(config, data, encoder, encoder_description, init, mode, document, seed, tracked,
-                ckpt_dir):  # fmt: skip
+def _fit_linear(fit: _Fit, ckpt_dir: Path) -> tuple[dict, dict]:
+    """A linear head (mode linear, on the cached features) or the whole network (finetune)."""
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
     from pipeline.models.classifier import LinearClassifier
-    from pipeline.models.finetune import FinetuneModule
+    from pipeline.models.finetune import FinetuneModule, stop_reason
 
-    ft = config.finetune
-    classifier = LinearClassifier(encoder, encoder_description["feature_dim"], data.num_classes,
-                                  ft.dropout)  # fmt: skip
-    ssl = _multitask_module(config, init, document, classifier, data) if (
-        mode == "finetune" and ft.multitask_weight > 0) else None  # fmt: skip
-    steps = len(data.train_dataloader())
+    ft, data, document = fit.config.finetune, fit.data, fit.document
+    classifier = LinearClassifier(fit.encoder, fit.encoder_description["feature_dim"],
+                                  data.num_classes, ft.dropout)  # fmt: skip
+    ssl = _multitask_module(fit.config, fit.init, document, classifier, data) if (
+        fit.mode == "finetune" and ft.multitask_weight > 0) else None  # fmt: skip
     module = FinetuneModule(
-        classifier, mode, document["policies"][ft.policy], document["mean"], document["std"],
-        document["image_size"][0], document["channels"], config.raw["finetune"]["optimizer"],
-        ft.encoder_lr_scale, ft.l1, ft.label_smoothing, ft.epochs, steps, seed,
+        classifier, fit.mode, document["policies"][ft.policy], document["mean"], document["std"],
+        document["image_size"][0], document["channels"], fit.config.raw["finetune"]["optimizer"],
+        ft.encoder_lr_scale, ft.l1, ft.label_smoothing, fit.budget.cap_steps, fit.seed,
         ssl=ssl, multitask_weight=ft.multitask_weight,
+        features=fit.features if fit.mode == "linear" else None,
     )  # fmt: skip
+    max_epochs = fit.budget.max_epochs
     last = ckpt_dir / "last.ckpt"
     saved = None
     if last.is_file():
-        what = f"fine-tuning seed {seed}'s checkpoint"
+        what = f"fine-tuning seed {fit.seed}'s checkpoint"
         saved = pretrain_stage.load_checkpoint(last, what)["finetune"]
-        log.info("resuming seed %d from %s (after epoch %d)", seed, last, len(saved["history"]))
-    if saved is not None and (saved["stopped"] or len(saved["history"]) >= ft.epochs):
+        log.info("resuming seed %d from %s (after epoch %d)", fit.seed, last,
+                 len(saved["history"]))  # fmt: skip
+    if saved is not None and (saved["stopped"] or len(saved["history"]) >= max_epochs):
         module.restore(saved)  # killed after its last epoch: nothing left to train
     else:
         trainer = pretrain_stage.make_trainer(
-            config, tracked, ft.epochs, steps,
+            fit.config, fit.tracked, max_epochs, fit.budget.steps_per_epoch,
             [EarlyStopping("val_acc", patience=ft.patience, mode="max"),
              ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=1)],
-            prefix=f"seed{seed}", default_root_dir=ckpt_dir,
+            prefix=f"seed{fit.seed}", default_root_dir=ckpt_dir,
         )  # fmt: skip
         resume = str(last) if saved is not None else None
         trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
-    state = module.best_state
     history = [{k: round(v, 6) for k, v in row.items()} for row in module.history]
     result = {"val_acc": round(module.best_acc, 6), "best_epoch": module.best_epoch,
-              "epochs_run": len(module.history), "history": history}  # fmt: skip
-    return state, result
+              "epochs_run": len(module.history),
+              **stop_reason(module.history, module.best_epoch, max_epochs),
+              "history": history}  # fmt: skip
+    return module.best_state, result
 
 
 def curve_csv(per_seed: dict[str, dict]) -> str:

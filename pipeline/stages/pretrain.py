@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 #: params.yaml keys every method reads; each method also reads its own ``pretrain.<method>``.
 COMMON_PARAMS = (
     "model",
+    "trainer",
     "pretrain.seed",
     "pretrain.epochs",
     "pretrain.batch_size",
@@ -54,8 +55,8 @@ def params_for(method: str) -> tuple[str, ...]:
 
 def add_arguments(parser: Any) -> None:
     parser.add_argument("--method", required=True,
-                        choices=("scratch", "simclr", "autoencoder", "rotation", "inpainting",
-                                 "vae", "pca"),
+                        choices=("scratch", "pixels", "simclr", "autoencoder", "rotation",
+                                 "inpainting", "vae", "pca"),
                         help="which pretraining method to run")  # fmt: skip
 
 
@@ -80,6 +81,8 @@ def run(config: Config, dataset: str | None = None, method: str = "simclr",
         tracked.set_tags({"method": method, "dataset_checksum": _checksum(dataset)})
         if method == "pca":
             result = _fit_pca(config, dataset, document)
+        elif method == "pixels":
+            result = _pixels(config, dataset, document)
         elif method == "scratch":
             result = _untrained(config, dataset, document)
         else:
@@ -201,8 +204,9 @@ def _train(config: Config, dataset: str, method: str, document: dict, tracked: A
 
 def make_trainer(config: Config, tracked: Any, epochs: int, steps_per_epoch: int,
                  callbacks: list, prefix: str = "", **options: Any) -> Any:  # fmt: skip
-    """The Trainer every training stage uses: accelerator chosen by Lightning, bf16 on CUDA and
-    deterministic fp32 on the CPU, per-epoch metrics into the stage's own MLflow run."""
+    """The Trainer every training stage uses: accelerator chosen by Lightning, the precision of
+    ``trainer.precision`` (:func:`precision`), deterministic on the CPU, per-epoch metrics into
+    the stage's own MLflow run."""
     import lightning as L
     import torch
     from lightning.pytorch.loggers import MLFlowLogger
@@ -215,7 +219,7 @@ def make_trainer(config: Config, tracked: Any, epochs: int, steps_per_epoch: int
         max_epochs=epochs,
         accelerator="auto",
         devices=1,
-        precision="bf16-mixed" if cuda else "32-true",
+        precision=precision(config.trainer.precision),
         deterministic=not cuda,
         logger=MLFlowLogger(
             experiment_name=config.tracking.experiment,
@@ -231,6 +235,36 @@ def make_trainer(config: Config, tracked: Any, epochs: int, steps_per_epoch: int
         log_every_n_steps=max(1, steps_per_epoch),
         **options,
     )
+
+
+def precision(setting: str) -> str:
+    """Lightning's precision for ``trainer.precision``; ``auto`` is bf16 autocast where the
+    hardware has bf16 arithmetic (CUDA; a CPU with avx512_bf16 or amx_bf16), float32 elsewhere.
+
+    Why on the CPU too: with AVX-512 BF16, LeNet-5 fine-tuning steps ran 1.2-1.5x faster under
+    bf16 autocast at the same validation accuracy (BENCHMARKS.md, "CPU speed"); without those
+    instructions bf16 is emulated and slower than float32.
+    """
+    import torch
+
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available() or cpu_has_bf16():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 dot-product instructions (Linux: /proc/cpuinfo flags)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
 
 
 def atomic_checkpoint_io() -> Any:
@@ -298,7 +332,7 @@ def load_checkpoint(path: Path, what: str) -> dict:
 def _description(config: Config, dataset: str, method: str, hparams: dict, encoder: Any) -> dict:
     return {
         "method": method,
-        "kind": "pca" if method == "pca" else "backbone",
+        "kind": method if method in ("pca", "pixels") else "backbone",
         "backbone": hparams.get("backbone"),
         "in_channels": hparams["in_channels"],
         "image_size": hparams["image_size"],
@@ -314,17 +348,17 @@ def _frozen_knn(config: Config, data: Any, encoder: Any, normalize: Any) -> floa
     """The kNN monitor for an encoder that does not train (PCA, the random initialization)."""
     import torch
 
-    from pipeline.models.knn import knn_accuracy
+    from pipeline.models.knn import best_knn
 
     monitor = config.pretrain.monitor
     bank = min(monitor["knn_max_train"], data.images["train"].shape[0])
     encoder.eval()
     with torch.no_grad():
-        return knn_accuracy(
+        return best_knn(
             encoder(normalize(data.images["train"][:bank])), data.labels["train"][:bank],
             encoder(normalize(data.images["val"])), data.labels["val"],
-            monitor["knn_k"], monitor["knn_temperature"], data.num_classes,
-        )  # fmt: skip
+            monitor["knn_ks"], monitor["knn_temperatures"], data.num_classes,
+        )[0]  # fmt: skip
 
 
 def _untrained(config: Config, dataset: str, document: dict) -> dict:
@@ -357,6 +391,30 @@ def _untrained(config: Config, dataset: str, document: dict) -> dict:
         "description": _description(config, dataset, "scratch", hparams, encoder),
         "history": [row],
         "metrics": {"method": "scratch", **row},
+        "pictures": {},
+    }
+
+
+def _pixels(config: Config, dataset: str, document: dict) -> dict:
+    """The raw-pixel baseline: nothing to learn; its monitor is kNN on the normalized pixels."""
+    from pipeline.augment import from_policy_document
+    from pipeline.data.datamodule import SplitData
+    from pipeline.models.pretrain import PixelsEncoder
+
+    data = SplitData(dataset, ("train", "val"))
+    data.setup("fit")
+    _check_image_shape(data, document, dataset)
+    encoder = PixelsEncoder(int(data.images["train"][0].numel()))
+    knn = _frozen_knn(config, data, encoder, from_policy_document(document, None))
+    hparams = {"in_channels": document["channels"], "image_size": document["image_size"][0],
+               "mean": document["mean"], "std": document["std"]}  # fmt: skip
+    row = {"epoch": 0.0, "train_loss": float("nan"), "val_knn_acc": knn,
+           "val_probe_acc": float("nan")}  # fmt: skip
+    return {
+        "encoder": encoder.state_dict(),
+        "description": _description(config, dataset, "pixels", hparams, encoder),
+        "history": [row],
+        "metrics": {"method": "pixels", **row},
         "pictures": {},
     }
 

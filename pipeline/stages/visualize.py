@@ -35,6 +35,8 @@ PARAMS = (
     "visualize",
     "pretrain.methods",
     "finetune.inits",
+    "finetune.baselines",
+    "finetune.baseline_modes",
     "finetune.modes",
     "finetune.fractions",
     "finetune.seeds",
@@ -196,8 +198,10 @@ def _pretraining(study: _Study) -> Any:
     section.paragraphs.append(
         "One encoder per method, the same backbone for all, trained without labels. The "
         "validation monitors use labels only to measure: a kNN classifier and a linear probe on "
-        "the frozen features. scratch is the untrained initialization (the baseline), pca the "
-        "linear baseline."
+        "the frozen features (kNN: the best k and temperature on validation). scratch is the "
+        "untrained initialization, pixels the normalized pixels themselves and pca the linear "
+        "baseline: a self-supervised encoder is worth its cost only if its kNN accuracy beats "
+        "theirs."
     )
     rows, curves = [], {}
     for method in methods:
@@ -244,6 +248,10 @@ def _encoders(study: _Study) -> Any:
     for method in study.config.pretrain.methods:
         encoder = study.encoder(method)
         section.heading(method)
+        if method == "pixels":
+            section.note("pixels: the raw-pixel baseline has no weights; its features are the "
+                         "normalized pixels themselves.")  # fmt: skip
+            continue
         filters = features.first_layer_filters(encoder)
         section.figure(features.filters_figure(filters, study.path(f"filters_{method}"),
                                                f"{method}: first-layer filters"),
@@ -331,7 +339,38 @@ def _finetuning(study: _Study) -> Any:
         curves.setdefault(fraction_key, {})[f"{init}-{mode}"] = plots.read_curve(path)
     section.figure(plots.finetune_curves_figure(curves, study.path("finetune_curves")),
                    "Validation accuracy per epoch (kNN cells: one point).")  # fmt: skip
+    section.paragraphs.append(
+        f"The budget: every init gets the same one at a label fraction, and it grows with the "
+        f"subset: at most max({ft.min_steps}, {ft.max_passes} passes) optimizer steps, stopping "
+        f"early after {ft.patience} epochs without a better validation accuracy. † marks a seed "
+        "that was still improving (its best epoch was its last) when it hit the cap: more "
+        "budget might have helped it."
+    )
+    section.table(_budget_table(study.config),
+                  "Why each seed stopped (metrics/finetune/<cell>.json)")  # fmt: skip
     return section
+
+
+def _budget_table(config: Config) -> Any:
+    from pipeline.stages.finetune import cell_name, metrics_path
+    from pipeline.viz.report import Table
+
+    rows = []
+    for init, mode, fraction in config.finetune.cells():
+        cell = _read(metrics_path(init, mode, fraction), "python -m pipeline finetune")
+        if "budget" not in cell:
+            continue  # kNN: nothing is trained
+        seeds = [cell["seeds"][k] for k in sorted(cell["seeds"], key=int)]
+        stops = ", ".join(
+            f"{s['stopped'].replace('_', ' ')}{' †' if s.get('improving_at_cap') else ''}"
+            for s in seeds
+        )
+        rows.append([cell_name(init, mode, fraction), str(cell["budget"]["cap_steps"]),
+                     str(cell["budget"]["max_epochs"]),
+                     ", ".join(f"{s['best_epoch']}/{s['epochs_run']}" for s in seeds),
+                     stops])  # fmt: skip
+    return Table(["cell", "cap (steps)", "cap (epochs)", "best / run epochs per seed",
+                  "stopped"], rows)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ evaluation
@@ -351,9 +390,10 @@ def _evaluation(study: _Study) -> Any:
         "of the mean. The best of each column is marked. The test split is read once, here; "
         "nothing was chosen on it."
     )
-    for line in _gains(summary, fractions):
-        section.paragraphs.append(line)
-    section.table(_summary_table(summary, fractions), "metrics/summary.json")
+    capped = _improving_at_cap(study.config)
+    section.table(_summary_table(summary, fractions, capped),
+                  "metrics/summary.json; † a seed of the cell was still improving at its cap")
+    section.paragraphs.append(_answer(study.config, summary))
     if FIGURE.is_file():
         section.figure(FIGURE, "Test accuracy against the labeled fraction, 95 % intervals.")
     best = best_by_validation(study.config)
@@ -371,7 +411,19 @@ def _evaluation(study: _Study) -> Any:
     return section
 
 
-def _summary_table(summary: dict, fractions: list[str]) -> Any:
+def _improving_at_cap(config: Config) -> set[tuple[str, str]]:
+    """(init-mode, fraction) of the cells with a seed still improving when it hit its cap."""
+    from pipeline.stages.finetune import metrics_path
+
+    marked = set()
+    for init, mode, fraction in config.finetune.cells():
+        cell = _read(metrics_path(init, mode, fraction), "python -m pipeline finetune")
+        if any(s.get("improving_at_cap") for s in cell["seeds"].values()):
+            marked.add((f"{init}-{mode}", paths.fraction_name(fraction)))
+    return marked
+
+
+def _summary_table(summary: dict, fractions: list[str], capped: set = frozenset()) -> Any:
     from pipeline.viz.report import Table
 
     rows, means = [], []
@@ -383,8 +435,10 @@ def _summary_table(summary: dict, fractions: list[str]) -> Any:
                 row.append("–")
                 values.append(-math.inf)
                 continue
+            mark = " †" if (model, fraction) in capped else ""
             row.append(f"{100 * cell['mean']:.2f} ± {100 * cell['std']:.2f} "
-                       f"[{100 * cell['ci_low']:.1f}, {100 * cell['ci_high']:.1f}]")  # fmt: skip
+                       f"[{100 * cell['ci_low']:.1f}, {100 * cell['ci_high']:.1f}]"
+                       f"{mark}")  # fmt: skip
             values.append(cell["mean"])
         rows.append(row)
         means.append(values)
@@ -396,20 +450,22 @@ def _summary_table(summary: dict, fractions: list[str]) -> Any:
     return Table(header, rows, best)
 
 
-def _gains(summary: dict, fractions: list[str]) -> list[str]:
-    """One sentence per fraction: the best pretrained init against the best from-scratch cell."""
-    lines = []
-    for fraction in fractions:
-        scratch = [(c[fraction]["mean"], m) for m, c in summary.items()
-                   if m.startswith("scratch-") and fraction in c]  # fmt: skip
-        pretrained = [(c[fraction]["mean"], m) for m, c in summary.items()
-                      if not m.startswith("scratch-") and fraction in c]  # fmt: skip
-        if scratch and pretrained:
-            (s, s_name), (p, p_name) = max(scratch), max(pretrained)
-            lines.append(f"With {float(fraction) * 100:g} % of the labels: best pretrained "
-                         f"{p_name} {100 * p:.2f} % vs best from scratch {s_name} {100 * s:.2f} % "
-                         f"({100 * (p - s):+.2f} points).")  # fmt: skip
-    return lines
+def _answer(config: Config, summary: dict) -> str:
+    """The study's answer in one sentence: per label fraction, the best self-supervised cell
+    against the best baseline (scratch, pixels or PCA), both chosen on validation."""
+    from pipeline.stages.evaluate import answer
+
+    rows = answer(config, summary)
+    if not rows:
+        return ("Answer: no self-supervised init is in the study (finetune.inits), so there is "
+                "nothing to compare with the baselines.")  # fmt: skip
+    parts = [f"{float(r['fraction']) * 100:g} % of the labels {r['ssl']['cell']} "
+             f"{100 * r['ssl']['test']:.2f} % vs {r['baseline']['cell']} "
+             f"{100 * r['baseline']['test']:.2f} % ({100 * r['gain']:+.2f} points)"
+             for r in rows]  # fmt: skip
+    return ("Answer: self-supervised pretraining against the best baseline (from scratch, raw "
+            "pixels or PCA, any mode; both chosen on validation, scored on test): with "
+            + "; with ".join(parts) + ".")
 
 
 # ------------------------------------------------------------------------------ interpretation
@@ -577,7 +633,7 @@ def _is_backbone(encoder: Any) -> bool:
 
 
 def _kind(encoder: Any) -> str:
-    return encoder.config.name if _is_backbone(encoder) else "pca"
+    return encoder.config.name if _is_backbone(encoder) else type(encoder).__name__
 
 
 def _filters_caption(encoder: Any) -> str:
