@@ -256,3 +256,20 @@ def test_raw_pixels_are_a_baseline_in_the_frozen_modes_only(pretrained_tiny: Pat
     assert files == {"0": "seed0.pt", "1": "seed0.pt"}  # kNN: both seeds are one bank
     with pytest.raises(MissingInputError, match="--mode finetune is not allowed"):
         finetune.run(config, init="pixels", mode="finetune", fraction="1.0")
+
+
+def test_standardized_features_fold_back_into_a_head_on_raw_features():
+    from pipeline.stages.finetune import fold_standardization, standardized
+
+    generator = torch.Generator().manual_seed(0)
+    raw = {"labeled-1.0": torch.rand(50, 6, generator=generator) * 40 + 3,
+           "val": torch.rand(20, 6, generator=generator) * 40}  # fmt: skip
+    scaled, mean, std = standardized(raw, "labeled-1.0")
+    torch.testing.assert_close(scaled["labeled-1.0"].mean(0), torch.zeros(6), atol=1e-5, rtol=0)
+    torch.testing.assert_close(scaled["labeled-1.0"].std(0), torch.ones(6))
+    head = torch.nn.Linear(6, 3)
+    state = {"head.weight": head.weight.detach(), "head.bias": head.bias.detach()}
+    folded = fold_standardization(state, mean, std)
+    expected = head(scaled["val"]).detach()
+    torch.testing.assert_close(raw["val"] @ folded["head.weight"].T + folded["head.bias"],
+                               expected, atol=1e-4, rtol=1e-4)  # fmt: skip

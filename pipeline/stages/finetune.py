@@ -293,12 +293,14 @@ def _fit_linear(fit: _Fit, ckpt_dir: Path) -> tuple[dict, dict]:
                                   data.num_classes, ft.dropout)  # fmt: skip
     ssl = _multitask_module(fit.config, fit.init, document, classifier, data) if (
         fit.mode == "finetune" and ft.multitask_weight > 0) else None  # fmt: skip
+    scaled, mean, std = (standardized(fit.features, data.train_set) if fit.mode == "linear"
+                         else (None, None, None))  # fmt: skip
     module = FinetuneModule(
         classifier, fit.mode, document["policies"][ft.policy], document["mean"], document["std"],
         document["image_size"][0], document["channels"], fit.config.raw["finetune"]["optimizer"],
         ft.encoder_lr_scale, ft.l1, ft.label_smoothing, fit.budget.cap_steps, fit.seed,
         ssl=ssl, multitask_weight=ft.multitask_weight,
-        features=fit.features if fit.mode == "linear" else None,
+        features=scaled,
     )  # fmt: skip
     max_epochs = fit.budget.max_epochs
     last = ckpt_dir / "last.ckpt"
@@ -324,7 +326,31 @@ def _fit_linear(fit: _Fit, ckpt_dir: Path) -> tuple[dict, dict]:
               "epochs_run": len(module.history),
               **stop_reason(module.history, module.best_epoch, max_epochs),
               "history": history}  # fmt: skip
-    return module.best_state, result
+    state = module.best_state
+    if fit.mode == "linear":  # the saved head takes raw features, like every classifier
+        state = fold_standardization(state, mean, std)
+    return state, result
+
+
+def standardized(features: dict[str, Any], train_set: str) -> tuple[dict[str, Any], Any, Any]:
+    """Features scaled to zero mean and unit variance per dimension (statistics of the labeled
+    subset only), and those statistics.
+
+    Why: a linear probe on raw post-ReLU features trains slowly and unevenly across encoders
+    whose features differ in scale by orders of magnitude (raw pixels, PCA, a network);
+    standardizing is what a logistic regression is usually given, and it is folded back into the
+    head afterwards (:func:`fold_standardization`), so the saved classifier takes raw features.
+    """
+    train = features[train_set]
+    mean = train.mean(0)
+    std = train.std(0).clamp_min(1e-6) if len(train) > 1 else train.new_ones(train.shape[1])
+    return {name: (f - mean) / std for name, f in features.items()}, mean, std
+
+
+def fold_standardization(state: dict[str, Any], mean: Any, std: Any) -> dict[str, Any]:
+    """The head ``W (x - mean) / std + b`` as one linear layer on raw features ``x``."""
+    weight = state["head.weight"] / std
+    return {**state, "head.weight": weight, "head.bias": state["head.bias"] - weight @ mean}
 
 
 def curve_csv(per_seed: dict[str, dict]) -> str:
