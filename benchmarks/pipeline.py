@@ -42,9 +42,12 @@ CHANGED_PARAM = ("finetune", "label_smoothing")
 
 
 def run(source: Path = REPO, cores: int | None = None, workdir: Path | None = None,
-        params: dict | None = None, figure_to: Path | None = None) -> dict[str, Any]:  # fmt: skip
+        params: dict | None = None, figure_to: Path | None = None,
+        change: tuple[str, str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """Measure a clean clone of ``source``; ``params`` replaces its params.yaml (tests do);
-    ``figure_to`` receives a copy of the run's label-efficiency figure."""
+    ``figure_to`` receives a copy of the run's label-efficiency figure; ``change`` is the
+    ``(section, key, new value)`` of the re-run measurement (default: ``CHANGED_PARAM`` nudged
+    by 0.05; a test picks a cheaper one)."""
     cores = cores or os.cpu_count() or 1
     owned = workdir is None
     work = Path(workdir or tempfile.mkdtemp(prefix="pipeline-benchmark-")) / "project"
@@ -60,7 +63,7 @@ def run(source: Path = REPO, cores: int | None = None, workdir: Path | None = No
         if figure_to is not None:  # the study's figure, for README (the clone is deleted)
             figure_to.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(work / "reports/figures/label_efficiency.png", figure_to)
-        result["reruns"] = reruns(work, cores)
+        result["reruns"] = reruns(work, cores, change)
         return result
     finally:
         if owned:
@@ -123,8 +126,8 @@ def stage_costs(work: Path) -> dict[str, dict[str, float]]:
     return {stage: dict(costs[stage]) for stage in STAGES if stage in costs}
 
 
-def reruns(work: Path, cores: int) -> dict[str, Any]:
-    """No-op re-runs of both runners, then one fine-tuning param changed."""
+def reruns(work: Path, cores: int, change: tuple[str, str, Any] | None = None) -> dict[str, Any]:
+    """No-op re-runs of both runners, then one param changed (a fine-tuning one by default)."""
     out: dict[str, Any] = {}
     out["snakemake_noop_seconds"], text = _timed(["snakemake", "--cores", str(cores)], work)
     out["snakemake_noop_nothing_to_do"] = "Nothing to be done" in text
@@ -132,9 +135,12 @@ def reruns(work: Path, cores: int) -> dict[str, Any]:
     out["dvc_noop_seconds"], text = _timed(["dvc", "repro"], work)
     out["dvc_noop_skipped_all"] = "didn't change, skipping" in text and "Running stage" not in text
     params = yaml.safe_load((work / "params.yaml").read_text())
-    section, key = CHANGED_PARAM
+    section, key = change[:2] if change else CHANGED_PARAM
     value = params[section][key]
-    params[section][key] = round(value + 0.05, 6) if value < 0.9 else value - 0.05
+    if change:
+        params[section][key] = change[2]
+    else:
+        params[section][key] = round(value + 0.05, 6) if value < 0.9 else value - 0.05
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     planned = _run(["snakemake", "-n"], work).stdout
     out["param_change"] = f"{section}.{key}: {value} -> {params[section][key]}"

@@ -142,8 +142,10 @@ def test_pipeline_benchmark_measures_a_clean_run_its_reruns_and_the_targets(
     params["finetune"]["modes"] = ["finetune", "knn"]
     bench = tmp_path / "bench"
     figure = tmp_path / "results" / "label_efficiency.png"
+    # The re-run measurement changes an evaluation param: it re-runs evaluate and visualize,
+    # not the fine-tuning cells (the real benchmark changes a fine-tuning one).
     result = pipeline.run(source=project, cores=2, workdir=bench, params=sync_matrix(params),
-                          figure_to=figure)  # fmt: skip
+                          figure_to=figure, change=("evaluate", "bootstrap", 60))  # fmt: skip
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| scratch | finetune |" in result["summary_markdown"]
 
@@ -156,8 +158,8 @@ def test_pipeline_benchmark_measures_a_clean_run_its_reruns_and_the_targets(
         assert 50 < cost["peak_rss_mb"] < 64 * 1024
     reruns = result["reruns"]
     assert reruns["snakemake_noop_nothing_to_do"] and reruns["dvc_noop_skipped_all"]
-    assert reruns["param_change"] == "finetune.label_smoothing: 0.0 -> 0.05"
-    assert reruns["param_change_jobs"] == {"finetune": 8, "evaluate": 1, "visualize": 1}
+    assert reruns["param_change"] == "evaluate.bootstrap: 50 -> 60"
+    assert reruns["param_change_jobs"] == {"evaluate": 1, "visualize": 1}
     quality = result["quality"]
     assert quality["full"]["cell"].endswith("-1.0")
     assert quality["tenth_ssl"]["cell"].startswith("simclr-")  # the one self-supervised init

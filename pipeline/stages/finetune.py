@@ -333,17 +333,21 @@ def _fit_linear(fit: _Fit, ckpt_dir: Path) -> tuple[dict, dict]:
 
 
 def standardized(features: dict[str, Any], train_set: str) -> tuple[dict[str, Any], Any, Any]:
-    """Features scaled to zero mean and unit variance per dimension (statistics of the labeled
-    subset only), and those statistics.
+    """Features centred per dimension and divided by one scale, their root-mean-square standard
+    deviation (statistics of the labeled subset only); and that mean and scale (per dimension,
+    for :func:`fold_standardization`).
 
-    Why: a linear probe on raw post-ReLU features trains slowly and unevenly across encoders
-    whose features differ in scale by orders of magnitude (raw pixels, PCA, a network);
-    standardizing is what a logistic regression is usually given, and it is folded back into the
-    head afterwards (:func:`fold_standardization`), so the saved classifier takes raw features.
+    Why: a linear probe on raw post-ReLU features trained slowly, and unevenly across encoders
+    whose features differ in offset and scale by orders of magnitude (SimCLR linear at 10 %
+    labels: 0.773 raw, 0.834 scaled, on validation). One scale for all dimensions, not one each:
+    per-dimension scaling blew PCA's weakest components up to the size of its strongest and cost
+    its 1 % probe 6 points (0.784 -> 0.723); one scale keeps each encoder's geometry. Folded back
+    into the head afterwards, so the saved classifier takes raw features.
     """
     train = features[train_set]
     mean = train.mean(0)
-    std = train.std(0).clamp_min(1e-6) if len(train) > 1 else train.new_ones(train.shape[1])
+    scale = train.var(0).mean().sqrt().clamp_min(1e-6) if len(train) > 1 else train.new_ones(())
+    std = scale * train.new_ones(train.shape[1])
     return {name: (f - mean) / std for name, f in features.items()}, mean, std
 
 
