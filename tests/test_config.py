@@ -141,4 +141,6 @@ def test_the_gpu_profile_is_valid_and_differs_only_in_values():
     config = load(REPO / "params.gpu.yaml")
     assert (config.model.backbone, config.model.width) == ("resnet18", 64)
     assert config.pretrain.epochs > load(REPO / "params.yaml").pretrain.epochs
-    assert set(config.finetune.inits) == set(config.pretrain.methods)
+    # every encoder the profile pretrains is studied: as an init, or as a feature baseline
+    assert set(config.finetune.inits) | set(config.finetune.baselines) == set(
+        config.pretrain.methods)  # fmt: skip

@@ -132,7 +132,8 @@ def test_the_stage_writes_a_loadable_encoder_curves_and_metrics(prepared_tiny: P
     assert run.data.tags["method"] == "simclr" and run.info.status == "FINISHED"
     history = client.get_metric_history(run.info.run_id, "val_knn_acc")
     assert len(history) == FAST["epochs"]
-    assert run.data.params["pretrain.simclr.temperature"] == "0.5"
+    assert run.data.params["pretrain.simclr.temperature"] == str(config.pretrain.options["simclr"]
+                                                                ["temperature"])  # fmt: skip
 
 
 def test_images_of_another_shape_than_the_policy_are_an_error(prepared_tiny: Path):
