@@ -10,7 +10,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 # Stage commands call plain `python`: the venv must come first on PATH for both runners.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup dataset browser run repro test lint benchmarks clean
+.PHONY: setup dataset browser profile run repro test lint benchmarks clean
 
 setup: $(STAMP) dataset
 
@@ -41,13 +41,20 @@ browser:
 		echo "note: chromium is missing; the report's browser test will be skipped (sudo apt-get install chromium)"; \
 	fi
 
+# `make run PROFILE=params.gpu.yaml` (or `make repro PROFILE=...`) first merges the profile, an
+# overlay of params keys, into params.yaml, which both runners read; `git checkout params.yaml`
+# goes back. Without PROFILE nothing is merged.
+PROFILE ?=
+profile: setup
+	@if [ -n "$(PROFILE)" ]; then python -m pipeline profile "$(PROFILE)"; fi
+
 # `dvc commit` records what Snakemake made in dvc.lock, so `dvc repro`/`dvc status` agree afterwards.
-run: setup
+run: setup profile
 	PIPELINE_EXECUTION=$${PIPELINE_EXECUTION:-$$(date -u +%Y%m%dT%H%M%SZ)} snakemake --cores all
 	dvc commit --force --quiet
 
 # `snakemake --touch` records what DVC made in Snakemake's metadata, so `snakemake -n` agrees.
-repro: setup
+repro: setup profile
 	PIPELINE_EXECUTION=$${PIPELINE_EXECUTION:-$$(date -u +%Y%m%dT%H%M%SZ)} dvc repro
 	snakemake --touch --cores 1 --quiet
 

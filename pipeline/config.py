@@ -204,6 +204,13 @@ def load(path: str | Path = PARAMS_FILE) -> Config:
     return from_dict(_parse(_read(path), path), source=str(path))
 
 
+def read_params(path: str | Path) -> tuple[str, Any]:
+    """A params file's text and its plain data, every problem one ConfigError line."""
+    path = Path(path)
+    text = _read(path)
+    return text, _parse(text, path)
+
+
 def _read(path: Path) -> str:
     """The file's text: a missing, unreadable or non-UTF-8 file is one line, not a traceback."""
     try:

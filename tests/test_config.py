@@ -123,24 +123,3 @@ def test_fine_tuning_asks_only_for_what_split_and_pretraining_make():
     params["finetune"]["inits"] = ["simclr", "vae"]
     with pytest.raises(ConfigError, match="finetune.inits has 'vae' but pretrain.methods"):
         from_dict(params)
-
-
-def test_the_gpu_profile_is_valid_and_differs_only_in_values():
-    """params.gpu.yaml is a whole params file (cp it over params.yaml); its keys stay in step."""
-
-    def keys(value, prefix=""):
-        if isinstance(value, dict):
-            return {k for key, sub in value.items() for k in keys(sub, f"{prefix}.{key}")} | {
-                prefix
-            }
-        return {prefix}
-
-    default = yaml.safe_load((REPO / "params.yaml").read_text())
-    gpu = yaml.safe_load((REPO / "params.gpu.yaml").read_text())
-    assert keys(gpu) == keys(default)
-    config = load(REPO / "params.gpu.yaml")
-    assert (config.model.backbone, config.model.width) == ("resnet18", 64)
-    assert config.pretrain.epochs > load(REPO / "params.yaml").pretrain.epochs
-    # every encoder the profile pretrains is studied: as an init, or as a feature baseline
-    assert set(config.finetune.inits) | set(config.finetune.baselines) == set(
-        config.pretrain.methods)  # fmt: skip
