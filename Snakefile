@@ -1,5 +1,6 @@
 # Snakemake entry point: load params.yaml, validate it, include the rules.
-# Every rule runs `python -m pipeline <stage> ...`, the same command as in dvc.yaml.
+# Every rule runs `python -m pipeline <stage> ...` as pipeline/dag.py declares it, the same
+# command as in dvc.yaml (generated from the same declaration).
 
 
 configfile: "params.yaml"

@@ -179,7 +179,7 @@ def quality(work: Path) -> dict[str, Any]:
     - ``knn``: each pretrained encoder's validation kNN monitor (metrics/pretrain), and the best
       self-supervised one's margin over raw pixels.
     """
-    from pipeline.stages.evaluate import BASELINES
+    from pipeline.study import BASELINES
 
     summary = json.loads((work / "metrics/summary.json").read_text())["test_accuracy"]
     validation = {}

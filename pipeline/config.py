@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from pipeline import methods
 from pipeline.errors import PipelineError
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "params.schema.yaml"
@@ -378,11 +379,8 @@ def from_dict(params: Any, source: str = PARAMS_FILE) -> Config:
     return config
 
 
-_METHOD_SECTIONS = ("scratch", "pixels", "simclr", "autoencoder", "rotation", "inpainting", "vae",
-                    "pca")
-#: Inits with no weights to train: their features are the input itself. They are feature
-#: baselines (finetune.baselines), run in the frozen-encoder modes only.
-FEATURE_BASELINES = ("pixels",)
+_METHOD_SECTIONS = methods.NAMES
+FEATURE_BASELINES = methods.FEATURE_BASELINES
 
 
 def _pretrain(section: dict[str, Any]) -> PretrainConfig:
@@ -560,8 +558,16 @@ def _kind(value: Any) -> str:
 
 @functools.cache
 def _schema() -> dict[str, Any]:
-    """The parsed schema: read once per process (parsing it is most of a load's time)."""
-    return yaml.safe_load(SCHEMA_PATH.read_text())
+    """The parsed schema: read once per process (parsing it is most of a load's time).
+
+    The method names come from pipeline.methods, their one source: the schema's lists of them
+    are filled in here, so a new method needs only its own section in the schema.
+    """
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    sections = schema["properties"]
+    for section, key in (("pretrain", "methods"), ("finetune", "inits")):
+        sections[section]["properties"][key]["items"] = {"enum": list(methods.NAMES)}
+    return schema
 
 
 @functools.cache

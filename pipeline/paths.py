@@ -1,6 +1,7 @@
 """Where each stage's artifacts live, relative to the repository root (the working directory).
 
-Snakemake rules and dvc.yaml spell the same paths; tests/test_runners.py checks that they agree.
+The stage declarations in pipeline/dag.py spell the same paths for both runners; the stages and
+the report import them from here, so no stage imports another stage for a file name.
 """
 
 from pathlib import Path
@@ -40,3 +41,29 @@ def fraction_name(fraction: float | str) -> str:
     floats of params.yaml in ``${...}``, so both runners name the same files.
     """
     return repr(float(fraction))
+
+
+def pretrain_metrics(method: str) -> tuple[Path, Path]:
+    """A pretraining run's final metrics (JSON) and per-epoch curves (CSV)."""
+    base = Path("metrics") / "pretrain"
+    return base / f"{method}.json", base / f"{method}.csv"
+
+
+def cell_name(init: str, mode: str, fraction: str | float) -> str:
+    """One cell of the study's matrix, as named in files and in DVC's matrix: init-mode-fraction."""
+    return f"{init}-{mode}-{fraction_name(float(fraction))}"
+
+
+def model_dir(init: str, mode: str, fraction: str | float) -> Path:
+    """A cell's classifier: one state_dict per seed and classifier.json."""
+    return Path("models") / "finetune" / cell_name(init, mode, fraction)
+
+
+def metrics_path(init: str, mode: str, fraction: str | float) -> Path:
+    """A cell's validation metrics, budget and stop reasons (JSON)."""
+    return Path("metrics") / "finetune" / f"{cell_name(init, mode, fraction)}.json"
+
+
+def curve_path(init: str, mode: str, fraction: str | float) -> Path:
+    """A cell's per-epoch validation curve (CSV)."""
+    return metrics_path(init, mode, fraction).with_suffix(".csv")

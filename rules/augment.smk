@@ -4,18 +4,15 @@
 
 rule augment:
     input:
-        CODE["augment"],
-        prepared="data/prepared/{dataset}",
-        splits="data/splits/{dataset}",
+        code("augment"),
+        **inputs("augment"),
     output:
-        policy="data/augment/{dataset}/policy.json",
-        preview="data/augment/{dataset}/preview.png",
-        pool=directory("data/augment/{dataset}/pool"),
+        **outputs("augment"),
     log:
-        "logs/augment/{dataset}.log",
+        log_file("augment"),
     conda:
         "../envs/pipeline.yaml"
     params:
         values=stage_params("augment"),
     shell:
-        "python -m pipeline augment --dataset {wildcards.dataset} --log {log}"
+        command("augment")

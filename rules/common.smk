@@ -1,4 +1,5 @@
 # Shared helpers: params validation, the params each stage reads, the code each stage runs.
+from pipeline import dag, methods
 from pipeline.config import ConfigError, check
 import sys
 
@@ -10,98 +11,39 @@ except ConfigError as err:
 
 DATASET = config["data"]["dataset"]
 # Inits that train (every mode) and feature baselines (frozen modes only): two finetune rules.
-TRAINED_INITS = "scratch|simclr|autoencoder|rotation|inpainting|vae|pca"
-BASELINE_INITS = "pixels"
+TRAINED_INITS = "|".join(m for m in methods.NAMES if m not in methods.FEATURE_BASELINES)
+BASELINE_INITS = "|".join(methods.FEATURE_BASELINES)
 
 
 wildcard_constraints:
     dataset="fashion_mnist|mnist|cifar10|stl10|idx|imagefolder",
-    method="scratch|pixels|simclr|autoencoder|rotation|inpainting|vae|pca",
+    method="|".join(methods.NAMES),
     mode="linear|finetune|knn",
     fraction="[0-9]+\\.[0-9]+",
 
 
-# The pipeline/ modules (and schema) each stage imports: a change in any of them re-runs the
-# stage. dvc.yaml lists the same files; tests/test_runners.py checks both against real imports.
-_COMMON_CODE = [
-    "pipeline/__init__.py",
-    "pipeline/__main__.py",
-    "pipeline/cli.py",
-    "pipeline/config.py",
-    "pipeline/errors.py",
-    "pipeline/io.py",
-    "pipeline/paths.py",
-    "pipeline/stages/__init__.py",
-    "pipeline/tracking.py",
-    "schemas/params.schema.yaml",
-]
-_DATA_CODE = [
-    "pipeline/data/__init__.py",
-    "pipeline/data/formats.py",
-    "pipeline/data/prepared.py",
-]
-# What every training stage imports: data on the device, augmentation, the networks.
-_TRAIN_CODE = _DATA_CODE + [
-    "pipeline/augment.py",
-    "pipeline/data/datamodule.py",
-    "pipeline/data/split.py",
-    "pipeline/models/__init__.py",
-    "pipeline/models/backbones.py",
-    "pipeline/models/knn.py",
-    "pipeline/models/losses.py",
-    "pipeline/models/optim.py",
-    "pipeline/models/pretrain.py",
-]
-CODE = {
-    "download": _COMMON_CODE
-    + _DATA_CODE
-    + ["pipeline/data/sources.py", "pipeline/stages/download.py"],
-    "split": _COMMON_CODE
-    + _DATA_CODE
-    + ["pipeline/data/split.py", "pipeline/stages/split.py"],
-    "augment": _COMMON_CODE
-    + _DATA_CODE
-    + ["pipeline/augment.py", "pipeline/data/split.py", "pipeline/stages/augment.py"],
-    "pretrain": _COMMON_CODE + _TRAIN_CODE + ["pipeline/stages/pretrain.py"],
-    "finetune": _COMMON_CODE
-    + _TRAIN_CODE
-    + [
-        "pipeline/models/classifier.py",
-        "pipeline/models/encoders.py",
-        "pipeline/models/finetune.py",
-        "pipeline/stages/finetune.py",
-        "pipeline/stages/pretrain.py",
-    ],
-    "evaluate": _COMMON_CODE
-    + _TRAIN_CODE
-    + [
-        "pipeline/evaluation.py",
-        "pipeline/models/classifier.py",
-        "pipeline/models/encoders.py",
-        "pipeline/stages/evaluate.py",
-        "pipeline/stages/finetune.py",
-        "pipeline/stages/pretrain.py",
-    ],
-    "visualize": _COMMON_CODE
-    + _TRAIN_CODE
-    + [
-        "pipeline/models/classifier.py",
-        "pipeline/models/encoders.py",
-        "pipeline/stages/evaluate.py",
-        "pipeline/stages/finetune.py",
-        "pipeline/stages/pretrain.py",
-        "pipeline/stages/visualize.py",
-        "pipeline/viz/__init__.py",
-        "pipeline/viz/cam.py",
-        "pipeline/viz/deconv.py",
-        "pipeline/viz/embedding.py",
-        "pipeline/viz/features.py",
-        "pipeline/viz/figures.py",
-        "pipeline/viz/plots.py",
-        "pipeline/viz/report.py",
-        "pipeline/viz/toy.py",
-    ],
-}
+# Every rule's inputs, outputs, log and command come from the one declaration of the stages,
+# pipeline/dag.py, which dvc.yaml is generated from; a rule's code inputs are the pipeline
+# modules its command imports, derived from the import statements.
+def code(rule_name):
+    return dag.code(dag.stage(rule_name).command)
+
+
+def inputs(rule_name):
+    methods = config["pretrain"]["methods"]
+    return dag.snakemake_inputs(rule_name, DATASET, methods, finetune_cells())
+
+
+def outputs(rule_name):
+    return dag.snakemake_outputs(rule_name, DATASET, directory)
+
+
+def log_file(rule_name):
+    return dag.snakemake_log(rule_name, DATASET)
+
+
+def command(rule_name):
+    return dag.snakemake_shell(rule_name, DATASET)
 
 
 def stage_params(stage, method=None):

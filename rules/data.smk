@@ -4,31 +4,31 @@
 
 rule download:
     input:
-        CODE["download"],
+        code("download"),
+        **inputs("download"),
     output:
-        raw=directory("data/raw/{dataset}"),
-        prepared=directory("data/prepared/{dataset}"),
+        **outputs("download"),
     log:
-        "logs/download/{dataset}.log",
+        log_file("download"),
     conda:
         "../envs/pipeline.yaml"
     params:
         values=stage_params("download"),
     shell:
-        "python -m pipeline download --dataset {wildcards.dataset} --log {log}"
+        command("download")
 
 
 rule split:
     input:
-        CODE["split"],
-        prepared="data/prepared/{dataset}",
+        code("split"),
+        **inputs("split"),
     output:
-        directory("data/splits/{dataset}"),
+        **outputs("split"),
     log:
-        "logs/split/{dataset}.log",
+        log_file("split"),
     conda:
         "../envs/pipeline.yaml"
     params:
         values=stage_params("split"),
     shell:
-        "python -m pipeline split --dataset {wildcards.dataset} --log {log}"
+        command("split")

@@ -7,17 +7,12 @@
 
 rule finetune:
     input:
-        CODE["finetune"],
-        prepared=f"data/prepared/{DATASET}",
-        splits=f"data/splits/{DATASET}",
-        policy=f"data/augment/{DATASET}/policy.json",
-        encoder="models/pretrain/{init}",
+        code("finetune"),
+        **inputs("finetune"),
     output:
-        model=directory("models/finetune/{init}-{mode}-{fraction}"),
-        metrics="metrics/finetune/{init}-{mode}-{fraction}.json",
-        curve="metrics/finetune/{init}-{mode}-{fraction}.csv",
+        **outputs("finetune"),
     log:
-        "logs/finetune/{init}-{mode}-{fraction}.log",
+        log_file("finetune"),
     wildcard_constraints:
         init=TRAINED_INITS,
     conda:
@@ -29,25 +24,18 @@ rule finetune:
     threads: 1
     params:
         values=stage_params("finetune"),
-        dataset=DATASET,
     shell:
-        "python -m pipeline finetune --dataset {params.dataset} --init {wildcards.init}"
-        " --mode {wildcards.mode} --fraction {wildcards.fraction} --log {log}"
+        command("finetune")
 
 
 rule finetune_baseline:
     input:
-        CODE["finetune"],
-        prepared=f"data/prepared/{DATASET}",
-        splits=f"data/splits/{DATASET}",
-        policy=f"data/augment/{DATASET}/policy.json",
-        encoder="models/pretrain/{init}",
+        code("finetune_baseline"),
+        **inputs("finetune_baseline"),
     output:
-        model=directory("models/finetune/{init}-{mode}-{fraction}"),
-        metrics="metrics/finetune/{init}-{mode}-{fraction}.json",
-        curve="metrics/finetune/{init}-{mode}-{fraction}.csv",
+        **outputs("finetune_baseline"),
     log:
-        "logs/finetune/{init}-{mode}-{fraction}.log",
+        log_file("finetune_baseline"),
     wildcard_constraints:
         init=BASELINE_INITS,
         mode="linear|knn",
@@ -56,7 +44,5 @@ rule finetune_baseline:
     threads: 1
     params:
         values=stage_params("finetune"),
-        dataset=DATASET,
     shell:
-        "python -m pipeline finetune --dataset {params.dataset} --init {wildcards.init}"
-        " --mode {wildcards.mode} --fraction {wildcards.fraction} --log {log}"
+        command("finetune_baseline")

@@ -4,23 +4,17 @@
 
 rule pretrain:
     input:
-        CODE["pretrain"],
-        prepared=f"data/prepared/{DATASET}",
-        splits=f"data/splits/{DATASET}",
-        policy=f"data/augment/{DATASET}/policy.json",
+        code("pretrain"),
+        **inputs("pretrain"),
     output:
-        model=directory("models/pretrain/{method}"),
-        metrics="metrics/pretrain/{method}.json",
-        curves="metrics/pretrain/{method}.csv",
+        **outputs("pretrain"),
     log:
-        "logs/pretrain/{method}.log",
+        log_file("pretrain"),
     conda:
         "../envs/pipeline.yaml"
     # One thread per job, jobs side by side (see rules/finetune.smk).
     threads: 1
     params:
         values=lambda wildcards: stage_params("pretrain", wildcards.method),
-        dataset=DATASET,
     shell:
-        "python -m pipeline pretrain --dataset {params.dataset} --method {wildcards.method}"
-        " --log {log}"
+        command("pretrain")

@@ -1,14 +1,9 @@
-"""Self-supervised pretraining as LightningModules: one encoder, one objective per method.
+"""Self-supervised pretraining as one generic LightningModule; each method is a plug-in.
 
-Methods (SCIENCE.md, "Self-supervised pretraining"):
-
-- ``simclr``: two augmented views, projection head, NT-Xent (pipeline.models.losses).
-- ``autoencoder``: bottleneck decoder reconstructs the view (MSE or L1); denoising with noise_std.
-- ``rotation``: predict which of 0/90/180/270 degrees a view was rotated by (Gidaris et al. 2018).
-- ``inpainting``: reconstruct a hidden square from its context (Pathak et al. 2016); the loss is
-  taken on the hidden region only.
-- ``vae``: Gaussian encoder and decoder, negative ELBO.
-- ``pca`` (not a network): the linear baseline, :class:`PCAEncoder` fitted in closed form.
+Methods (SCIENCE.md, "Self-supervised pretraining"), one module each under pipeline/methods/
+(its heads, its objective, its optional pictures): ``simclr``, ``autoencoder``, ``rotation``,
+``inpainting``, ``vae``. ``pca`` (not a network) is :class:`PCAEncoder`, fitted in closed form;
+``pixels`` is :class:`PixelsEncoder`.
 
 The data stay on the device (pipeline.data.datamodule); a batch arrives as indices, is gathered
 from the device tensor and augmented there. Every random draw comes from a generator seeded by
@@ -30,18 +25,24 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from pipeline.augment import BatchAugment, mask_region, rotate90
-from pipeline.models.backbones import BackboneConfig, build_backbone, build_decoder
+from pipeline.augment import BatchAugment
+from pipeline.methods import TRAINED, autoencoder, inpainting, rotation, simclr, vae
+from pipeline.models.backbones import BackboneConfig, build_backbone
 from pipeline.models.knn import best_knn
-from pipeline.models.losses import negative_elbo, nt_xent, reparameterize
 from pipeline.models.optim import build_optimizer, warmup_cosine_scheduler
 
-METHODS = ("simclr", "autoencoder", "rotation", "inpainting", "vae")
+#: The trained methods' modules by name (pipeline/methods/__init__.py describes their interface).
+IMPLEMENTATIONS = {m.NAME: m for m in (autoencoder, inpainting, rotation, simclr, vae)}
+METHODS = TRAINED
 _FEATURE_CHUNK = 2048
 
 
 class PretrainModule(L.LightningModule):
-    """Encoder + the heads one method needs + an online linear probe."""
+    """Encoder + the heads one method needs + an online linear probe.
+
+    The method's module (``IMPLEMENTATIONS[method]``) builds the heads and computes the loss;
+    everything else (data on the device, views, monitors, optimization, checkpoints) is here.
+    """
 
     def __init__(
         self,
@@ -62,30 +63,20 @@ class PretrainModule(L.LightningModule):
         monitor: dict[str, Any],
     ) -> None:
         super().__init__()
-        if method not in METHODS:
+        if method not in IMPLEMENTATIONS:
             raise ValueError(f"unknown pretraining method {method!r}; use one of {METHODS}")
         self.save_hyperparameters(logger=False)
         self.method = method
+        self.implementation = IMPLEMENTATIONS[method]
         self.options = options
         config = BackboneConfig(**backbone)
         self.backbone = build_backbone(config, in_channels, image_size)
         dim = self.backbone.feature_dim
         self.augment = BatchAugment(policy, (image_size, image_size), in_channels, mean, std)
         self.normalize = BatchAugment({}, (image_size, image_size), in_channels, mean, std)
-        if method == "simclr":
-            hidden = options["projection_hidden"]
-            self.head = nn.Sequential(
-                nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-                nn.Linear(hidden, options["projection_dim"]),
-            )  # fmt: skip
-        elif method == "rotation":
-            self.head = nn.Linear(dim, 4)
-        elif method == "vae":
-            latent = options["latent_dim"]
-            self.head = nn.Linear(dim, 2 * latent)  # mean and log-variance
-            self.decoder = build_decoder(latent, in_channels, image_size, config.width)
-        else:  # autoencoder, inpainting
-            self.decoder = build_decoder(dim, in_channels, image_size, config.width)
+        heads = self.implementation.heads(dim, options, config.width, in_channels, image_size)
+        for name, head in heads.items():  # registered in the method's order: same init per seed
+            setattr(self, name, head)
         self.probe = nn.Linear(dim, num_classes)
         # Convolutions run about a third faster in channels-last layout on this CPU (and with
         # bf16 on GPUs); the MLP flattens its input, so layout does not matter there.
@@ -130,39 +121,13 @@ class PretrainModule(L.LightningModule):
         self, images: torch.Tensor, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(method loss, encoder features for the probe, which rows the probe may use)."""
-        everyone = torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
         view = self.to_model_layout(self.augment(images, generator))
-        if self.method == "simclr":
-            second = self.to_model_layout(self.augment(images, generator))
-            features = self.backbone(torch.cat([view, second]))
-            z1, z2 = self.head(features).float().chunk(2)
-            loss = nt_xent(z1, z2, self.options["temperature"], self.options["normalization"])
-            return loss, features[: images.shape[0]], everyone
-        if self.method == "rotation":
-            rotated, quarter = rotate90(view, generator)
-            features = self.backbone(self.to_model_layout(rotated))
-            loss = F.cross_entropy(self.head(features).float(), quarter)
-            return loss, features, quarter == 0  # the probe sees upright images only
-        if self.method == "autoencoder":
-            noisy = view
-            if self.options["noise_std"] > 0:
-                noise = torch.randn(view.shape, generator=generator, device=generator.device)
-                noisy = view + self.options["noise_std"] * noise.to(view.device)
-            features = self.backbone(noisy)
-            reconstruction = self.decoder(features).float()
-            distance = F.mse_loss if self.options["loss"] == "mse" else F.l1_loss
-            return distance(reconstruction, view), features, everyone
-        if self.method == "inpainting":
-            masked, hidden = mask_region(view, self.options["mask_size"], generator)
-            features = self.backbone(self.to_model_layout(masked))
-            error = (self.decoder(features).float() - view) ** 2 * hidden
-            loss = error.sum() / (hidden.sum() * view.shape[1]).clamp(min=1)
-            return loss, features, everyone
-        features = self.backbone(view)  # vae
-        mu, logvar = self.head(features).float().chunk(2, dim=1)
-        z = reparameterize(mu, logvar, generator)
-        loss, _, _ = negative_elbo(self.decoder(z).float(), view, mu, logvar, self.options["beta"])
-        return loss, features, everyone
+        return self.implementation.objective(self, images, view, generator)
+
+    @staticmethod
+    def every_row(images: torch.Tensor) -> torch.Tensor:
+        """The probe may learn from every image of the batch."""
+        return torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
 
     # ---------------------------------------------------------------- monitors
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -228,24 +193,14 @@ class PretrainModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.history = list(checkpoint.get("history", []))
 
-    # ---------------------------------------------------------------- VAE pictures
-    def vae_pictures(
-        self, images: torch.Tensor, count: int, seed: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 samples from the prior and reconstructions of ``images`` (N x C x H x W)."""
-        if self.method != "vae":
-            raise TypeError("only the vae method has samples and reconstructions")
-        generator = torch.Generator(device=self.device).manual_seed(seed)
-        latent = self.hparams.options["latent_dim"]
-        with torch.no_grad():
-            z = torch.randn(count, latent, generator=generator, device=self.device)
-            samples = self.decoder(z).float()
-            features = self.backbone(self.to_model_layout(self.normalize(images)))
-            mu, _ = self.head(features).float().chunk(2, dim=1)
-            reconstructions = self.decoder(mu).float()
-        return self._to_uint8(samples), self._to_uint8(reconstructions)
+    # ---------------------------------------------------------------- pictures
+    def pictures(self, images: torch.Tensor, count: int, seed: int) -> dict[str, torch.Tensor]:
+        """The method's pictures for the report (uint8, N x C x H x W); {} if it has none."""
+        draw = getattr(self.implementation, "pictures", None)
+        return draw(self, images, count, seed) if draw is not None else {}
 
-    def _to_uint8(self, x: torch.Tensor) -> torch.Tensor:
+    def to_uint8(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalized images back to uint8 pixels."""
         pixels = x * self.normalize.std.to(x.device) + self.normalize.mean.to(x.device)
         return (pixels.clamp(0, 1) * 255).round().to(torch.uint8)
 

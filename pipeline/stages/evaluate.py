@@ -17,19 +17,14 @@ from typing import Any
 
 from pipeline import paths
 from pipeline.config import Config
-from pipeline.errors import MissingInputError
-from pipeline.io import read_json, write_json, write_text
+from pipeline.io import write_json, write_text
+from pipeline.paths import model_dir
+from pipeline.study import CURVE, FIGURE, SUMMARY, best_by_validation
 
 log = logging.getLogger(__name__)
 
 PARAMS = ("evaluate", "finetune.inits", "finetune.baselines", "finetune.baseline_modes",
           "finetune.modes", "finetune.fractions", "finetune.seeds")
-#: The inits a self-supervised encoder has to beat to be worth its cost (SCIENCE.md, "Transfer"):
-#: the same network from scratch, raw pixels and PCA.
-BASELINES = ("scratch", "pixels", "pca")
-SUMMARY = Path("metrics/summary")
-CURVE = Path("metrics/label_efficiency.csv")
-FIGURE = Path("reports/figures/label_efficiency.png")
 _CHUNK = 2048
 
 
@@ -37,7 +32,7 @@ def run(config: Config, dataset: str | None = None) -> dict:
     """Score every cell and seed on the test split; write the per-cell files and the summary."""
     from pipeline import evaluation, tracking
     from pipeline.data.datamodule import SplitData
-    from pipeline.stages.finetune import cell_name, model_dir
+    from pipeline.paths import cell_name
 
     dataset = dataset or config.data.dataset
     ev = config.evaluate
@@ -98,55 +93,6 @@ def _weights_key(encoder: Any) -> str:
     return digest.hexdigest()
 
 
-def best_by_validation(
-    config: Config, keep: Any = None
-) -> dict[str, tuple[float, str, str, float]]:
-    """Per label fraction (as named in files), ``(validation accuracy, init, mode, fraction)``
-    of the cell with the best mean validation accuracy among the cells ``keep(init, mode)``
-    accepts (all by default); ties keep the first cell of the matrix. The one place this choice
-    is made: evaluation logs it, the report and the benchmarks show it."""
-    from pipeline.stages.finetune import metrics_path
-
-    best: dict[str, tuple[float, str, str, float]] = {}
-    for init, mode, fraction in config.finetune.cells():
-        if keep is not None and not keep(init, mode):
-            continue
-        validation = validation_accuracy(metrics_path(init, mode, fraction))
-        key = paths.fraction_name(fraction)
-        if key not in best or validation > best[key][0]:
-            best[key] = (validation, init, mode, fraction)
-    return best
-
-
-def answer(config: Config, summary: dict[str, dict[str, dict]]) -> list[dict[str, Any]]:
-    """The study's answer, per label fraction: the best self-supervised cell against the best
-    baseline cell (scratch, pixels or PCA, any mode), each chosen on validation, each scored by
-    its mean test accuracy from ``summary`` (metrics/summary.json's ``test_accuracy``)."""
-    ssl = best_by_validation(config, lambda init, mode: init not in BASELINES)
-    base = best_by_validation(config, lambda init, mode: init in BASELINES)
-    rows = []
-    for fraction in (paths.fraction_name(f) for f in config.finetune.fractions):
-        if fraction not in ssl or fraction not in base:
-            continue
-        row: dict[str, Any] = {"fraction": fraction}
-        for side, chosen in (("ssl", ssl[fraction]), ("baseline", base[fraction])):
-            _, init, mode, _ = chosen
-            row[side] = {"cell": f"{init}-{mode}",
-                         "test": summary[f"{init}-{mode}"][fraction]["mean"]}  # fmt: skip
-        row["gain"] = row["ssl"]["test"] - row["baseline"]["test"]
-        rows.append(row)
-    return rows
-
-
-def validation_accuracy(path: Path) -> float:
-    try:
-        return float(read_json(path)["val_acc_mean"])
-    except (OSError, ValueError, KeyError) as err:
-        raise MissingInputError(
-            f"{path} is missing or unreadable ({err}); run the finetune stage for that cell"
-        ) from None
-
-
 def _write_summary(config: Config, summary: list[dict]) -> None:
     from pipeline import evaluation
 
@@ -174,7 +120,6 @@ def _log_best_models(tracked: Any, best: dict[str, tuple]) -> None:
     ``pipeline.models.classifier.load`` (``torch.load(weights_only=True)``), so an untrusted
     store cannot run code on the reader's machine.
     """
-    from pipeline.stages.finetune import model_dir
 
     experiment = tracked.client.get_run(tracked.run_id).info.experiment_id
     for fraction, (validation, init, mode, value) in sorted(best.items()):

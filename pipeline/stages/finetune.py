@@ -37,6 +37,7 @@ from pipeline import paths
 from pipeline.config import Config
 from pipeline.errors import MissingInputError
 from pipeline.io import write_bytes, write_json, write_text
+from pipeline.paths import cell_name, curve_path, metrics_path, model_dir
 from pipeline.stages import pretrain as pretrain_stage  # the multi-task term's settings
 
 log = logging.getLogger(__name__)
@@ -72,22 +73,6 @@ def add_arguments(parser: Any) -> None:
                         help="scratch, pca, pixels or a pretraining method")  # fmt: skip
     parser.add_argument("--mode", required=True, choices=("linear", "finetune", "knn"))
     parser.add_argument("--fraction", required=True, help="a label fraction the split made")
-
-
-def cell_name(init: str, mode: str, fraction: str | float) -> str:
-    return f"{init}-{mode}-{paths.fraction_name(float(fraction))}"
-
-
-def model_dir(init: str, mode: str, fraction: str | float) -> Path:
-    return Path("models/finetune") / cell_name(init, mode, fraction)
-
-
-def metrics_path(init: str, mode: str, fraction: str | float) -> Path:
-    return Path("metrics/finetune") / f"{cell_name(init, mode, fraction)}.json"
-
-
-def curve_path(init: str, mode: str, fraction: str | float) -> Path:
-    return metrics_path(init, mode, fraction).with_suffix(".csv")
 
 
 def run(config: Config, dataset: str | None = None, init: str = "scratch", mode: str = "linear",

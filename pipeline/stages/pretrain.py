@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import paths
+from pipeline import methods, paths
 from pipeline.config import Config
 from pipeline.errors import MissingInputError
 from pipeline.io import atomic_dir, read_json, save_npy, write_bytes, write_json, write_text
@@ -46,7 +46,7 @@ COMMON_PARAMS = (
 )
 PARAMS = COMMON_PARAMS  # the CLI's view; params_for(method) is the full list
 CURVE_COLUMNS = ("epoch", "train_loss", "val_knn_acc", "val_probe_acc")
-_VAE_PICTURES = 64
+_PICTURES = 64  # images in a method's picture grids (the VAE's)
 
 
 def params_for(method: str) -> tuple[str, ...]:
@@ -55,14 +55,8 @@ def params_for(method: str) -> tuple[str, ...]:
 
 def add_arguments(parser: Any) -> None:
     parser.add_argument("--method", required=True,
-                        choices=("scratch", "pixels", "simclr", "autoencoder", "rotation",
-                                 "inpainting", "vae", "pca"),
+                        choices=methods.NAMES,
                         help="which pretraining method to run")  # fmt: skip
-
-
-def metrics_paths(method: str) -> tuple[Path, Path]:
-    base = Path("metrics/pretrain")
-    return base / f"{method}.json", base / f"{method}.csv"
 
 
 def run(config: Config, dataset: str | None = None, method: str = "simclr",
@@ -79,18 +73,14 @@ def run(config: Config, dataset: str | None = None, method: str = "simclr",
     document = policy_document(dataset)
     with tracking.stage_run("pretrain", config, dataset, params_for(method)) as tracked:
         tracked.set_tags({"method": method, "dataset_checksum": _checksum(dataset)})
-        if method == "pca":
-            result = _fit_pca(config, dataset, document)
-        elif method == "pixels":
-            result = _pixels(config, dataset, document)
-        elif method == "scratch":
-            result = _untrained(config, dataset, document)
+        if method in _REFERENCES:  # the encoders the study compares against: no objective
+            result = _REFERENCES[method](config, dataset, document)
         else:
             result = _train(config, dataset, method, document, tracked, callbacks)
         _write_outputs(method, result)
         tracked.log_metrics({f"final_{k}": v for k, v in result["metrics"].items()
                              if isinstance(v, float) and v == v})  # NaN: no such monitor
-        for path in (*metrics_paths(method), paths.pretrain_dir(method) / "encoder.json"):
+        for path in (*paths.pretrain_metrics(method), paths.pretrain_dir(method) / "encoder.json"):
             tracked.log_artifact(path)
     log.info("pretrained %s: %s", method, result["metrics"])
     return result["metrics"]
@@ -190,14 +180,9 @@ def _train(config: Config, dataset: str, method: str, document: dict, tracked: A
         "metrics": {"method": method, **module.history[-1]},
         "pictures": {},
     }
-    if method == "vae":
-        images = data.images["val"][:_VAE_PICTURES].to(module.device)
-        samples, reconstructions = module.vae_pictures(images, _VAE_PICTURES, pre.seed)
-        result["pictures"] = {
-            "samples": samples.permute(0, 2, 3, 1).cpu().numpy(),
-            "reconstructions": reconstructions.permute(0, 2, 3, 1).cpu().numpy(),
-            "originals": data.images["val"][:_VAE_PICTURES].permute(0, 2, 3, 1).numpy(),
-        }
+    images = data.images["val"][:_PICTURES].to(module.device)
+    result["pictures"] = {name: grid.permute(0, 2, 3, 1).cpu().numpy()
+                          for name, grid in module.pictures(images, _PICTURES, pre.seed).items()}
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return result
 
@@ -447,6 +432,10 @@ def _fit_pca(config: Config, dataset: str, document: dict) -> dict:
     }
 
 
+#: How each reference encoder (pipeline.methods.REFERENCES) is made.
+_REFERENCES = {"scratch": _untrained, "pixels": _pixels, "pca": _fit_pca}
+
+
 def _write_outputs(method: str, result: dict) -> None:
     import torch
 
@@ -457,7 +446,7 @@ def _write_outputs(method: str, result: dict) -> None:
         write_json(tmp / "encoder.json", result["description"])
         for name, array in result["pictures"].items():
             save_npy(tmp / f"{name}.npy", np.asarray(array, dtype=np.uint8))
-    metrics_json, curves_csv = metrics_paths(method)
+    metrics_json, curves_csv = paths.pretrain_metrics(method)
     write_json(metrics_json, {k: _round(v) for k, v in result["metrics"].items()})
     lines = [",".join(CURVE_COLUMNS)]
     for row in result["history"]:

@@ -189,7 +189,7 @@ def _augmentation(study: _Study) -> Any:
 
 
 def _pretraining(study: _Study) -> Any:
-    from pipeline.stages.pretrain import metrics_paths
+    from pipeline.models.pretrain import IMPLEMENTATIONS
     from pipeline.viz import plots
     from pipeline.viz.report import Section, Table
 
@@ -205,7 +205,7 @@ def _pretraining(study: _Study) -> Any:
     )
     rows, curves = [], {}
     for method in methods:
-        final_path, curve_path = metrics_paths(method)
+        final_path, curve_path = paths.pretrain_metrics(method)
         final = _read(final_path, f"python -m pipeline pretrain --method {method}")
         rows.append([method, _fmt(final.get("train_loss"), 4), _fmt(final.get("val_knn_acc")),
                      _fmt(final.get("val_probe_acc"))])  # fmt: skip
@@ -219,13 +219,15 @@ def _pretraining(study: _Study) -> Any:
         section.figure(plots.pretrain_curves_figure(trained, study.path("pretrain_curves")),
                        "Training loss (grey, left axis) and validation monitors (right axis) per "
                        "epoch.")  # fmt: skip
-    vae = paths.pretrain_dir("vae")
-    if "vae" in methods and (vae / "samples.npy").is_file():
-        rows_v = [(name, np.load(vae / f"{name}.npy", allow_pickle=False))
-                  for name in ("originals", "reconstructions", "samples")]  # fmt: skip
-        section.figure(plots.image_grid_figure(rows_v, study.path("vae")),
-                       "VAE: validation images, their reconstructions (decoder of the posterior "
-                       "mean), and samples decoded from the prior N(0, I).")  # fmt: skip
+    for method in methods:  # the pictures a method saved (the VAE's samples), if it has any
+        implementation = IMPLEMENTATIONS.get(method)
+        names = getattr(implementation, "PICTURES", ())
+        folder = paths.pretrain_dir(method)
+        if names and all((folder / f"{name}.npy").is_file() for name in names):
+            grids = [(name, np.load(folder / f"{name}.npy", allow_pickle=False))
+                     for name in names]  # fmt: skip
+            section.figure(plots.image_grid_figure(grids, study.path(method)),
+                           implementation.PICTURES_CAPTION)
     return section
 
 
@@ -318,7 +320,7 @@ def _embeddings(study: _Study) -> Any:
 
 
 def _finetuning(study: _Study) -> Any:
-    from pipeline.stages.finetune import curve_path
+    from pipeline.paths import curve_path
     from pipeline.viz import plots
     from pipeline.viz.report import Section
 
@@ -352,7 +354,7 @@ def _finetuning(study: _Study) -> Any:
 
 
 def _budget_table(config: Config) -> Any:
-    from pipeline.stages.finetune import cell_name, metrics_path
+    from pipeline.paths import cell_name, metrics_path
     from pipeline.viz.report import Table
 
     rows = []
@@ -377,8 +379,8 @@ def _budget_table(config: Config) -> Any:
 
 
 def _evaluation(study: _Study) -> Any:
-    from pipeline.stages.evaluate import FIGURE, SUMMARY, best_by_validation
-    from pipeline.stages.finetune import cell_name
+    from pipeline.paths import cell_name
+    from pipeline.study import FIGURE, SUMMARY, best_by_validation
     from pipeline.viz import plots
     from pipeline.viz.report import Section
 
@@ -413,7 +415,7 @@ def _evaluation(study: _Study) -> Any:
 
 def _improving_at_cap(config: Config) -> set[tuple[str, str]]:
     """(init-mode, fraction) of the cells with a seed still improving when it hit its cap."""
-    from pipeline.stages.finetune import metrics_path
+    from pipeline.paths import metrics_path
 
     marked = set()
     for init, mode, fraction in config.finetune.cells():
@@ -453,7 +455,7 @@ def _summary_table(summary: dict, fractions: list[str], capped: set = frozenset(
 def _answer(config: Config, summary: dict) -> str:
     """The study's answer in one sentence: per label fraction, the best self-supervised cell
     against the best baseline (scratch, pixels or PCA), both chosen on validation."""
-    from pipeline.stages.evaluate import answer
+    from pipeline.study import answer
 
     rows = answer(config, summary)
     if not rows:
@@ -476,8 +478,8 @@ def _interpretation(study: _Study) -> Any:
     import torch
 
     from pipeline.models import classifier as classifiers
-    from pipeline.stages.evaluate import validation_accuracy
-    from pipeline.stages.finetune import cell_name, metrics_path, model_dir
+    from pipeline.paths import cell_name, metrics_path, model_dir
+    from pipeline.study import validation_accuracy
     from pipeline.viz import cam
     from pipeline.viz.report import Section
 
@@ -591,6 +593,7 @@ def _mlflow_runs(study: _Study) -> list[list[str]]:
     from datetime import UTC, datetime
 
     from pipeline import tracking
+    from pipeline.cli import PIPELINE_ORDER
 
     client = tracking.client()
     experiment = client.get_experiment_by_name(study.config.tracking.experiment)
@@ -599,7 +602,7 @@ def _mlflow_runs(study: _Study) -> list[list[str]]:
         filter_string=f"tags.dataset = '{study.dataset}' and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"], max_results=5000,
     )  # fmt: skip
-    stages = ("download", "split", "augment", "pretrain", "finetune", "evaluate")
+    stages = tuple(s for s in PIPELINE_ORDER if s != "visualize")  # the runs before this one
     latest: dict[tuple[str, str], Any] = {}
     for run in runs:
         tags = run.data.tags

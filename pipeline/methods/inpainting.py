@@ -1,0 +1,32 @@
+"""Inpainting (Pathak et al. 2016): reconstruct a hidden square of the view from its context.
+
+The loss is the squared error on the hidden region only, so the encoder is paid for inferring
+what it cannot see, not for copying what it can.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.augment import mask_region
+from pipeline.models.backbones import build_decoder
+
+NAME = "inpainting"
+
+
+def heads(dim: int, options: dict[str, Any], width: int, in_channels: int,
+          image_size: int) -> dict[str, nn.Module]:  # fmt: skip
+    return {"decoder": build_decoder(dim, in_channels, image_size, width)}
+
+
+def objective(
+    module: Any, images: torch.Tensor, view: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    masked, hidden = mask_region(view, module.options["mask_size"], generator)
+    features = module.backbone(module.to_model_layout(masked))
+    error = (module.decoder(features).float() - view) ** 2 * hidden
+    loss = error.sum() / (hidden.sum() * view.shape[1]).clamp(min=1)
+    return loss, features, module.every_row(images)

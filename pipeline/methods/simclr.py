@@ -1,0 +1,36 @@
+"""SimCLR (Chen et al. 2020): two augmented views of each image, a projection head, NT-Xent.
+
+The views' features go through a two-layer projection (SCIENCE.md, "Contrastive learning"); the
+loss pulls the two views of one image together against the other 2N - 2 views of the batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.models.losses import nt_xent
+
+NAME = "simclr"
+
+
+def heads(dim: int, options: dict[str, Any], width: int, in_channels: int,
+          image_size: int) -> dict[str, nn.Module]:  # fmt: skip
+    hidden = options["projection_hidden"]
+    return {"head": nn.Sequential(
+        nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+        nn.Linear(hidden, options["projection_dim"]),
+    )}  # fmt: skip
+
+
+def objective(
+    module: Any, images: torch.Tensor, view: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    second = module.to_model_layout(module.augment(images, generator))
+    features = module.backbone(torch.cat([view, second]))
+    z1, z2 = module.head(features).float().chunk(2)
+    options = module.options
+    loss = nt_xent(z1, z2, options["temperature"], options["normalization"])
+    return loss, features[: images.shape[0]], module.every_row(images)

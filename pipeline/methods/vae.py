@@ -1,0 +1,56 @@
+"""Variational autoencoder (Kingma & Welling 2014): Gaussian encoder and decoder, negative ELBO.
+
+The encoder's features give the posterior's mean and log-variance; a sample through the
+reparameterization trick is decoded, and the loss is reconstruction plus beta times the KL
+divergence to N(0, I). Its pictures: validation images, their reconstructions and prior samples.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.models.backbones import build_decoder
+from pipeline.models.losses import negative_elbo, reparameterize
+
+NAME = "vae"
+#: The picture grids it saves (pictures()) and the report shows, top to bottom.
+PICTURES = ("originals", "reconstructions", "samples")
+PICTURES_CAPTION = ("VAE: validation images, their reconstructions (decoder of the posterior "
+                    "mean), and samples decoded from the prior N(0, I).")  # fmt: skip
+
+
+def heads(dim: int, options: dict[str, Any], width: int, in_channels: int,
+          image_size: int) -> dict[str, nn.Module]:  # fmt: skip
+    latent = options["latent_dim"]
+    return {
+        "head": nn.Linear(dim, 2 * latent),  # mean and log-variance
+        "decoder": build_decoder(latent, in_channels, image_size, width),
+    }
+
+
+def objective(
+    module: Any, images: torch.Tensor, view: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    features = module.backbone(view)
+    mu, logvar = module.head(features).float().chunk(2, dim=1)
+    z = reparameterize(mu, logvar, generator)
+    loss, _, _ = negative_elbo(module.decoder(z).float(), view, mu, logvar,
+                               module.options["beta"])  # fmt: skip
+    return loss, features, module.every_row(images)
+
+
+def pictures(module: Any, images: torch.Tensor, count: int, seed: int) -> dict[str, torch.Tensor]:
+    """uint8 grids (N x C x H x W): the images, their reconstructions, samples from the prior."""
+    generator = torch.Generator(device=module.device).manual_seed(seed)
+    latent = module.options["latent_dim"]
+    with torch.no_grad():
+        z = torch.randn(count, latent, generator=generator, device=module.device)
+        samples = module.decoder(z).float()
+        features = module.backbone(module.to_model_layout(module.normalize(images)))
+        mu, _ = module.head(features).float().chunk(2, dim=1)
+        reconstructions = module.decoder(mu).float()
+    return {"originals": images.cpu(), "reconstructions": module.to_uint8(reconstructions),
+            "samples": module.to_uint8(samples)}  # fmt: skip
