@@ -32,12 +32,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from numbers import Real
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from pipeline.checks import is_int, is_real
 from pipeline.errors import PipelineError
 
 __all__ = [
@@ -100,16 +100,11 @@ def _fail(key: str, value: Any, why: str) -> PolicyError:
     return PolicyError(f"augment policy key {key!r} = {value!r}: {why}")
 
 
-def _is_number(value: Any) -> bool:
-    # bool is an int subclass, but `p: true` in YAML is almost surely a mistake.
-    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _number(low: float, high: float, what: str) -> _Checker:
     """Checker for a single number in the closed interval [low, high]."""
 
     def check(key: str, value: Any) -> float:
-        if not _is_number(value) or not low <= value <= high:
+        if not is_real(value) or not low <= value <= high:
             raise _fail(key, value, f"must be {what}")
         return float(value)
 
@@ -125,7 +120,7 @@ def _range(low: float, high: float, low_open: bool, what: str) -> _Checker:
     def check(key: str, value: Any) -> tuple[float, float]:
         if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 2:
             raise _fail(key, value, "must be a [min, max] pair of numbers")
-        if not all(_is_number(v) and in_bounds(v) for v in value):
+        if not all(is_real(v) and in_bounds(v) for v in value):
             raise _fail(key, value, f"values must be {what}")
         if value[0] > value[1]:
             raise _fail(key, value, "min must be <= max")
@@ -138,13 +133,13 @@ def _fraction_pair(key: str, value: Any) -> tuple[float, float]:
     """Checker for ``affine.translate``: maximal shift as a fraction of (width, height)."""
     if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 2:
         raise _fail(key, value, "must be a [fraction_of_width, fraction_of_height] pair")
-    if not all(_is_number(v) and 0.0 <= v <= 1.0 for v in value):
+    if not all(is_real(v) and 0.0 <= v <= 1.0 for v in value):
         raise _fail(key, value, "values must be fractions in [0, 1]")
     return float(value[0]), float(value[1])
 
 
 def _odd_int(key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % 2 == 0:
+    if not is_int(value) or value < 1 or value % 2 == 0:
         raise _fail(key, value, "must be an odd positive integer")
     return value
 

@@ -6,8 +6,9 @@ and tests/test_dag.py fails when the committed file is stale). Two things are no
 because they are derived: a stage's params are its module's ``PARAMS`` (or ``params_for``), and
 its code dependencies are the pipeline modules its command can import, found by reading the
 import statements (module level and inside functions) from ``pipeline/__main__.py`` and the
-stage's module, plus the params schema that pipeline/config.py reads. A new module imported by
-a stage is then a dependency with no edit anywhere.
+stage's module, plus the params schema that pipeline/config.py reads, plus every module of a
+plug-in package (``PLUGINS``) whose loader is imported. A new module imported by a stage is then
+a dependency with no edit anywhere.
 
 Paths use placeholders: ``{dataset}`` (``data.dataset``), ``{method}`` (one job per pretraining
 method) and ``{init}``, ``{mode}``, ``{fraction}`` (one job per cell of the study). A dependency
@@ -29,6 +30,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = "schemas/params.schema.yaml"
 DVC_FILE = "dvc.yaml"
+#: Modules that import a package's modules by name (importlib), which no import statement shows:
+#: importing one of them depends on every module of that package (plug-ins, such as methods).
+PLUGINS = {"pipeline.methods._registry": "pipeline.methods"}
 
 
 @dataclass(frozen=True)
@@ -187,6 +191,10 @@ def code(command: str) -> tuple[str, ...]:
         parts = module.split(".")
         todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # the packages above it
         todo += _imports(path, module)
+        if module in PLUGINS:
+            package = ROOT.joinpath(*PLUGINS[module].split("."))
+            todo += [f"{PLUGINS[module]}.{p.stem}" for p in sorted(package.glob("*.py"))
+                     if p.stem != "__init__"]  # fmt: skip
     files = sorted(str(path.relative_to(ROOT)) for path in seen.values())
     return (*files, SCHEMA)
 

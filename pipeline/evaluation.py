@@ -40,6 +40,7 @@ from torchmetrics.classification import (
     MulticlassF1Score,
 )
 
+from pipeline.checks import is_int
 from pipeline.io import write_bytes
 
 POINT_METRICS = ("accuracy", "error", "macro_f1", "nll", "ece")
@@ -68,7 +69,7 @@ def _as_inputs(
     Every public function goes through here, so a transposed matrix, logits instead of
     probabilities, or labels from another dataset fail loudly instead of giving a plausible number.
     """
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
+    if not is_int(num_classes) or num_classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
     probs = torch.as_tensor(probabilities).detach().cpu()
     target = torch.as_tensor(labels).detach().cpu()
@@ -184,11 +185,11 @@ def bootstrap_intervals(
 
 
 def _check_bootstrap_options(samples: int, level: float, ece_bins: int) -> None:
-    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 2:
+    if not is_int(samples) or samples < 2:
         raise ValueError(f"samples must be an integer >= 2, got {samples!r}")
     if not 0 < level < 1:
         raise ValueError(f"level must lie in (0, 1), got {level!r}")
-    if not isinstance(ece_bins, int) or isinstance(ece_bins, bool) or ece_bins < 1:
+    if not is_int(ece_bins) or ece_bins < 1:
         raise ValueError(f"ece_bins must be an integer >= 1, got {ece_bins!r}")
 
 

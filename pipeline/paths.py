@@ -4,6 +4,7 @@ The stage declarations in pipeline/dag.py spell the same paths for both runners;
 the report import them from here, so no stage imports another stage for a file name.
 """
 
+from dataclasses import dataclass
 from pathlib import Path
 
 DATA = Path("data")
@@ -67,3 +68,32 @@ def metrics_path(init: str, mode: str, fraction: str | float) -> Path:
 def curve_path(init: str, mode: str, fraction: str | float) -> Path:
     """A cell's per-epoch validation curve (CSV)."""
     return metrics_path(init, mode, fraction).with_suffix(".csv")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One cell of the study's matrix (init, mode, label fraction), and the files it writes."""
+
+    init: str
+    mode: str
+    fraction: float
+
+    @property
+    def name(self) -> str:
+        return cell_name(self.init, self.mode, self.fraction)
+
+    @property
+    def fraction_name(self) -> str:
+        return fraction_name(self.fraction)
+
+    @property
+    def model_dir(self) -> Path:
+        return model_dir(self.init, self.mode, self.fraction)
+
+    @property
+    def metrics_path(self) -> Path:
+        return metrics_path(self.init, self.mode, self.fraction)
+
+    @property
+    def curve_path(self) -> Path:
+        return curve_path(self.init, self.mode, self.fraction)

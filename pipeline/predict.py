@@ -15,6 +15,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from pipeline.checks import is_int
 from pipeline.errors import PipelineError
 
 #: Images converted and classified at once; bounds memory for long file lists.
@@ -50,7 +51,7 @@ def predict(
     path), and ``top_k < 1`` PipelineError. The whole list is checked before any prediction, so
     a bad file late in the list fails fast instead of after minutes of work.
     """
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+    if not is_int(top_k) or top_k < 1:
         raise PipelineError(f"--top-k = {top_k!r} is not allowed: must be an integer >= 1")
 
     import numpy as np

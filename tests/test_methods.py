@@ -22,7 +22,7 @@ from tests.test_pretrain import _module
 
 def test_every_method_module_is_registered_under_its_own_name():
     found = {m.name for m in pkgutil.iter_modules(pipeline.methods.__path__)}
-    assert found == set(methods.TRAINED)
+    assert found == set(methods.TRAINED) | {"_registry"}
     assert tuple(pretrain_models.IMPLEMENTATIONS) == methods.TRAINED
     for name, module in pretrain_models.IMPLEMENTATIONS.items():
         assert module.NAME == name == module.__name__.rpartition(".")[2]
@@ -40,6 +40,17 @@ def test_the_names_are_one_list_for_params_schema_cli_and_snakemake():
     assert tuple(method_option.choices) == methods.NAMES
     common = (REPO / "rules/common.smk").read_text()
     assert 'method="|".join(methods.NAMES)' in common  # Snakemake's wildcard reads the list
+
+
+def test_every_method_module_is_a_code_dependency_of_pretraining():
+    """The registry imports the modules by name; the derived code dependencies still list them."""
+    from pipeline import dag
+
+    code = dag.code("pretrain")
+    assert {f"pipeline/methods/{name}.py" for name in methods.TRAINED} <= set(code)
+    assert "pipeline/methods/_registry.py" in code
+    assert not any(f.startswith("pipeline/methods/") and not f.endswith("__init__.py")
+                   for f in dag.code("split"))  # fmt: skip
 
 
 @pytest.mark.parametrize("key", ["methods", "inits"])

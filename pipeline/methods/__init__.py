@@ -13,15 +13,17 @@ A trained method is one module, ``pipeline/methods/<name>.py``, holding the whol
 The generic Lightning module (pipeline.models.pretrain.PretrainModule) builds the encoder, the
 augmentation, the online probe and the monitors, and delegates the rest to the method's module.
 The names are the modules found in this package (listed, not imported: no torch here), so a
-method's module is its registration for the schema, the CLI and the Snakemake wildcards; the
-Lightning module imports it in ``pipeline.models.pretrain.IMPLEMENTATIONS``, and
-tests/test_methods.py fails when a module is missing there.
+method's module is its registration: the schema, the CLI, the Snakemake wildcards and
+``pipeline.methods._registry`` (which imports them all for the Lightning module) read the list.
+Adding a method is its module plus its params and schema sections. Modules whose names start
+with ``_`` are helpers, not methods.
 """
 
 import pkgutil
 
 #: Methods that train the encoder with a self-supervised objective: the modules of this package.
-TRAINED: tuple[str, ...] = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__)))
+TRAINED: tuple[str, ...] = tuple(sorted(
+    m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")))  # fmt: skip
 #: Encoders the study compares against, made without an objective (pipeline/stages/pretrain.py):
 #: the untrained initialization, the raw pixels and PCA fitted in closed form.
 REFERENCES: tuple[str, ...] = ("scratch", "pixels", "pca")

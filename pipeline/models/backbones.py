@@ -62,11 +62,11 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from numbers import Real
 
 import torch
 from torch import Tensor, nn
 
+from pipeline.checks import is_int, is_real
 from pipeline.errors import PipelineError
 
 __all__ = [
@@ -111,14 +111,6 @@ def _reject(field: str, value: object, rule: str) -> BackboneConfigError:
     return BackboneConfigError(f"backbone {field} = {value!r} is not allowed: {rule}")
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
 @dataclass(frozen=True)
 class BackboneConfig:
     """What defines an encoder; validated on construction so a bad params.yaml fails early."""
@@ -145,12 +137,12 @@ class BackboneConfig:
             if value not in allowed:
                 raise _reject(field, value, f"must be one of {', '.join(allowed)}")
         for field, value in (("width", self.width), ("depth", self.depth)):
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise _reject(field, value, "must be an integer >= 1")
         slope = self.leaky_relu_slope
-        if not _is_real(slope) or not 0 <= slope <= 1:
+        if not is_real(slope) or not 0 <= slope <= 1:
             raise _reject("leaky_relu_slope", slope, "must be a number in [0, 1]")
-        if not _is_real(self.dropout) or not 0 <= self.dropout < 1:
+        if not is_real(self.dropout) or not 0 <= self.dropout < 1:
             raise _reject("dropout", self.dropout, "must be a number in [0, 1)")
         if not isinstance(self.batch_norm, bool):
             raise _reject("batch_norm", self.batch_norm, "must be true or false")
@@ -450,7 +442,7 @@ _CONV_BODIES: dict[str, Callable[[BackboneConfig, int, int], tuple[nn.Sequential
 
 
 def _check_size(owner: str, field: str, value: object, minimum: int = 1) -> None:
-    if not _is_int(value) or value < minimum:
+    if not is_int(value) or value < minimum:
         raise BackboneConfigError(
             f"{owner} {field} = {value!r} is not allowed: must be an integer >= {minimum}"
         )

@@ -26,13 +26,12 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from pipeline.augment import BatchAugment
-from pipeline.methods import TRAINED, autoencoder, inpainting, rotation, simclr, vae
+from pipeline.methods import TRAINED
+from pipeline.methods._registry import IMPLEMENTATIONS
 from pipeline.models.backbones import BackboneConfig, build_backbone
 from pipeline.models.knn import best_knn
 from pipeline.models.optim import build_optimizer, warmup_cosine_scheduler
 
-#: The trained methods' modules by name (pipeline/methods/__init__.py describes their interface).
-IMPLEMENTATIONS = {m.NAME: m for m in (autoencoder, inpainting, rotation, simclr, vae)}
 METHODS = TRAINED
 _FEATURE_CHUNK = 2048
 

@@ -72,16 +72,16 @@ def _probabilities(folder: Path, seed: int, images: Any, features: dict[str, Any
 
     from pipeline.augment import BatchAugment
     from pipeline.models import classifier
+    from pipeline.models.encoders import encode
 
     model, description = classifier.load(folder, seed)
     size = description["image_size"]
     normalize = BatchAugment({}, (size, size), description["in_channels"], description["mean"],
                              description["std"])  # fmt: skip
     key = _weights_key(model.encoder) + repr((description["mean"], description["std"], size))
+    if key not in features:
+        features[key] = encode(model.encoder, normalize, images, _CHUNK)
     with torch.no_grad():
-        if key not in features:
-            features[key] = torch.cat([model.encoder(normalize(images[i : i + _CHUNK])).float()
-                                       for i in range(0, images.shape[0], _CHUNK)])  # fmt: skip
         return model.from_features(features[key])
 
 

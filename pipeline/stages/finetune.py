@@ -37,7 +37,6 @@ from pipeline import paths
 from pipeline.config import Config
 from pipeline.errors import MissingInputError
 from pipeline.io import write_bytes, write_json, write_text
-from pipeline.paths import cell_name, curve_path, metrics_path, model_dir
 from pipeline.stages import pretrain as pretrain_stage  # the multi-task term's settings
 
 log = logging.getLogger(__name__)
@@ -81,31 +80,29 @@ def run(config: Config, dataset: str | None = None, init: str = "scratch", mode:
     from pipeline import tracking
 
     dataset = dataset or config.data.dataset
-    fraction_value = _check_cell(config, init, mode, fraction)
-    name = cell_name(init, mode, fraction_value)
+    cell = paths.Cell(init, mode, _check_cell(config, init, mode, fraction))
     document = pretrain_stage.policy_document(dataset)
     with tracking.stage_run("finetune", config, dataset, COMMON_PARAMS) as tracked:
-        fraction_tag = paths.fraction_name(fraction_value)
-        tracked.set_tags({"init": init, "mode": mode, "fraction": fraction_tag, "cell": name})
-        states, per_seed, description, ckpt_dir, cell_budget = _train_cell(
-            config, dataset, init, mode, fraction_value, document, tracked
-        )
+        tracked.set_tags({"init": init, "mode": mode, "fraction": cell.fraction_name,
+                          "cell": cell.name})  # fmt: skip
+        trained = _train_cell(config, dataset, cell, document, tracked)
         from pipeline.models import classifier
 
-        classifier.save(model_dir(init, mode, fraction_value), description, states)
-        accuracies = [r["val_acc"] for r in per_seed.values()]
+        classifier.save(cell.model_dir, trained.description, trained.states)
+        accuracies = [r["val_acc"] for r in trained.per_seed.values()]
         summary = {
-            "init": init, "mode": mode, "fraction": paths.fraction_name(fraction_value),
+            "init": init, "mode": mode, "fraction": cell.fraction_name,
             "val_acc_mean": round(sum(accuracies) / len(accuracies), 6),
-            **({"budget": cell_budget.as_dict()} if cell_budget else {}),
-            "seeds": per_seed,
+            **({"budget": trained.budget.as_dict()} if trained.budget else {}),
+            "seeds": trained.per_seed,
         }  # fmt: skip
-        write_json(metrics_path(init, mode, fraction_value), summary)
-        write_text(curve_path(init, mode, fraction_value), curve_csv(per_seed))
+        write_json(cell.metrics_path, summary)
+        write_text(cell.curve_path, curve_csv(trained.per_seed))
         tracked.log_metrics({"val_acc": summary["val_acc_mean"]})
-        tracked.log_artifact(metrics_path(init, mode, fraction_value))
-        shutil.rmtree(ckpt_dir, ignore_errors=True)  # every output is written: nothing to resume
-    log.info("%s: validation accuracy %.4f", name, summary["val_acc_mean"])
+        tracked.log_artifact(cell.metrics_path)
+        # every output is written: nothing to resume
+        shutil.rmtree(trained.ckpt_dir, ignore_errors=True)
+    log.info("%s: validation accuracy %.4f", cell.name, summary["val_acc_mean"])
     return summary
 
 
@@ -146,18 +143,31 @@ def _encoder(init: str) -> tuple[Any, dict]:
     return load_encoder(init)
 
 
-def _train_cell(config, dataset, init, mode, fraction, document, tracked):
+@dataclass
+class _Trained:
+    """One cell's result: a state per seed, per-seed metrics, the classifier's description."""
+
+    states: dict[int, dict]
+    per_seed: dict[str, dict]
+    description: dict[str, Any]
+    ckpt_dir: Path
+    budget: Any
+
+
+def _train_cell(config: Config, dataset: str, cell: paths.Cell, document: dict,
+                tracked: Any) -> _Trained:  # fmt: skip
     import lightning as L
 
     from pipeline.data.datamodule import SplitData
     from pipeline.models.finetune import budget
 
     ft = config.finetune
-    subset = f"labeled-{paths.fraction_name(fraction)}"
+    init, mode = cell.init, cell.mode
+    subset = f"labeled-{cell.fraction_name}"
     data = SplitData(dataset, (subset, "val"), ft.batch_size, seed=0, max_images=ft.max_images,
                      train_set=subset, min_steps=ft.min_steps_per_epoch)  # fmt: skip
     data.setup("fit")
-    ckpt_dir = _checkpoint_dir(config, dataset, init, mode, fraction, document)
+    ckpt_dir = _checkpoint_dir(config, dataset, cell, document)
     cell_budget = None
     if mode != "knn":
         cell_budget = budget(len(data.labels[subset]), ft.batch_size,
@@ -183,13 +193,13 @@ def _train_cell(config, dataset, init, mode, fraction, document, tracked):
         states[seed], per_seed[str(seed)] = state, result
         tracked.log_metrics({f"val_acc_seed{seed}": result["val_acc"]})
     description = {
-        "init": init, "mode": mode, "fraction": paths.fraction_name(fraction),
+        "init": init, "mode": mode, "fraction": cell.fraction_name,
         "classes": data.classes, "image_size": document["image_size"][0],
         "in_channels": document["channels"], "mean": document["mean"], "std": document["std"],
         "dropout": ft.dropout if mode != "knn" else 0.0, "encoder": encoder_description,
         "dataset": dataset,
     }  # fmt: skip
-    return states, per_seed, description, ckpt_dir, cell_budget
+    return _Trained(states, per_seed, description, ckpt_dir, cell_budget)
 
 
 def _features(encoder: Any, data: Any, document: dict) -> dict[str, Any]:
@@ -202,15 +212,15 @@ def _features(encoder: Any, data: Any, document: dict) -> dict[str, Any]:
     return {name: encode(encoder, normalize, data.images[name]) for name in (data.train_set, "val")}
 
 
-def _checkpoint_dir(config, dataset, init, mode, fraction, document) -> Path:
+def _checkpoint_dir(config: Config, dataset: str, cell: paths.Cell, document: dict) -> Path:
     """One folder per cell, keyed by everything that shapes its training: the params it reads,
     the init's encoder weights, the data and the policy document."""
     from pipeline.data.prepared import dataset_checksum
     from pipeline.io import sha256_file
 
-    weights = paths.pretrain_dir(init) / "encoder.pt"
+    weights = paths.pretrain_dir(cell.init) / "encoder.pt"
     return pretrain_stage.checkpoint_dir(
-        "finetune", cell_name(init, mode, fraction),
+        "finetune", cell.name,
         {key: config.section(key) for key in COMMON_PARAMS},
         sha256_file(weights) if weights.is_file() else None,
         dataset_checksum(paths.prepared_dir(dataset)), document,

@@ -286,6 +286,7 @@ def _encoders(study: _Study) -> Any:
 def _embeddings(study: _Study) -> Any:
     import torch
 
+    from pipeline.models.encoders import encode
     from pipeline.viz import embedding
     from pipeline.viz.report import Section
 
@@ -300,13 +301,11 @@ def _embeddings(study: _Study) -> Any:
     rng = np.random.default_rng(vis.seed)
     count = min(vis.embedding_images, len(study.labels["test"]))
     index = torch.from_numpy(np.sort(rng.choice(len(study.labels["test"]), count, replace=False)))
-    images = study.normalized(study.images["test"][index])
+    images = study.images["test"][index]
     labels = study.labels["test"][index].numpy()
     panels = []
     for method in study.config.pretrain.methods:
-        encoder = study.encoder(method)
-        with torch.no_grad():
-            feats = torch.cat([encoder(chunk).float().cpu() for chunk in images.split(_CHUNK)])
+        feats = encode(study.encoder(method), study.normalized, images, _CHUNK).cpu()
         for kind in vis.embeddings:
             points = embedding.embed(feats.numpy(), kind, vis.seed)
             panels.append((f"{method} · {'t-SNE' if kind == 'tsne' else 'UMAP'}", points))

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.checks import is_int
 from pipeline.viz import figures
 
 __all__ = ["METHODS", "embed", "embedding_figure", "embedding_quality"]
@@ -89,7 +90,7 @@ def embed(features: np.ndarray, method: str, seed: int) -> np.ndarray:
     """
     if method not in METHODS:
         raise ValueError(f"embedding method {method!r} is unknown: use one of {', '.join(METHODS)}")
-    if not isinstance(seed, int | np.integer) or isinstance(seed, bool) or seed < 0:
+    if not is_int(seed) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     features = _l2_normalize(_check_features(features))
     run = _tsne if method == "tsne" else _umap
@@ -120,7 +121,7 @@ def embedding_quality(points2d: np.ndarray, labels: np.ndarray, k: int = 10) -> 
     if not np.isfinite(points2d).all():
         raise ValueError("points2d contain NaN or inf; check the embedding")
     labels = _check_labels(labels, points2d.shape[0])
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+    if not is_int(k) or k < 1:
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
     k = min(k, points2d.shape[0] - 1)
     # kneighbors() without a query excludes each point from its own neighbours, even duplicates.

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline.checks import is_int
 from pipeline.models.backbones import init_weights, make_activation
 from pipeline.viz import figures
 
@@ -55,10 +56,6 @@ _HE_ACTIVATIONS = ("relu", "leaky_relu", "elu")
 MESH_POINTS = 150  # mesh resolution per axis of the probability map
 _MESH_MARGIN = 0.5  # mesh extends this far beyond the (standardized) data
 _SPIRAL_TURNS = 1.25
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
 def _require(ok: bool, message: str) -> None:
@@ -98,10 +95,10 @@ def make_toy(name: str, samples: int, noise: float, seed: int) -> tuple[np.ndarr
 
     _require(name in TOY_DATASETS, f"toy data set {name!r} is unknown: use one of "
              f"{', '.join(TOY_DATASETS)}")  # fmt: skip
-    _require(_is_int(samples) and samples >= 4, f"samples must be an integer >= 4, got {samples!r}")
+    _require(is_int(samples) and samples >= 4, f"samples must be an integer >= 4, got {samples!r}")
     _require(isinstance(noise, int | float) and math.isfinite(noise) and noise >= 0,
              f"noise must be a finite number >= 0, got {noise!r}")  # fmt: skip
-    _require(_is_int(seed) and seed >= 0, f"seed must be an integer >= 0, got {seed!r}")
+    _require(is_int(seed) and seed >= 0, f"seed must be an integer >= 0, got {seed!r}")
     if name == "moons":
         X, y = make_moons(n_samples=samples, noise=noise, random_state=seed)
     elif name == "circles":
@@ -136,8 +133,8 @@ class ToyMLP(L.LightningModule):
     def __init__(self, depth: int, width: int, activation: str = "relu", lr: float = 0.01,
                  leaky_relu_slope: float = 0.01) -> None:  # fmt: skip
         super().__init__()
-        _require(_is_int(depth) and depth >= 0, f"depth must be an integer >= 0, got {depth!r}")
-        _require(_is_int(width) and width >= 1, f"width must be an integer >= 1, got {width!r}")
+        _require(is_int(depth) and depth >= 0, f"depth must be an integer >= 0, got {depth!r}")
+        _require(is_int(width) and width >= 1, f"width must be an integer >= 1, got {width!r}")
         _require(activation in TOY_ACTIVATIONS, f"activation {activation!r} is unknown: use one "
                  f"of {', '.join(TOY_ACTIVATIONS)}")  # fmt: skip
         _require(isinstance(lr, int | float) and math.isfinite(lr) and lr > 0,
@@ -221,8 +218,8 @@ def fit_toy(X: np.ndarray, y: np.ndarray, depth: int, width: int, activation: st
     caller's global random state is left as it was.
     """
     X, y = _check_xy(X, y)
-    _require(_is_int(steps) and steps >= 1, f"steps must be an integer >= 1, got {steps!r}")
-    _require(_is_int(seed) and seed >= 0, f"seed must be an integer >= 0, got {seed!r}")
+    _require(is_int(steps) and steps >= 1, f"steps must be an integer >= 1, got {steps!r}")
+    _require(is_int(seed) and seed >= 0, f"seed must be an integer >= 0, got {seed!r}")
     x_t, y_t = torch.from_numpy(X), torch.from_numpy(y)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
