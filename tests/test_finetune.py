@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pipeline.config import from_dict
+from pipeline.documents import PolicyDocument
 from pipeline.errors import MissingInputError
 from pipeline.models import classifier
 from pipeline.stages import augment, download, finetune, pretrain, split
@@ -171,7 +172,7 @@ def test_the_multitask_term_trains_the_shared_encoder(pretrained_tiny: Path):
     class Data:
         num_classes = 4
 
-    document = json.loads(Path("data/augment/idx/policy.json").read_text())
+    document = PolicyDocument.read("idx")
     ssl = _multitask_module(config, "rotation", document, classifier_, Data())
     assert ssl.backbone is classifier_.encoder and ssl.method == "rotation"
     summary = finetune.run(config, init="rotation", mode="finetune", fraction="1.0")

@@ -35,6 +35,7 @@ from typing import Any
 
 from pipeline import paths
 from pipeline.config import Config
+from pipeline.documents import PolicyDocument
 from pipeline.errors import MissingInputError
 from pipeline.io import write_bytes, write_json, write_text
 from pipeline.stages import pretrain as pretrain_stage  # the multi-task term's settings
@@ -81,7 +82,7 @@ def run(config: Config, dataset: str | None = None, init: str = "scratch", mode:
 
     dataset = dataset or config.data.dataset
     cell = paths.Cell(init, mode, _check_cell(config, init, mode, fraction))
-    document = pretrain_stage.policy_document(dataset)
+    document = PolicyDocument.read(dataset)
     with tracking.stage_run("finetune", config, dataset, COMMON_PARAMS) as tracked:
         tracked.set_tags({"init": init, "mode": mode, "fraction": cell.fraction_name,
                           "cell": cell.name})  # fmt: skip
@@ -154,7 +155,7 @@ class _Trained:
     budget: Any
 
 
-def _train_cell(config: Config, dataset: str, cell: paths.Cell, document: dict,
+def _train_cell(config: Config, dataset: str, cell: paths.Cell, document: PolicyDocument,
                 tracked: Any) -> _Trained:  # fmt: skip
     import lightning as L
 
@@ -194,25 +195,25 @@ def _train_cell(config: Config, dataset: str, cell: paths.Cell, document: dict,
         tracked.log_metrics({f"val_acc_seed{seed}": result["val_acc"]})
     description = {
         "init": init, "mode": mode, "fraction": cell.fraction_name,
-        "classes": data.classes, "image_size": document["image_size"][0],
-        "in_channels": document["channels"], "mean": document["mean"], "std": document["std"],
+        "classes": data.classes, "image_size": document.image_size,
+        "in_channels": document.channels, "mean": document.mean, "std": document.std,
         "dropout": ft.dropout if mode != "knn" else 0.0, "encoder": encoder_description,
         "dataset": dataset,
     }  # fmt: skip
     return _Trained(states, per_seed, description, ckpt_dir, cell_budget)
 
 
-def _features(encoder: Any, data: Any, document: dict) -> dict[str, Any]:
+def _features(encoder: Any, data: Any, document: PolicyDocument) -> dict[str, Any]:
     """The frozen encoder's features of the labeled subset and of validation (unaugmented)."""
-    from pipeline.augment import from_policy_document
     from pipeline.models.encoders import encode
 
-    normalize = from_policy_document(document, None)
+    normalize = document.normalizer()
     encoder.eval()
     return {name: encode(encoder, normalize, data.images[name]) for name in (data.train_set, "val")}
 
 
-def _checkpoint_dir(config: Config, dataset: str, cell: paths.Cell, document: dict) -> Path:
+def _checkpoint_dir(config: Config, dataset: str, cell: paths.Cell,
+                    document: PolicyDocument) -> Path:  # fmt: skip
     """One folder per cell, keyed by everything that shapes its training: the params it reads,
     the init's encoder weights, the data and the policy document."""
     from pipeline.data.prepared import dataset_checksum
@@ -223,7 +224,7 @@ def _checkpoint_dir(config: Config, dataset: str, cell: paths.Cell, document: di
         "finetune", cell.name,
         {key: config.section(key) for key in COMMON_PARAMS},
         sha256_file(weights) if weights.is_file() else None,
-        dataset_checksum(paths.prepared_dir(dataset)), document,
+        dataset_checksum(paths.prepared_dir(dataset)), document.raw,
     )  # fmt: skip
 
 
@@ -237,7 +238,7 @@ class _Fit:
     encoder_description: dict
     init: str
     mode: str
-    document: dict
+    document: PolicyDocument
     seed: int
     tracked: Any
     ckpt_dir: Path
@@ -291,8 +292,8 @@ def _fit_linear(fit: _Fit, ckpt_dir: Path) -> tuple[dict, dict]:
     scaled, mean, std = (standardized(fit.features, data.train_set) if fit.mode == "linear"
                          else (None, None, None))  # fmt: skip
     module = FinetuneModule(
-        classifier, fit.mode, document["policies"][ft.policy], document["mean"], document["std"],
-        document["image_size"][0], document["channels"], fit.config.raw["finetune"]["optimizer"],
+        classifier, fit.mode, document.policies[ft.policy], document.mean, document.std,
+        document.image_size, document.channels, fit.config.raw["finetune"]["optimizer"],
         ft.encoder_lr_scale, ft.l1, ft.label_smoothing, fit.budget.cap_steps, fit.seed,
         ssl=ssl, multitask_weight=ft.multitask_weight,
         features=scaled,

@@ -26,8 +26,9 @@ import numpy as np
 
 from pipeline import methods, paths
 from pipeline.config import Config
+from pipeline.documents import PolicyDocument
 from pipeline.errors import MissingInputError
-from pipeline.io import atomic_dir, read_json, save_npy, write_bytes, write_json, write_text
+from pipeline.io import atomic_dir, save_npy, write_bytes, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def run(config: Config, dataset: str | None = None, method: str = "simclr",
             f"pretraining method {method!r} is not in pretrain.methods "
             f"({', '.join(config.pretrain.methods)}) in params.yaml"
         )
-    document = policy_document(dataset)
+    document = PolicyDocument.read(dataset)
     with tracking.stage_run("pretrain", config, dataset, params_for(method)) as tracked:
         tracked.set_tags({"method": method, "dataset_checksum": _checksum(dataset)})
         if method in _REFERENCES:  # the encoders the study compares against: no objective
@@ -86,28 +87,17 @@ def run(config: Config, dataset: str | None = None, method: str = "simclr",
     return result["metrics"]
 
 
-def policy_document(dataset: str) -> dict[str, Any]:
-    """The augment stage's policy.json (policies, image shape, normalization statistics)."""
-    path = paths.augment_dir(dataset) / "policy.json"
-    try:
-        return read_json(path)
-    except (OSError, ValueError) as err:
-        raise MissingInputError(
-            f"{path} is missing or unreadable ({err}); run the augment stage "
-            "(python -m pipeline augment) to make it"
-        ) from None
-
-
 def _checksum(dataset: str) -> str:
     from pipeline.data.prepared import dataset_checksum
 
     return dataset_checksum(paths.prepared_dir(dataset))
 
 
-def hparams_for(config: Config, method: str, document: dict, num_classes: int, steps: int) -> dict:
+def hparams_for(config: Config, method: str, document: PolicyDocument, num_classes: int,
+                steps: int) -> dict:  # fmt: skip
     pre = config.pretrain
     policy = pre.policy_for(method)
-    if policy not in document["policies"]:
+    if policy not in document.policies:
         raise MissingInputError(
             f"policy {policy!r} is not in {paths.augment_dir(config.data.dataset)}/policy.json; "
             "re-run the augment stage after changing augment.policies"
@@ -115,12 +105,12 @@ def hparams_for(config: Config, method: str, document: dict, num_classes: int, s
     return {
         "method": method,
         "backbone": backbone_fields(config),
-        "in_channels": document["channels"],
-        "image_size": document["image_size"][0],
+        "in_channels": document.channels,
+        "image_size": document.image_size,
         "num_classes": num_classes,
-        "policy": document["policies"][policy],
-        "mean": document["mean"],
-        "std": document["std"],
+        "policy": document.policies[policy],
+        "mean": document.mean,
+        "std": document.std,
         "options": {k: v for k, v in pre.options[method].items() if k != "policy"},
         "optimizer": config.raw["pretrain"]["optimizer"],
         "epochs": pre.epochs,
@@ -146,7 +136,7 @@ def checkpoint_dir(stage: str, name: str, *material: Any) -> Path:
     return Path("checkpoints") / stage / f"{name}-{hashlib.sha256(blob).hexdigest()[:12]}"
 
 
-def _train(config: Config, dataset: str, method: str, document: dict, tracked: Any,
+def _train(config: Config, dataset: str, method: str, document: PolicyDocument, tracked: Any,
            callbacks: tuple) -> dict:  # fmt: skip
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -272,10 +262,10 @@ def atomic_checkpoint_io() -> Any:
     return AtomicCheckpointIO()
 
 
-def _check_image_shape(data: Any, document: dict, dataset: str) -> None:
+def _check_image_shape(data: Any, document: PolicyDocument, dataset: str) -> None:
     """The policy was resolved for one image shape; other images are an error, never resized."""
     channels, height, width = data.images["train"].shape[1:]
-    expected = [document["channels"], *document["image_size"]]
+    expected = document.shape
     if [channels, height, width] != expected:
         raise MissingInputError(
             f"{paths.augment_dir(dataset)}/policy.json expects C x H x W = {expected} but the "
@@ -346,7 +336,7 @@ def _frozen_knn(config: Config, data: Any, encoder: Any, normalize: Any) -> floa
         )[0]  # fmt: skip
 
 
-def _untrained(config: Config, dataset: str, document: dict) -> dict:
+def _untrained(config: Config, dataset: str, document: PolicyDocument) -> dict:
     """The from-scratch baseline's encoder: the random initialization, seeded, never trained.
 
     Written like every other encoder so fine-tuning treats all inits alike and every seed of
@@ -354,7 +344,6 @@ def _untrained(config: Config, dataset: str, document: dict) -> dict:
     """
     import lightning as L
 
-    from pipeline.augment import from_policy_document
     from pipeline.data.datamodule import SplitData
     from pipeline.models.backbones import BackboneConfig, build_backbone
 
@@ -363,12 +352,9 @@ def _untrained(config: Config, dataset: str, document: dict) -> dict:
     _check_image_shape(data, document, dataset)
     L.seed_everything(config.pretrain.seed, verbose=False)
     fields = backbone_fields(config)
-    encoder = build_backbone(BackboneConfig(**fields), document["channels"],
-                             document["image_size"][0])  # fmt: skip
-    knn = _frozen_knn(config, data, encoder, from_policy_document(document, None))
-    hparams = {"backbone": fields, "in_channels": document["channels"],
-               "image_size": document["image_size"][0], "mean": document["mean"],
-               "std": document["std"]}  # fmt: skip
+    encoder = build_backbone(BackboneConfig(**fields), document.channels, document.image_size)
+    knn = _frozen_knn(config, data, encoder, document.normalizer())
+    hparams = {"backbone": fields, **document.image_fields()}
     row = {"epoch": 0.0, "train_loss": float("nan"), "val_knn_acc": knn,
            "val_probe_acc": float("nan")}  # fmt: skip
     return {
@@ -380,9 +366,8 @@ def _untrained(config: Config, dataset: str, document: dict) -> dict:
     }
 
 
-def _pixels(config: Config, dataset: str, document: dict) -> dict:
+def _pixels(config: Config, dataset: str, document: PolicyDocument) -> dict:
     """The raw-pixel baseline: nothing to learn; its monitor is kNN on the normalized pixels."""
-    from pipeline.augment import from_policy_document
     from pipeline.data.datamodule import SplitData
     from pipeline.models.pretrain import PixelsEncoder
 
@@ -390,9 +375,8 @@ def _pixels(config: Config, dataset: str, document: dict) -> dict:
     data.setup("fit")
     _check_image_shape(data, document, dataset)
     encoder = PixelsEncoder(int(data.images["train"][0].numel()))
-    knn = _frozen_knn(config, data, encoder, from_policy_document(document, None))
-    hparams = {"in_channels": document["channels"], "image_size": document["image_size"][0],
-               "mean": document["mean"], "std": document["std"]}  # fmt: skip
+    knn = _frozen_knn(config, data, encoder, document.normalizer())
+    hparams = document.image_fields()
     row = {"epoch": 0.0, "train_loss": float("nan"), "val_knn_acc": knn,
            "val_probe_acc": float("nan")}  # fmt: skip
     return {
@@ -404,22 +388,20 @@ def _pixels(config: Config, dataset: str, document: dict) -> dict:
     }
 
 
-def _fit_pca(config: Config, dataset: str, document: dict) -> dict:
-    from pipeline.augment import from_policy_document
+def _fit_pca(config: Config, dataset: str, document: PolicyDocument) -> dict:
     from pipeline.data.datamodule import SplitData
     from pipeline.models.pretrain import PCAEncoder
 
     data = SplitData(dataset, ("train", "val"))
     data.setup("fit")
     _check_image_shape(data, document, dataset)
-    normalize = from_policy_document(document, None)
+    normalize = document.normalizer()
     train = normalize(data.images["train"]).flatten(1)
     components = min(config.pretrain.options["pca"]["components"], train.shape[1])
     encoder = PCAEncoder(train.shape[1], components).fit(train)
     knn = _frozen_knn(config, data, encoder, normalize)
     explained = float(encoder.explained_variance.sum() / train.double().var(0).sum())
-    hparams = {"in_channels": document["channels"], "image_size": document["image_size"][0],
-               "mean": document["mean"], "std": document["std"]}  # fmt: skip
+    hparams = document.image_fields()
     row = {"epoch": 1.0, "train_loss": float("nan"), "val_knn_acc": knn,
            "val_probe_acc": float("nan")}  # fmt: skip
     return {

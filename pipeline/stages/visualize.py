@@ -26,6 +26,7 @@ import numpy as np
 
 from pipeline import paths
 from pipeline.config import Config
+from pipeline.documents import PolicyDocument
 from pipeline.errors import MissingInputError
 from pipeline.io import atomic_dir, read_json, write_text
 
@@ -55,7 +56,7 @@ class _Study:
     out: Path
     device: Any
     classes: list[str]
-    document: dict[str, Any]
+    document: PolicyDocument
     images: dict[str, Any]  # uint8 N x C x H x W tensors (CPU) by split
     labels: dict[str, Any]
     tracked: Any
@@ -69,9 +70,7 @@ class _Study:
 
     def normalized(self, images: Any) -> Any:
         """Float images on the device, normalized with the training split's statistics."""
-        from pipeline.augment import from_policy_document
-
-        normalize = from_policy_document(self.document, None).to(self.device)
+        normalize = self.document.normalizer().to(self.device)
         return normalize(images.to(self.device))
 
     def encoder(self, method: str) -> Any:
@@ -90,11 +89,10 @@ def run(config: Config, dataset: str | None = None) -> dict:
 
     from pipeline import tracking
     from pipeline.data.datamodule import SplitData
-    from pipeline.stages.pretrain import policy_document
     from pipeline.viz import report
 
     dataset = dataset or config.data.dataset
-    document = policy_document(dataset)
+    document = PolicyDocument.read(dataset)
     with tracking.stage_run("visualize", config, dataset, PARAMS) as tracked:
         data = SplitData(dataset, ("train", "test"))
         data.setup("test")
