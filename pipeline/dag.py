@@ -207,7 +207,8 @@ def _module_file(module: str) -> Path | None:
     return None  # a name imported from a module (a function, a class), not a module itself
 
 
-def _imports(path: Path, module: str) -> list[str]:
+@functools.cache  # each file is read once per process, however many stages import it
+def _imports(path: Path, module: str) -> tuple[str, ...]:
     """Every ``pipeline`` module an import statement in ``path`` names, anywhere in the file."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: list[str] = []
@@ -221,7 +222,7 @@ def _imports(path: Path, module: str) -> list[str]:
             else:
                 base = node.module or ""
             found += [base, *(f"{base}.{alias.name}" for alias in node.names)]
-    return [name for name in found if name.split(".")[0] == "pipeline"]
+    return tuple(name for name in found if name.split(".")[0] == "pipeline")
 
 
 # ------------------------------------------------------------------------------------ Snakemake
