@@ -23,23 +23,11 @@ from tests.conftest import (
     REPO,
     params_for,
     sync_matrix,
-    tiny_images,
-    write_idx,
     write_params,
+    write_tiny_idx,
 )
 
 METHODS = ["scratch", "pixels", "pca", "simclr", "autoencoder", "rotation", "inpainting", "vae"]
-
-
-def tiny_data(folder: Path) -> Path:
-    train, train_labels = tiny_images(400, 4, 8, seed=1)
-    test, test_labels = tiny_images(100, 4, 8, seed=2)
-    write_idx(folder / "train-images-idx3-ubyte.gz", train)
-    write_idx(folder / "train-labels-idx1-ubyte.gz", train_labels)
-    write_idx(folder / "t10k-images-idx3-ubyte.gz", test)
-    write_idx(folder / "t10k-labels-idx1-ubyte.gz", test_labels)
-    (folder / "classes.txt").write_text("a\nb\nc\nd\n")
-    return folder
 
 
 def project(root: Path, source: Path, data: Path) -> Path:
@@ -87,7 +75,7 @@ def main(argv: list[str]) -> int:
         print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
         return 2
     base = Path(tempfile.mkdtemp(prefix="byte-identity-"))
-    data = tiny_data(base / "tiny_idx")
+    data = write_tiny_idx(base / "tiny_idx")
     old = tree(argv[0], base / "old-src")
     new = tree(argv[1], base / "new-src") if len(argv) == 2 else REPO
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}

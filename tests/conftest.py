@@ -53,12 +53,16 @@ def tiny_images(n: int, n_classes: int, size: int, seed: int) -> tuple[np.ndarra
 
 @pytest.fixture
 def tiny_idx(tmp_path: Path) -> Path:
+    """An MNIST-style folder of tiny data (:func:`write_tiny_idx`)."""
+    return write_tiny_idx(tmp_path / "tiny_idx")
+
+
+def write_tiny_idx(folder: Path) -> Path:
     """An MNIST-style folder: 400 training and 100 test 8x8 images of 4 classes.
 
     Planted duplicates: training image 1 is a copy of training image 0 (same class), and test
     image 0 is a copy of training image 2, so the split's duplicate rules have work to do.
     """
-    folder = tmp_path / "tiny_idx"
     train, train_labels = tiny_images(400, 4, 8, seed=1)
     test, test_labels = tiny_images(100, 4, 8, seed=2)
     train[1], train_labels[1] = train[0], train_labels[0]

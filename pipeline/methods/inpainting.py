@@ -9,17 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from pipeline.augment import mask_region
-from pipeline.models.backbones import build_decoder
+from pipeline.methods.autoencoder import heads  # noqa: F401 (the same decoder)
 
 NAME = "inpainting"
-
-
-def heads(dim: int, options: dict[str, Any], width: int, in_channels: int,
-          image_size: int) -> dict[str, nn.Module]:  # fmt: skip
-    return {"decoder": build_decoder(dim, in_channels, image_size, width)}
 
 
 def objective(
