@@ -61,7 +61,8 @@ def load_data(seed: int = 0) -> dict[str, Any]:
 def _recipe(params: Path) -> dict[str, Any]:
     from pipeline.augment import resolve_policy
     from pipeline.config import load
-    from pipeline.stages.pretrain import backbone_fields, precision
+    from pipeline.stages.pretrain import backbone_fields
+    from pipeline.training import precision
 
     config = load(params)
     pre = config.pretrain

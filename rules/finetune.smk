@@ -2,7 +2,8 @@
 # `conda:` documents each rule's software for --use-conda; `make setup` installs the same pins.
 # Two rules with one command: DVC's matrix cannot leave out a combination, so the feature
 # baselines (finetune.baselines: raw pixels, in the frozen modes only) are a stage of their own
-# in dvc.yaml, and here a rule of their own with the same name.
+# in dvc.yaml, and here the same rule again (`use rule`) under that name, with its own
+# wildcards.
 
 
 rule finetune:
@@ -28,21 +29,7 @@ rule finetune:
         command("finetune")
 
 
-rule finetune_baseline:
-    input:
-        code("finetune_baseline"),
-        **inputs("finetune_baseline"),
-    output:
-        **outputs("finetune_baseline"),
-    log:
-        log_file("finetune_baseline"),
+use rule finetune as finetune_baseline with:
     wildcard_constraints:
         init=BASELINE_INITS,
         mode="linear|knn",
-    conda:
-        "../envs/pipeline.yaml"
-    threads: 1
-    params:
-        values=stage_params("finetune"),
-    shell:
-        command("finetune_baseline")

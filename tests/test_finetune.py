@@ -167,7 +167,7 @@ def test_the_multitask_term_trains_the_shared_encoder(pretrained_tiny: Path):
 
     config = from_dict(tiny_params(pretrained_tiny, seeds=[0], multitask_weight=0.5))
     encoder, description = load_encoder("rotation")
-    classifier_ = LinearClassifier(encoder, description["feature_dim"], 4)
+    classifier_ = LinearClassifier(encoder, description.feature_dim, 4)
 
     class Data:
         num_classes = 4

@@ -37,8 +37,10 @@ def _description(feature_dim: int) -> dict:
     return {
         "mode": "linear", "init": "scratch", "fraction": "1", "classes": CLASSES,
         "image_size": 8, "in_channels": 1, "mean": [MEAN], "std": [STD], "dropout": 0.0,
-        "encoder": {"kind": "backbone", "backbone": {"name": "lenet5", "width": 8},
-                    "in_channels": 1, "image_size": 8, "feature_dim": feature_dim},
+        "encoder": {"method": "scratch", "kind": "backbone",
+                    "backbone": {"name": "lenet5", "width": 8}, "in_channels": 1,
+                    "image_size": 8, "feature_dim": feature_dim, "mean": [MEAN], "std": [STD],
+                    "dataset": "idx", "dataset_checksum": "0"},
     }  # fmt: skip
 
 

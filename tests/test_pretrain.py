@@ -219,8 +219,8 @@ def test_encoders_load_back_and_a_corrupt_one_is_named(prepared_tiny: Path):
     config = from_dict(tiny_params(prepared_tiny, epochs=1))
     pretrain.run(config, method="autoencoder")
     encoder, description = load_encoder("autoencoder")
-    assert description["method"] == "autoencoder"
-    assert encoder(torch.zeros(2, 1, 8, 8)).shape == (2, description["feature_dim"])
+    assert description.method == "autoencoder"
+    assert encoder(torch.zeros(2, 1, 8, 8)).shape == (2, description.feature_dim)
 
     weights = Path("models/pretrain/autoencoder/encoder.pt")
     weights.write_bytes(weights.read_bytes()[:50])

@@ -20,6 +20,7 @@ import lightning as L
 import pytest
 import torch
 
+from pipeline import training
 from pipeline.config import from_dict
 from pipeline.stages import augment, download, pretrain, split
 from tests.conftest import params_for, run_env, sync_matrix, write_params
@@ -161,12 +162,12 @@ def test_a_run_stopped_after_its_last_checkpoint_trains_nothing_more(
     finetune.run(config, init="scratch", mode="finetune", fraction="1.0")
     summary = (prepared / "metrics/finetune/scratch-finetune-1.0.json").read_text()
 
-    make_trainer = pretrain.make_trainer
-    monkeypatch.setattr(pretrain, "make_trainer", lambda *args, **kwargs: make_trainer(
+    make_trainer = training.make_trainer
+    monkeypatch.setattr(training, "make_trainer", lambda *args, **kwargs: make_trainer(
         *args[:4], [*args[4], DieAtTheEnd()], *args[5:], **kwargs))  # fmt: skip
     with pytest.raises(RuntimeError, match="killed after the last epoch"):
         finetune.run(config, init="scratch", mode="finetune", fraction="1.0")
-    monkeypatch.setattr(pretrain, "make_trainer", make_trainer)
+    monkeypatch.setattr(training, "make_trainer", make_trainer)
     assert list(prepared.glob("checkpoints/finetune/scratch-finetune-1.0-*/seed0/last.ckpt"))
 
     finetune.run(config, init="scratch", mode="finetune", fraction="1.0")

@@ -71,7 +71,7 @@ def _classifier(folder: Path, marker: Path) -> None:
 
 
 def _checkpoint(folder: Path, marker: Path) -> None:
-    from pipeline.stages.pretrain import load_checkpoint
+    from pipeline.training import load_checkpoint
 
     load_checkpoint(plant(folder / "checkpoints/finetune/x/seed0/last.ckpt", marker), "a test")
 

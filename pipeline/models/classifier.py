@@ -92,6 +92,7 @@ def load(folder: Path, seed: int | None = None) -> tuple[nn.Module, dict[str, An
     Weights are read with ``torch.load(weights_only=True)``. A folder that is not one of ours,
     or a missing or corrupt file, raises MissingInputError naming it.
     """
+    from pipeline.documents import EncoderDescription
     from pipeline.models.encoders import build_from_description
 
     folder = Path(folder)
@@ -114,7 +115,9 @@ def load(folder: Path, seed: int | None = None) -> tuple[nn.Module, dict[str, An
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise MissingInputError(f"{path} is missing or corrupt ({reason}); {remedy}") from None
-    encoder = build_from_description(description["encoder"], folder / "model.json")
+    where = folder / "model.json"
+    encoder_description = EncoderDescription.from_dict(description["encoder"], where)
+    encoder = build_from_description(encoder_description, where)
     num_classes = len(description["classes"])
     if kind == "knn":
         model: nn.Module = KNNClassifier(
@@ -122,7 +125,7 @@ def load(folder: Path, seed: int | None = None) -> tuple[nn.Module, dict[str, An
             1, 1.0, num_classes,
         )  # fmt: skip
     else:
-        model = LinearClassifier(encoder, description["encoder"]["feature_dim"], num_classes,
+        model = LinearClassifier(encoder, encoder_description.feature_dim, num_classes,
                                  description.get("dropout", 0.0))  # fmt: skip
     try:
         model.load_state_dict(state)

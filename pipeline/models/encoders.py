@@ -5,18 +5,18 @@ from __future__ import annotations
 import json
 import pickle
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from pipeline import paths
+from pipeline.documents import EncoderDescription
 from pipeline.errors import MissingInputError
 from pipeline.models.backbones import BackboneConfig, build_backbone
 from pipeline.models.pretrain import PCAEncoder, PixelsEncoder
 
 
-def load_encoder(method: str, folder: Path | None = None) -> tuple[nn.Module, dict[str, Any]]:
+def load_encoder(method: str, folder: Path | None = None) -> tuple[nn.Module, EncoderDescription]:
     """The encoder pretrained by ``method`` and its description (encoder.json).
 
     The weights are read with ``torch.load(weights_only=True)``: a file that holds anything but
@@ -27,7 +27,7 @@ def load_encoder(method: str, folder: Path | None = None) -> tuple[nn.Module, di
     remedy = f"run the pretrain stage (python -m pipeline pretrain --method {method}) to make it"
     description_path, weights_path = folder / "encoder.json", folder / "encoder.pt"
     try:
-        description = json.loads(description_path.read_text())
+        raw = json.loads(description_path.read_text())
     except (OSError, ValueError) as err:
         raise MissingInputError(
             f"{description_path} is missing or unreadable ({err}); {remedy}"
@@ -39,6 +39,7 @@ def load_encoder(method: str, folder: Path | None = None) -> tuple[nn.Module, di
         raise MissingInputError(
             f"{weights_path} is missing, corrupt or not a plain state_dict ({reason}); {remedy}"
         ) from None
+    description = EncoderDescription.from_dict(raw, description_path)
     encoder = build_from_description(description, description_path)
     try:
         encoder.load_state_dict(state)
@@ -51,15 +52,15 @@ def load_encoder(method: str, folder: Path | None = None) -> tuple[nn.Module, di
     return encoder, description
 
 
-def build_from_description(description: dict[str, Any], where: Path) -> nn.Module:
+def build_from_description(description: EncoderDescription, where: Path) -> nn.Module:
     """An untrained encoder with the architecture an encoder.json describes."""
     try:
-        if description["kind"] == "pca":
-            return PCAEncoder(description["input_dim"], description["feature_dim"])
-        if description["kind"] == "pixels":
-            return PixelsEncoder(description["feature_dim"])
-        config = BackboneConfig(**description["backbone"])
-        return build_backbone(config, description["in_channels"], description["image_size"])
+        if description.kind == "pca":
+            return PCAEncoder(description.input_dim, description.feature_dim)
+        if description.kind == "pixels":
+            return PixelsEncoder(description.feature_dim)
+        config = BackboneConfig(**description.backbone)
+        return build_backbone(config, description.in_channels, description.image_size)
     except (KeyError, TypeError, ValueError) as err:
         raise MissingInputError(
             f"{where} is not an encoder description this pipeline wrote ({err})"

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import lightning as L
@@ -81,26 +81,39 @@ def stop_reason(history: list[dict[str, float]], best_epoch: int, max_epochs: in
     return {"stopped": stopped, "improving_at_cap": stopped == "cap" and best_epoch == epochs_run}
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """How one seed trains: the optimizer, its schedule's length, the loss terms and the seed.
+
+    Plain values only: the module records them as its hyperparameters in every checkpoint, and
+    checkpoints are read back weights-only.
+    """
+
+    optimizer: dict[str, Any]
+    total_steps: int
+    seed: int
+    encoder_lr_scale: float = 1.0
+    l1: float = 0.0
+    label_smoothing: float = 0.0
+    multitask_weight: float = 0.0
+
+
 class FinetuneModule(L.LightningModule):
-    """Trains a LinearClassifier; keeps the weights of its best validation epoch."""
+    """Trains a LinearClassifier; keeps the weights of its best validation epoch.
+
+    ``augment`` makes the training batches of mode finetune (``normalize`` the validation
+    batches); mode linear trains the head on ``features``, the frozen encoder's cached features
+    per split. ``ssl`` is a PretrainModule sharing the encoder, for the multi-task term.
+    """
 
     def __init__(
         self,
         classifier: LinearClassifier,
         mode: str,
-        policy: dict[str, Any],
-        mean: list[float],
-        std: list[float],
-        image_size: int,
-        in_channels: int,
-        optimizer: dict[str, Any],
-        encoder_lr_scale: float,
-        l1: float,
-        label_smoothing: float,
-        total_steps: int,
-        seed: int,
+        augment: BatchAugment,
+        normalize: BatchAugment,
+        recipe: Recipe,
         ssl: Any = None,
-        multitask_weight: float = 0.0,
         features: dict[str, torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
@@ -108,13 +121,13 @@ class FinetuneModule(L.LightningModule):
             raise ValueError(f"unknown fine-tuning mode {mode!r}; use linear or finetune")
         if mode == "linear" and features is None:
             raise ValueError("linear mode trains on cached features: pass features={set: N x D}")
-        self.save_hyperparameters(ignore=["classifier", "ssl", "features"], logger=False)
+        self.save_hyperparameters({"mode": mode, **asdict(recipe)}, logger=False)
         self.classifier = classifier
         self.mode = mode
-        self.ssl = ssl  # a PretrainModule sharing the encoder, for the multi-task loss
-        size = (image_size, image_size)
-        self.augment = BatchAugment(policy, size, in_channels, mean, std)
-        self.normalize = BatchAugment({}, size, in_channels, mean, std)
+        self.recipe = recipe
+        self.ssl = ssl
+        self.augment = augment
+        self.normalize = normalize
         self.val_acc = MulticlassAccuracy(classifier.head.out_features, average="micro")
         self.train_loss = MeanMetric()
         if mode == "linear":
@@ -144,7 +157,7 @@ class FinetuneModule(L.LightningModule):
             self.images = {k: v.to(self.device) for k, v in data.images.items()}
 
     def on_train_epoch_start(self) -> None:
-        torch.manual_seed(self.hparams.seed * 7919 + self.current_epoch)
+        torch.manual_seed(self.recipe.seed * 7919 + self.current_epoch)
         if self.mode == "linear":
             self.classifier.encoder.eval()  # keep BN statistics frozen too
 
@@ -162,19 +175,19 @@ class FinetuneModule(L.LightningModule):
         else:
             images = self.images[self.train_set][index]
             generator = torch.Generator(device=self.device).manual_seed(
-                self.hparams.seed * 1_000_003 + self.global_step
+                self.recipe.seed * 1_000_003 + self.global_step
             )
             logits = self.classifier.logits(self._layout(self.augment(images, generator)))
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.hparams.label_smoothing)
-        if self.hparams.l1 > 0:
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.recipe.label_smoothing)
+        if self.recipe.l1 > 0:
             weights = [p for n, p in self.named_parameters() if p.requires_grad and p.dim() > 1]
-            loss = loss + self.hparams.l1 * sum(w.abs().sum() for w in weights)
-        if self.ssl is not None and self.hparams.multitask_weight > 0 and images is not None:
+            loss = loss + self.recipe.l1 * sum(w.abs().sum() for w in weights)
+        if self.ssl is not None and self.recipe.multitask_weight > 0 and images is not None:
             generator = torch.Generator(device=self.device).manual_seed(
-                self.hparams.seed * 1_000_033 + self.global_step
+                self.recipe.seed * 1_000_033 + self.global_step
             )
             ssl_loss = self.ssl.objective(images, generator)[0]
-            loss = loss + self.hparams.multitask_weight * ssl_loss
+            loss = loss + self.recipe.multitask_weight * ssl_loss
         self.train_loss.update(loss.detach())
         return loss
 
@@ -224,18 +237,18 @@ class FinetuneModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimization
     def configure_optimizers(self) -> dict[str, Any]:
-        opt = self.hparams.optimizer
+        opt = self.recipe.optimizer
         head = list(self.classifier.head.parameters())
         groups = [{"params": head}]
         if self.mode == "finetune":
             encoder = list(self.classifier.encoder.parameters())
-            groups.append({"params": encoder, "lr": opt["lr"] * self.hparams.encoder_lr_scale})
+            groups.append({"params": encoder, "lr": opt["lr"] * self.recipe.encoder_lr_scale})
             if self.ssl is not None:
                 shared = {id(p) for p in encoder}
                 extra = [p for p in self.ssl.parameters() if id(p) not in shared]
                 groups.append({"params": extra})
         optimizer = build_optimizer(groups, opt["name"], opt["lr"], opt["weight_decay"],
                                     opt["momentum"], opt["nesterov"])  # fmt: skip
-        scheduler = warmup_cosine_scheduler(optimizer, 0, self.hparams.total_steps)
+        scheduler = warmup_cosine_scheduler(optimizer, 0, self.recipe.total_steps)
         schedule = {"scheduler": scheduler, "interval": "step"}
         return {"optimizer": optimizer, "lr_scheduler": schedule}

@@ -33,9 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import paths
+from pipeline import paths, training
 from pipeline.config import Config
-from pipeline.documents import PolicyDocument
+from pipeline.documents import EncoderDescription, PolicyDocument
 from pipeline.errors import MissingInputError
 from pipeline.io import write_bytes, write_json, write_text
 from pipeline.stages import pretrain as pretrain_stage  # the multi-task term's settings
@@ -137,7 +137,7 @@ def _check_cell(config: Config, init: str, mode: str, fraction: str) -> float:
     return value
 
 
-def _encoder(init: str) -> tuple[Any, dict]:
+def _encoder(init: str) -> tuple[Any, EncoderDescription]:
     """A fresh copy of the init's encoder (scratch: the saved random initialization)."""
     from pipeline.models.encoders import load_encoder
 
@@ -197,7 +197,7 @@ def _train_cell(config: Config, dataset: str, cell: paths.Cell, document: Policy
         "init": init, "mode": mode, "fraction": cell.fraction_name,
         "classes": data.classes, "image_size": document.image_size,
         "in_channels": document.channels, "mean": document.mean, "std": document.std,
-        "dropout": ft.dropout if mode != "knn" else 0.0, "encoder": encoder_description,
+        "dropout": ft.dropout if mode != "knn" else 0.0, "encoder": encoder_description.as_dict(),
         "dataset": dataset,
     }  # fmt: skip
     return _Trained(states, per_seed, description, ckpt_dir, cell_budget)
@@ -220,7 +220,7 @@ def _checkpoint_dir(config: Config, dataset: str, cell: paths.Cell,
     from pipeline.io import sha256_file
 
     weights = paths.pretrain_dir(cell.init) / "encoder.pt"
-    return pretrain_stage.checkpoint_dir(
+    return training.checkpoint_dir(
         "finetune", cell.name,
         {key: config.section(key) for key in COMMON_PARAMS},
         sha256_file(weights) if weights.is_file() else None,
@@ -235,7 +235,7 @@ class _Fit:
     config: Config
     data: Any
     encoder: Any
-    encoder_description: dict
+    encoder_description: EncoderDescription
     init: str
     mode: str
     document: PolicyDocument
@@ -253,7 +253,7 @@ def _fit_seed(fit: _Fit) -> tuple[dict, dict]:
 
     done = fit.ckpt_dir / f"seed{fit.seed}.pt"
     if done.is_file():
-        saved = pretrain_stage.load_checkpoint(done, f"fine-tuning seed {fit.seed}'s result")
+        saved = training.load_checkpoint(done, f"fine-tuning seed {fit.seed}'s result")
         log.info("seed %d already trained (%s); reusing it", fit.seed, done)
         return dict(saved["state"]), saved["result"]
     state, result = _fit_linear(fit, fit.ckpt_dir / f"seed{fit.seed}")
@@ -282,34 +282,32 @@ def _fit_linear(fit: _Fit, ckpt_dir: Path) -> tuple[dict, dict]:
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
     from pipeline.models.classifier import LinearClassifier
-    from pipeline.models.finetune import FinetuneModule, stop_reason
+    from pipeline.models.finetune import FinetuneModule, Recipe, stop_reason
 
     ft, data, document = fit.config.finetune, fit.data, fit.document
-    classifier = LinearClassifier(fit.encoder, fit.encoder_description["feature_dim"],
+    classifier = LinearClassifier(fit.encoder, fit.encoder_description.feature_dim,
                                   data.num_classes, ft.dropout)  # fmt: skip
     ssl = _multitask_module(fit.config, fit.init, document, classifier, data) if (
         fit.mode == "finetune" and ft.multitask_weight > 0) else None  # fmt: skip
     scaled, mean, std = (standardized(fit.features, data.train_set) if fit.mode == "linear"
                          else (None, None, None))  # fmt: skip
-    module = FinetuneModule(
-        classifier, fit.mode, document.policies[ft.policy], document.mean, document.std,
-        document.image_size, document.channels, fit.config.raw["finetune"]["optimizer"],
-        ft.encoder_lr_scale, ft.l1, ft.label_smoothing, fit.budget.cap_steps, fit.seed,
-        ssl=ssl, multitask_weight=ft.multitask_weight,
-        features=scaled,
-    )  # fmt: skip
+    recipe = Recipe(fit.config.raw["finetune"]["optimizer"], fit.budget.cap_steps, fit.seed,
+                    ft.encoder_lr_scale, ft.l1, ft.label_smoothing,
+                    ft.multitask_weight)  # fmt: skip
+    module = FinetuneModule(classifier, fit.mode, document.normalizer(ft.policy),
+                            document.normalizer(), recipe, ssl=ssl, features=scaled)  # fmt: skip
     max_epochs = fit.budget.max_epochs
     last = ckpt_dir / "last.ckpt"
     saved = None
     if last.is_file():
         what = f"fine-tuning seed {fit.seed}'s checkpoint"
-        saved = pretrain_stage.load_checkpoint(last, what)["finetune"]
+        saved = training.load_checkpoint(last, what)["finetune"]
         log.info("resuming seed %d from %s (after epoch %d)", fit.seed, last,
                  len(saved["history"]))  # fmt: skip
     if saved is not None and (saved["stopped"] or len(saved["history"]) >= max_epochs):
         module.restore(saved)  # killed after its last epoch: nothing left to train
     else:
-        trainer = pretrain_stage.make_trainer(
+        trainer = training.make_trainer(
             fit.config, fit.tracked, max_epochs, fit.budget.steps_per_epoch,
             [EarlyStopping("val_acc", patience=ft.patience, mode="max"),
              ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=1)],

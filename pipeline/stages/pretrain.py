@@ -14,19 +14,16 @@ They are removed once the run has finished.
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import logging
 import shutil
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline import methods, paths
+from pipeline import methods, paths, training
 from pipeline.config import Config
-from pipeline.documents import PolicyDocument
+from pipeline.documents import EncoderDescription, PolicyDocument
 from pipeline.errors import MissingInputError
 from pipeline.io import atomic_dir, save_npy, write_bytes, write_json, write_text
 
@@ -128,14 +125,6 @@ def backbone_fields(config: Config) -> dict[str, Any]:
     return fields
 
 
-def checkpoint_dir(stage: str, name: str, *material: Any) -> Path:
-    """Where a run's checkpoints live: ``checkpoints/<stage>/<name>-<key>/``, one folder per
-    (job, settings, data), the key a hash of ``material`` (everything that shapes the run), so
-    an interrupted run resumes and a run with other settings starts afresh."""
-    blob = json.dumps(list(material), sort_keys=True, default=str).encode()
-    return Path("checkpoints") / stage / f"{name}-{hashlib.sha256(blob).hexdigest()[:12]}"
-
-
 def _train(config: Config, dataset: str, method: str, document: PolicyDocument, tracked: Any,
            callbacks: tuple) -> dict:  # fmt: skip
     import lightning as L
@@ -150,11 +139,11 @@ def _train(config: Config, dataset: str, method: str, document: PolicyDocument, 
     _check_image_shape(data, document, dataset)
     steps = len(data.train_dataloader())
     hparams = hparams_for(config, method, document, data.num_classes, steps)
-    ckpt_dir = checkpoint_dir("pretrain", method, hparams, _checksum(dataset))
-    resume = resume_from(ckpt_dir, f"the pretrain stage's checkpoint for {method}")
+    ckpt_dir = training.checkpoint_dir("pretrain", method, hparams, _checksum(dataset))
+    resume = training.resume_from(ckpt_dir, f"the pretrain stage's checkpoint for {method}")
     L.seed_everything(pre.seed, workers=True, verbose=False)
     module = PretrainModule(**hparams)
-    trainer = make_trainer(
+    trainer = training.make_trainer(
         config, tracked, pre.epochs, steps,
         [ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=1, every_n_epochs=1),
          *callbacks],
@@ -165,7 +154,7 @@ def _train(config: Config, dataset: str, method: str, document: PolicyDocument, 
         raise RuntimeError(f"{method}: training stopped after {len(module.history)} epochs")
     result = {
         "encoder": module.backbone.state_dict(),
-        "description": _description(config, dataset, method, hparams, module.backbone),
+        "description": _description(dataset, method, hparams, module.backbone),
         "history": module.history,
         "metrics": {"method": method, **module.history[-1]},
         "pictures": {},
@@ -175,91 +164,6 @@ def _train(config: Config, dataset: str, method: str, document: PolicyDocument, 
                           for name, grid in module.pictures(images, _PICTURES, pre.seed).items()}
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return result
-
-
-def make_trainer(config: Config, tracked: Any, epochs: int, steps_per_epoch: int,
-                 callbacks: list, prefix: str = "", **options: Any) -> Any:  # fmt: skip
-    """The Trainer every training stage uses: accelerator chosen by Lightning, the precision of
-    ``trainer.precision`` (:func:`precision`), deterministic on the CPU, per-epoch metrics into
-    the stage's own MLflow run."""
-    import lightning as L
-    import torch
-    from lightning.pytorch.loggers import MLFlowLogger
-
-    from pipeline import tracking
-
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no banner per process
-    cuda = torch.cuda.is_available()
-    return L.Trainer(
-        max_epochs=epochs,
-        accelerator="auto",
-        devices=1,
-        precision=precision(config.trainer.precision),
-        deterministic=not cuda,
-        logger=MLFlowLogger(
-            experiment_name=config.tracking.experiment,
-            tracking_uri=tracking.tracking_uri(),
-            run_id=tracked.run_id,
-            prefix=prefix,
-        ),
-        callbacks=callbacks,
-        plugins=[atomic_checkpoint_io()],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        log_every_n_steps=max(1, steps_per_epoch),
-        **options,
-    )
-
-
-def precision(setting: str) -> str:
-    """Lightning's precision for ``trainer.precision``; ``auto`` is bf16 autocast where the
-    hardware has bf16 arithmetic (CUDA; a CPU with avx512_bf16 or amx_bf16), float32 elsewhere.
-
-    Why on the CPU too: with AVX-512 BF16, LeNet-5 fine-tuning steps ran 1.2-1.5x faster under
-    bf16 autocast at the same validation accuracy (BENCHMARKS.md, "CPU speed"); without those
-    instructions bf16 is emulated and slower than float32.
-    """
-    import torch
-
-    if setting != "auto":
-        return setting
-    if torch.cuda.is_available() or cpu_has_bf16():
-        return "bf16-mixed"
-    return "32-true"
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU has bf16 dot-product instructions (Linux: /proc/cpuinfo flags)."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
-
-
-def atomic_checkpoint_io() -> Any:
-    """Lightning's checkpoint writer, made atomic on the checkpoint's own file system.
-
-    Lightning stages a checkpoint in the system temp folder and moves it into place, which is a
-    copy (not a rename) when that folder is on another file system: a ``kill -9`` during the
-    copy would leave a truncated ``last.ckpt``. ``pipeline.io.write_bytes`` writes a sibling,
-    fsyncs it and renames it, so a killed run always leaves the previous checkpoint whole.
-    """
-    import torch
-    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-
-    class AtomicCheckpointIO(TorchCheckpointIO):
-        def save_checkpoint(self, checkpoint: dict, path: Any, storage_options: Any = None) -> None:
-            buffer = io.BytesIO()
-            torch.save(checkpoint, buffer)
-            write_bytes(Path(path), buffer.getvalue())
-
-    return AtomicCheckpointIO()
 
 
 def _check_image_shape(data: Any, document: PolicyDocument, dataset: str) -> None:
@@ -273,50 +177,21 @@ def _check_image_shape(data: Any, document: PolicyDocument, dataset: str) -> Non
         )
 
 
-def resume_from(folder: Path, what: str) -> str | None:
-    """``folder/last.ckpt`` when an earlier run left one (checked loadable), else None."""
-    last = folder / "last.ckpt"
-    if not last.is_file():
-        return None
-    checkpoint = load_checkpoint(last, what)
-    log.info("resuming from %s (after epoch %s)", last, checkpoint.get("epoch", 0) + 1)
-    return str(last)
-
-
-def load_checkpoint(path: Path, what: str) -> dict:
-    """A checkpoint read as plain tensors and containers (``weights_only``: no pickled code).
-
-    Checkpoints are written atomically (:func:`atomic_checkpoint_io`), so a killed run leaves the
-    previous one whole; a file that still fails to load was damaged afterwards, and the error
-    says which folder to delete to start that job over.
-    """
-    import pickle
-
-    import torch
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise MissingInputError(
-            f"{path} ({what}) is corrupt or unsafe to load ({reason}); delete {path.parent} "
-            "to start this job over"
-        ) from None
-
-
-def _description(config: Config, dataset: str, method: str, hparams: dict, encoder: Any) -> dict:
-    return {
-        "method": method,
-        "kind": method if method in ("pca", "pixels") else "backbone",
-        "backbone": hparams.get("backbone"),
-        "in_channels": hparams["in_channels"],
-        "image_size": hparams["image_size"],
-        "feature_dim": int(encoder.feature_dim),
-        "mean": hparams["mean"],
-        "std": hparams["std"],
-        "dataset": dataset,
-        "dataset_checksum": _checksum(dataset),
-    }
+def _description(dataset: str, method: str, hparams: dict, encoder: Any,
+                 **extra: Any) -> EncoderDescription:  # fmt: skip
+    return EncoderDescription(
+        method=method,
+        kind=method if method in ("pca", "pixels") else "backbone",
+        backbone=hparams.get("backbone"),
+        in_channels=hparams["in_channels"],
+        image_size=hparams["image_size"],
+        feature_dim=int(encoder.feature_dim),
+        mean=hparams["mean"],
+        std=hparams["std"],
+        dataset=dataset,
+        dataset_checksum=_checksum(dataset),
+        **extra,
+    )
 
 
 def _frozen_knn(config: Config, data: Any, encoder: Any, normalize: Any) -> float:
@@ -359,7 +234,7 @@ def _untrained(config: Config, dataset: str, document: PolicyDocument) -> dict:
            "val_probe_acc": float("nan")}  # fmt: skip
     return {
         "encoder": encoder.state_dict(),
-        "description": _description(config, dataset, "scratch", hparams, encoder),
+        "description": _description(dataset, "scratch", hparams, encoder),
         "history": [row],
         "metrics": {"method": "scratch", **row},
         "pictures": {},
@@ -381,7 +256,7 @@ def _pixels(config: Config, dataset: str, document: PolicyDocument) -> dict:
            "val_probe_acc": float("nan")}  # fmt: skip
     return {
         "encoder": encoder.state_dict(),
-        "description": _description(config, dataset, "pixels", hparams, encoder),
+        "description": _description(dataset, "pixels", hparams, encoder),
         "history": [row],
         "metrics": {"method": "pixels", **row},
         "pictures": {},
@@ -406,8 +281,8 @@ def _fit_pca(config: Config, dataset: str, document: PolicyDocument) -> dict:
            "val_probe_acc": float("nan")}  # fmt: skip
     return {
         "encoder": encoder.state_dict(),
-        "description": {**_description(config, dataset, "pca", hparams, encoder),
-                        "input_dim": int(train.shape[1])},  # fmt: skip
+        "description": _description(dataset, "pca", hparams, encoder,
+                                    input_dim=int(train.shape[1])),  # fmt: skip
         "history": [row],
         "metrics": {"method": "pca", **row, "explained_variance": round(explained, 6)},
         "pictures": {},
@@ -425,7 +300,7 @@ def _write_outputs(method: str, result: dict) -> None:
     torch.save({k: v.detach().cpu() for k, v in result["encoder"].items()}, buffer)
     with atomic_dir(paths.pretrain_dir(method)) as tmp:
         write_bytes(tmp / "encoder.pt", buffer.getvalue())
-        write_json(tmp / "encoder.json", result["description"])
+        write_json(tmp / "encoder.json", result["description"].as_dict())
         for name, array in result["pictures"].items():
             save_npy(tmp / f"{name}.npy", np.asarray(array, dtype=np.uint8))
     metrics_json, curves_csv = paths.pretrain_metrics(method)

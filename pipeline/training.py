@@ -1,0 +1,145 @@
+"""What every training stage shares: the Trainer, its checkpoints and how they resume.
+
+The pretrain and finetune stages both import this module; it holds no stage's logic, so a change
+here re-runs both (the runners derive each stage's code dependencies from its imports) and a
+change to one stage's module re-runs only that stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config
+from pipeline.errors import MissingInputError
+from pipeline.io import write_bytes
+
+log = logging.getLogger(__name__)
+
+
+def make_trainer(config: Config, tracked: Any, epochs: int, steps_per_epoch: int,
+                 callbacks: list, prefix: str = "", **options: Any) -> Any:  # fmt: skip
+    """The Trainer every training stage uses: accelerator chosen by Lightning, the precision of
+    ``trainer.precision`` (:func:`precision`), deterministic on the CPU, per-epoch metrics into
+    the stage's own MLflow run."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    from pipeline import tracking
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no banner per process
+    cuda = torch.cuda.is_available()
+    return L.Trainer(
+        max_epochs=epochs,
+        accelerator="auto",
+        devices=1,
+        precision=precision(config.trainer.precision),
+        deterministic=not cuda,
+        logger=MLFlowLogger(
+            experiment_name=config.tracking.experiment,
+            tracking_uri=tracking.tracking_uri(),
+            run_id=tracked.run_id,
+            prefix=prefix,
+        ),
+        callbacks=callbacks,
+        plugins=[atomic_checkpoint_io()],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=max(1, steps_per_epoch),
+        **options,
+    )
+
+
+def precision(setting: str) -> str:
+    """Lightning's precision for ``trainer.precision``; ``auto`` is bf16 autocast where the
+    hardware has bf16 arithmetic (CUDA; a CPU with avx512_bf16 or amx_bf16), float32 elsewhere.
+
+    Why on the CPU too: with AVX-512 BF16, LeNet-5 fine-tuning steps ran 1.2-1.5x faster under
+    bf16 autocast at the same validation accuracy (BENCHMARKS.md, "CPU speed"); without those
+    instructions bf16 is emulated and slower than float32.
+    """
+    import torch
+
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available() or cpu_has_bf16():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 dot-product instructions (Linux: /proc/cpuinfo flags)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def atomic_checkpoint_io() -> Any:
+    """Lightning's checkpoint writer, made atomic on the checkpoint's own file system.
+
+    Lightning stages a checkpoint in the system temp folder and moves it into place, which is a
+    copy (not a rename) when that folder is on another file system: a ``kill -9`` during the
+    copy would leave a truncated ``last.ckpt``. ``pipeline.io.write_bytes`` writes a sibling,
+    fsyncs it and renames it, so a killed run always leaves the previous checkpoint whole.
+    """
+    import torch
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        def save_checkpoint(self, checkpoint: dict, path: Any, storage_options: Any = None) -> None:
+            buffer = io.BytesIO()
+            torch.save(checkpoint, buffer)
+            write_bytes(Path(path), buffer.getvalue())
+
+    return AtomicCheckpointIO()
+
+
+def checkpoint_dir(stage: str, name: str, *material: Any) -> Path:
+    """Where a run's checkpoints live: ``checkpoints/<stage>/<name>-<key>/``, one folder per
+    (job, settings, data), the key a hash of ``material`` (everything that shapes the run), so
+    an interrupted run resumes and a run with other settings starts afresh."""
+    blob = json.dumps(list(material), sort_keys=True, default=str).encode()
+    return Path("checkpoints") / stage / f"{name}-{hashlib.sha256(blob).hexdigest()[:12]}"
+
+
+def resume_from(folder: Path, what: str) -> str | None:
+    """``folder/last.ckpt`` when an earlier run left one (checked loadable), else None."""
+    last = folder / "last.ckpt"
+    if not last.is_file():
+        return None
+    checkpoint = load_checkpoint(last, what)
+    log.info("resuming from %s (after epoch %s)", last, checkpoint.get("epoch", 0) + 1)
+    return str(last)
+
+
+def load_checkpoint(path: Path, what: str) -> dict:
+    """A checkpoint read as plain tensors and containers (``weights_only``: no pickled code).
+
+    Checkpoints are written atomically (:func:`atomic_checkpoint_io`), so a killed run leaves the
+    previous one whole; a file that still fails to load was damaged afterwards, and the error
+    says which folder to delete to start that job over.
+    """
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise MissingInputError(
+            f"{path} ({what}) is corrupt or unsafe to load ({reason}); delete {path.parent} "
+            "to start this job over"
+        ) from None
