@@ -89,7 +89,7 @@ def sync_matrix(params: dict) -> dict:
     """Keep fine-tuning's matrix inside what split and pretraining make (config checks this)."""
     params["finetune"]["fractions"] = list(params["split"]["label_fractions"])
     made = params["pretrain"]["methods"]
-    order = ("scratch", "pca", "simclr", "autoencoder", "rotation", "inpainting", "vae")
+    order = ("scratch", "pca", "simclr", "autoencoder", "rotation", "inpainting", "vae", "gan")
     params["finetune"]["inits"] = [i for i in order if i in made]
     params["finetune"]["baselines"] = [i for i in ("pixels",) if i in made]
     return params
@@ -150,7 +150,8 @@ def project(tmp_path: Path, tiny_idx: Path) -> Path:
     params = params_for("idx")
     params["data"]["local_path"] = str(tiny_idx)
     params["model"].update(backbone="lenet5", width=8)
-    params["pretrain"].update(methods=["scratch", "simclr"], epochs=1, batch_size=64)
+    # gan: the method that steps its own optimizers goes through both runners too.
+    params["pretrain"].update(methods=["scratch", "simclr", "gan"], epochs=1, batch_size=64)
     params["pretrain"]["monitor"]["knn_max_train"] = 200
     params["finetune"].update(modes=["linear", "knn"], seeds=[0], max_passes=1, min_steps=1,
                               batch_size=64, min_steps_per_epoch=1)  # fmt: skip

@@ -72,6 +72,9 @@ METHOD_OPTIONS = {
     "rotation": {},
     "inpainting": {"mask_size": 5},
     "vae": {"latent_dim": 4, "beta": 1.0},
+    "gan": {"latent_dim": 8, "generator_loss": "non_saturating", "collapse_ratio": 0.3,
+            "discriminator": {"lr": 1e-3, "beta1": 0.5, "beta2": 0.999},
+            "generator": {"lr": 1e-3, "beta1": 0.5, "beta2": 0.999}},
 }  # fmt: skip
 
 
@@ -160,6 +163,31 @@ def test_vae_and_pca_outputs(prepared_tiny: Path):
     assert description["kind"] == "pca" and description["feature_dim"] == 64
 
 
+def test_the_stage_writes_samples_monitors_and_a_weights_only_encoder(prepared_tiny: Path):
+    from pipeline.models.encoders import load_encoder
+
+    params = tiny_params(prepared_tiny, epochs=2, max_images=128)
+    params["pretrain"]["methods"].append("gan")
+    params["pretrain"]["gan"].update(latent_dim=8)
+    metrics = pretrain.run(from_dict(params), method="gan")
+    folder = Path("models/pretrain/gan")
+    samples = np.load(folder / "samples.npy")
+    by_epoch = np.load(folder / "samples_by_epoch.npy")
+    assert samples.dtype == np.uint8 and samples.shape == (64, 8, 8, 1)
+    assert by_epoch.shape == (2 * 8, 8, 8, 1)
+    curve = Path("metrics/pretrain/gan.csv").read_text().splitlines()
+    assert curve[0] == ("epoch,train_loss,val_knn_acc,val_probe_acc,d_loss,g_loss,d_real,d_fake,"
+                        "sample_diversity")  # fmt: skip
+    assert len(curve) == 3
+    assert 0 < metrics["d_real"] < 1 and 0 < metrics["d_fake"] < 1
+    assert metrics["train_loss"] == pytest.approx(metrics["d_loss"], rel=1e-5)
+    torch.load(folder / "encoder.pt", weights_only=True)
+    encoder, description = load_encoder("gan")
+    assert description.method == "gan" and description.kind == "backbone"
+    assert encoder(torch.zeros(2, 1, 8, 8)).shape == (2, description.feature_dim)
+    assert json.loads((folder / "encoder.json").read_text())["method"] == "gan"
+
+
 class StopAtEpoch(L.Callback):
     """Simulates an interruption: fails when the given epoch starts (after earlier checkpoints)."""
 
@@ -171,21 +199,31 @@ class StopAtEpoch(L.Callback):
             raise RuntimeError("interrupted")
 
 
-def test_an_interrupted_run_resumes_and_ends_with_the_same_weights(prepared_tiny: Path):
-    config = from_dict(tiny_params(prepared_tiny, epochs=3, max_images=128))
-    pretrain.run(config, method="rotation")
-    uninterrupted = torch.load("models/pretrain/rotation/encoder.pt", weights_only=True)
-    curves = Path("metrics/pretrain/rotation.csv").read_text()
+# The GAN steps two optimizers itself (manual optimization) and keeps pictures per epoch: its
+# optimizer states, RNG streams and pictures must all come back from the checkpoint too.
+@pytest.mark.parametrize("method", ["rotation", "gan"])
+def test_an_interrupted_run_resumes_and_ends_with_the_same_weights(prepared_tiny: Path,
+                                                                   method: str):  # fmt: skip
+    params = tiny_params(prepared_tiny, epochs=3, max_images=128)
+    params["pretrain"]["methods"].append("gan")
+    config = from_dict(params)
+    pretrain.run(config, method=method)
+    folder = Path(f"models/pretrain/{method}")
+    uninterrupted = {p.name: p.read_bytes() for p in folder.iterdir() if p.suffix == ".npy"}
+    weights = torch.load(folder / "encoder.pt", weights_only=True)
+    curves = Path(f"metrics/pretrain/{method}.csv").read_text()
 
     with pytest.raises(RuntimeError, match="interrupted"):
-        pretrain.run(config, method="rotation", callbacks=(StopAtEpoch(2),))
-    checkpoints = list(Path("checkpoints/pretrain").glob("rotation-*/last.ckpt"))
+        pretrain.run(config, method=method, callbacks=(StopAtEpoch(2),))
+    checkpoints = list(Path("checkpoints/pretrain").glob(f"{method}-*/last.ckpt"))
     assert len(checkpoints) == 1
-    pretrain.run(config, method="rotation")  # resumes at epoch 3 of 3
-    resumed = torch.load("models/pretrain/rotation/encoder.pt", weights_only=True)
-    for name, tensor in uninterrupted.items():
+    pretrain.run(config, method=method)  # resumes at epoch 3 of 3
+    resumed = torch.load(folder / "encoder.pt", weights_only=True)
+    for name, tensor in weights.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=name)
-    assert Path("metrics/pretrain/rotation.csv").read_text() == curves
+    assert Path(f"metrics/pretrain/{method}.csv").read_text() == curves
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.suffix == ".npy"} == (
+        uninterrupted)  # fmt: skip
     assert not checkpoints[0].exists()  # removed once the run finished
 
 

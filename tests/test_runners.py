@@ -135,6 +135,10 @@ def test_snakemake_runs_the_pipeline_and_dvc_then_sees_it_up_to_date(
     run(["snakemake", "--cores", "2"], project, env=env)
     report = yaml.safe_load((project / "data/splits/idx/report.json").read_text())
     assert report["disjointness"]["disjoint"] is True
+    # The GAN (its own optimizers, its own monitors) trained and fine-tuned like any method.
+    assert "d_fake" in (project / "metrics/pretrain/gan.csv").read_text().splitlines()[0]
+    assert (project / "models/pretrain/gan/samples.npy").is_file()
+    assert (project / "metrics/finetune/gan-linear-1.0.json").is_file()
 
     # A rule's declared code deps are exactly the pipeline files its jobs imported (the union
     # over its jobs: the scratch "method" never imports the training code the others need).

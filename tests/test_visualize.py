@@ -43,7 +43,7 @@ window.addEventListener("load", () => {
 </script>"""
 
 
-def tiny_study(tiny_idx: Path, backbone: str = "lenet5", methods=("scratch", "vae", "pca"),
+def tiny_study(tiny_idx: Path, backbone: str = "lenet5", methods=("scratch", "vae", "gan", "pca"),
                modes=("linear", "knn")) -> dict:  # fmt: skip
     params = params_for("idx", split={"label_fractions": [0.5, 1.0]})
     params["data"]["local_path"] = str(tiny_idx)
@@ -84,7 +84,8 @@ def embedded_images(html: str) -> list[Image.Image]:
 
 @pytest.fixture(scope="module")
 def lenet_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """One tiny study (lenet5; scratch, vae, pca; linear and kNN) shared by the report tests."""
+    """One tiny study (lenet5; scratch, vae, gan, pca; linear and kNN) shared by the report
+    tests."""
     from tests.conftest import tiny_images, write_idx
 
     root = tmp_path_factory.mktemp("study")
@@ -120,23 +121,26 @@ def test_the_report_has_every_section_in_pipeline_order_and_its_figures(lenet_re
     images = embedded_images(html)
     figures = sorted(p.name for p in (lenet_report.parent / "figures/visualize").glob("*.png"))
     assert len(images) == len(figures) + 2  # + the augment preview and the label-efficiency plot
-    for name in ("samples", "pretrain_curves", "vae", "filters_vae", "filters_pca",
-                 "feature_maps_vae", "deconv_vae", "embeddings", "finetune_curves", "confusion",
-                 "cam_scratch", "cam_vae", "cam_pca", "decision_boundaries"):  # fmt: skip
+    for name in ("samples", "pretrain_curves", "vae", "gan", "gan_monitors", "generative_samples",
+                 "filters_vae", "filters_gan", "filters_pca", "feature_maps_vae", "deconv_gan",
+                 "embeddings", "finetune_curves", "confusion", "cam_scratch", "cam_vae",
+                 "cam_gan", "cam_pca", "decision_boundaries"):  # fmt: skip
         assert f"{name}.png" in figures
+    # The generative models' samples side by side, in pretrain.methods order.
+    assert "Generative models" in html and "side by side: vae, gan (" in html
     for image in images:
         pixels = np.asarray(image.convert("L"), dtype=float)
         assert pixels.std() > 1.0  # not a blank canvas
     # The run: its commit, its params and the MLflow run ids of every job.
     assert "pipeline id" in html and "params.yaml" in html
     run_ids = re.findall(r"<td>([0-9a-f]{32})</td>", html)
-    # download, split, augment, 3 pretrain, 3 x 2 x 2 finetune cells, evaluate and this run
-    assert len(set(run_ids)) == 1 + 1 + 1 + 3 + 12 + 1 + 1
-    # The answer in one sentence, beside the figure: the self-supervised init (the VAE here)
+    # download, split, augment, 4 pretrain, 4 x 2 x 2 finetune cells, evaluate and this run
+    assert len(set(run_ids)) == 1 + 1 + 1 + 4 + 16 + 1 + 1
+    # The answer in one sentence, beside the figure: the self-supervised init (VAE or GAN here)
     # against the best baseline (scratch or PCA), each chosen on validation.
     answer = re.search(r"<p>(Answer: self-supervised pretraining against the best baseline.*?)</p>",
                        html, re.S)  # fmt: skip
-    assert answer and "with 50 % of the labels vae-" in answer.group(1)
+    assert answer and re.search("with 50 % of the labels (vae|gan)-", answer.group(1))
     assert re.search(r"vs (scratch|pca)-\w+ [0-9.]+ % \([+-][0-9.]+ points\)", answer.group(1))
     assert html.index("Answer: ") < html.index("Test accuracy against the labeled fraction")
     # Why each trained seed stopped, cell by cell.

@@ -8,7 +8,15 @@ A trained method is one module, ``pipeline/methods/<name>.py``, holding the whol
 - ``objective(module, images, view, generator)``: ``(loss, features, probe_rows)`` for a batch of
   uint8 ``images`` whose first augmented ``view`` the generic module has already drawn;
 - optionally ``pictures(module, images, count, seed)``: uint8 image grids saved next to the
-  encoder (``<name>.npy``) and shown in the report under ``PICTURES_CAPTION``.
+  encoder (``<name>.npy``) and shown in the report under ``PICTURES_CAPTION``; ``SAMPLES``
+  names the grid of the model's own samples, which the report shows beside the other
+  generative models';
+- optionally, for a method with several optimizers (the GAN): ``configure_optimizers(module)``
+  and ``training_step(module, images, labels, generator)``, which steps them itself (Lightning's
+  manual optimization) and returns the loss to report as ``train_loss``;
+- optionally ``epoch_end(module)``: extra per-epoch monitors (a dict of floats) for the row of
+  the curves CSV, and ``CURVES``: the per-epoch columns the report plots for the method (its
+  training step records them with ``module.track(name=value)``).
 
 The generic Lightning module (pipeline.models.pretrain.PretrainModule) builds the encoder, the
 augmentation, the online probe and the monitors, and delegates the rest to the method's module.

@@ -20,6 +20,8 @@ NAME = "vae"
 PICTURES = ("originals", "reconstructions", "samples")
 PICTURES_CAPTION = ("VAE: validation images, their reconstructions (decoder of the posterior "
                     "mean), and samples decoded from the prior N(0, I).")  # fmt: skip
+#: The grid of the model's own samples, shown beside the other generative models'.
+SAMPLES = "samples"
 
 
 def heads(dim: int, options: dict[str, Any], width: int, in_channels: int,

@@ -2,8 +2,8 @@
 
 Methods (SCIENCE.md, "Self-supervised pretraining"), one module each under pipeline/methods/
 (its heads, its objective, its optional pictures): ``simclr``, ``autoencoder``, ``rotation``,
-``inpainting``, ``vae``. ``pca`` (not a network) is :class:`PCAEncoder`, fitted in closed form;
-``pixels`` is :class:`PixelsEncoder`.
+``inpainting``, ``vae``, ``gan``. ``pca`` (not a network) is :class:`PCAEncoder`, fitted in
+closed form; ``pixels`` is :class:`PixelsEncoder`.
 
 The data stay on the device (pipeline.data.datamodule); a batch arrives as indices, is gathered
 from the device tensor and augmented there. Every random draw comes from a generator seeded by
@@ -85,6 +85,11 @@ class PretrainModule(L.LightningModule):
         self.train_loss = MeanMetric()
         self.val_probe_acc = MulticlassAccuracy(num_classes, average="micro")
         self.history: list[dict[str, float]] = []
+        # A method that steps its own optimizers (the GAN's alternating D and G steps) has a
+        # training_step of its own; Lightning then leaves the stepping to it.
+        self.automatic_optimization = not hasattr(self.implementation, "training_step")
+        self._tracked: dict[str, list[torch.Tensor]] = {}  # a method's extra per-epoch monitors
+        self.epoch_pictures: list[torch.Tensor] = []  # uint8 grids a method keeps per epoch
         self.images: dict[str, torch.Tensor] = {}
         self.labels: dict[str, torch.Tensor] = {}
         self._val_features: list[torch.Tensor] = []
@@ -108,13 +113,27 @@ class PretrainModule(L.LightningModule):
         torch.manual_seed(self.hparams.seed * 7919 + self.current_epoch)
 
     # ---------------------------------------------------------------- objectives
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor | None:
         index = batch.to(self.device)
         images, labels = self.images["train"][index], self.labels["train"][index]
+        own_step = getattr(self.implementation, "training_step", None)
+        if own_step is not None:  # the method steps its optimizers itself; returns its loss
+            self.train_loss.update(own_step(self, images, labels, self._generator()).detach())
+            return None
         loss, features, probe_rows = self.objective(images, self._generator())
-        probe_loss = F.cross_entropy(self.probe(features.detach()[probe_rows]), labels[probe_rows])
         self.train_loss.update(loss.detach())
-        return loss + probe_loss
+        return loss + self.probe_loss(features, labels, probe_rows)
+
+    def probe_loss(self, features: torch.Tensor, labels: torch.Tensor,
+                   rows: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """The online probe's loss on detached features: labels never reach the encoder."""
+        rows = self.every_row(features) if rows is None else rows
+        return F.cross_entropy(self.probe(features.detach()[rows]), labels[rows])
+
+    def track(self, **values: torch.Tensor) -> None:
+        """Add a method's own monitors to this epoch's row (their epoch means), by name."""
+        for name, value in values.items():
+            self._tracked.setdefault(name, []).append(value.detach().float().mean())
 
     def objective(
         self, images: torch.Tensor, generator: torch.Generator
@@ -162,13 +181,22 @@ class PretrainModule(L.LightningModule):
             "val_knn_acc": knn,
             "val_probe_acc": float(self.val_probe_acc.compute()),
         }
+        row.update({name: float(torch.stack(values).mean())
+                    for name, values in self._tracked.items()})  # fmt: skip
+        self._tracked.clear()
+        epoch_end = getattr(self.implementation, "epoch_end", None)
+        if epoch_end is not None:  # monitors of the model itself (the GAN's sample diversity)
+            row.update(epoch_end(self))
         self.train_loss.reset()
         self.val_probe_acc.reset()
         self.history.append(row)
         self.log_dict({k: v for k, v in row.items() if k != "epoch"}, sync_dist=True)
 
     # ---------------------------------------------------------------- optimization
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> Any:
+        own = getattr(self.implementation, "configure_optimizers", None)
+        if own is not None:  # a method with several optimizers (the GAN's D and G)
+            return own(self)
         opt = self.hparams.optimizer
         monitor = self.hparams.monitor
         probe = set(self.probe.parameters())
@@ -188,9 +216,12 @@ class PretrainModule(L.LightningModule):
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["history"] = list(self.history)
+        if self.epoch_pictures:
+            checkpoint["epoch_pictures"] = list(self.epoch_pictures)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.history = list(checkpoint.get("history", []))
+        self.epoch_pictures = list(checkpoint.get("epoch_pictures", []))
 
     # ---------------------------------------------------------------- pictures
     def pictures(self, images: torch.Tensor, count: int, seed: int) -> dict[str, torch.Tensor]:

@@ -305,9 +305,12 @@ def _write_outputs(method: str, result: dict) -> None:
             save_npy(tmp / f"{name}.npy", np.asarray(array, dtype=np.uint8))
     metrics_json, curves_csv = paths.pretrain_metrics(method)
     write_json(metrics_json, {k: _round(v) for k, v in result["metrics"].items()})
-    lines = [",".join(CURVE_COLUMNS)]
+    # The common columns, then any monitors of the method's own (the GAN's D and G losses).
+    extra = [key for key in result["history"][0] if key not in CURVE_COLUMNS]
+    columns = [*CURVE_COLUMNS, *extra]
+    lines = [",".join(columns)]
     for row in result["history"]:
-        lines.append(",".join(_csv(row[c]) for c in CURVE_COLUMNS))
+        lines.append(",".join(_csv(row[c]) for c in columns))
     write_text(curves_csv, "\n".join(lines) + "\n")
 
 

@@ -45,6 +45,7 @@ PARAMS = (
 REPORT = Path("reports/index.html")
 FIGURES = Path("reports/figures/visualize")
 _CHUNK = 1024
+_SIDE_BY_SIDE = 16  # samples per generative model in the side-by-side figure
 
 
 @dataclass
@@ -187,7 +188,6 @@ def _augmentation(study: _Study) -> Any:
 
 
 def _pretraining(study: _Study) -> Any:
-    from pipeline.models.pretrain import IMPLEMENTATIONS
     from pipeline.viz import plots
     from pipeline.viz.report import Section, Table
 
@@ -217,16 +217,43 @@ def _pretraining(study: _Study) -> Any:
         section.figure(plots.pretrain_curves_figure(trained, study.path("pretrain_curves")),
                        "Training loss (grey, left axis) and validation monitors (right axis) per "
                        "epoch.")  # fmt: skip
-    for method in methods:  # the pictures a method saved (the VAE's samples), if it has any
+    _generative_models(study, section, methods, curves)
+    return section
+
+
+def _generative_models(study: _Study, section: Any, methods: list[str],
+                       curves: dict[str, dict]) -> None:  # fmt: skip
+    """The pictures each method saved (the VAE's and the GAN's), its own monitors (the GAN's
+    D and G), and the generative models' samples side by side."""
+    from pipeline.models.pretrain import IMPLEMENTATIONS
+    from pipeline.viz import plots
+
+    side_by_side = []
+    for method in methods:
         implementation = IMPLEMENTATIONS.get(method)
         names = getattr(implementation, "PICTURES", ())
         folder = paths.pretrain_dir(method)
-        if names and all((folder / f"{name}.npy").is_file() for name in names):
-            grids = [(name, np.load(folder / f"{name}.npy", allow_pickle=False))
-                     for name in names]  # fmt: skip
-            section.figure(plots.image_grid_figure(grids, study.path(method)),
-                           implementation.PICTURES_CAPTION)
-    return section
+        if not names or not all((folder / f"{name}.npy").is_file() for name in names):
+            continue
+        if not side_by_side:
+            section.heading("Generative models")
+        grids = {name: np.load(folder / f"{name}.npy", allow_pickle=False) for name in names}
+        section.figure(plots.image_grid_figure(list(grids.items()), study.path(method)),
+                       implementation.PICTURES_CAPTION)  # fmt: skip
+        columns = [c for c in getattr(implementation, "CURVES", ()) if c in curves.get(method, {})]
+        if columns and len(curves[method]["epoch"]) > 1:
+            section.figure(plots.monitors_figure(curves[method], columns,
+                                                 study.path(f"{method}_monitors"), method),
+                           f"{method}: its own monitors per epoch "
+                           f"(metrics/pretrain/{method}.csv).")  # fmt: skip
+        samples = getattr(implementation, "SAMPLES", None)
+        if samples in grids:
+            side_by_side.append((method, grids[samples][:_SIDE_BY_SIDE]))
+    if len(side_by_side) > 1:
+        section.figure(plots.image_grid_figure(side_by_side, study.path("generative_samples")),
+                       "Samples of each generative model, side by side: "
+                       f"{', '.join(m for m, _ in side_by_side)} (the first {_SIDE_BY_SIDE} "
+                       "of each; not chosen).")  # fmt: skip
 
 
 def _encoders(study: _Study) -> Any:

@@ -67,6 +67,29 @@ def pretrain_curves_figure(curves: Mapping[str, dict[str, np.ndarray]], path: Pa
         return figures.save(fig, path)
 
 
+def monitors_figure(curve: Mapping[str, np.ndarray], columns: Sequence[str], path: Path,
+                    title: str) -> Path:  # fmt: skip
+    """A method's own per-epoch monitors (the GAN's D and G losses, D(x), D(G(z)), sample
+    diversity): losses on the left axis, the quantities in [0, 1] on the right."""
+    epochs = curve["epoch"]
+    with figures.figure(5.0, 3.0) as fig:
+        axes = fig.add_subplot(1, 1, 1)
+        right = axes.twinx()
+        colors = _colors(len(columns))
+        for column, color in zip(columns, colors, strict=True):
+            target = axes if "loss" in column else right
+            target.plot(epochs, curve[column], marker=".", color=color, label=column)
+        axes.set_xlabel("epoch")
+        axes.set_ylabel("loss")
+        right.set_ylabel("D output / diversity")
+        handles = axes.get_legend_handles_labels()
+        more = right.get_legend_handles_labels()
+        right.legend(handles[0] + more[0], handles[1] + more[1], fontsize=7, loc="best")
+        axes.set_title(title)
+        fig.tight_layout()
+        return figures.save(fig, path)
+
+
 def finetune_curves_figure(
     curves: Mapping[str, Mapping[str, dict[str, np.ndarray]]], path: Path
 ) -> Path:
