@@ -1,6 +1,6 @@
 """One entry point: measure everything and write BENCHMARKS.md (``make benchmarks``).
 
-python -m benchmarks [--only augment,pretrain,cpu,peer,pipeline]
+python -m benchmarks [--only augment,pretrain,methods,cpu,peer,pipeline]
 
 Each benchmark's numbers go to benchmarks/results/<name>.json, then benchmarks.report turns
 every result there into BENCHMARKS.md. Run it on a quiet machine: the numbers are wall-clock.
@@ -13,7 +13,7 @@ import sys
 
 from benchmarks import report
 
-BENCHMARKS = ("augment", "pretrain", "cpu", "peer", "pipeline")
+BENCHMARKS = ("augment", "pretrain", "methods", "cpu", "peer", "pipeline")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,6 +1,7 @@
 """Every pretraining method at equal epochs: validation kNN and probe accuracy, and seconds.
 
     python -m benchmarks.methods [--epochs N] [--methods a,b,...] [--json OUT]
+                                 [--params FILE] [--root DIR]
 
 Why: the study compares encoders, and a new method (the GAN) is only worth a place in the
 default run if its features are competitive at the same cost. This runs the real pretrain stage
@@ -23,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.machine import describe, save_result
+
 REPO = Path(__file__).resolve().parent.parent
 TRAINED = ("simclr", "autoencoder", "rotation", "inpainting", "vae", "gan")
 
@@ -32,20 +35,24 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--methods", default=",".join(TRAINED))
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
+    parser.add_argument("--root", type=Path, default=REPO,
+                        help="the checkout whose data/ (prepared, splits, augment) is used")
     args = parser.parse_args(argv)
+    root = args.root.resolve()
     methods = args.methods.split(",")
     out = args.json.resolve() if args.json else None  # before the chdir below
 
     from pipeline.config import from_dict, load
 
-    base = load(REPO / "params.yaml")
+    base = load(args.params)
     raw = json.loads(json.dumps(base.raw))
     raw["pretrain"].update(methods=sorted(set(raw["pretrain"]["methods"]) | set(methods)),
                            epochs=args.epochs)  # fmt: skip
     config = from_dict(raw)
     dataset = config.data.dataset
     missing = [p for p in (f"data/prepared/{dataset}", f"data/splits/{dataset}",
-                           f"data/augment/{dataset}") if not (REPO / p).exists()]  # fmt: skip
+                           f"data/augment/{dataset}") if not (root / p).exists()]  # fmt: skip
     if missing:
         print(f"error: {', '.join(missing)} missing; run `make run` (or the download, split and "
               "augment stages) first", file=sys.stderr)  # fmt: skip
@@ -57,7 +64,8 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="methods-bench-") as work:
         for part in ("prepared", "splits", "augment"):
             (Path(work) / "data" / part).mkdir(parents=True)
-            (Path(work) / "data" / part / dataset).symlink_to(REPO / "data" / part / dataset)
+            (Path(work) / "data" / part / dataset).symlink_to(root / "data" / part / dataset)
+        before = os.getcwd()
         os.chdir(work)
         for method in methods:
             start = time.perf_counter()
@@ -69,14 +77,14 @@ def main(argv: list[str]) -> int:
                          "final": metrics,
                          "curve": Path(f"metrics/pretrain/{method}.csv").read_text()})  # fmt: skip
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "curve"}), flush=True)
+        os.chdir(before)
     print("| method | epochs | val kNN | val probe | seconds |\n|---|---|---|---|---|")
     for r in rows:
         probe = r["val_probe_acc"]
         print(f"| {r['method']} | {r['epochs']} | {100 * r['val_knn_acc']:.2f} % | "
               f"{'' if probe is None else f'{100 * probe:.2f} %'} | {r['seconds']:.0f} |")
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"epochs": args.epochs, "rows": rows}, indent=2) + "\n")
+    save_result(out, {"machine": describe("benchmarks.methods"), "epochs": args.epochs,
+                      "rows": rows})  # fmt: skip
     return 0
 
 

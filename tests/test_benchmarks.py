@@ -140,6 +140,7 @@ def test_pipeline_benchmark_measures_a_clean_run_its_reruns_and_the_targets(
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["split"]["label_fractions"] = [0.1, 1.0]
     params["finetune"]["modes"] = ["finetune", "knn"]
+    params["pretrain"]["methods"] = ["scratch", "simclr"]  # the runner tests cover the GAN
     bench = tmp_path / "bench"
     figure = tmp_path / "results" / "label_efficiency.png"
     # The re-run measurement changes an evaluation param: it re-runs evaluate and visualize,
@@ -235,3 +236,34 @@ def test_time_to_reach_is_the_first_point_at_or_above() -> None:
              {"seconds": 60.0, "knn": 0.79}, {"seconds": 90.0, "knn": 0.85}]  # fmt: skip
     assert time_to_reach(curve, 0.8) == 30.0 and time_to_reach(curve, 0.84) == 90.0
     assert time_to_reach(curve, 0.9) is None
+
+
+def test_methods_benchmark_runs_each_method_through_the_stage_and_reports_it(
+    workdir: Path, tiny_idx: Path
+) -> None:
+    from benchmarks import methods
+    from pipeline.config import from_dict
+    from pipeline.stages import augment, download, split
+    from tests.conftest import write_params
+    from tests.test_pretrain import tiny_params
+
+    params = tiny_params(tiny_idx, max_images=64)
+    params["pretrain"]["gan"]["latent_dim"] = 8
+    config = from_dict(params)
+    for stage in (download, split, augment):
+        stage.run(config)
+    params_file = write_params(workdir, params)
+    out = workdir / "methods.json"
+    argv = ["--epochs", "1", "--methods", "rotation,gan", "--params", str(params_file),
+            "--root", str(workdir), "--json", str(out)]  # fmt: skip
+    assert methods.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert [r["method"] for r in result["rows"]] == ["rotation", "gan"]
+    for row in result["rows"]:
+        assert 0 <= row["val_knn_acc"] <= 1 and row["seconds"] > 0 and row["epochs"] == 1
+        assert row["curve"].startswith("epoch,train_loss,val_knn_acc,val_probe_acc")
+    assert "d_fake" in result["rows"][1]["final"]
+    section = "\n".join(report._methods(result))
+    assert "| rotation |" in section and "| gan |" in section
+    assert methods.main([*argv[:4], "--params", str(params_file), "--root",
+                         str(workdir / "elsewhere")]) == 1  # fmt: skip
