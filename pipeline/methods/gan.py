@@ -35,8 +35,9 @@ from torch import nn
 NAME = "gan"
 #: The picture grids the report shows (pictures() also saves ``samples_by_epoch``).
 PICTURES = ("samples",)
-PICTURES_CAPTION = ("GAN: samples of the generator from a fixed z after the last epoch "
-                    "(models/pretrain/gan/samples_by_epoch.npy holds 8 per epoch).")  # fmt: skip
+PICTURES_CAPTION = ("GAN: the generator's samples from a fixed z after the last epoch, the "
+                    "first 32 of 64 (models/pretrain/gan/samples.npy; samples_by_epoch.npy "
+                    "holds 8 per epoch, from the same z).")  # fmt: skip
 #: The grid of the model's own samples, shown beside the other generative models'.
 SAMPLES = "samples"
 #: Its own per-epoch monitors, as columns of metrics/pretrain/gan.csv.

@@ -238,7 +238,7 @@ def _generative_models(study: _Study, section: Any, methods: list[str],
         if not side_by_side:
             section.heading("Generative models")
         grids = {name: np.load(folder / f"{name}.npy", allow_pickle=False) for name in names}
-        section.figure(plots.image_grid_figure(list(grids.items()), study.path(method)),
+        section.figure(plots.image_grid_figure(_picture_rows(grids), study.path(method)),
                        implementation.PICTURES_CAPTION)  # fmt: skip
         columns = [c for c in getattr(implementation, "CURVES", ()) if c in curves.get(method, {})]
         if columns and len(curves[method]["epoch"]) > 1:
@@ -254,6 +254,19 @@ def _generative_models(study: _Study, section: Any, methods: list[str],
                        "Samples of each generative model, side by side: "
                        f"{', '.join(m for m, _ in side_by_side)} (the first {_SIDE_BY_SIDE} "
                        "of each; not chosen).")  # fmt: skip
+
+
+def _picture_rows(grids: dict[str, np.ndarray], per_row: int = _SIDE_BY_SIDE,
+                  chunks: int = 2) -> list[tuple[str, np.ndarray]]:  # fmt: skip
+    """A method's picture grids as rows of ``per_row`` images, interleaved chunk by chunk, so
+    that row-aligned grids (the VAE's images and their reconstructions) stay one above the
+    other; at most ``chunks`` chunks (the page stays readable; the .npy files hold them all)."""
+    rows = []
+    for chunk in range(chunks):
+        part = slice(chunk * per_row, (chunk + 1) * per_row)
+        rows += [(name if chunk == 0 else "", images[part]) for name, images in grids.items()
+                 if len(images[part])]  # fmt: skip
+    return rows
 
 
 def _encoders(study: _Study) -> Any:
