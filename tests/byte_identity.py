@@ -27,7 +27,8 @@ from tests.conftest import (
     write_tiny_idx,
 )
 
-METHODS = ["scratch", "pixels", "pca", "simclr", "autoencoder", "rotation", "inpainting", "vae"]
+METHODS = ["scratch", "pixels", "pca", "simclr", "autoencoder", "rotation", "inpainting", "vae",
+           "gan"]
 
 
 def project(root: Path, source: Path, data: Path) -> Path:
