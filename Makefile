@@ -10,7 +10,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 # Stage commands call plain `python`: the venv must come first on PATH for both runners.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup dataset browser profile run repro test lint benchmarks clean
+.PHONY: setup dataset browser profile run repro push pull test lint benchmarks clean
 
 setup: $(STAMP) dataset
 
@@ -56,6 +56,21 @@ run: setup profile
 # `snakemake --touch` records what DVC made in Snakemake's metadata, so `snakemake -n` agrees.
 repro: setup profile
 	PIPELINE_EXECUTION=$${PIPELINE_EXECUTION:-$$(date -u +%Y%m%dT%H%M%SZ)} dvc repro
+	snakemake --touch --cores 1 --quiet
+
+# Results shared through a DVC remote (README, "Sharing results"): `make push` uploads the
+# outputs dvc.lock records, `make pull` downloads them and records them for Snakemake too.
+NO_REMOTE = error: no DVC remote is set; add one with: dvc remote add -d shared /path/to/store (or s3://bucket/prefix), then git commit .dvc/config
+NO_LOCK = error: there is no dvc.lock to share; run make run (or make repro) first, then git commit dvc.lock
+push:
+	@dvc remote default >/dev/null 2>&1 || { echo "$(NO_REMOTE)" >&2; exit 1; }
+	@test -f dvc.lock || { echo "$(NO_LOCK)" >&2; exit 1; }
+	dvc push
+
+pull:
+	@dvc remote default >/dev/null 2>&1 || { echo "$(NO_REMOTE)" >&2; exit 1; }
+	@test -f dvc.lock || { echo "error: no dvc.lock here: git pull the commit that shared the run" >&2; exit 1; }
+	dvc pull
 	snakemake --touch --cores 1 --quiet
 
 lint: setup

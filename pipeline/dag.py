@@ -46,8 +46,10 @@ class Dep:
 
 @dataclass(frozen=True)
 class Out:
-    """An output. ``dvc`` is the dvc.yaml section (outs, metrics, plots); ``cache=False`` keeps
-    a small text result in git instead of DVC's cache; ``plot`` holds DVC's plot options."""
+    """An output. ``dvc`` is the dvc.yaml section (outs, metrics, plots); ``plot`` holds DVC's
+    plot options. Every output is cached (``cache=True``), metrics and plots too: outputs are
+    not in git (.gitignore), so the cache and its remote are how a run is shared (README,
+    "Sharing results"); ``cache=False`` would leave a file in neither."""
 
     name: str
     path: str
@@ -87,8 +89,8 @@ _CELL = "{init}-{mode}-{fraction}"
 _CELL_ARGS = "--init {init} --mode {mode} --fraction {fraction}"
 _CELL_OUTS = (
     Out("model", f"models/finetune/{_CELL}", directory=True),
-    Out("metrics", f"metrics/finetune/{_CELL}.json", cache=False),
-    Out("curve", f"metrics/finetune/{_CELL}.csv", dvc="plots", cache=False, plot=(
+    Out("metrics", f"metrics/finetune/{_CELL}.json"),
+    Out("curve", f"metrics/finetune/{_CELL}.csv", dvc="plots", plot=(
         ("x", "epoch"), ("y", "val_acc"),
         ("title", f"{_CELL} fine-tuning, validation accuracy"))),
 )  # fmt: skip
@@ -109,8 +111,8 @@ STAGES: tuple[Stage, ...] = (
     ), log="logs/augment/{dataset}.log"),  # fmt: skip
     Stage("pretrain", "pretrain", (_PREPARED, _SPLITS, _POLICY), (
         Out("model", "models/pretrain/{method}", directory=True),
-        Out("metrics", "metrics/pretrain/{method}.json", dvc="metrics", cache=False),
-        Out("curves", "metrics/pretrain/{method}.csv", dvc="plots", cache=False, plot=(
+        Out("metrics", "metrics/pretrain/{method}.json", dvc="metrics"),
+        Out("curves", "metrics/pretrain/{method}.csv", dvc="plots", plot=(
             ("x", "epoch"), ("y", "val_knn_acc"),
             ("title", "{method} pretraining, validation kNN accuracy"))),
     ), log="logs/pretrain/{method}.log", args="--method {method}",
@@ -131,13 +133,13 @@ STAGES: tuple[Stage, ...] = (
         Dep("metrics", "metrics/finetune/{cell}.json", each="cells"),
     ), (
         Out("cells", "metrics/eval", directory=True),
-        Out("table", "metrics/summary.csv", cache=False),
-        Out("markdown", "metrics/summary.md", cache=False),
-        Out("summary", "metrics/summary.json", dvc="metrics", cache=False),
-        Out("curve", "metrics/label_efficiency.csv", dvc="plots", cache=False, plot=(
+        Out("table", "metrics/summary.csv"),
+        Out("markdown", "metrics/summary.md"),
+        Out("summary", "metrics/summary.json", dvc="metrics"),
+        Out("curve", "metrics/label_efficiency.csv", dvc="plots", plot=(
             ("x", "fraction"), ("y", "accuracy"),
             ("title", "Test accuracy by label fraction (all inits and modes)"))),
-        Out("figure", "reports/figures/label_efficiency.png", dvc="plots", cache=False),
+        Out("figure", "reports/figures/label_efficiency.png", dvc="plots"),
     ), log="logs/evaluate/{dataset}.log"),  # fmt: skip
     Stage("visualize", "visualize", (
         _PREPARED, _SPLITS, _POLICY,

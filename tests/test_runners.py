@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import shutil
 from pathlib import Path
 
 import yaml
@@ -182,8 +183,21 @@ def test_dvc_repro_and_exp_run_then_snakemake_agrees_and_a_change_reruns_only_it
     """One DVC-made pipeline serves every DVC-direction check (each full run costs a minute)."""
     run(["dvc", "repro", "--quiet"], project)
     assert nothing_to_do(project)
+    # Sharing the run: without a remote, make says how to add one; with one, a fresh clone
+    # pulls the results, and neither runner has anything left to do there.
+    shutil.copy2(REPO / "Makefile", project / "Makefile")
+    refused = run(["make", "push"], project, check=False)
+    assert refused.returncode != 0 and "dvc remote add -d" in refused.stderr
+    run(["dvc", "remote", "add", "-d", "shared", str(project.parent / "remote")], project)
     run(["git", "add", "-A"], project)
-    run(["git", "commit", "-qm", "baseline"], project)
+    run(["git", "commit", "-qm", "baseline"], project)  # dvc.lock and the remote travel in git
+    run(["make", "push"], project)
+    clone = project.parent / "clone"
+    run(["git", "clone", "-q", str(project), str(clone)], project.parent)
+    run(["make", "pull"], clone)
+    summary = "metrics/summary.json"
+    assert (clone / summary).read_bytes() == (project / summary).read_bytes()
+    assert dvc_changed(clone) == set() and nothing_to_do(clone)
 
     # A changed value: DVC names exactly the stage that reads it.
     params_file = project / "params.yaml"
