@@ -112,6 +112,18 @@ class PretrainConfig:
 @dataclass(frozen=True)
 class TrainerConfig:
     precision: str  # auto | 32-true | bf16-mixed
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp
+
+    @property
+    def world_size(self) -> int:
+        """Processes that train one job together."""
+        return self.devices * self.num_nodes
+
+    @property
+    def distributed(self) -> bool:
+        return self.strategy == "ddp" or self.world_size > 1
 
 
 @dataclass(frozen=True)
@@ -246,6 +258,7 @@ def from_dict(params: Any, source: str = PARAMS_FILE) -> Config:
     )
     _check_policy_names(config, source)
     _check_matrix(config, source)
+    _check_world(config, source)
     if config.data.dataset in LOCAL_DATASETS and not config.data.local_path:
         raise ConfigError(
             f"{source}: data.local_path is empty but data.dataset is {config.data.dataset!r}: "
@@ -314,6 +327,28 @@ def _check_matrix(config: Config, source: str) -> None:
                     f"{source}: finetune.{key} has {init!r} but pretrain.methods does not make "
                     f"that encoder; allowed: {', '.join(config.pretrain.methods)}"
                 )
+
+
+def _check_world(config: Config, source: str) -> None:
+    """Under DDP every process takes an equal share of the global batch, and a training job
+    that asks for GPUs asks for one per process."""
+    world = config.trainer.world_size
+    devices = config.trainer.devices
+    for key in ("pretrain", "finetune"):
+        gpus = config.raw["resources"][key].get("gpus", 0)
+        if gpus not in (0, devices):
+            raise ConfigError(
+                f"{source}: resources.{key}.gpus is {gpus} but trainer.devices is {devices}: "
+                f"a training job runs one process per GPU; set gpus to {devices} (or 0 for CPUs)"
+            )
+    for key in ("pretrain", "finetune"):
+        batch = getattr(config, key).batch_size
+        if batch % world:
+            raise ConfigError(
+                f"{source}: {key}.batch_size is {batch}, which {world} processes "
+                f"(trainer.devices x trainer.num_nodes) cannot share equally; make it a "
+                f"multiple of {world}"
+            )
 
 
 def _check_policy_names(config: Config, source: str) -> None:

@@ -261,6 +261,31 @@ class TrackedRun:
                    f"marking the run {status}")  # fmt: skip
 
 
+class _Untracked(TrackedRun):
+    """What a DDP rank other than zero logs to: nothing (rank zero holds the stage's run)."""
+
+    def __init__(self) -> None:
+        super().__init__(None, None)  # type: ignore[arg-type]
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        pass
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        pass
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def terminate(self, status: str) -> None:
+        pass
+
+
+UNTRACKED = _Untracked()
+
+
 def client() -> Any:
     """An MlflowClient on :func:`tracking_uri` (store prepared for concurrent use), with MLflow's
     own chatter turned down."""

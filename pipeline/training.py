@@ -7,10 +7,12 @@ change to one stage's module re-runs only that stage.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +36,22 @@ def make_trainer(config: Config, tracked: Any, epochs: int, steps_per_epoch: int
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no banner per process
     cuda = torch.cuda.is_available()
+    settings = config.trainer
     return L.Trainer(
         max_epochs=epochs,
         accelerator="auto",
-        devices=1,
-        precision=precision(config.trainer.precision),
+        devices=settings.devices,
+        num_nodes=settings.num_nodes,
+        strategy=_strategy(settings),
+        # One process's share of a batch is too few images for BatchNorm's statistics to be the
+        # single-device ones: synchronized BN makes them the global batch's again (CUDA only;
+        # PyTorch's SyncBatchNorm has no CPU kernel, so CPU processes keep per-rank statistics).
+        sync_batchnorm=settings.distributed and cuda,
+        # SplitData shards the training order itself (the same order as on one device, dealt to
+        # the ranks) and gives every rank the whole validation set, so every rank computes the
+        # same monitors; Lightning's sampler would re-order the first and split the second.
+        use_distributed_sampler=False,
+        precision=precision(settings.precision),
         deterministic=not cuda,
         logger=MLFlowLogger(
             experiment_name=config.tracking.experiment,
@@ -54,6 +67,42 @@ def make_trainer(config: Config, tracked: Any, epochs: int, steps_per_epoch: int
         log_every_n_steps=max(1, steps_per_epoch),
         **options,
     )
+
+
+def _strategy(settings: Any) -> Any:
+    """Lightning's strategy: one device as before, else DDP over gloo on the CPU, NCCL on GPUs."""
+    if not settings.distributed:
+        return "auto"
+    import torch
+    from lightning.pytorch.strategies import DDPStrategy
+
+    return DDPStrategy(process_group_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def is_rank_zero() -> bool:
+    """Whether this process writes the stage's outputs and its MLflow run.
+
+    Under DDP Lightning starts the other ranks by running the same stage command again with
+    ``LOCAL_RANK`` set (or SLURM/torchrun start every rank with ``SLURM_PROCID``/``RANK``); each
+    of them trains its share and writes nothing, so one stage execution has one MLflow run and
+    one writer. Lightning's own rule, read from the environment at import.
+    """
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, config: Config, dataset: str, param_keys: Any) -> Iterator[Any]:
+    """The stage's MLflow run on rank zero (:func:`pipeline.tracking.stage_run`); on every other
+    rank a run that records nothing."""
+    from pipeline import tracking
+
+    if is_rank_zero():
+        with tracking.stage_run(stage, config, dataset, param_keys) as tracked:
+            yield tracked
+    else:
+        yield tracking.UNTRACKED
 
 
 def precision(setting: str) -> str:

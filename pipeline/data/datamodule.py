@@ -30,11 +30,14 @@ class EpochPermutation(Sampler[int]):
     chains further permutations until an epoch is at least that long (tiny labeled subsets).
     """
 
-    def __init__(self, size: int, seed: int, limit: int | None = None, min_length: int = 0) -> None:
+    def __init__(self, size: int, seed: int, limit: int | None = None, min_length: int = 0,
+                 rank: int = 0, world: int = 1) -> None:  # fmt: skip
         self.size = size
         self.seed = seed
         self.length = max(min(limit, size) if limit else size, min_length)
         self.epoch = 0
+        self.rank = rank
+        self.world = world
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -48,10 +51,12 @@ class EpochPermutation(Sampler[int]):
                 self.size, generator=torch.Generator().manual_seed(seed)
             ).tolist()
             repeat += 1
-        return iter(order[: self.length])
+        # Under DDP rank r takes positions r, r + world, ...: the ranks together see the
+        # one-device order, batch by batch (global batch = world x local batch).
+        return iter(order[self.rank : len(self) * self.world : self.world])
 
     def __len__(self) -> int:
-        return self.length
+        return self.length // self.world
 
 
 class _Positions(Dataset):
@@ -121,13 +126,22 @@ class SplitData(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         size = len(self.labels[self.train_set])
         batch = min(self.batch_size, size)
-        sampler = EpochPermutation(size, self.seed, self.max_images, self.min_steps * batch)
+        rank, world = self._rank_and_world()
+        sampler = EpochPermutation(size, self.seed, self.max_images, self.min_steps * batch,
+                                   rank, world)  # fmt: skip
         return DataLoader(
             _Positions(size),
-            batch_size=batch,
+            batch_size=max(1, batch // world),  # batch_size is the global batch
             sampler=sampler,
             drop_last=True,
         )
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        """This process's rank and the number of processes, (0, 1) outside a DDP Trainer."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
 
     def val_dataloader(self) -> DataLoader:
         return self._sequential("val")

@@ -6,14 +6,16 @@ loss pulls the two views of one image together against the other 2N - 2 views of
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 from torch import nn
 
-from pipeline.models.losses import nt_xent
+from pipeline.models.losses import nt_xent, nt_xent_negatives
 
 NAME = "simclr"
+log = logging.getLogger(__name__)
 
 
 def heads(dim: int, options: dict[str, Any], width: int, in_channels: int,
@@ -33,4 +35,10 @@ def objective(
     z1, z2 = module.head(features).float().chunk(2)
     options = module.options
     loss = nt_xent(z1, z2, options["temperature"], options["normalization"])
+    trainer = module._trainer  # None inside fine-tuning's multi-task term
+    if trainer is not None and trainer.global_step == 0 and trainer.global_rank == 0:
+        # Logged once: the number of negatives, not the per-device batch, is what SimCLR's
+        # results depend on, and under DDP it comes from the other ranks too.
+        log.info("NT-Xent: %d negatives per anchor (%d images on each of %d processes)",
+                 nt_xent_negatives(z1.shape[0]), z1.shape[0], trainer.world_size)  # fmt: skip
     return loss, features[: images.shape[0]], module.every_row(images)

@@ -175,7 +175,7 @@ class FinetuneModule(L.LightningModule):
         else:
             images = self.images[self.train_set][index]
             generator = torch.Generator(device=self.device).manual_seed(
-                self.recipe.seed * 1_000_003 + self.global_step
+                self.recipe.seed * 1_000_003 + self.global_step + (self.global_rank << 40)
             )
             logits = self.classifier.logits(self._layout(self.augment(images, generator)))
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.recipe.label_smoothing)
@@ -184,7 +184,7 @@ class FinetuneModule(L.LightningModule):
             loss = loss + self.recipe.l1 * sum(w.abs().sum() for w in weights)
         if self.ssl is not None and self.recipe.multitask_weight > 0 and images is not None:
             generator = torch.Generator(device=self.device).manual_seed(
-                self.recipe.seed * 1_000_033 + self.global_step
+                self.recipe.seed * 1_000_033 + self.global_step + (self.global_rank << 40)
             )
             ssl_loss = self.ssl.objective(images, generator)[0]
             loss = loss + self.recipe.multitask_weight * ssl_loss

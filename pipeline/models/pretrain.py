@@ -105,7 +105,8 @@ class PretrainModule(L.LightningModule):
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def _generator(self) -> torch.Generator:
-        seed = self.hparams.seed * 1_000_003 + self.global_step
+        # Under DDP each rank draws its own views (rank 0 draws what one device would).
+        seed = self.hparams.seed * 1_000_003 + self.global_step + (self.global_rank << 40)
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def on_train_epoch_start(self) -> None:

@@ -78,15 +78,15 @@ def add_arguments(parser: Any) -> None:
 def run(config: Config, dataset: str | None = None, init: str = "scratch", mode: str = "linear",
         fraction: str = "1") -> dict:  # fmt: skip
     """Train (or fit, for kNN) the classifiers of one cell, one per seed."""
-    from pipeline import tracking
-
     dataset = dataset or config.data.dataset
     cell = paths.Cell(init, mode, _check_cell(config, init, mode, fraction))
     document = PolicyDocument.read(dataset)
-    with tracking.stage_run("finetune", config, dataset, COMMON_PARAMS) as tracked:
+    with training.stage_run("finetune", config, dataset, COMMON_PARAMS) as tracked:
         tracked.set_tags({"init": init, "mode": mode, "fraction": cell.fraction_name,
                           "cell": cell.name})  # fmt: skip
         trained = _train_cell(config, dataset, cell, document, tracked)
+        if not training.is_rank_zero():  # a DDP rank: it trained its share; rank zero writes
+            return {}
         from pipeline.models import classifier
 
         classifier.save(cell.model_dir, trained.description, trained.states)
@@ -257,6 +257,8 @@ def _fit_seed(fit: _Fit) -> tuple[dict, dict]:
         log.info("seed %d already trained (%s); reusing it", fit.seed, done)
         return dict(saved["state"]), saved["result"]
     state, result = _fit_linear(fit, fit.ckpt_dir / f"seed{fit.seed}")
+    if not training.is_rank_zero():
+        return state, result
     buffer = io.BytesIO()
     torch.save({"state": state, "result": result}, buffer)
     write_bytes(done, buffer.getvalue())

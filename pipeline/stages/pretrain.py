@@ -60,8 +60,6 @@ def add_arguments(parser: Any) -> None:
 def run(config: Config, dataset: str | None = None, method: str = "simclr",
         callbacks: tuple = ()) -> dict:  # fmt: skip
     """Pretrain one method; ``callbacks`` are extra Lightning callbacks (tests use them)."""
-    from pipeline import tracking
-
     dataset = dataset or config.data.dataset
     if method not in config.pretrain.methods:
         raise MissingInputError(
@@ -69,12 +67,14 @@ def run(config: Config, dataset: str | None = None, method: str = "simclr",
             f"({', '.join(config.pretrain.methods)}) in params.yaml"
         )
     document = PolicyDocument.read(dataset)
-    with tracking.stage_run("pretrain", config, dataset, params_for(method)) as tracked:
+    with training.stage_run("pretrain", config, dataset, params_for(method)) as tracked:
         tracked.set_tags({"method": method, "dataset_checksum": _checksum(dataset)})
         if method in _REFERENCES:  # the encoders the study compares against: no objective
             result = _REFERENCES[method](config, dataset, document)
         else:
             result = _train(config, dataset, method, document, tracked, callbacks)
+        if not training.is_rank_zero():  # a DDP rank: it trained its share; rank zero writes
+            return result["metrics"]
         _write_outputs(method, result)
         tracked.log_metrics({f"final_{k}": v for k, v in result["metrics"].items()
                              if isinstance(v, float) and v == v})  # NaN: no such monitor
@@ -162,7 +162,8 @@ def _train(config: Config, dataset: str, method: str, document: PolicyDocument, 
     images = data.images["val"][:_PICTURES].to(module.device)
     result["pictures"] = {name: grid.permute(0, 2, 3, 1).cpu().numpy()
                           for name, grid in module.pictures(images, _PICTURES, pre.seed).items()}
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    if training.is_rank_zero():
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
     return result
 
 
