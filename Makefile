@@ -2,6 +2,7 @@
 #   make run     the whole pipeline on the default data (Snakemake), then record it for DVC
 #   make test    lint + the test suite
 #   make repro   the same pipeline through DVC, then tell Snakemake it is up to date
+#   make cluster the same pipeline on a SLURM cluster (profiles/slurm)
 
 SHELL := /bin/bash
 VENV := .venv
@@ -10,7 +11,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 # Stage commands call plain `python`: the venv must come first on PATH for both runners.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup dataset browser profile run repro push pull test lint benchmarks clean
+.PHONY: setup dataset browser profile run repro cluster push pull test lint benchmarks clean
 
 setup: $(STAMP) dataset
 
@@ -51,6 +52,13 @@ profile: setup
 # `dvc commit` records what Snakemake made in dvc.lock, so `dvc repro`/`dvc status` agree afterwards.
 run: setup profile
 	PIPELINE_EXECUTION=$${PIPELINE_EXECUTION:-$$(date -u +%Y%m%dT%H%M%SZ)} snakemake --cores all
+	dvc commit --force --quiet
+
+# The same pipeline on a SLURM cluster (README, "Past one machine"): every job through sbatch with
+# what params.yaml's resources section asks for. SLURM_ARGS adds Snakemake options, for example
+# SLURM_ARGS="--slurm-status-command squeue" where the cluster keeps no accounting.
+cluster: setup profile
+	PIPELINE_EXECUTION=$${PIPELINE_EXECUTION:-$$(date -u +%Y%m%dT%H%M%SZ)} snakemake --profile profiles/slurm $(SLURM_ARGS)
 	dvc commit --force --quiet
 
 # `snakemake --touch` records what DVC made in Snakemake's metadata, so `snakemake -n` agrees.

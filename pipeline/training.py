@@ -12,11 +12,12 @@ import hashlib
 import io
 import json
 import logging
-from collections.abc import Iterator
+import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 from pipeline.errors import MissingInputError
 from pipeline.io import write_bytes
 
@@ -67,6 +68,45 @@ def make_trainer(config: Config, tracked: Any, epochs: int, steps_per_epoch: int
         log_every_n_steps=max(1, steps_per_epoch),
         **options,
     )
+
+
+def require_devices(config: Config) -> None:
+    """Stop a training stage, before it reads anything, when its processes cannot all start."""
+    problem = device_problem(config.trainer)
+    if problem:
+        raise ConfigError(f"params.yaml: {problem}")
+
+
+def device_problem(settings: Any, environ: Mapping[str, str] | None = None) -> str | None:
+    """Why this machine cannot run the processes ``trainer`` asks for, or None.
+
+    Both mistakes would otherwise surface late or never: Lightning refuses more GPUs than there
+    are only inside the job, and with ``num_nodes`` above one and nothing that starts the other
+    machines' processes, the first process waits for them until the 30-minute DDP timeout.
+    The Snakefile asks this before any job starts; every training stage asks it again
+    (:func:`require_devices`).
+    """
+    environ = os.environ if environ is None else environ
+    if settings.num_nodes > 1:
+        launched = max(int(environ.get(key, "1") or 1) for key in ("WORLD_SIZE", "SLURM_NTASKS"))
+        if launched < settings.world_size:
+            return (
+                f"trainer.num_nodes is {settings.num_nodes}, but nothing starts this job's "
+                f"processes on {settings.num_nodes} machines (Snakemake and the SLURM profile "
+                "run each job on one machine); start the stage command with srun or torchrun "
+                "across the nodes, or set trainer.num_nodes: 1"
+            )
+    if settings.devices == 1:
+        return None  # any machine has one device (the CPU); and no torch import at start-up
+    import torch
+
+    if torch.cuda.is_available() and settings.devices > torch.cuda.device_count():
+        return (
+            f"trainer.devices is {settings.devices} but this machine has "
+            f"{torch.cuda.device_count()} GPU(s); set trainer.devices to at most "
+            f"{torch.cuda.device_count()}"
+        )
+    return None
 
 
 def _strategy(settings: Any) -> Any:

@@ -12,6 +12,9 @@ rule augment:
         log_file("augment"),
     conda:
         "../envs/pipeline.yaml"
+    threads: threads_for("augment")
+    resources:
+        **job_resources("augment"),
     params:
         values=stage_params("augment"),
     shell:

@@ -46,6 +46,21 @@ def command(rule_name):
     return dag.snakemake_shell(rule_name, DATASET)
 
 
+def threads_for(stage):
+    """A job's threads: params.yaml resources.<stage>.cpus (locally and on a cluster)."""
+    return config["resources"][stage]["cpus"]
+
+
+def job_resources(stage):
+    """What a job asks a scheduler for, from params.yaml resources.<stage>: memory (MB), a
+    wall-clock limit (minutes) and, for training jobs that want them, GPUs."""
+    wanted = config["resources"][stage]
+    resources = {"mem_mb": wanted["mem_mb"], "runtime": wanted["runtime"]}
+    if wanted.get("gpus"):
+        resources["gpu"] = wanted["gpus"]
+    return resources
+
+
 def stage_params(stage, method=None):
     """The values of the params.yaml keys a stage declares (its PARAMS): a change re-runs it."""
     import importlib
@@ -80,3 +95,19 @@ def finetune_cells():
 
     cells = from_dict(config).finetune.cells()
     return [f"{init}-{mode}-{fraction_name(f)}" for init, mode, f in cells]
+
+
+# A request the machines cannot meet is one line before any job starts: on a SLURM cluster, a
+# job no node can hold (pipeline/cluster.py); anywhere, more GPUs or nodes than a job can have.
+onstart:
+    from pipeline.config import from_dict
+    from pipeline.training import device_problem
+
+    problem = device_problem(from_dict(config).trainer)
+    plugin = workflow.executor_plugin
+    if problem is None and plugin is not None and plugin.name == "slurm":
+        from pipeline.cluster import nodes, problem_with
+
+        problem = problem_with(config, nodes())
+    if problem:
+        sys.exit(f"error: {problem}")

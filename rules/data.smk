@@ -12,6 +12,9 @@ rule download:
         log_file("download"),
     conda:
         "../envs/pipeline.yaml"
+    threads: threads_for("download")
+    resources:
+        **job_resources("download"),
     params:
         values=stage_params("download"),
     shell:
@@ -28,6 +31,9 @@ rule split:
         log_file("split"),
     conda:
         "../envs/pipeline.yaml"
+    threads: threads_for("split")
+    resources:
+        **job_resources("split"),
     params:
         values=stage_params("split"),
     shell:

@@ -12,8 +12,9 @@ rule evaluate:
         log_file("evaluate"),
     conda:
         "../envs/pipeline.yaml"
-    # The last jobs run alone: every core.
-    threads: workflow.cores
+    threads: threads_for("evaluate")
+    resources:
+        **job_resources("evaluate"),
     params:
         values=stage_params("evaluate"),
     shell:

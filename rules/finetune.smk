@@ -18,11 +18,12 @@ rule finetune:
         init=TRAINED_INITS,
     conda:
         "../envs/pipeline.yaml"
-    # One thread per job, jobs side by side: on 2 cores two 1-thread jobs did 15-25 % more work
-    # than one 2-thread job at a time (BENCHMARKS.md, "CPU speed"), and a job's start-up (about
-    # 7 s of imports, single-threaded) no longer leaves a core idle. Snakemake exports
-    # OMP_NUM_THREADS=threads, which torch follows.
-    threads: 1
+    # Threads and scheduler requests from params.yaml resources (one thread per training job
+    # by default: on 2 cores two 1-thread jobs did 15-25 % more work than one 2-thread job,
+    # BENCHMARKS.md, "CPU speed"). Snakemake exports OMP_NUM_THREADS=threads; torch follows it.
+    threads: threads_for("finetune")
+    resources:
+        **job_resources("finetune"),
     params:
         values=stage_params("finetune"),
     shell:

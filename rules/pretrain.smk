@@ -12,8 +12,9 @@ rule pretrain:
         log_file("pretrain"),
     conda:
         "../envs/pipeline.yaml"
-    # One thread per job, jobs side by side (see rules/finetune.smk).
-    threads: 1
+    threads: threads_for("pretrain")
+    resources:
+        **job_resources("pretrain"),
     params:
         values=lambda wildcards: stage_params("pretrain", wildcards.method),
     shell:

@@ -12,7 +12,9 @@ rule visualize:
         log_file("visualize"),
     conda:
         "../envs/pipeline.yaml"
-    threads: workflow.cores
+    threads: threads_for("visualize")
+    resources:
+        **job_resources("visualize"),
     params:
         values=stage_params("visualize"),
     shell:

@@ -22,6 +22,7 @@ import pytest
 from pipeline.config import ConfigError, from_dict
 from pipeline.models.encoders import load_encoder
 from pipeline.stages import augment, download, split
+from pipeline.training import device_problem
 from tests.conftest import params_for, run, run_env, sync_matrix, write_params
 
 BATCH = 64  # the global batch: 32 images on each of the 2 processes
@@ -118,3 +119,25 @@ def test_a_batch_the_processes_cannot_share_equally_is_refused(tiny_idx: Path):
     params["trainer"]["devices"] = 3
     with pytest.raises(ConfigError, match=r"pretrain.batch_size is 64, which 3 processes"):
         from_dict(params)
+
+
+def test_more_machines_or_gpus_than_a_job_can_have_are_refused_before_it_starts(
+    tiny_idx: Path, workdir: Path
+):
+    settings = from_dict(ddp_params(tiny_idx) | {"trainer": {"devices": 2, "num_nodes": 2}}).trainer
+    # Nothing starts processes on a second machine here: DDP would wait for them for 30 minutes.
+    assert "trainer.num_nodes is 2, but nothing starts" in device_problem(settings, environ={})
+    # Under srun or torchrun with one process per device on every node, the job may go on.
+    assert device_problem(settings, environ={"SLURM_NTASKS": "4"}) is None
+    assert device_problem(settings, environ={"WORLD_SIZE": "4"}) is None
+
+    # Through a stage command: one line, before any data is read or anything written.
+    params = ddp_params(tiny_idx)
+    params["trainer"]["num_nodes"] = 2
+    write_params(workdir, params)
+    result = run([sys.executable, "-m", "pipeline", "pretrain", "--method", "simclr"], workdir,
+                 check=False)  # fmt: skip
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: params.yaml: trainer.num_nodes is 2"), result.stderr
+    assert not (workdir / "models").exists()

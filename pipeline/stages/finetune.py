@@ -78,6 +78,7 @@ def add_arguments(parser: Any) -> None:
 def run(config: Config, dataset: str | None = None, init: str = "scratch", mode: str = "linear",
         fraction: str = "1") -> dict:  # fmt: skip
     """Train (or fit, for kNN) the classifiers of one cell, one per seed."""
+    training.require_devices(config)
     dataset = dataset or config.data.dataset
     cell = paths.Cell(init, mode, _check_cell(config, init, mode, fraction))
     document = PolicyDocument.read(dataset)

@@ -60,6 +60,7 @@ def add_arguments(parser: Any) -> None:
 def run(config: Config, dataset: str | None = None, method: str = "simclr",
         callbacks: tuple = ()) -> dict:  # fmt: skip
     """Pretrain one method; ``callbacks`` are extra Lightning callbacks (tests use them)."""
+    training.require_devices(config)
     dataset = dataset or config.data.dataset
     if method not in config.pretrain.methods:
         raise MissingInputError(
