@@ -5,12 +5,16 @@ These tests run both tools for real on a copy of the project configured for tiny
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import re
 import shutil
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import REPO, run, run_env
@@ -101,6 +105,29 @@ def nothing_to_do(project: Path) -> bool:
 def snakemake_would_run(project: Path) -> set[str]:
     out = run(["snakemake", "-n"], project).stdout
     return set(re.findall(r"^(?:local)?rule (\w+):", out, re.M)) - {"all"}
+
+
+@contextlib.contextmanager
+def s3_server() -> Iterator[tuple[str, dict[str, str]]]:
+    """An S3-compatible server on 127.0.0.1 (moto) with an empty bucket ``study``; yields its URL
+    and the environment (test credentials) a client needs."""
+    boto3 = pytest.importorskip("boto3")
+    moto_server = pytest.importorskip("moto.server")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        credentials = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                       "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+        boto3.client("s3", endpoint_url=endpoint, **{
+            "aws_access_key_id": "test", "aws_secret_access_key": "test",
+            "region_name": "us-east-1"}).create_bucket(Bucket="study")  # fmt: skip
+        yield endpoint, run_env() | credentials
+    finally:
+        server.stop()
 
 
 def reflinks_work(folder: Path) -> bool:
@@ -226,6 +253,19 @@ def test_dvc_repro_and_exp_run_then_snakemake_agrees_and_a_change_reruns_only_it
     summary = "metrics/summary.json"
     assert (clone / summary).read_bytes() == (project / summary).read_bytes()
     assert dvc_changed(clone) == set() and nothing_to_do(clone)
+
+    # The same through an S3 remote: moto's S3 server on 127.0.0.1, DVC's own S3 client.
+    with s3_server() as (endpoint, env):
+        s3_clone = project.parent / "s3_clone"
+        for repo in (project, s3_clone):
+            if repo == s3_clone:
+                run(["git", "clone", "-q", str(project), str(repo)], project.parent)
+            run(["dvc", "remote", "add", "--local", "s3", "s3://study/cache"], repo)
+            run(["dvc", "remote", "modify", "--local", "s3", "endpointurl", endpoint], repo)
+        run(["dvc", "push", "-r", "s3"], project, env=env)
+        run(["dvc", "pull", "-r", "s3"], s3_clone, env=env)
+    assert (s3_clone / summary).read_bytes() == (project / summary).read_bytes()
+    assert dvc_changed(s3_clone) == set()
 
     # A changed value: DVC names exactly the stage that reads it.
     params_file = project / "params.yaml"
