@@ -57,6 +57,8 @@ class Out:
     dvc: str = "outs"
     cache: bool = True
     plot: tuple[tuple[str, str], ...] = ()
+    #: The category under which ``snakemake --report`` shows it; empty: not in the report.
+    report: str = ""
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,7 @@ STAGES: tuple[Stage, ...] = (
     ), log="logs/split/{dataset}.log"),  # fmt: skip
     Stage("augment", "augment", (_PREPARED, _SPLITS), (
         Out("policy", "data/augment/{dataset}/policy.json"),
-        Out("preview", "data/augment/{dataset}/preview.png"),
+        Out("preview", "data/augment/{dataset}/preview.png", report="Data"),
         Out("pool", "data/augment/{dataset}/pool", directory=True),
     ), log="logs/augment/{dataset}.log"),  # fmt: skip
     Stage("pretrain", "pretrain", (_PREPARED, _SPLITS, _POLICY), (
@@ -133,13 +135,13 @@ STAGES: tuple[Stage, ...] = (
         Dep("metrics", "metrics/finetune/{cell}.json", each="cells"),
     ), (
         Out("cells", "metrics/eval", directory=True),
-        Out("table", "metrics/summary.csv"),
+        Out("table", "metrics/summary.csv", report="Results"),
         Out("markdown", "metrics/summary.md"),
         Out("summary", "metrics/summary.json", dvc="metrics"),
         Out("curve", "metrics/label_efficiency.csv", dvc="plots", plot=(
             ("x", "fraction"), ("y", "accuracy"),
-            ("title", "Test accuracy by label fraction (all inits and modes)"))),
-        Out("figure", "reports/figures/label_efficiency.png", dvc="plots"),
+            ("title", "Test accuracy by label fraction (all inits and modes)")), report="Results"),
+        Out("figure", "reports/figures/label_efficiency.png", dvc="plots", report="Results"),
     ), log="logs/evaluate/{dataset}.log"),  # fmt: skip
     Stage("visualize", "visualize", (
         _PREPARED, _SPLITS, _POLICY,
@@ -154,7 +156,7 @@ STAGES: tuple[Stage, ...] = (
         Dep("summary", "metrics/summary.json"),
         Dep("figure", "reports/figures/label_efficiency.png"),
     ), (
-        Out("report", "reports/index.html"),
+        Out("report", "reports/index.html", report="Report"),
         Out("figures", "reports/figures/visualize", directory=True),
     ), log="logs/visualize/{dataset}.log"),  # fmt: skip
 )
@@ -250,12 +252,20 @@ def snakemake_inputs(name: str, dataset: str, methods: Iterable[str],
     return inputs
 
 
-def snakemake_outputs(name: str, dataset: str, directory: Callable[[str], Any]) -> dict[str, Any]:
-    """A rule's named outputs; folders wrapped in Snakemake's ``directory``."""
+def snakemake_outputs(name: str, dataset: str, directory: Callable[[str], Any],
+                      report: Callable[..., Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """A rule's named outputs; folders wrapped in Snakemake's ``directory``, and the outputs a
+    reader of ``snakemake --report`` wants (the study's page, figure and tables) in ``report``."""
     declared = stage(name)
-    return {out.name: directory(path) if out.directory else path
-            for out in declared.outs
-            for path in [_for_snakemake(declared, out.path, dataset)]}  # fmt: skip
+    named = {}
+    for out in declared.outs:
+        path = _for_snakemake(declared, out.path, dataset)
+        if out.directory:
+            path = directory(path)
+        elif out.report and report is not None:
+            path = report(path, category=out.report)
+        named[out.name] = path
+    return named
 
 
 def snakemake_log(name: str, dataset: str) -> str:

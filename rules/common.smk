@@ -35,7 +35,7 @@ def inputs(rule_name):
 
 
 def outputs(rule_name):
-    return dag.snakemake_outputs(rule_name, DATASET, directory)
+    return dag.snakemake_outputs(rule_name, DATASET, directory, report)
 
 
 def log_file(rule_name):

@@ -11,6 +11,7 @@ import importlib
 import re
 import shutil
 import socket
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -200,6 +201,15 @@ def test_snakemake_runs_the_pipeline_and_dvc_then_sees_it_up_to_date(
         assert declared_by_rule[rule] == code, stage  # every job of a rule declares the same
         assert "schemas/params.schema.yaml" in job["deps"]  # read by pipeline/config.py
     assert imported_by_rule == declared_by_rule
+
+    # Snakemake's own report holds the study's page, its figure and its tables.
+    run(["snakemake", "--report", "report.zip"], project)
+    with zipfile.ZipFile(project / "report.zip") as archive:
+        names = "\n".join(archive.namelist())
+    for wanted in ("reports/index.html", "label_efficiency.png", "summary.csv",
+                   "label_efficiency.csv", "preview.png"):  # fmt: skip
+        assert wanted in names, names
+    (project / "report.zip").unlink()
 
     run(["dvc", "commit", "--force", "--quiet"], project)  # what `make run` does after snakemake
     assert dvc_changed(project) == set()
