@@ -130,3 +130,28 @@ def test_debians_fashion_mnist_matches_the_known_decoded_checksums():
     for remote in SPECS["fashion_mnist"].files:
         sums = checksums(FASHION_MNIST_DEBIAN / remote.name)
         assert sums.verified_by(remote) == "decoded_md5"
+
+
+def test_a_large_transfer_logs_its_progress_and_a_small_one_stays_quiet(caplog):
+    import io
+    import itertools
+
+    from pipeline.data import sources
+
+    ticks = itertools.count(step=2.0)  # every read takes 2 s of a fake clock
+    payload = bytes(9 << 20)  # 9 MiB, read in 1 MiB chunks
+    with caplog.at_level("INFO", logger="pipeline.data.sources"):
+        received = sources._stream(io.BytesIO(payload), io.BytesIO(), "http://m/train.gz",
+                                   len(payload), clock=lambda: next(ticks))  # fmt: skip
+    assert received == len(payload)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) >= 3, lines  # every 5 s of the transfer, then once at the end
+    assert lines[0].startswith("train.gz: ") and "of 9.4 MB" in lines[0] and "s left" in lines[0]
+    assert lines[-1].startswith("train.gz: 9.4 of 9.4 MB (100 %)")
+
+    caplog.clear()
+    small = bytes(100_000)
+    with caplog.at_level("INFO", logger="pipeline.data.sources"):
+        sources._stream(io.BytesIO(small), io.BytesIO(), "http://m/labels.gz", len(small),
+                        clock=lambda: next(ticks))  # fmt: skip
+    assert caplog.records == []
