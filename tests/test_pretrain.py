@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import lightning as L
@@ -109,9 +110,17 @@ def test_pca_recovers_the_top_principal_direction():
     assert encoder(data).shape == (2000, 2)
 
 
-def test_the_stage_writes_a_loadable_encoder_curves_and_metrics(prepared_tiny: Path):
+def test_the_stage_writes_a_loadable_encoder_curves_and_metrics(prepared_tiny: Path, caplog):
     config = from_dict(tiny_params(prepared_tiny))
-    metrics = pretrain.run(config, method="simclr")
+    with caplog.at_level("INFO", logger="pipeline.training"):
+        metrics = pretrain.run(config, method="simclr")
+    # One progress line per epoch: monitors, throughput and the time left.
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("pretrain ")]
+    assert len(lines) == FAST["epochs"], lines
+    assert re.match(rf"pretrain simclr: epoch 1/{FAST['epochs']}  train_loss [\d.]+  "
+                    r"val_knn_acc [\d.]+  val_probe_acc [\d.]+  [\d,]+ img/s  \d+ s left$",
+                    lines[0]), lines[0]  # fmt: skip
+    assert lines[-1].endswith("  0 s left")
     folder = Path("models/pretrain/simclr")
     state = torch.load(folder / "encoder.pt", weights_only=True)
     description = json.loads((folder / "encoder.json").read_text())

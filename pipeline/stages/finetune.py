@@ -190,7 +190,7 @@ def _train_cell(config: Config, dataset: str, cell: paths.Cell, document: Policy
             if mode == "finetune" and seed != ft.seeds[0]:
                 encoder, _ = _encoder(init)  # every seed starts from the init's own weights
             fit = _Fit(config, data, encoder, encoder_description, init, mode, document, seed,
-                       tracked, ckpt_dir, cell_budget, features)  # fmt: skip
+                       tracked, ckpt_dir, cell_budget, features, cell.name)  # fmt: skip
             state, result = _fit_seed(fit)
         states[seed], per_seed[str(seed)] = state, result
         tracked.log_metrics({f"val_acc_seed{seed}": result["val_acc"]})
@@ -245,6 +245,7 @@ class _Fit:
     ckpt_dir: Path
     budget: Any
     features: dict | None
+    cell: str
 
 
 def _fit_seed(fit: _Fit) -> tuple[dict, dict]:
@@ -315,6 +316,7 @@ def _fit_linear(fit: _Fit, ckpt_dir: Path) -> tuple[dict, dict]:
             [EarlyStopping("val_acc", patience=ft.patience, mode="max"),
              ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=1)],
             prefix=f"seed{fit.seed}", default_root_dir=ckpt_dir,
+            label=f"finetune {fit.cell} seed {fit.seed}",
         )  # fmt: skip
         resume = str(last) if saved is not None else None
         trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)

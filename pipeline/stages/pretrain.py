@@ -148,7 +148,7 @@ def _train(config: Config, dataset: str, method: str, document: PolicyDocument, 
         config, tracked, pre.epochs, steps,
         [ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=1, every_n_epochs=1),
          *callbacks],
-        default_root_dir=ckpt_dir,
+        default_root_dir=ckpt_dir, label=f"pretrain {method}",
     )  # fmt: skip
     trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
     if len(module.history) != pre.epochs:
