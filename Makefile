@@ -51,20 +51,20 @@ profile: setup
 
 # `dvc commit` records what Snakemake made in dvc.lock, so `dvc repro`/`dvc status` agree afterwards.
 run: setup profile
-	PIPELINE_EXECUTION=$${PIPELINE_EXECUTION:-$$(date -u +%Y%m%dT%H%M%SZ)} snakemake --cores all
+	snakemake --cores all
 	dvc commit --force --quiet
 
 # The same pipeline on a SLURM cluster (README, "Past one machine"): every job through sbatch with
 # what params.yaml's resources section asks for. SLURM_ARGS adds Snakemake options, for example
 # SLURM_ARGS="--slurm-status-command squeue" where the cluster keeps no accounting.
 cluster: setup profile
-	PIPELINE_EXECUTION=$${PIPELINE_EXECUTION:-$$(date -u +%Y%m%dT%H%M%SZ)} snakemake --profile profiles/slurm $(SLURM_ARGS)
+	snakemake --profile profiles/slurm $(SLURM_ARGS)
 	dvc commit --force --quiet
 
 # `snakemake --touch` records what DVC made in Snakemake's metadata, so `snakemake -n` agrees.
 repro: setup profile
-	PIPELINE_EXECUTION=$${PIPELINE_EXECUTION:-$$(date -u +%Y%m%dT%H%M%SZ)} dvc repro
-	snakemake --touch --cores 1 --quiet
+	python -m pipeline execution dvc repro
+	snakemake --touch --no-hooks --cores 1 --quiet
 
 # Results shared through a DVC remote (README, "Sharing results"): `make push` uploads the
 # outputs dvc.lock records, `make pull` downloads them and records them for Snakemake too.
@@ -79,7 +79,7 @@ pull:
 	@dvc remote default >/dev/null 2>&1 || { echo "$(NO_REMOTE)" >&2; exit 1; }
 	@test -f dvc.lock || { echo "error: no dvc.lock here: git pull the commit that shared the run" >&2; exit 1; }
 	dvc pull
-	snakemake --touch --cores 1 --quiet
+	snakemake --touch --no-hooks --cores 1 --quiet
 
 lint: setup
 	ruff check .

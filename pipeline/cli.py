@@ -40,7 +40,7 @@ def stage_names() -> list[str]:
 PIPELINE_ORDER = ("download", "split", "augment", "pretrain", "finetune", "evaluate", "visualize")
 
 #: Commands that are not stages: modules pipeline.<name> with add_arguments(parser) and main(args).
-TOOLS = ("predict", "compare", "profile", "cluster")
+TOOLS = ("predict", "compare", "profile", "cluster", "execution")
 
 
 def build_parser(selected: str | None = None) -> argparse.ArgumentParser:

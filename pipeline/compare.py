@@ -71,8 +71,15 @@ def _tag_equals(client: Any, experiment_id: str, tag: str, value: str) -> list[A
     wrong match).
     """
     if re.search(r"['\"\\]", value):
-        return [r for r in _search(client, experiment_id) if r.data.tags.get(tag) == value]
-    return _search(client, experiment_id, f"tags.`{tag}` = '{value}'")
+        found = [r for r in _search(client, experiment_id) if r.data.tags.get(tag) == value]
+    else:
+        found = _search(client, experiment_id, f"tags.`{tag}` = '{value}'")
+    return [r for r in found if not _is_parent(r)]
+
+
+def _is_parent(run: Any) -> bool:
+    """An execution's parent run (tracking.start_execution): it groups stage runs, it is none."""
+    return run.data.tags.get("role") == "execution"
 
 
 def latest_execution(client: Any, experiment_id: str) -> str | None:
@@ -82,11 +89,12 @@ def latest_execution(client: Any, experiment_id: str) -> str | None:
     this pipeline's stages).
     """
     page = client.search_runs(
-        [experiment_id], max_results=1, order_by=["attributes.start_time DESC"]
+        [experiment_id], max_results=20, order_by=["attributes.start_time DESC"]
     )
-    if not page:
+    stages = [r for r in page if not _is_parent(r)]
+    if not stages:
         return None
-    tags = page[0].data.tags
+    tags = stages[0].data.tags
     return tags.get("execution") or tags.get("pipeline_id")
 
 

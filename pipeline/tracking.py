@@ -4,8 +4,9 @@ The store is ``sqlite:///<repo>/mlflow.db`` (MLflow 3 refuses the old ./mlruns f
 artifacts under ``<repo>/mlartifacts``; ``MLFLOW_TRACKING_URI`` overrides it, for example to point
 at an ``mlflow server`` or at another SQLite file (whose artifacts then go beside that file).
 Every run carries the tags ``stage``, ``dataset``, ``dataset_checksum``, ``pipeline_id`` (git
-commit + hash of params.yaml), ``git_commit``, ``git_dirty`` and, when the Makefile or a user sets
-``PIPELINE_EXECUTION``, ``execution`` (one id per pipeline invocation).
+commit + hash of params.yaml), ``git_commit``, ``git_dirty``, MLflow's ``mlflow.source.*`` and,
+under a pipeline invocation, ``execution`` (one id per invocation). The invocation has a parent
+run (tag ``role: execution``) that every stage run of it is nested under (:func:`start_execution`).
 
 Stages run side by side (``snakemake --cores N``) and whole pipelines run at once against one
 SQLite store, so every client goes through :func:`prepare_store` (schema creation one process at a
@@ -333,24 +334,105 @@ def resource_metrics(started: float) -> dict[str, float]:
             "peak_rss_mb": peak}  # fmt: skip
 
 
-@contextlib.contextmanager
-def stage_run(
-    stage: str, config: Config, dataset: str, param_keys: Iterable[str]
-) -> Iterator[TrackedRun]:
-    """Open the MLflow run of one stage execution; it ends FINISHED, or FAILED on an exception."""
-    mlflow_client = client()
-    experiment_id = ensure_experiment(mlflow_client, config.tracking.experiment)
+#: One id per pipeline invocation (``make run`` sets it; else the Snakefile does), a tag of
+#: every run of that invocation.
+EXECUTION_ENV = "PIPELINE_EXECUTION"
+#: The id of the invocation's parent run, which every stage run is nested under.
+PARENT_ENV = "PIPELINE_PARENT_RUN"
+#: Seconds between samples of MLflow's system metrics (CPU, memory, disk, network; GPU where
+#: pynvml finds one); MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it.
+SYSTEM_METRICS_INTERVAL_S = 10.0
+
+
+def _common_tags(config: Config, entry_point: str) -> dict[str, str]:
+    """Tags of every run: the pipeline's own, and MLflow's standard source tags (the UI shows
+    the commit and the entry point from them)."""
     commit, dirty = git_state()
     tags = {
-        "stage": stage,
-        "dataset": dataset,
         "pipeline_id": pipeline_id(config, commit),
         "git_commit": commit,
         "git_dirty": str(dirty).lower(),
         "params_hash": config.params_hash,
+        "mlflow.source.name": entry_point,
+        "mlflow.source.type": "LOCAL",
     }
-    if os.environ.get("PIPELINE_EXECUTION"):
-        tags["execution"] = os.environ["PIPELINE_EXECUTION"]
+    if commit != "nogit":
+        tags["mlflow.source.git.commit"] = commit
+    if os.environ.get(EXECUTION_ENV):
+        tags["execution"] = os.environ[EXECUTION_ENV]
+    return tags
+
+
+def new_execution_id() -> str:
+    """``20261202T151500Z-3f9a1c``: sortable by time, unique across machines starting at once."""
+    import secrets
+
+    return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(3)}"
+
+
+_started_parent: str | None = None
+
+
+def start_execution(config: Config, runner: str) -> str:
+    """Open the parent run of one pipeline invocation and export its id (and the execution id)
+    to the environment the jobs inherit; every stage run is nested under it.
+
+    Called once, by the process that schedules the jobs (the Snakefile's ``onstart``, or
+    ``python -m pipeline execution start`` before ``dvc repro``), so parallel jobs and
+    pipelines sharing a store never race to create it. An already exported parent is reused.
+    """
+    global _started_parent
+    if os.environ.get(PARENT_ENV):
+        return os.environ[PARENT_ENV]
+    os.environ.setdefault(EXECUTION_ENV, new_execution_id())
+    mlflow_client = client()
+    experiment_id = ensure_experiment(mlflow_client, config.tracking.experiment)
+    tags = {**_common_tags(config, runner), "role": "execution", "runner": runner}
+    name = f"execution-{os.environ[EXECUTION_ENV]}"
+    run = with_retry(lambda: mlflow_client.create_run(experiment_id, tags=tags, run_name=name),
+                     "creating the execution's run")  # fmt: skip
+    _started_parent = os.environ[PARENT_ENV] = run.info.run_id
+    log.info("MLflow execution %s: parent run %s in %s", os.environ[EXECUTION_ENV],
+             run.info.run_id, tracking_uri())  # fmt: skip
+    return run.info.run_id
+
+
+def end_execution(status: str, run_id: str | None = None) -> None:
+    """End the parent run this process started (or ``run_id``) FINISHED or FAILED."""
+    run_id = run_id or _started_parent
+    if run_id:
+        TrackedRun(client(), run_id).terminate(status)
+
+
+def _system_metrics(run_id: str) -> Any:
+    """MLflow's system-metrics sampler on the run, started; None where it cannot run (psutil
+    missing). It samples every SYSTEM_METRICS_INTERVAL_S, and once more when the stage ends
+    (:func:`_stop`)."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S,
+                                       tracking_uri=tracking_uri())  # fmt: skip
+    except Exception as err:  # noqa: BLE001 - a missing sampler must not stop the stage
+        log.warning("no system metrics for run %s: %s", run_id, err)
+        return None
+    monitor.start()
+    return monitor
+
+
+@contextlib.contextmanager
+def stage_run(
+    stage: str, config: Config, dataset: str, param_keys: Iterable[str]
+) -> Iterator[TrackedRun]:
+    """Open the MLflow run of one stage execution; it ends FINISHED, or FAILED on an exception.
+
+    It is nested under the pipeline invocation's parent run when there is one (PARENT_ENV)."""
+    mlflow_client = client()
+    experiment_id = ensure_experiment(mlflow_client, config.tracking.experiment)
+    tags = {"stage": stage, "dataset": dataset,
+            **_common_tags(config, f"python -m pipeline {stage}")}  # fmt: skip
+    if os.environ.get(PARENT_ENV):
+        tags["mlflow.parentRunId"] = os.environ[PARENT_ENV]
     run = with_retry(
         lambda: mlflow_client.create_run(experiment_id, tags=tags, run_name=f"{stage}-{dataset}"),
         "creating the run",
@@ -362,13 +444,30 @@ def stage_run(
     tracked.log_params(params)
     log.info("MLflow run %s (%s) in %s", run.info.run_id, stage, tracking_uri())
     started = time.perf_counter()
+    monitor = _system_metrics(run.info.run_id)
     try:
         yield tracked
     except BaseException:
+        _stop(monitor)
         _mark_failed(tracked)
         raise
+    _stop(monitor)
     tracked.log_metrics(resource_metrics(started))
     tracked.terminate("FINISHED")
+
+
+def _stop(monitor: Any) -> None:
+    """Stop the sampler, then record one last sample: MLflow's sampler publishes only after a
+    full interval, so a stage shorter than that would otherwise have no system metrics."""
+    if monitor is None:
+        return
+    monitor.finish()
+    try:
+        monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()
+    except Exception as err:  # noqa: BLE001 - metrics about the run must not fail the run
+        log.warning("could not record the last system metrics: %s", err)
 
 
 def _mark_failed(tracked: TrackedRun) -> None:

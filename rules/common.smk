@@ -1,6 +1,7 @@
 # Shared helpers: params validation, the params each stage reads, the code each stage runs.
 from pipeline import dag, methods
 from pipeline.config import ConfigError, check
+import os
 import sys
 
 try:
@@ -97,13 +98,17 @@ def finetune_cells():
     return [f"{init}-{mode}-{fraction_name(f)}" for init, mode, f in cells]
 
 
-# A request the machines cannot meet is one line before any job starts: on a SLURM cluster, a
-# job no node can hold (pipeline/cluster.py); anywhere, more GPUs or nodes than a job can have.
+# Before any job starts: a request the machines cannot meet is one line (on a SLURM cluster, a
+# job no node can hold, pipeline/cluster.py; anywhere, more GPUs or nodes than a job can have).
+# Then the execution's parent MLflow run opens; the jobs inherit its id and nest their runs
+# under it, and it ends with the workflow.
 onstart:
+    from pipeline import tracking
     from pipeline.config import from_dict
     from pipeline.training import device_problem
 
-    problem = device_problem(from_dict(config).trainer)
+    settings = from_dict(config)
+    problem = device_problem(settings.trainer)
     plugin = workflow.executor_plugin
     if problem is None and plugin is not None and plugin.name == "slurm":
         from pipeline.cluster import nodes, problem_with
@@ -111,3 +116,18 @@ onstart:
         problem = problem_with(config, nodes())
     if problem:
         sys.exit(f"error: {problem}")
+    parent = tracking.start_execution(settings, runner="snakemake")
+    execution = os.environ[tracking.EXECUTION_ENV]
+    print(f"MLflow: execution {execution}, parent run {parent}", file=sys.stderr)
+
+
+onsuccess:
+    from pipeline import tracking
+
+    tracking.end_execution("FINISHED")
+
+
+onerror:
+    from pipeline import tracking
+
+    tracking.end_execution("FAILED")
