@@ -63,8 +63,6 @@ def predict(
     module, description = classifier.load(Path(model_folder), seed)
     classes: list[str] = list(description["classes"])
     size, channels = int(description["image_size"]), int(description["in_channels"])
-    mean = torch.tensor(description["mean"], dtype=torch.float32).view(1, -1, 1, 1)
-    std = torch.tensor(description["std"], dtype=torch.float32).view(1, -1, 1, 1)
     k = min(top_k, len(classes))
 
     paths = [Path(p) for p in images]
@@ -73,10 +71,7 @@ def predict(
     with torch.inference_mode():
         for start in range(0, len(paths), BATCH_SIZE):
             batch = np.stack(pixels[start : start + BATCH_SIZE])  # N x H x W x C uint8
-            x = torch.from_numpy(batch).permute(0, 3, 1, 2).to(torch.float32)
-            # Same operations in the same order as BatchAugment.apply, so float32 results agree.
-            x = x.div_(255.0).sub_(mean).div_(std).contiguous()
-            probabilities = module(x).float()
+            probabilities = probabilities_of(module, description, batch)
             values, indices = probabilities.topk(k, dim=1)  # sorted, largest first
             for offset, (row_p, row_i) in enumerate(zip(values, indices, strict=True)):
                 results.append({
@@ -85,6 +80,21 @@ def predict(
                             for p, i in zip(row_p, row_i, strict=True)],
                 })  # fmt: skip
     return results
+
+
+def probabilities_of(module: Any, description: dict[str, Any], pixels: Any) -> Any:
+    """Class probabilities (N x K float tensor) of N x H x W x C uint8 pixels: the training
+    normalization, ``(x / 255 - mean) / std`` with the classifier's own statistics, then the
+    classifier. ``predict`` and the MLflow model (pipeline/serving.py) both go through here."""
+    import torch
+
+    mean = torch.tensor(description["mean"], dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(description["std"], dtype=torch.float32).view(1, -1, 1, 1)
+    x = torch.as_tensor(pixels).permute(0, 3, 1, 2).to(torch.float32)
+    # Same operations in the same order as BatchAugment.apply, so float32 results agree.
+    x = x.div_(255.0).sub_(mean).div_(std).contiguous()
+    with torch.inference_mode():
+        return module(x).float()
 
 
 def format_predictions(results: list[dict[str, Any]]) -> str:

@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import socket
+import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+import requests
 import torch
 
 from pipeline.config import from_dict
 from pipeline.documents import PolicyDocument
 from pipeline.errors import MissingInputError
 from pipeline.models import classifier
+from pipeline.predict import probabilities_of
 from pipeline.stages import augment, download, finetune, pretrain, split
-from tests.conftest import params_for, sync_matrix
+from tests.conftest import params_for, run_env, sync_matrix
 
 
 def tiny_params(tiny_idx: Path, **finetune_overrides) -> dict:
@@ -132,7 +142,7 @@ def test_evaluate_scores_every_cell_on_the_test_split_and_summarizes(pretrained_
     summary = json.loads(Path("metrics/summary.json").read_text())["test_accuracy"]
     assert set(summary) == {"scratch-linear", "scratch-knn", "rotation-linear", "rotation-knn"}
     for cells in summary.values():
-        assert set(cells) == {"0.25", "1.0"}
+        assert set(cells) == {"0_25", "1_0"}  # no dots: flattened names stay unambiguous
         for cell in cells.values():
             assert cell["ci_low"] <= cell["mean"] <= cell["ci_high"] and cell["n_seeds"] == 2
     per_cell = json.loads(Path("metrics/eval/rotation-knn-1.0.json").read_text())["seeds"]
@@ -152,12 +162,61 @@ def test_evaluate_scores_every_cell_on_the_test_split_and_summarizes(pretrained_
     assert run.data.tags["best.1.0"].split(" ")[0] in {c for c in summary}
     logged = {m.name: m for m in client.search_logged_models([experiment.experiment_id])}
     assert set(logged) >= {"best-0_25", "best-1_0"}
-    # The logged model is the pipeline's own folder of plain state_dicts, loadable weights-only.
+    # The logged model is code (pipeline/serving.py) and the pipeline's own folder of plain
+    # state_dicts: nothing pickled.
     folder = mlflow.artifacts.download_artifacts(logged["best-1_0"].artifact_location,
                                                  dst_path=str(tmp_path / "best"))  # fmt: skip
-    model, description = classifier.load(Path(folder))
+    assert not [p for p in Path(folder).rglob("*") if p.suffix in (".pkl", ".pickle")]
+    (weights,) = Path(folder).rglob("model.json")
+    model, description = classifier.load(weights.parent)
     assert f"{description['init']}-{description['mode']}" == logged["best-1_0"].tags["cell"]
-    assert not list(Path(folder).rglob("*.pkl")) and model(torch.zeros(2, 1, 8, 8)).shape == (2, 4)
+
+    # The best classifier of each label fraction is in the Model Registry under a stable name,
+    # its newest version under the alias "current".
+    for fraction in ("0_25", "1_0"):
+        version = client.get_model_version_by_alias(f"idx-best-{fraction}", "current")
+        assert version.tags["cell"] == logged[f"best-{fraction}"].tags["cell"]
+
+    # mlflow models serve answers a prediction on 127.0.0.1, as `pipeline predict` computes it.
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 1), dtype=np.uint8)
+    expected = probabilities_of(model, description, pixels).numpy()
+    with mlflow_serve("models:/idx-best-1_0@current", tracking_uri()) as url:
+        answer = requests.post(f"{url}/invocations", json={"inputs": pixels.tolist()}, timeout=60)
+    assert answer.status_code == 200, answer.text
+    predictions = answer.json()["predictions"]
+    assert [p["class"] for p in predictions] == [description["classes"][i]
+                                                 for i in expected.argmax(axis=1)]  # fmt: skip
+    for row, probabilities in zip(predictions, expected, strict=True):
+        served = [row[f"p_{c}"] for c in description["classes"]]
+        assert served == pytest.approx(probabilities.tolist(), abs=1e-6)
+
+
+@contextlib.contextmanager
+def mlflow_serve(model_uri: str, store: str) -> Iterator[str]:
+    """``mlflow models serve`` of ``model_uri`` on a free port of 127.0.0.1, in this
+    environment; yields its URL once it answers /ping, and stops it (its whole process group)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
+               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    server = subprocess.Popen(command, env=run_env() | {"MLFLOW_TRACKING_URI": store},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              start_new_session=True)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.stdout.read().decode()[-3000:]
+            with contextlib.suppress(requests.ConnectionError):
+                if requests.get(f"{url}/ping", timeout=5).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "mlflow models serve did not answer in 120 s"
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
 
 
 def test_the_multitask_term_trains_the_shared_encoder(pretrained_tiny: Path):

@@ -11,6 +11,7 @@ fraction, chosen by *validation* accuracy, is logged to MLflow as a model.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,7 @@ def run(config: Config, dataset: str | None = None) -> dict:
                              for s in summary})  # fmt: skip
         for path in (SUMMARY.with_suffix(".md"), SUMMARY.with_suffix(".json"), FIGURE):
             tracked.log_artifact(path)
-        _log_best_models(tracked, best)
+        _log_best_models(tracked, best, dataset)
     return {"summary": summary, "best_by_validation": {k: v[1:3] for k, v in best.items()}}
 
 
@@ -100,7 +101,7 @@ def _write_summary(config: Config, summary: list[dict]) -> None:
     nested: dict[str, dict[str, dict]] = {}
     for s in summary:
         cell = {k: s[k] for k in ("mean", "std", "ci_low", "ci_high", "n_seeds")}
-        nested.setdefault(f"{s['init']}-{s['mode']}", {})[s["fraction"]] = cell
+        nested.setdefault(f"{s['init']}-{s['mode']}", {})[paths.metric_key(s["fraction"])] = cell
     write_json(SUMMARY.with_suffix(".json"), {"test_accuracy": nested})
     write_text(SUMMARY.with_suffix(".csv"), evaluation.summary_csv(summary))
     write_text(SUMMARY.with_suffix(".md"), evaluation.summary_markdown(summary, fractions))
@@ -112,23 +113,73 @@ def _write_summary(config: Config, summary: list[dict]) -> None:
     evaluation.label_efficiency_figure(summary, FIGURE)
 
 
-def _log_best_models(tracked: Any, best: dict[str, tuple]) -> None:
-    """Per label fraction, the cell with the best validation accuracy, as an MLflow model.
+#: The alias of the version the newest evaluation registered ("latest" is MLflow's, reserved).
+ALIAS = "current"
 
-    The logged model holds the pipeline's own folder (``model.json`` + ``seed<k>.pt`` plain
-    state_dicts), not a pickled module: whoever downloads it loads it with
-    ``pipeline.models.classifier.load`` (``torch.load(weights_only=True)``), so an untrusted
-    store cannot run code on the reader's machine.
+
+def registered_name(dataset: str, fraction: str) -> str:
+    """The Model Registry name of the best classifier at one label fraction, stable across runs:
+    ``fashion_mnist-best-0_01`` (MLflow model names refuse dots)."""
+    return f"{dataset}-best-{fraction.replace('.', '_')}"
+
+
+def _log_best_models(tracked: Any, best: dict[str, tuple], dataset: str) -> None:
+    """Per label fraction, the cell with the best validation accuracy, as an MLflow pyfunc model
+    registered under :func:`registered_name` with the alias ``current``.
+
+    The model is logged as code (pipeline/serving.py) with the classifier's own folder
+    (``model.json`` + ``seed<k>.pt`` plain state_dicts) as its artifact: nothing is pickled, and
+    loading it, by ``mlflow models serve`` too, reads the weights with
+    ``torch.load(weights_only=True)``.
     """
+    import mlflow
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
 
-    experiment = tracked.client.get_run(tracked.run_id).info.experiment_id
-    for fraction, (validation, init, mode, value) in sorted(best.items()):
-        cell = f"{init}-{mode}"
-        model = tracked.client.create_logged_model(
-            experiment, name=f"best-{fraction.replace('.', '_')}",  # MLflow names refuse dots
-            source_run_id=tracked.run_id, model_type="pipeline-classifier",
-            tags={"cell": cell, "fraction": fraction, "format": "state_dict (weights_only)"},
-        )  # fmt: skip
-        tracked.client.log_model_artifacts(model.model_id, str(model_dir(init, mode, value)))
-        tracked.client.finalize_logged_model(model.model_id, "READY")
-        tracked.set_tags({f"best.{fraction}": f"{cell} (validation {validation:.4f})"})
+    from pipeline import serving, tracking
+
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    mlflow.set_registry_uri(tracking.tracking_uri())
+    # Every cell of one study has the same classes and image shape: the first one's say which.
+    first = json.loads((model_dir(*next(iter(best.values()))[1:]) / "model.json").read_text())
+    classes, size = first["classes"], first["image_size"]
+    signature = ModelSignature(  # N x H x W x C uint8 in, as `pipeline predict` reads images
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, size, size, first["in_channels"]))]),
+        outputs=Schema([ColSpec("string", "class"), ColSpec("double", "probability"),
+                        *(ColSpec("double", f"p_{c}") for c in classes)]),
+    )  # fmt: skip
+    requirements = _requirements()
+    with mlflow.start_run(run_id=tracked.run_id, log_system_metrics=False):
+        for fraction, (validation, init, mode, value) in sorted(best.items()):
+            cell = f"{init}-{mode}"
+            name = registered_name(dataset, fraction)
+            # Not retried as a whole: a second try could log the model twice. Each of its
+            # store calls waits out a lock (tracking.BUSY_TIMEOUT_S).
+            info = mlflow.pyfunc.log_model(
+                name=f"best-{fraction.replace('.', '_')}", python_model=serving.__file__,
+                artifacts={"classifier": str(model_dir(init, mode, value))},
+                signature=signature, pip_requirements=requirements,
+                registered_model_name=name, await_registration_for=0,
+                tags={"cell": cell, "fraction": fraction, "validation_accuracy": validation},
+            )  # fmt: skip
+            version = info.registered_model_version
+            tracked.client.set_registered_model_alias(name, ALIAS, version)
+            tracked.client.set_model_version_tag(name, version, "cell", cell)
+            tracked.set_tags({f"best.{fraction}": f"{cell} (validation {validation:.4f})",
+                              f"registered.{fraction}": f"{name} v{version}"})  # fmt: skip
+            log.info("best at %s labels: %s, registered as models:/%s@%s (version %s)",
+                     fraction, cell, name, ALIAS, version)  # fmt: skip
+    # mlflow.start_run's exit marked the stage's run FINISHED; tracking.stage_run ends it.
+
+
+def _requirements() -> list[str]:
+    """What serving the model needs: the pipeline's pinned runtime dependencies (the pipeline
+    package itself is installed from its repository: pip install -e <clone>). Given, not
+    inferred: MLflow's inference would load the model in a subprocess at every logging."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    try:
+        return [r for r in requires("pipeline") or [] if "extra ==" not in r]
+    except PackageNotFoundError:
+        return []
