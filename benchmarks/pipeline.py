@@ -192,7 +192,7 @@ def quality(work: Path) -> dict[str, Any]:
         if not cells:
             return None
         val, init, mode = max(cells)
-        test = summary[f"{init}-{mode}"][fraction]
+        test = summary[f"{init}-{mode}"][fraction.replace(".", "_")]  # paths.metric_key
         return {"cell": f"{init}-{mode}-{fraction}", "val": val, "test": test["mean"],
                 "ci": [test["ci_low"], test["ci_high"]]}  # fmt: skip
 

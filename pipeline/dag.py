@@ -91,7 +91,9 @@ _CELL = "{init}-{mode}-{fraction}"
 _CELL_ARGS = "--init {init} --mode {mode} --fraction {fraction}"
 _CELL_OUTS = (
     Out("model", f"models/finetune/{_CELL}", directory=True),
-    Out("metrics", f"metrics/finetune/{_CELL}.json"),
+    # Its scalars (validation accuracy, per seed and mean; best epoch; budget) are DVC metrics:
+    # `dvc exp show` lists them per cell beside the test accuracies of metrics/summary.json.
+    Out("metrics", f"metrics/finetune/{_CELL}.json", dvc="metrics"),
     Out("curve", f"metrics/finetune/{_CELL}.csv", dvc="plots", plot=(
         ("x", "epoch"), ("y", "val_acc"),
         ("title", f"{_CELL} fine-tuning, validation accuracy"))),

@@ -35,6 +35,12 @@ def pretrain_dir(method: str) -> Path:
     return Path("models") / "pretrain" / method
 
 
+def metric_key(fraction: float | str) -> str:
+    """A label fraction as a key of a metrics file: ``0_01``. Flattened metric names join keys
+    with dots (DVC's ``test_accuracy.scratch-linear.0_01.mean``), so a key must hold none."""
+    return fraction_name(fraction).replace(".", "_")
+
+
 def fraction_name(fraction: float | str) -> str:
     """The spelling of a label fraction in file names and wildcards: 0.01, 0.1, 1.0.
 

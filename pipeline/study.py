@@ -55,8 +55,8 @@ def answer(config: Config, summary: dict[str, dict[str, dict]]) -> list[dict[str
         row: dict[str, Any] = {"fraction": fraction}
         for side, chosen in (("ssl", ssl[fraction]), ("baseline", base[fraction])):
             _, init, mode, _ = chosen
-            row[side] = {"cell": f"{init}-{mode}",
-                         "test": summary[f"{init}-{mode}"][fraction]["mean"]}  # fmt: skip
+            scores = summary[f"{init}-{mode}"][paths.metric_key(fraction)]
+            row[side] = {"cell": f"{init}-{mode}", "test": scores["mean"]}
         row["gain"] = row["ssl"]["test"] - row["baseline"]["test"]
         rows.append(row)
     return rows

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
+import json
 import re
 import shutil
 import socket
@@ -205,10 +206,9 @@ def test_snakemake_runs_the_pipeline_and_dvc_then_sees_it_up_to_date(
     # Snakemake's own report holds the study's page, its figure and its tables.
     run(["snakemake", "--report", "report.zip"], project)
     with zipfile.ZipFile(project / "report.zip") as archive:
-        names = "\n".join(archive.namelist())
-    for wanted in ("reports/index.html", "label_efficiency.png", "summary.csv",
-                   "label_efficiency.csv", "preview.png"):  # fmt: skip
-        assert wanted in names, names
+        names = {Path(name).name for name in archive.namelist()}
+    assert {"report.html", "index.html", "label_efficiency.png", "summary.csv",
+            "label_efficiency.csv", "preview.png"} <= names, names  # fmt: skip
     (project / "report.zip").unlink()
 
     run(["dvc", "commit", "--force", "--quiet"], project)  # what `make run` does after snakemake
@@ -294,6 +294,19 @@ def test_dvc_repro_and_exp_run_then_snakemake_agrees_and_a_change_reruns_only_it
     assert ran == {"evaluate", "visualize"}, out
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]["evaluate"]
     assert lock["params"]["params.yaml"]["evaluate"]["bootstrap"] == 60
+    # dvc exp show lists each cell's validation accuracy and its test accuracy, one column each.
+    table = run(["dvc", "exp", "show", "--csv", "--no-pager"], project).stdout
+    header = table.splitlines()[0].split(",")
+    for cell in ("scratch-linear", "simclr-knn"):
+        assert any(h.endswith("val_acc_mean") and cell in h for h in header) or (
+            "val_acc_mean" in header), header
+        assert f"test_accuracy.{cell}.1_0.mean" in header, header
+    assert "evaluate.bootstrap" in header
+    # dvc metrics diff names what the change moved: the bootstrap intervals, not the means.
+    diff = json.loads(run(["dvc", "metrics", "diff", "HEAD", "--json"], project).stdout)
+    changed = {key for per_file in diff.values() for key in per_file}
+    assert any(k.endswith(".ci_low") or k.endswith(".ci_high") for k in changed), changed
+    assert not any(k.endswith(".mean") for k in changed), changed
     run(["snakemake", "--touch", "--cores", "1", "--quiet"], project)  # what `make repro` does
     assert nothing_to_do(project)
 

@@ -469,7 +469,7 @@ def _summary_table(summary: dict, fractions: list[str], capped: set = frozenset(
     for model, cells in sorted(summary.items()):
         row, values = [model], []
         for fraction in fractions:
-            cell = cells.get(fraction)
+            cell = cells.get(paths.metric_key(fraction))
             if cell is None:
                 row.append("–")
                 values.append(-math.inf)
