@@ -6,6 +6,9 @@ every daemon it started at the end. The cluster keeps no accounting, so the run 
 ``--slurm-status-command squeue``: without it the plugin asks ``sacct`` for job states, every
 query fails and Snakemake waits for ever (shared/notes/slurm.md). The tests are skipped, with
 the reason, only where the packages are missing and cannot be installed.
+
+The main test is also the pipeline's determinism check: a SLURM run and a local run of two fresh
+copies of the project, with the same seeds, must write the same bytes.
 """
 
 from __future__ import annotations
@@ -141,9 +144,10 @@ def tiny_project(root: Path, tiny_idx: Path) -> Path:
     params = params_for("idx", split={"label_fractions": [1.0]})
     params["data"]["local_path"] = str(tiny_idx)
     params["model"].update(backbone="lenet5", width=8)
-    params["pretrain"].update(methods=["scratch"], epochs=1, batch_size=64)
+    # A trained init beside scratch: the byte comparison then covers SimCLR's training too.
+    params["pretrain"].update(methods=["scratch", "simclr"], epochs=1, batch_size=64)
     params["pretrain"]["monitor"]["knn_max_train"] = 200
-    params["finetune"].update(inits=["scratch"], baselines=[], modes=["linear", "knn"],
+    params["finetune"].update(inits=["scratch", "simclr"], baselines=[], modes=["linear"],
                               seeds=[0], max_passes=1, min_steps=1, batch_size=64,
                               min_steps_per_epoch=1)  # fmt: skip
     params["evaluate"]["bootstrap"] = 50
@@ -188,12 +192,15 @@ def test_the_pipeline_through_slurm_matches_a_local_run(
     assert len(jobs) >= 6, result.stderr[-3000:]
     assert _submitted(cluster) - submitted_before == len(jobs)
 
-    # ... and made what a local run makes.
-    for folder in ("models/finetune", "models/pretrain", "metrics/finetune"):
+    # ... and made what a local run makes, byte for byte: this is also the check that two clean
+    # runs with the same seeds give the same bytes (split indices, curves, validation and test
+    # metrics with their intervals, encoder and classifier weights; docs/reliability.md).
+    for folder in ("data/splits", "models", "metrics"):
         compared = filecmp.dircmp(on_slurm / folder, local / folder)
         assert not compared.left_only and not compared.right_only, folder
         _assert_same_files(on_slurm / folder, local / folder)
-    assert (on_slurm / TARGET).read_text() == (local / TARGET).read_text()
+    assert (on_slurm / "models/finetune/simclr-linear-1.0/seed0.pt").is_file()
+    assert (on_slurm / "metrics/eval/simclr-linear-1.0.json").is_file()
 
     # The jobs logged to MLFLOW_TRACKING_URI, one run per job.
     with sqlite3.connect(store) as db:
@@ -201,13 +208,22 @@ def test_the_pipeline_through_slurm_matches_a_local_run(
     assert sorted(set(stages)) == ["augment", "download", "evaluate", "finetune", "pretrain",
                                    "split"]  # fmt: skip
     assert len(stages) == len(jobs)
+    # ... nested under the one parent run that the Snakemake process opened for the execution.
+    with sqlite3.connect(store) as db:
+        parents = db.execute("SELECT run_uuid FROM tags WHERE key = 'role' AND value = 'execution'"
+                             ).fetchall()  # fmt: skip
+        nested = db.execute("SELECT value FROM tags WHERE key = 'mlflow.parentRunId'").fetchall()
+    assert len(parents) == 1 and {v for (v,) in nested} == {parents[0][0]}
+    assert len(nested) == len(jobs)
 
 
 def _assert_same_files(left: Path, right: Path) -> None:
-    for path in sorted(left.rglob("*")):
-        if path.is_file():
-            twin = right / path.relative_to(left)
-            assert path.read_bytes() == twin.read_bytes(), path.relative_to(left)
+    files = [path for path in sorted(left.rglob("*")) if path.is_file()]
+    assert files, left
+    for path in files:
+        twin = right / path.relative_to(left)
+        assert twin.is_file(), twin
+        assert path.read_bytes() == twin.read_bytes(), path.relative_to(left)
 
 
 def _submitted(cluster: dict[str, str]) -> int:

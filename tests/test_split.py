@@ -98,6 +98,11 @@ def test_same_seed_same_split_other_seed_other_split(data):
     np.testing.assert_array_equal(a.val, b.val)
     np.testing.assert_array_equal(a.label_subsets[0.1], b.label_subsets[0.1])
     assert not np.array_equal(a.val, c.val)
+    assert not np.array_equal(a.train, c.train)
+    assert not np.array_equal(a.label_subsets[1.0], c.label_subsets[1.0])
+    # The official test set depends only on duplicates of training images, never on the seed.
+    assert a.test_source == c.test_source == "test"
+    np.testing.assert_array_equal(a.test, c.test)
 
 
 def test_the_stage_writes_indices_and_a_report(workdir: Path, tiny_idx: Path):
