@@ -179,6 +179,7 @@ def quality(work: Path) -> dict[str, Any]:
     - ``knn``: each pretrained encoder's validation kNN monitor (metrics/pretrain), and the best
       self-supervised one's margin over raw pixels.
     """
+    from pipeline.paths import metric_key
     from pipeline.study import BASELINES
 
     summary = json.loads((work / "metrics/summary.json").read_text())["test_accuracy"]
@@ -192,7 +193,7 @@ def quality(work: Path) -> dict[str, Any]:
         if not cells:
             return None
         val, init, mode = max(cells)
-        test = summary[f"{init}-{mode}"][fraction.replace(".", "_")]  # paths.metric_key
+        test = summary[f"{init}-{mode}"][metric_key(fraction)]
         return {"cell": f"{init}-{mode}-{fraction}", "val": val, "test": test["mean"],
                 "ci": [test["ci_low"], test["ci_high"]]}  # fmt: skip
 

@@ -68,7 +68,8 @@ def _gpus(gres: str) -> int:
 
 
 def problem_with(params: dict[str, Any], cluster: list[Node]) -> str | None:
-    """The first job request no node (or no set of ``trainer.num_nodes`` nodes) can meet."""
+    """The first stage whose job request no node of the cluster can meet, described; else None.
+    (``trainer.num_nodes`` above one is refused before this, by training.device_problem.)"""
     if not cluster:
         return "sinfo lists no nodes: the cluster has none up"
     for stage in STAGES:

@@ -341,7 +341,6 @@ def _check_world(config: Config, source: str) -> None:
                 f"{source}: resources.{key}.gpus is {gpus} but trainer.devices is {devices}: "
                 f"a training job runs one process per GPU; set gpus to {devices} (or 0 for CPUs)"
             )
-    for key in ("pretrain", "finetune"):
         batch = getattr(config, key).batch_size
         if batch % world:
             raise ConfigError(

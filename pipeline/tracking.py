@@ -378,7 +378,7 @@ def start_execution(config: Config, runner: str) -> str:
     to the environment the jobs inherit; every stage run is nested under it.
 
     Called once, by the process that schedules the jobs (the Snakefile's ``onstart``, or
-    ``python -m pipeline execution start`` before ``dvc repro``), so parallel jobs and
+    ``python -m pipeline execution dvc repro``), so parallel jobs and
     pipelines sharing a store never race to create it. An already exported parent is reused.
     """
     global _started_parent

@@ -120,7 +120,7 @@ ALIAS = "current"
 def registered_name(dataset: str, fraction: str) -> str:
     """The Model Registry name of the best classifier at one label fraction, stable across runs:
     ``fashion_mnist-best-0_01`` (MLflow model names refuse dots)."""
-    return f"{dataset}-best-{fraction.replace('.', '_')}"
+    return f"{dataset}-best-{paths.metric_key(fraction)}"
 
 
 def _log_best_models(tracked: Any, best: dict[str, tuple], dataset: str) -> None:
@@ -157,7 +157,7 @@ def _log_best_models(tracked: Any, best: dict[str, tuple], dataset: str) -> None
             # Not retried as a whole: a second try could log the model twice. Each of its
             # store calls waits out a lock (tracking.BUSY_TIMEOUT_S).
             info = mlflow.pyfunc.log_model(
-                name=f"best-{fraction.replace('.', '_')}", python_model=serving.__file__,
+                name=f"best-{paths.metric_key(fraction)}", python_model=serving.__file__,
                 artifacts={"classifier": str(model_dir(init, mode, value))},
                 signature=signature, pip_requirements=requirements,
                 registered_model_name=name, await_registration_for=0,
