@@ -83,6 +83,7 @@ pull:
 
 lint: setup
 	ruff check .
+	ruff format --check .
 	snakefmt --check Snakefile rules
 	snakemake --lint
 

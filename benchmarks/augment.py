@@ -121,19 +121,27 @@ def kornia_pipeline(channels: int, size: int) -> torch.nn.Module:
     rgb = channels == 3
     make = {
         "random_resized_crop": lambda o: K.RandomResizedCrop(
-            (size, size), scale=tuple(o["scale"]), ratio=tuple(o["ratio"]), p=o["p"],
+            (size, size),
+            scale=tuple(o["scale"]),
+            ratio=tuple(o["ratio"]),
+            p=o["p"],
             cropping_mode="resample",
         ),
         "hflip": lambda o: K.RandomHorizontalFlip(p=o["p"]),
         "vflip": lambda o: K.RandomVerticalFlip(p=o["p"]),
         "rotation": lambda o: K.RandomRotation(float(o["degrees"]), p=o["p"]),
         "affine": lambda o: K.RandomAffine(
-            float(o["degrees"]), translate=tuple(o["translate"]), scale=tuple(o["scale"]),
+            float(o["degrees"]),
+            translate=tuple(o["translate"]),
+            scale=tuple(o["scale"]),
             p=o["p"],
         ),
         "color_jitter": lambda o: K.ColorJitter(
-            o["brightness"], o["contrast"], o["saturation"] if rgb else 0.0,
-            o["hue"] if rgb else 0.0, p=o["p"],
+            o["brightness"],
+            o["contrast"],
+            o["saturation"] if rgb else 0.0,
+            o["hue"] if rgb else 0.0,
+            p=o["p"],
         ),
         "grayscale": lambda o: K.RandomGrayscale(p=o["p"]) if rgb else None,
         "gaussian_blur": lambda o: K.RandomGaussianBlur(
@@ -143,7 +151,7 @@ def kornia_pipeline(channels: int, size: int) -> torch.nn.Module:
         "random_erasing": lambda o: K.RandomErasing(
             scale=tuple(o["scale"]), ratio=tuple(o["ratio"]), value=o["value"], p=o["p"]
         ),
-    }  # fmt: skip
+    }
     stages = [make[name](opts) for name, opts in policy.items()]
     stages = [stage for stage in stages if stage is not None]
     return K.AugmentationSequential(*stages)
@@ -187,8 +195,12 @@ def torchvision_pipeline(channels: int, size: int) -> Callable[[torch.Tensor], t
             o["p"],
         ),
         "color_jitter": lambda o: maybe(
-            v2.ColorJitter(o["brightness"], o["contrast"], o["saturation"] if rgb else 0.0,
-                           o["hue"] if rgb else 0.0),
+            v2.ColorJitter(
+                o["brightness"],
+                o["contrast"],
+                o["saturation"] if rgb else 0.0,
+                o["hue"] if rgb else 0.0,
+            ),
             o["p"],
         ),
         "grayscale": lambda o: v2.RandomGrayscale(o["p"]) if rgb else None,
@@ -199,7 +211,7 @@ def torchvision_pipeline(channels: int, size: int) -> Callable[[torch.Tensor], t
         "random_erasing": lambda o: v2.RandomErasing(
             o["p"], scale=tuple(o["scale"]), ratio=tuple(o["ratio"]), value=o["value"]
         ),
-    }  # fmt: skip
+    }
     # torchvision's noise and erasing want float images: convert just before the first of them.
     float_from = next(
         (i for i, name in enumerate(policy) if name in ("gaussian_noise", "random_erasing")),

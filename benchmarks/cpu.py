@@ -55,8 +55,9 @@ def _autocast(bf16: bool) -> Any:
     return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
-def finetune_stepper(backbone: dict[str, Any], batch: int, channels_last: bool, bf16: bool,
-                     compiled: bool = False) -> tuple[Any, float]:  # fmt: skip
+def finetune_stepper(
+    backbone: dict[str, Any], batch: int, channels_last: bool, bf16: bool, compiled: bool = False
+) -> tuple[Any, float]:
     """A fine-tuning step to time, and the seconds its first WARMUP steps took (compilation)."""
     torch.manual_seed(0)
     model = _classifier(backbone)
@@ -80,8 +81,9 @@ def finetune_stepper(backbone: dict[str, Any], batch: int, channels_last: bool, 
     return step, time.perf_counter() - start
 
 
-def interleaved_speed(steppers: dict[Any, tuple[Any, int]], rounds: int = ROUNDS,
-                      steps: int = STEPS) -> dict[Any, float]:  # fmt: skip
+def interleaved_speed(
+    steppers: dict[Any, tuple[Any, int]], rounds: int = ROUNDS, steps: int = STEPS
+) -> dict[Any, float]:
     """Best images/s of each ``{key: (step, batch)}``, the rounds interleaved: on a shared
     machine a slow spell then costs every setting alike instead of one of them."""
     best = dict.fromkeys(steppers, 0.0)
@@ -94,8 +96,9 @@ def interleaved_speed(steppers: dict[Any, tuple[Any, int]], rounds: int = ROUNDS
     return best
 
 
-def finetune_step_speed(backbone: dict[str, Any], batch: int, channels_last: bool, bf16: bool,
-                        threads: int = 2) -> float:  # fmt: skip
+def finetune_step_speed(
+    backbone: dict[str, Any], batch: int, channels_last: bool, bf16: bool, threads: int = 2
+) -> float:
     """Images/s of one setting alone (the 1-thread workers use it)."""
     torch.set_num_threads(threads)
     step, _ = finetune_stepper(backbone, batch, channels_last, bf16)
@@ -133,14 +136,18 @@ def _one_thread_worker(args: tuple[dict, int, bool, bool, Any]) -> None:
     queue.put(finetune_step_speed(backbone, batch, channels_last, bf16, threads=1))
 
 
-def two_single_thread_processes(backbone: dict, batch: int, channels_last: bool,
-                                bf16: bool) -> float:  # fmt: skip
+def two_single_thread_processes(
+    backbone: dict, batch: int, channels_last: bool, bf16: bool
+) -> float:
     """Summed images/s of two 1-thread processes training side by side (two jobs at once)."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    workers = [context.Process(target=_one_thread_worker,
-                               args=((backbone, batch, channels_last, bf16, queue),))
-               for _ in range(2)]  # fmt: skip
+    workers = [
+        context.Process(
+            target=_one_thread_worker, args=((backbone, batch, channels_last, bf16, queue),)
+        )
+        for _ in range(2)
+    ]
     for worker in workers:
         worker.start()
     total = sum(queue.get(timeout=600) for _ in workers)
@@ -157,8 +164,9 @@ def equal_accuracy(backbone: dict[str, Any], channels_last: bool, bf16: bool) ->
     """
     from pipeline.data.formats import read_idx_pair
 
-    images, labels = read_idx_pair(FASHION_MNIST / "train-images-idx3-ubyte.gz",
-                                   FASHION_MNIST / "train-labels-idx1-ubyte.gz")  # fmt: skip
+    images, labels = read_idx_pair(
+        FASHION_MNIST / "train-images-idx3-ubyte.gz", FASHION_MNIST / "train-labels-idx1-ubyte.gz"
+    )
     x = torch.from_numpy(images.astype("float32") / 255.0).reshape(-1, 1, 28, 28)
     x = (x - 0.286) / 0.353
     y = torch.from_numpy(labels.astype("int64"))
@@ -193,8 +201,12 @@ def run(params: Path = PARAMS, compile_too: bool = True) -> dict[str, Any]:
 
     torch.set_num_threads(2)
     backbone = backbone_fields(load(params))
-    settings = [(batch, channels_last, bf16, False) for batch in BATCHES
-                for channels_last in (False, True) for bf16 in (False, True)]  # fmt: skip
+    settings = [
+        (batch, channels_last, bf16, False)
+        for batch in BATCHES
+        for channels_last in (False, True)
+        for bf16 in (False, True)
+    ]
     if compile_too:
         settings += [(128, True, False, True), (128, True, True, True)]
     steppers, first_steps = {}, {}
@@ -203,19 +215,38 @@ def run(params: Path = PARAMS, compile_too: bool = True) -> dict[str, Any]:
         steppers[setting] = (step, setting[0])
     speed = interleaved_speed(steppers)
     baseline = speed[(128, False, False, False)]
-    rows = [{"batch": b, "channels_last": c, "bf16": f, "compiled": k,
-             "images_per_s": speed[(b, c, f, k)], "first_steps_s": first_steps[(b, c, f, k)],
-             "ratio": speed[(b, c, f, k)] / baseline} for b, c, f, k in settings]  # fmt: skip
+    rows = [
+        {
+            "batch": b,
+            "channels_last": c,
+            "bf16": f,
+            "compiled": k,
+            "images_per_s": speed[(b, c, f, k)],
+            "first_steps_s": first_steps[(b, c, f, k)],
+            "ratio": speed[(b, c, f, k)] / baseline,
+        }
+        for b, c, f, k in settings
+    ]
     threads = {
         "one_process_2_threads": speed[(128, True, True, False)],
         "two_processes_1_thread": two_single_thread_processes(backbone, 128, True, True),
     }
-    simclr = interleaved_speed({"float32": simclr_stepper(params, False),
-                                "bf16": simclr_stepper(params, True)}, steps=STEPS // 2)
-    accuracy = {"float32_contiguous": equal_accuracy(backbone, False, False),
-                "bf16_channels_last": equal_accuracy(backbone, True, True)}  # fmt: skip
-    return {"backbone": backbone, "finetune_step": rows, "threads": threads, "simclr": simclr,
-            "accuracy": accuracy, "accuracy_steps": ACCURACY_STEPS}  # fmt: skip
+    simclr = interleaved_speed(
+        {"float32": simclr_stepper(params, False), "bf16": simclr_stepper(params, True)},
+        steps=STEPS // 2,
+    )
+    accuracy = {
+        "float32_contiguous": equal_accuracy(backbone, False, False),
+        "bf16_channels_last": equal_accuracy(backbone, True, True),
+    }
+    return {
+        "backbone": backbone,
+        "finetune_step": rows,
+        "threads": threads,
+        "simclr": simclr,
+        "accuracy": accuracy,
+        "accuracy_steps": ACCURACY_STEPS,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -224,8 +255,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", type=Path, default=PARAMS)
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     args = parser.parse_args(argv)
-    result = {"machine": describe("benchmarks.cpu"),
-              **run(args.params, compile_too=not args.no_compile)}  # fmt: skip
+    result = {
+        "machine": describe("benchmarks.cpu"),
+        **run(args.params, compile_too=not args.no_compile),
+    }
     save_result(args.json, result)
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2))
 

@@ -36,8 +36,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--methods", default=",".join(TRAINED))
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
-    parser.add_argument("--root", type=Path, default=REPO,
-                        help="the checkout whose data/ (prepared, splits, augment) is used")
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=REPO,
+        help="the checkout whose data/ (prepared, splits, augment) is used",
+    )
     args = parser.parse_args(argv)
     root = args.root.resolve()
     methods = args.methods.split(",")
@@ -47,15 +51,22 @@ def main(argv: list[str]) -> int:
 
     base = load(args.params)
     raw = json.loads(json.dumps(base.raw))
-    raw["pretrain"].update(methods=sorted(set(raw["pretrain"]["methods"]) | set(methods)),
-                           epochs=args.epochs)  # fmt: skip
+    raw["pretrain"].update(
+        methods=sorted(set(raw["pretrain"]["methods"]) | set(methods)), epochs=args.epochs
+    )
     config = from_dict(raw)
     dataset = config.data.dataset
-    missing = [p for p in (f"data/prepared/{dataset}", f"data/splits/{dataset}",
-                           f"data/augment/{dataset}") if not (root / p).exists()]  # fmt: skip
+    missing = [
+        p
+        for p in (f"data/prepared/{dataset}", f"data/splits/{dataset}", f"data/augment/{dataset}")
+        if not (root / p).exists()
+    ]
     if missing:
-        print(f"error: {', '.join(missing)} missing; run `make run` (or the download, split and "
-              "augment stages) first", file=sys.stderr)  # fmt: skip
+        print(
+            f"error: {', '.join(missing)} missing; run `make run` (or the download, split and "
+            "augment stages) first",
+            file=sys.stderr,
+        )
         return 1
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     from pipeline.stages import pretrain
@@ -71,20 +82,29 @@ def main(argv: list[str]) -> int:
             start = time.perf_counter()
             metrics = pretrain.run(config, method=method)
             seconds = time.perf_counter() - start
-            rows.append({"method": method, "epochs": args.epochs, "seconds": round(seconds, 1),
-                         "val_knn_acc": metrics["val_knn_acc"],
-                         "val_probe_acc": metrics.get("val_probe_acc"),
-                         "final": metrics,
-                         "curve": Path(f"metrics/pretrain/{method}.csv").read_text()})  # fmt: skip
+            rows.append(
+                {
+                    "method": method,
+                    "epochs": args.epochs,
+                    "seconds": round(seconds, 1),
+                    "val_knn_acc": metrics["val_knn_acc"],
+                    "val_probe_acc": metrics.get("val_probe_acc"),
+                    "final": metrics,
+                    "curve": Path(f"metrics/pretrain/{method}.csv").read_text(),
+                }
+            )
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "curve"}), flush=True)
         os.chdir(before)
     print("| method | epochs | val kNN | val probe | seconds |\n|---|---|---|---|---|")
     for r in rows:
         probe = r["val_probe_acc"]
-        print(f"| {r['method']} | {r['epochs']} | {100 * r['val_knn_acc']:.2f} % | "
-              f"{'' if probe is None else f'{100 * probe:.2f} %'} | {r['seconds']:.0f} |")
-    save_result(out, {"machine": describe("benchmarks.methods"), "epochs": args.epochs,
-                      "rows": rows})  # fmt: skip
+        print(
+            f"| {r['method']} | {r['epochs']} | {100 * r['val_knn_acc']:.2f} % | "
+            f"{'' if probe is None else f'{100 * probe:.2f} %'} | {r['seconds']:.0f} |"
+        )
+    save_result(
+        out, {"machine": describe("benchmarks.methods"), "epochs": args.epochs, "rows": rows}
+    )
     return 0
 
 

@@ -43,8 +43,9 @@ WORKERS = 2
 def load_data(seed: int = 0) -> dict[str, Any]:
     from pipeline.data.formats import read_idx_pair
 
-    images, labels = read_idx_pair(FASHION_MNIST / "train-images-idx3-ubyte.gz",
-                                   FASHION_MNIST / "train-labels-idx1-ubyte.gz")  # fmt: skip
+    images, labels = read_idx_pair(
+        FASHION_MNIST / "train-images-idx3-ubyte.gz", FASHION_MNIST / "train-labels-idx1-ubyte.gz"
+    )
     order = np.random.default_rng(seed).permutation(len(images))
     val, train = order[:6000], order[6000:]
     pixels = images[train].astype(np.float64) / 255.0
@@ -82,19 +83,36 @@ def _module(recipe: dict[str, Any], data: dict[str, Any]) -> Any:
     from pipeline.models.pretrain import PretrainModule
 
     return PretrainModule(
-        method="simclr", backbone=recipe["backbone"], in_channels=1, image_size=28,
-        num_classes=10, policy=recipe["policy"], mean=[data["mean"]], std=[data["std"]],
-        options=recipe["simclr"], optimizer=recipe["optimizer"], epochs=1, warmup_epochs=0,
-        steps_per_epoch=1, seed=0, monitor=recipe["monitor"],
-    )  # fmt: skip
+        method="simclr",
+        backbone=recipe["backbone"],
+        in_channels=1,
+        image_size=28,
+        num_classes=10,
+        policy=recipe["policy"],
+        mean=[data["mean"]],
+        std=[data["std"]],
+        options=recipe["simclr"],
+        optimizer=recipe["optimizer"],
+        epochs=1,
+        warmup_epochs=0,
+        steps_per_epoch=1,
+        seed=0,
+        monitor=recipe["monitor"],
+    )
 
 
 def _optimizer(recipe: dict[str, Any], parameters: Any) -> torch.optim.Optimizer:
     from pipeline.models.optim import build_optimizer
 
     opt = recipe["optimizer"]
-    return build_optimizer([{"params": list(parameters)}], opt["name"], opt["lr"],
-                           opt["weight_decay"], opt["momentum"], opt["nesterov"])  # fmt: skip
+    return build_optimizer(
+        [{"params": list(parameters)}],
+        opt["name"],
+        opt["lr"],
+        opt["weight_decay"],
+        opt["momentum"],
+        opt["nesterov"],
+    )
 
 
 def knn_validation(module: Any, data: dict[str, Any], monitor: dict[str, Any]) -> float:
@@ -105,16 +123,24 @@ def knn_validation(module: Any, data: dict[str, Any], monitor: dict[str, Any]) -
     bank = module.encode(data["train"][:BANK])
     queries = module.encode(data["val"])
     module.train()
-    return best_knn(bank, data["train_labels"][:BANK], queries, data["val_labels"],
-                    monitor["knn_ks"], monitor["knn_temperatures"], 10)[0]  # fmt: skip
+    return best_knn(
+        bank,
+        data["train_labels"][:BANK],
+        queries,
+        data["val_labels"],
+        monitor["knn_ks"],
+        monitor["knn_temperatures"],
+        10,
+    )[0]
 
 
 def _autocast(bf16: bool) -> Any:
     return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
-def _timed(step: Any, batch: int, module: Any, data: dict, recipe: dict, seconds: float,
-           every: float) -> dict[str, Any]:  # fmt: skip
+def _timed(
+    step: Any, batch: int, module: Any, data: dict, recipe: dict, seconds: float, every: float
+) -> dict[str, Any]:
     """Call ``step()`` until ``seconds`` of training; kNN every ``every`` seconds (untimed)."""
     curve = [{"seconds": 0.0, "images": 0, "knn": knn_validation(module, data, recipe["monitor"])}]
     trained, images, next_check = 0.0, 0, every
@@ -124,14 +150,20 @@ def _timed(step: Any, batch: int, module: Any, data: dict, recipe: dict, seconds
         trained += time.perf_counter() - start
         images += batch
         if trained >= next_check or trained >= seconds:
-            curve.append({"seconds": round(trained, 1), "images": images,
-                          "knn": knn_validation(module, data, recipe["monitor"])})  # fmt: skip
+            curve.append(
+                {
+                    "seconds": round(trained, 1),
+                    "images": images,
+                    "knn": knn_validation(module, data, recipe["monitor"]),
+                }
+            )
             next_check += every
     return {"images_per_s": images / trained, "curve": curve}
 
 
-def run_ours(recipe: dict[str, Any], data: dict[str, Any], seconds: float,
-             every: float) -> dict[str, Any]:  # fmt: skip
+def run_ours(
+    recipe: dict[str, Any], data: dict[str, Any], seconds: float, every: float
+) -> dict[str, Any]:
     """The pipeline's path: uint8 data in memory, index batches, BatchAugment views."""
     torch.manual_seed(0)
     module = _module(recipe, data)
@@ -177,19 +209,25 @@ def lightly_transform(recipe: dict[str, Any], data: dict[str, Any]) -> Any:
     jitter = policy.get("color_jitter", {})
     blur = policy.get("gaussian_blur", {})
     return SimCLRTransform(
-        input_size=28, min_scale=float(crop["scale"][0]),
-        cj_prob=float(jitter.get("p", 0.0)), cj_strength=1.0,
+        input_size=28,
+        min_scale=float(crop["scale"][0]),
+        cj_prob=float(jitter.get("p", 0.0)),
+        cj_strength=1.0,
         cj_bright=float(jitter.get("brightness", 0.0)),
-        cj_contrast=float(jitter.get("contrast", 0.0)), cj_sat=0.0, cj_hue=0.0,
-        random_gray_scale=0.0, gaussian_blur=float(blur.get("p", 0.0)),
+        cj_contrast=float(jitter.get("contrast", 0.0)),
+        cj_sat=0.0,
+        cj_hue=0.0,
+        random_gray_scale=0.0,
+        gaussian_blur=float(blur.get("p", 0.0)),
         sigmas=tuple(float(s) for s in blur.get("sigma", (0.1, 2.0))),
         hf_prob=float(policy.get("hflip", {}).get("p", 0.0)),
         normalize={"mean": [data["mean"]], "std": [data["std"]]},
-    )  # fmt: skip
+    )
 
 
-def run_lightly(recipe: dict[str, Any], data: dict[str, Any], seconds: float,
-                every: float) -> dict[str, Any]:  # fmt: skip
+def run_lightly(
+    recipe: dict[str, Any], data: dict[str, Any], seconds: float, every: float
+) -> dict[str, Any]:
     """lightly's loss and transform, a DataLoader with worker processes, our network."""
     from lightly.loss import NTXentLoss
 
@@ -200,10 +238,14 @@ def run_lightly(recipe: dict[str, Any], data: dict[str, Any], seconds: float,
     criterion = NTXentLoss(temperature=recipe["simclr"]["temperature"])
     batch = recipe["batch_size"]
     loader = torch.utils.data.DataLoader(
-        _PILDataset(data["train"], lightly_transform(recipe, data)), batch_size=batch,
-        shuffle=True, drop_last=True, num_workers=WORKERS, persistent_workers=True,
+        _PILDataset(data["train"], lightly_transform(recipe, data)),
+        batch_size=batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=WORKERS,
+        persistent_workers=True,
         generator=torch.Generator().manual_seed(0),
-    )  # fmt: skip
+    )
     batches = iter(loader)
 
     def step() -> None:
@@ -258,8 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=240.0, help="training budget per side")
     parser.add_argument("--every", type=float, default=30.0, help="seconds between kNN checks")
     args = parser.parse_args(argv)
-    result = {"machine": describe("benchmarks.peer"),
-              **run(args.params, args.seconds, args.every)}  # fmt: skip
+    result = {"machine": describe("benchmarks.peer"), **run(args.params, args.seconds, args.every)}
     save_result(args.json, result)
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2))
 

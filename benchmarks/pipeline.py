@@ -36,14 +36,25 @@ from benchmarks.machine import describe, save_result
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("download", "split", "augment", "pretrain", "finetune", "evaluate", "visualize")
-TARGETS = {"full": 0.93, "tenth_ssl": 0.90, "one_percent_gain": 0.05, "gain_1_to_10": 0.02,
-           "knn_margin_over_pixels": 0.03, "minutes": 15.0}  # fmt: skip
+TARGETS = {
+    "full": 0.93,
+    "tenth_ssl": 0.90,
+    "one_percent_gain": 0.05,
+    "gain_1_to_10": 0.02,
+    "knn_margin_over_pixels": 0.03,
+    "minutes": 15.0,
+}
 CHANGED_PARAM = ("finetune", "label_smoothing")
 
 
-def run(source: Path = REPO, cores: int | None = None, workdir: Path | None = None,
-        params: dict | None = None, figure_to: Path | None = None,
-        change: tuple[str, str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+def run(
+    source: Path = REPO,
+    cores: int | None = None,
+    workdir: Path | None = None,
+    params: dict | None = None,
+    figure_to: Path | None = None,
+    change: tuple[str, str, Any] | None = None,
+) -> dict[str, Any]:
     """Measure a clean clone of ``source``; ``params`` replaces its params.yaml (tests do);
     ``figure_to`` receives a copy of the run's label-efficiency figure; ``change`` is the
     ``(section, key, new value)`` of the re-run measurement (default: ``CHANGED_PARAM`` nudged
@@ -74,8 +85,16 @@ def _clone(source: Path, work: Path, params: dict | None) -> None:
     subprocess.run(["git", "clone", "-q", str(source), str(work)], check=True)
     if params is not None:
         (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        _git(work, "-c", "user.email=bench@localhost", "-c", "user.name=bench", "commit", "-qam",
-             "benchmark params")  # fmt: skip
+        _git(
+            work,
+            "-c",
+            "user.email=bench@localhost",
+            "-c",
+            "user.name=bench",
+            "commit",
+            "-qam",
+            "benchmark params",
+        )
 
 
 def _env() -> dict[str, str]:
@@ -89,14 +108,17 @@ def _env() -> dict[str, str]:
 def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
     result = subprocess.run(command, cwd=cwd, env=_env(), capture_output=True, text=True)
     if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}):\n"
-                           f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")  # fmt: skip
+        raise RuntimeError(
+            f"{' '.join(command)} failed ({result.returncode}):\n"
+            f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
     return result
 
 
 def _git(cwd: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True,
-                          check=True).stdout.strip()  # fmt: skip
+    return subprocess.run(
+        ["git", *args], cwd=cwd, capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 def _timed(command: list[str], cwd: Path) -> tuple[float, str]:
@@ -113,7 +135,8 @@ def stage_costs(work: Path) -> dict[str, dict[str, float]]:
     experiments = client.search_experiments()
     runs = client.search_runs([e.experiment_id for e in experiments], max_results=10000)
     costs: dict[str, dict[str, float]] = defaultdict(
-        lambda: {"jobs": 0, "seconds": 0.0, "slowest_job_seconds": 0.0, "peak_rss_mb": 0.0})
+        lambda: {"jobs": 0, "seconds": 0.0, "slowest_job_seconds": 0.0, "peak_rss_mb": 0.0}
+    )
     for found in runs:
         metrics = found.data.metrics
         if found.info.status != "FINISHED" or "process_seconds" not in metrics:
@@ -158,8 +181,7 @@ def _job_counts(dry_run: str) -> dict[str, int]:
         if parts[:2] == ["job", "count"]:
             in_table = True
             continue
-        if in_table and len(parts) == 2 and parts[1].isdigit() and parts[0] not in ("all",
-                                                                                     "total"):
+        if in_table and len(parts) == 2 and parts[1].isdigit() and parts[0] not in ("all", "total"):
             counts[parts[0]] = int(parts[1])
         elif in_table and parts and parts[0] == "total":
             break
@@ -194,8 +216,12 @@ def quality(work: Path) -> dict[str, Any]:
             return None
         val, init, mode = max(cells)
         test = summary[f"{init}-{mode}"][metric_key(fraction)]
-        return {"cell": f"{init}-{mode}-{fraction}", "val": val, "test": test["mean"],
-                "ci": [test["ci_low"], test["ci_high"]]}  # fmt: skip
+        return {
+            "cell": f"{init}-{mode}-{fraction}",
+            "val": val,
+            "test": test["mean"],
+            "ci": [test["ci_low"], test["ci_high"]],
+        }
 
     def ssl(init: str, mode: str) -> bool:
         return init not in BASELINES
@@ -222,11 +248,18 @@ def quality(work: Path) -> dict[str, Any]:
         value = json.loads(path.read_text()).get("val_knn_acc")
         if value is not None:
             knn[path.stem] = value
-    best_ssl = max((v, m) for m, v in knn.items() if m not in BASELINES) if any(
-        m not in BASELINES for m in knn) else None  # fmt: skip
-    out["knn"] = {"per_method": knn, "best_ssl": best_ssl and best_ssl[1],
-                  "margin_over_pixels": (best_ssl[0] - knn["pixels"]) if best_ssl and "pixels"
-                  in knn else None}  # fmt: skip
+    best_ssl = (
+        max((v, m) for m, v in knn.items() if m not in BASELINES)
+        if any(m not in BASELINES for m in knn)
+        else None
+    )
+    out["knn"] = {
+        "per_method": knn,
+        "best_ssl": best_ssl and best_ssl[1],
+        "margin_over_pixels": (best_ssl[0] - knn["pixels"])
+        if best_ssl and "pixels" in knn
+        else None,
+    }
     return out
 
 
@@ -236,8 +269,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cores", type=int, default=None, help="snakemake --cores (default: all)")
     args = parser.parse_args(argv)
     figure = args.json.with_name("label_efficiency.png") if args.json else None
-    result = {"machine": describe("benchmarks.pipeline"),
-              **run(cores=args.cores, figure_to=figure), "targets": TARGETS}  # fmt: skip
+    result = {
+        "machine": describe("benchmarks.pipeline"),
+        **run(cores=args.cores, figure_to=figure),
+        "targets": TARGETS,
+    }
     save_result(args.json, result)
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2))
 

@@ -128,8 +128,14 @@ def _build(kwargs: dict[str, Any], device: torch.device) -> tuple[Any, torch.opt
     module = PretrainModule(**kwargs).to(device).train()
     opt = kwargs["optimizer"]
     trained = [*module.backbone.parameters(), *module.head.parameters()]
-    optimizer = build_optimizer([{"params": trained}], opt["name"], opt["lr"],
-                                opt["weight_decay"], opt["momentum"], opt["nesterov"])  # fmt: skip
+    optimizer = build_optimizer(
+        [{"params": trained}],
+        opt["name"],
+        opt["lr"],
+        opt["weight_decay"],
+        opt["momentum"],
+        opt["nesterov"],
+    )
     return module, optimizer
 
 
@@ -174,8 +180,12 @@ class GpuUtilization(AbstractContextManager["GpuUtilization"]):
         return f"GPU-{torch.cuda.get_device_properties(device).uuid}"
 
     def _sample(self) -> None:
-        command = ["nvidia-smi", f"--id={self.gpu}", "--query-gpu=utilization.gpu",
-                   "--format=csv,noheader,nounits"]  # fmt: skip
+        command = [
+            "nvidia-smi",
+            f"--id={self.gpu}",
+            "--query-gpu=utilization.gpu",
+            "--format=csv,noheader,nounits",
+        ]
         while not self._stop.is_set():
             try:
                 out = subprocess.run(command, capture_output=True, text=True, timeout=5).stdout
@@ -469,9 +479,14 @@ def run(
     for config in resnets:
         width, size = config["width"], config["batch_size"]
         measured = measure_ours(
-            images, module_kwargs(params, "resnet18", width, size, n_images=len(images)),
-            size, config["steps"], 1, 1, device,
-        )  # fmt: skip
+            images,
+            module_kwargs(params, "resnet18", width, size, n_images=len(images)),
+            size,
+            config["steps"],
+            1,
+            1,
+            device,
+        )
         result[f"resnet18_w{width}_img_s"] = measured["img_s"]
         result["resnet18"].append({**config, "rounds": 1, "warmup_steps": 1, **measured})
     for key, value in result.items():
@@ -488,15 +503,24 @@ def print_table(result: dict[str, Any]) -> None:
     )
     model = f"{result['backbone']} w{result['width']} b{result['batch_size']}"
     rows = [
-        ("ours (on-device BatchAugment)", model, result["ours_img_s"],
-         result["gpu_util_ours_pct"]),
-        ("per-sample torchvision, DataLoader", model, result["per_sample_img_s"],
-         result["gpu_util_per_sample_pct"]),
+        ("ours (on-device BatchAugment)", model, result["ours_img_s"], result["gpu_util_ours_pct"]),
+        (
+            "per-sample torchvision, DataLoader",
+            model,
+            result["per_sample_img_s"],
+            result["gpu_util_per_sample_pct"],
+        ),
         ("model step only (views precomputed)", model, result["model_only_img_s"], None),
-    ]  # fmt: skip
+    ]
     for run_ in result["resnet18"]:
-        rows.append(("ours", f"resnet18 w{run_['width']} b{run_['batch_size']}",
-                     run_["img_s"], run_["gpu_util_pct"]))  # fmt: skip
+        rows.append(
+            (
+                "ours",
+                f"resnet18 w{run_['width']} b{run_['batch_size']}",
+                run_["img_s"],
+                run_["gpu_util_pct"],
+            )
+        )
     print(f"{'method':<38}{'model':<22}{'images/s':>10}{'GPU util %':>12}")
     for name, model_, value, util in rows:
         gpu = "" if util is None else f"{util:.0f}"

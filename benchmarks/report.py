@@ -18,11 +18,14 @@ def _augment(result: dict) -> list[str]:
     rows = [
         ("Fashion-MNIST 28×28×1", "BatchAugment (ours, batched)", result["batched_img_s"]),
         ("Fashion-MNIST 28×28×1", "kornia.augmentation (batched)", result["kornia_img_s"]),
-        ("Fashion-MNIST 28×28×1", "torchvision v2 per-sample, DataLoader 2 workers",
-         result["per_sample_img_s"]),
+        (
+            "Fashion-MNIST 28×28×1",
+            "torchvision v2 per-sample, DataLoader 2 workers",
+            result["per_sample_img_s"],
+        ),
         ("CIFAR-shaped 32×32×3", "BatchAugment (ours, batched)", result["cifar_batched_img_s"]),
         ("CIFAR-shaped 32×32×3", "kornia.augmentation (batched)", result["cifar_kornia_img_s"]),
-    ]  # fmt: skip
+    ]
     lines = [
         "## Augmentation throughput (`benchmarks/augment.py`)",
         "",
@@ -52,21 +55,43 @@ def _pretrain(result: dict) -> list[str]:
     """
     m = result["machine"]
     model = f"{result['backbone']} w{result['width']}, batch {result['batch_size']}"
-    util = {"ours": result.get("gpu_util_ours_pct"),
-            "per_sample": result.get("gpu_util_per_sample_pct")}  # fmt: skip
+    util = {
+        "ours": result.get("gpu_util_ours_pct"),
+        "per_sample": result.get("gpu_util_per_sample_pct"),
+    }
     rows = [
-        ("ours: uint8 data on the device, BatchAugment views (`PretrainModule.objective`)",
-         model, result["ours_img_s"], util["ours"]),
-        ("per-sample torchvision v2, two views in `__getitem__`, DataLoader "
-         f"{result['workers']} workers", model, result["per_sample_img_s"], util["per_sample"]),
-    ]  # fmt: skip
+        (
+            "ours: uint8 data on the device, BatchAugment views (`PretrainModule.objective`)",
+            model,
+            result["ours_img_s"],
+            util["ours"],
+        ),
+        (
+            "per-sample torchvision v2, two views in `__getitem__`, DataLoader "
+            f"{result['workers']} workers",
+            model,
+            result["per_sample_img_s"],
+            util["per_sample"],
+        ),
+    ]
     if "model_only_img_s" in result:
-        rows.append(("model step alone on precomputed views (ceiling for both)", model,
-                     result["model_only_img_s"], None))  # fmt: skip
+        rows.append(
+            (
+                "model step alone on precomputed views (ceiling for both)",
+                model,
+                result["model_only_img_s"],
+                None,
+            )
+        )
     for resnet in result.get("resnet18", []):
-        rows.append((f"ours, ResNet-18 (for information; {resnet['steps']} steps, 1 round)",
-                     f"resnet18 w{resnet['width']}, batch {resnet['batch_size']}",
-                     resnet["img_s"], resnet.get("gpu_util_pct")))  # fmt: skip
+        rows.append(
+            (
+                f"ours, ResNet-18 (for information; {resnet['steps']} steps, 1 round)",
+                f"resnet18 w{resnet['width']}, batch {resnet['batch_size']}",
+                resnet["img_s"],
+                resnet.get("gpu_util_pct"),
+            )
+        )
     with_util = any(row[3] is not None for row in rows)
     header = "| method | model | images/s |" + (" GPU util |" if with_util else "")
     rule = "|---|---|---:|" + ("---:|" if with_util else "")
@@ -81,9 +106,11 @@ def _pretrain(result: dict) -> list[str]:
     verdict = "met" if result["ratio"] >= target else "not met"
     ceiling = ""
     if "model_only_img_s" in result:
-        ceiling = (f" The model step alone runs at {result['model_only_img_s']:,.0f} images/s, "
-                   f"{result['model_only_img_s'] / result['per_sample_img_s']:.1f}× the "
-                   "per-sample pipeline: no input pipeline can beat that ratio.")  # fmt: skip
+        ceiling = (
+            f" The model step alone runs at {result['model_only_img_s']:,.0f} images/s, "
+            f"{result['model_only_img_s'] / result['per_sample_img_s']:.1f}× the "
+            "per-sample pipeline: no input pipeline can beat that ratio."
+        )
     simclr = result.get("simclr", {})
     return [
         "## SimCLR pretraining throughput (`benchmarks/pretrain.py`)",
@@ -114,8 +141,11 @@ def _pipeline(result: dict) -> list[str]:
     targets = result["targets"]
     total = result["total_seconds"]
     minutes_ok = total / 60 <= targets["minutes"]
-    rows = [f"| {stage} | {c['jobs']} | {c['seconds']:,.0f} | {c['slowest_job_seconds']:,.1f} | "
-            f"{c['peak_rss_mb']:,.0f} |" for stage, c in result["stages"].items()]  # fmt: skip
+    rows = [
+        f"| {stage} | {c['jobs']} | {c['seconds']:,.0f} | {c['slowest_job_seconds']:,.1f} | "
+        f"{c['peak_rss_mb']:,.0f} |"
+        for stage, c in result["stages"].items()
+    ]
     reruns = result["reruns"]
     jobs = ", ".join(f"{rule} {count}" for rule, count in reruns["param_change_jobs"].items())
     q = result["quality"]
@@ -125,39 +155,53 @@ def _pipeline(result: dict) -> list[str]:
             return f"| {label} | – | – | ≥ {100 * target:g} % | not measured |"
         low, high = chosen["ci"]
         verdict = "met" if chosen["test"] >= target else "not met"
-        return (f"| {label} | {chosen['cell']} (val {100 * chosen['val']:.2f} %) | "
-                f"{100 * chosen['test']:.2f} % [{100 * low:.1f}, {100 * high:.1f}] | "
-                f"≥ {100 * target:g} % | {verdict} |")  # fmt: skip
+        return (
+            f"| {label} | {chosen['cell']} (val {100 * chosen['val']:.2f} %) | "
+            f"{100 * chosen['test']:.2f} % [{100 * low:.1f}, {100 * high:.1f}] | "
+            f"≥ {100 * target:g} % | {verdict} |"
+        )
 
     gain = q.get("one_percent_gain")
     pre, base = q.get("one_percent_ssl"), q.get("one_percent_baseline")
-    gain_row = ("| 1 % labels: best self-supervised − best baseline | – | – | ≥ 5 points | not "
-                "measured |")  # fmt: skip
+    gain_row = (
+        "| 1 % labels: best self-supervised − best baseline | – | – | ≥ 5 points | not measured |"
+    )
     if gain is not None:
-        gain_row = (f"| 1 % labels: best self-supervised − best baseline | {pre['cell']} vs "
-                    f"{base['cell']} | {100 * pre['test']:.2f} % − {100 * base['test']:.2f}"
-                    f" % = {100 * gain:+.2f} points | ≥ {100 * targets['one_percent_gain']:g} "
-                    f"points | {'met' if gain >= targets['one_percent_gain'] else 'not met'} |")
+        gain_row = (
+            f"| 1 % labels: best self-supervised − best baseline | {pre['cell']} vs "
+            f"{base['cell']} | {100 * pre['test']:.2f} % − {100 * base['test']:.2f}"
+            f" % = {100 * gain:+.2f} points | ≥ {100 * targets['one_percent_gain']:g} "
+            f"points | {'met' if gain >= targets['one_percent_gain'] else 'not met'} |"
+        )
     gains = q.get("gains", {})
     need = targets["gain_1_to_10"]
-    short = [m for m, g in gains.items() if m != "scratch-linear"
-             and (g["1_to_10"] < need or g["10_to_100"] <= 0)]  # fmt: skip
-    gains_row = (f"| every init × mode but scratch-linear: +{100 * need:g} points 1 % → 10 %, "
-                 f"and more at 100 % | {len(gains) - len(short)} of {len(gains)} cells | "
-                 f"short: {', '.join(short) or 'none'} | all | "
-                 f"{'met' if gains and not short else 'not met'} |")  # fmt: skip
+    short = [
+        m
+        for m, g in gains.items()
+        if m != "scratch-linear" and (g["1_to_10"] < need or g["10_to_100"] <= 0)
+    ]
+    gains_row = (
+        f"| every init × mode but scratch-linear: +{100 * need:g} points 1 % → 10 %, "
+        f"and more at 100 % | {len(gains) - len(short)} of {len(gains)} cells | "
+        f"short: {', '.join(short) or 'none'} | all | "
+        f"{'met' if gains and not short else 'not met'} |"
+    )
     knn = q.get("knn", {})
     margin = knn.get("margin_over_pixels")
     knn_row = "| kNN: best self-supervised − raw pixels (validation) | – | – | ≥ 3 points | – |"
     if margin is not None:
         per = knn["per_method"]
-        knn_row = (f"| kNN: best self-supervised − raw pixels (validation monitor) | "
-                   f"{knn['best_ssl']} {100 * per[knn['best_ssl']]:.2f} % vs pixels "
-                   f"{100 * per['pixels']:.2f} % | {100 * margin:+.2f} points | ≥ "
-                   f"{100 * targets['knn_margin_over_pixels']:g} points | "
-                   f"{'met' if margin >= targets['knn_margin_over_pixels'] else 'not met'} |")
-    gain_lines = [f"| {m} | {100 * g['1_to_10']:+.2f} | {100 * g['10_to_100']:+.2f} |"
-                  for m, g in gains.items()]  # fmt: skip
+        knn_row = (
+            f"| kNN: best self-supervised − raw pixels (validation monitor) | "
+            f"{knn['best_ssl']} {100 * per[knn['best_ssl']]:.2f} % vs pixels "
+            f"{100 * per['pixels']:.2f} % | {100 * margin:+.2f} points | ≥ "
+            f"{100 * targets['knn_margin_over_pixels']:g} points | "
+            f"{'met' if margin >= targets['knn_margin_over_pixels'] else 'not met'} |"
+        )
+    gain_lines = [
+        f"| {m} | {100 * g['1_to_10']:+.2f} | {100 * g['10_to_100']:+.2f} |"
+        for m, g in gains.items()
+    ]
     return [
         "## The default pipeline from a clean state (`benchmarks/pipeline.py`)",
         "",
@@ -252,13 +296,19 @@ def _peer(result: dict) -> list[str]:
     """SimCLR through lightly beside ours, per second of training."""
     m = result["machine"]
     ours, peer = result["ours"], result["lightly"]
-    rows = [f"| {name} | {p['seconds']:.0f} | {p['images']:,} | {100 * p['knn']:.2f} % |"
-            for name, side in (("ours", ours), ("lightly", peer)) for p in side["curve"]]
+    rows = [
+        f"| {name} | {p['seconds']:.0f} | {p['images']:,} | {100 * p['knn']:.2f} % |"
+        for name, side in (("ours", ours), ("lightly", peer))
+        for p in side["curve"]
+    ]
     reached = result["ours_seconds_to_lightly_final"]
     ratio = result["time_ratio"]
-    verdict = ("not reached" if reached is None else
-               f"{reached:.0f} s, {ratio:.2f}× lightly's time (goal ≤ 0.5×: "
-               f"{'met' if ratio <= 0.5 else 'not met'})")  # fmt: skip
+    verdict = (
+        "not reached"
+        if reached is None
+        else f"{reached:.0f} s, {ratio:.2f}× lightly's time (goal ≤ 0.5×: "
+        f"{'met' if ratio <= 0.5 else 'not met'})"
+    )
     return [
         "## SimCLR through lightly, side by side (`benchmarks/peer.py`)",
         "",
@@ -290,8 +340,10 @@ def _methods(result: dict) -> list[str]:
     rows = []
     for r in sorted(result["rows"], key=lambda r: -r["val_knn_acc"]):
         probe = r.get("val_probe_acc")
-        rows.append(f"| {r['method']} | {100 * r['val_knn_acc']:.2f} % | "
-                    f"{'' if probe is None else f'{100 * probe:.2f} %'} | {r['seconds']:.0f} |")
+        rows.append(
+            f"| {r['method']} | {100 * r['val_knn_acc']:.2f} % | "
+            f"{'' if probe is None else f'{100 * probe:.2f} %'} | {r['seconds']:.0f} |"
+        )
     return [
         "## Every pretraining method at equal epochs (`benchmarks/methods.py`)",
         "",
@@ -310,8 +362,14 @@ def _methods(result: dict) -> list[str]:
     ]
 
 
-SECTIONS = {"augment": _augment, "pretrain": _pretrain, "methods": _methods, "cpu": _cpu,
-            "peer": _peer, "pipeline": _pipeline}  # fmt: skip
+SECTIONS = {
+    "augment": _augment,
+    "pretrain": _pretrain,
+    "methods": _methods,
+    "cpu": _cpu,
+    "peer": _peer,
+    "pipeline": _pipeline,
+}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -119,8 +119,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.params}: ok")
             return 0
         stage = importlib.import_module(f"pipeline.stages.{args.command}")
-        extra = {k: v for k, v in vars(args).items()
-                 if k not in ("command", "dataset", "params", "log")}  # fmt: skip
+        extra = {
+            k: v for k, v in vars(args).items() if k not in ("command", "dataset", "params", "log")
+        }
         stage.run(config, dataset=args.dataset, **extra)
     except ConfigError as err:
         log.error("%s", err)

@@ -45,11 +45,18 @@ def main(args: argparse.Namespace) -> int:
 def nodes() -> list[Node]:
     """The cluster's nodes as ``sinfo`` reports them (name, CPUs, memory in MB, GPUs in GRES)."""
     try:
-        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N|%c|%m|%G"], capture_output=True,
-                             text=True, check=True, timeout=60).stdout  # fmt: skip
+        out = subprocess.run(
+            ["sinfo", "-h", "-N", "-o", "%N|%c|%m|%G"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        ).stdout
     except (OSError, subprocess.SubprocessError) as err:
-        raise SystemExit(f"error: cannot ask SLURM for its nodes (sinfo: {err}); is this a "
-                         "SLURM login node with slurmctld reachable?") from None  # fmt: skip
+        raise SystemExit(
+            f"error: cannot ask SLURM for its nodes (sinfo: {err}); is this a "
+            "SLURM login node with slurmctld reachable?"
+        ) from None
     found: dict[str, Node] = {}
     for line in out.splitlines():
         name, cpus, mem, gres = line.strip().split("|")
@@ -74,8 +81,13 @@ def problem_with(params: dict[str, Any], cluster: list[Node]) -> str | None:
         return "sinfo lists no nodes: the cluster has none up"
     for stage in STAGES:
         wanted = params["resources"][stage]
-        fits = [n for n in cluster if n.cpus >= wanted["cpus"] and n.mem_mb >= wanted["mem_mb"]
-                and n.gpus >= wanted.get("gpus", 0)]  # fmt: skip
+        fits = [
+            n
+            for n in cluster
+            if n.cpus >= wanted["cpus"]
+            and n.mem_mb >= wanted["mem_mb"]
+            and n.gpus >= wanted.get("gpus", 0)
+        ]
         if not fits:
             return (
                 f"no node of this cluster can run the {stage} stage's jobs: params.yaml asks for "
@@ -91,5 +103,7 @@ def _describe(wanted: dict[str, Any]) -> str:
 
 
 def _largest(cluster: list[Node]) -> str:
-    return (f"{max(n.cpus for n in cluster)} CPU(s), {max(n.mem_mb for n in cluster)} MB, "
-            f"{max(n.gpus for n in cluster)} GPU(s)")  # fmt: skip
+    return (
+        f"{max(n.cpus for n in cluster)} CPU(s), {max(n.mem_mb for n in cluster)} MB, "
+        f"{max(n.gpus for n in cluster)} GPU(s)"
+    )

@@ -30,19 +30,25 @@ MISSING = "-"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``compare``; ``--params`` is added by the CLI for every command."""
     parser.add_argument(
-        "executions", nargs="*", metavar="EXECUTION",
+        "executions",
+        nargs="*",
+        metavar="EXECUTION",
         help="zero, one or two executions, each an `execution` tag value or a pipeline_id "
-             "(default: the latest execution); with two, B - A is shown for each metric",
-    )  # fmt: skip
+        "(default: the latest execution); with two, B - A is shown for each metric",
+    )
     parser.add_argument(
-        "--metric", action="append", default=None, metavar="NAME",
+        "--metric",
+        action="append",
+        default=None,
+        metavar="NAME",
         help="a metric to show, or a pattern such as 'test_accuracy.*' (repeatable; "
-             "default: every metric the runs logged)",
-    )  # fmt: skip
+        "default: every metric the runs logged)",
+    )
     parser.add_argument(
-        "--experiment", default=None,
+        "--experiment",
+        default=None,
         help="MLflow experiment (default: tracking.experiment in params.yaml)",
-    )  # fmt: skip
+    )
 
 
 # --------------------------------------------------------------------------- finding runs
@@ -54,9 +60,12 @@ def _search(client: Any, experiment_id: str, filter_string: str = "") -> list[An
     token = None
     while True:
         page = client.search_runs(
-            [experiment_id], filter_string=filter_string, max_results=PAGE_SIZE,
-            order_by=["attributes.start_time ASC"], page_token=token,
-        )  # fmt: skip
+            [experiment_id],
+            filter_string=filter_string,
+            max_results=PAGE_SIZE,
+            order_by=["attributes.start_time ASC"],
+            page_token=token,
+        )
         runs.extend(page)
         token = getattr(page, "token", None)
         if not token:
@@ -213,8 +222,10 @@ def _render(header: Sequence[str], rows: Sequence[Sequence[str]], left: int) -> 
     widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(len(header))]
     lines = []
     for cells in (header, ["-" * w for w in widths], *rows):
-        parts = [c.ljust(w) if i < left else c.rjust(w)
-                 for i, (c, w) in enumerate(zip(cells, widths, strict=True))]  # fmt: skip
+        parts = [
+            c.ljust(w) if i < left else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ]
         lines.append("  ".join(parts).rstrip())
     return "\n".join(lines)
 
@@ -264,8 +275,9 @@ def table(
                 row += [_number(va), _number(vb), _difference(va, vb)]
             rows.append(row)
     text = _render(header, rows, left=3 if runs_b is None else 4)
-    repeated = sorted({k for c in (counts_a, counts_b) for k, n in c.items() if n > 1},
-                      key=_row_order)  # fmt: skip
+    repeated = sorted(
+        {k for c in (counts_a, counts_b) for k, n in c.items() if n > 1}, key=_row_order
+    )
     if repeated:
         listed = ", ".join(f"{s} {k}".strip() for s, k in repeated)
         text += f"\n\nseveral runs for {listed}: the latest started is shown"

@@ -154,8 +154,9 @@ class FinetuneConfig:
         """Every (init, mode, fraction) job of the matrix: the inits in every mode, then the
         feature baselines (raw pixels) in the frozen-encoder modes only."""
         trained = [(i, m, f) for i in self.inits for m in self.modes for f in self.fractions]
-        return trained + [(i, m, f) for i in self.baselines for m in self.baseline_modes
-                          for f in self.fractions]  # fmt: skip
+        return trained + [
+            (i, m, f) for i in self.baselines for m in self.baseline_modes for f in self.fractions
+        ]
 
 
 @dataclass(frozen=True)
@@ -251,8 +252,9 @@ def from_dict(params: Any, source: str = PARAMS_FILE) -> Config:
         pretrain=_pretrain(params["pretrain"]),
         finetune=_finetune(params["finetune"]),
         evaluate=EvaluateConfig(**params["evaluate"]),
-        visualize=VisualizeConfig(**{**params["visualize"],
-                                     "embeddings": tuple(params["visualize"]["embeddings"])}),
+        visualize=VisualizeConfig(
+            **{**params["visualize"], "embeddings": tuple(params["visualize"]["embeddings"])}
+        ),
         tracking=TrackingConfig(experiment=params["tracking"]["experiment"]),
         raw=params,
     )
@@ -292,15 +294,19 @@ def _finetune(section: dict[str, Any]) -> FinetuneConfig:
     knn = section["knn"]
     fields = {k: v for k, v in section.items() if k not in ("knn", "optimizer")}
     return FinetuneConfig(
-        **{**fields, "inits": tuple(fields["inits"]), "modes": tuple(fields["modes"]),
-           "baselines": tuple(fields["baselines"]),
-           "baseline_modes": tuple(fields["baseline_modes"]),
-           "fractions": tuple(sorted(float(f) for f in fields["fractions"])),
-           "seeds": tuple(fields["seeds"])},
+        **{
+            **fields,
+            "inits": tuple(fields["inits"]),
+            "modes": tuple(fields["modes"]),
+            "baselines": tuple(fields["baselines"]),
+            "baseline_modes": tuple(fields["baseline_modes"]),
+            "fractions": tuple(sorted(float(f) for f in fields["fractions"])),
+            "seeds": tuple(fields["seeds"]),
+        },
         optimizer=OptimizerConfig(**section["optimizer"]),
         knn_ks=tuple(knn["ks"]),
         knn_temperatures=tuple(float(t) for t in knn["temperatures"]),
-    )  # fmt: skip
+    )
 
 
 def _check_matrix(config: Config, source: str) -> None:
@@ -359,9 +365,12 @@ def _check_policy_names(config: Config, source: str) -> None:
         "finetune.policy": config.finetune.policy,
     }
     wanted.update(
-        {f"pretrain.{m}.policy": o["policy"] for m, o in config.pretrain.options.items()
-         if "policy" in o}
-    )  # fmt: skip
+        {
+            f"pretrain.{m}.policy": o["policy"]
+            for m, o in config.pretrain.options.items()
+            if "policy" in o
+        }
+    )
     for key, name in wanted.items():
         if name not in known:
             raise ConfigError(

@@ -94,73 +94,158 @@ _CELL_OUTS = (
     # Its scalars (validation accuracy, per seed and mean; best epoch; budget) are DVC metrics:
     # `dvc exp show` lists them per cell beside the test accuracies of metrics/summary.json.
     Out("metrics", f"metrics/finetune/{_CELL}.json", dvc="metrics"),
-    Out("curve", f"metrics/finetune/{_CELL}.csv", dvc="plots", plot=(
-        ("x", "epoch"), ("y", "val_acc"),
-        ("title", f"{_CELL} fine-tuning, validation accuracy"))),
-)  # fmt: skip
+    Out(
+        "curve",
+        f"metrics/finetune/{_CELL}.csv",
+        dvc="plots",
+        plot=(
+            ("x", "epoch"),
+            ("y", "val_acc"),
+            ("title", f"{_CELL} fine-tuning, validation accuracy"),
+        ),
+    ),
+)
 _CELL_DEPS = (_PREPARED, _SPLITS, _POLICY, Dep("encoder", "models/pretrain/{init}"))
 
 STAGES: tuple[Stage, ...] = (
-    Stage("download", "download", (), (
-        Out("raw", "data/raw/{dataset}", directory=True),
-        Out("prepared", "data/prepared/{dataset}", directory=True),
-    ), log="logs/download/{dataset}.log"),  # fmt: skip
-    Stage("split", "split", (_PREPARED,), (
-        Out("splits", "data/splits/{dataset}", directory=True),
-    ), log="logs/split/{dataset}.log"),  # fmt: skip
-    Stage("augment", "augment", (_PREPARED, _SPLITS), (
-        Out("policy", "data/augment/{dataset}/policy.json"),
-        Out("preview", "data/augment/{dataset}/preview.png", report="Data"),
-        Out("pool", "data/augment/{dataset}/pool", directory=True),
-    ), log="logs/augment/{dataset}.log"),  # fmt: skip
-    Stage("pretrain", "pretrain", (_PREPARED, _SPLITS, _POLICY), (
-        Out("model", "models/pretrain/{method}", directory=True),
-        Out("metrics", "metrics/pretrain/{method}.json", dvc="metrics"),
-        Out("curves", "metrics/pretrain/{method}.csv", dvc="plots", plot=(
-            ("x", "epoch"), ("y", "val_knn_acc"),
-            ("title", "{method} pretraining, validation kNN accuracy"))),
-    ), log="logs/pretrain/{method}.log", args="--method {method}",
-        loop=("foreach", "pretrain.methods")),  # fmt: skip
-    Stage("finetune", "finetune", _CELL_DEPS, _CELL_OUTS, log=f"logs/finetune/{_CELL}.log",
-          args=_CELL_ARGS, loop=("matrix", (("init", "finetune.inits"), (
-              "mode", "finetune.modes"), ("fraction", "finetune.fractions")))),  # fmt: skip
-    Stage("finetune_baseline", "finetune", _CELL_DEPS, _CELL_OUTS,
-          log=f"logs/finetune/{_CELL}.log", args=_CELL_ARGS,
-          loop=("matrix", (("init", "finetune.baselines"), ("mode", "finetune.baseline_modes"),
-                           ("fraction", "finetune.fractions"))),
-          note="The feature baselines (raw pixels) in the frozen modes: DVC's matrix cannot "
-               "leave pixels-finetune out of the stage above, so they are a stage of their "
-               "own."),  # fmt: skip
-    Stage("evaluate", "evaluate", (
-        _PREPARED, _SPLITS,
-        Dep("models", "models/finetune/{cell}", each="cells"),
-        Dep("metrics", "metrics/finetune/{cell}.json", each="cells"),
-    ), (
-        Out("cells", "metrics/eval", directory=True),
-        Out("table", "metrics/summary.csv", report="Results"),
-        Out("markdown", "metrics/summary.md"),
-        Out("summary", "metrics/summary.json", dvc="metrics"),
-        Out("curve", "metrics/label_efficiency.csv", dvc="plots", plot=(
-            ("x", "fraction"), ("y", "accuracy"),
-            ("title", "Test accuracy by label fraction (all inits and modes)")), report="Results"),
-        Out("figure", "reports/figures/label_efficiency.png", dvc="plots", report="Results"),
-    ), log="logs/evaluate/{dataset}.log"),  # fmt: skip
-    Stage("visualize", "visualize", (
-        _PREPARED, _SPLITS, _POLICY,
-        Dep("preview", "data/augment/{dataset}/preview.png"),
-        Dep("encoders", "models/pretrain/{method}", each="methods"),
-        Dep("pretrain_metrics", "metrics/pretrain/{method}.json", each="methods"),
-        Dep("pretrain_curves", "metrics/pretrain/{method}.csv", each="methods"),
-        Dep("models", "models/finetune/{cell}", each="cells"),
-        Dep("finetune_metrics", "metrics/finetune/{cell}.json", each="cells"),
-        Dep("finetune_curves", "metrics/finetune/{cell}.csv", each="cells"),
-        Dep("cells", "metrics/eval"),
-        Dep("summary", "metrics/summary.json"),
-        Dep("figure", "reports/figures/label_efficiency.png"),
-    ), (
-        Out("report", "reports/index.html", report="Report"),
-        Out("figures", "reports/figures/visualize", directory=True),
-    ), log="logs/visualize/{dataset}.log"),  # fmt: skip
+    Stage(
+        "download",
+        "download",
+        (),
+        (
+            Out("raw", "data/raw/{dataset}", directory=True),
+            Out("prepared", "data/prepared/{dataset}", directory=True),
+        ),
+        log="logs/download/{dataset}.log",
+    ),
+    Stage(
+        "split",
+        "split",
+        (_PREPARED,),
+        (Out("splits", "data/splits/{dataset}", directory=True),),
+        log="logs/split/{dataset}.log",
+    ),
+    Stage(
+        "augment",
+        "augment",
+        (_PREPARED, _SPLITS),
+        (
+            Out("policy", "data/augment/{dataset}/policy.json"),
+            Out("preview", "data/augment/{dataset}/preview.png", report="Data"),
+            Out("pool", "data/augment/{dataset}/pool", directory=True),
+        ),
+        log="logs/augment/{dataset}.log",
+    ),
+    Stage(
+        "pretrain",
+        "pretrain",
+        (_PREPARED, _SPLITS, _POLICY),
+        (
+            Out("model", "models/pretrain/{method}", directory=True),
+            Out("metrics", "metrics/pretrain/{method}.json", dvc="metrics"),
+            Out(
+                "curves",
+                "metrics/pretrain/{method}.csv",
+                dvc="plots",
+                plot=(
+                    ("x", "epoch"),
+                    ("y", "val_knn_acc"),
+                    ("title", "{method} pretraining, validation kNN accuracy"),
+                ),
+            ),
+        ),
+        log="logs/pretrain/{method}.log",
+        args="--method {method}",
+        loop=("foreach", "pretrain.methods"),
+    ),
+    Stage(
+        "finetune",
+        "finetune",
+        _CELL_DEPS,
+        _CELL_OUTS,
+        log=f"logs/finetune/{_CELL}.log",
+        args=_CELL_ARGS,
+        loop=(
+            "matrix",
+            (
+                ("init", "finetune.inits"),
+                ("mode", "finetune.modes"),
+                ("fraction", "finetune.fractions"),
+            ),
+        ),
+    ),
+    Stage(
+        "finetune_baseline",
+        "finetune",
+        _CELL_DEPS,
+        _CELL_OUTS,
+        log=f"logs/finetune/{_CELL}.log",
+        args=_CELL_ARGS,
+        loop=(
+            "matrix",
+            (
+                ("init", "finetune.baselines"),
+                ("mode", "finetune.baseline_modes"),
+                ("fraction", "finetune.fractions"),
+            ),
+        ),
+        note="The feature baselines (raw pixels) in the frozen modes: DVC's matrix cannot "
+        "leave pixels-finetune out of the stage above, so they are a stage of their "
+        "own.",
+    ),
+    Stage(
+        "evaluate",
+        "evaluate",
+        (
+            _PREPARED,
+            _SPLITS,
+            Dep("models", "models/finetune/{cell}", each="cells"),
+            Dep("metrics", "metrics/finetune/{cell}.json", each="cells"),
+        ),
+        (
+            Out("cells", "metrics/eval", directory=True),
+            Out("table", "metrics/summary.csv", report="Results"),
+            Out("markdown", "metrics/summary.md"),
+            Out("summary", "metrics/summary.json", dvc="metrics"),
+            Out(
+                "curve",
+                "metrics/label_efficiency.csv",
+                dvc="plots",
+                plot=(
+                    ("x", "fraction"),
+                    ("y", "accuracy"),
+                    ("title", "Test accuracy by label fraction (all inits and modes)"),
+                ),
+                report="Results",
+            ),
+            Out("figure", "reports/figures/label_efficiency.png", dvc="plots", report="Results"),
+        ),
+        log="logs/evaluate/{dataset}.log",
+    ),
+    Stage(
+        "visualize",
+        "visualize",
+        (
+            _PREPARED,
+            _SPLITS,
+            _POLICY,
+            Dep("preview", "data/augment/{dataset}/preview.png"),
+            Dep("encoders", "models/pretrain/{method}", each="methods"),
+            Dep("pretrain_metrics", "metrics/pretrain/{method}.json", each="methods"),
+            Dep("pretrain_curves", "metrics/pretrain/{method}.csv", each="methods"),
+            Dep("models", "models/finetune/{cell}", each="cells"),
+            Dep("finetune_metrics", "metrics/finetune/{cell}.json", each="cells"),
+            Dep("finetune_curves", "metrics/finetune/{cell}.csv", each="cells"),
+            Dep("cells", "metrics/eval"),
+            Dep("summary", "metrics/summary.json"),
+            Dep("figure", "reports/figures/label_efficiency.png"),
+        ),
+        (
+            Out("report", "reports/index.html", report="Report"),
+            Out("figures", "reports/figures/visualize", directory=True),
+        ),
+        log="logs/visualize/{dataset}.log",
+    ),
 )
 
 
@@ -169,8 +254,9 @@ def stage(name: str) -> Stage:
     for declared in STAGES:
         if declared.name == name:
             return declared
-    raise KeyError(f"no stage {name!r} in pipeline/dag.py; declared: "
-                   f"{', '.join(s.name for s in STAGES)}")  # fmt: skip
+    raise KeyError(
+        f"no stage {name!r} in pipeline/dag.py; declared: {', '.join(s.name for s in STAGES)}"
+    )
 
 
 def command_line(declared: Stage) -> str:
@@ -199,8 +285,11 @@ def code(command: str) -> tuple[str, ...]:
         todo += _imports(path, module)
         if module in PLUGINS:
             package = ROOT.joinpath(*PLUGINS[module].split("."))
-            todo += [f"{PLUGINS[module]}.{p.stem}" for p in sorted(package.glob("*.py"))
-                     if p.stem != "__init__"]  # fmt: skip
+            todo += [
+                f"{PLUGINS[module]}.{p.stem}"
+                for p in sorted(package.glob("*.py"))
+                if p.stem != "__init__"
+            ]
     files = sorted(str(path.relative_to(ROOT)) for path in seen.values())
     return (*files, SCHEMA)
 
@@ -238,8 +327,9 @@ def _for_snakemake(declared: Stage, path: str, dataset: str) -> str:
     return path if declared.dataset_wildcard else path.replace("{dataset}", dataset)
 
 
-def snakemake_inputs(name: str, dataset: str, methods: Iterable[str],
-                     cells: Iterable[str]) -> dict[str, Any]:  # fmt: skip
+def snakemake_inputs(
+    name: str, dataset: str, methods: Iterable[str], cells: Iterable[str]
+) -> dict[str, Any]:
     """A rule's named inputs; its code is ``code(command)``, listed first by the rule."""
     declared = stage(name)
     loops = {"methods": ("method", list(methods)), "cells": ("cell", list(cells))}
@@ -254,8 +344,12 @@ def snakemake_inputs(name: str, dataset: str, methods: Iterable[str],
     return inputs
 
 
-def snakemake_outputs(name: str, dataset: str, directory: Callable[[str], Any],
-                      report: Callable[..., Any] | None = None) -> dict[str, Any]:  # fmt: skip
+def snakemake_outputs(
+    name: str,
+    dataset: str,
+    directory: Callable[[str], Any],
+    report: Callable[..., Any] | None = None,
+) -> dict[str, Any]:
     """A rule's named outputs; folders wrapped in Snakemake's ``directory``, and the outputs a
     reader of ``snakemake --report`` wants (the study's page, figure and tables) in ``report``."""
     declared = stage(name)
@@ -353,8 +447,12 @@ def dvc_yaml() -> str:
     )
     blocks = []
     for declared in STAGES:
-        text = yaml.safe_dump({declared.name: dvc_stage(declared)}, sort_keys=False, width=4096,
-                              default_flow_style=False)  # fmt: skip
+        text = yaml.safe_dump(
+            {declared.name: dvc_stage(declared)},
+            sort_keys=False,
+            width=4096,
+            default_flow_style=False,
+        )
         note = "".join(f"  # {line}\n" for line in _wrap(declared.note)) if declared.note else ""
         blocks.append(note + "".join(f"  {line}\n" for line in text.splitlines()))
     return header + "stages:\n" + "\n".join(blocks)
@@ -367,20 +465,31 @@ def _wrap(text: str, width: int = 94) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.dag", description=__doc__.split(
-        "\n\n")[0])  # fmt: skip
-    parser.add_argument("--check", action="store_true",
-                        help="exit 1 if the file differs from what pipeline/dag.py generates")
-    parser.add_argument("--file", type=Path, default=ROOT / DVC_FILE,
-                        help="the dvc.yaml to write or check (default: the repository's)")
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.dag", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 if the file differs from what pipeline/dag.py generates",
+    )
+    parser.add_argument(
+        "--file",
+        type=Path,
+        default=ROOT / DVC_FILE,
+        help="the dvc.yaml to write or check (default: the repository's)",
+    )
     args = parser.parse_args(argv)
     target = args.file
     text = dvc_yaml()
     current = target.read_text(encoding="utf-8") if target.is_file() else ""
     if args.check:
         if current != text:
-            print(f"error: {target} is stale (pipeline/dag.py declares other stages); "
-                  "regenerate it with: python -m pipeline.dag", file=sys.stderr)  # fmt: skip
+            print(
+                f"error: {target} is stale (pipeline/dag.py declares other stages); "
+                "regenerate it with: python -m pipeline.dag",
+                file=sys.stderr,
+            )
             return 1
         print(f"{target} is current")
         return 0

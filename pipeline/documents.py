@@ -64,8 +64,12 @@ class PolicyDocument:
 
     def image_fields(self) -> dict[str, Any]:
         """What an encoder's description records about its input, in the order it is written."""
-        return {"in_channels": self.channels, "image_size": self.image_size, "mean": self.mean,
-                "std": self.std}  # fmt: skip
+        return {
+            "in_channels": self.channels,
+            "image_size": self.image_size,
+            "mean": self.mean,
+            "std": self.std,
+        }
 
     def normalizer(self, policy: str | None = None) -> Any:
         """A BatchAugment for ``policy`` (None: normalization only), on the CPU."""
@@ -103,8 +107,7 @@ class EncoderDescription:
     def from_dict(cls, raw: Any, where: Any) -> EncoderDescription:
         """The view of a parsed encoder.json; anything else is an error naming ``where``."""
         fields = [f.name for f in dataclasses.fields(cls)]
-        required = [f.name for f in dataclasses.fields(cls)
-                    if f.default is dataclasses.MISSING]  # fmt: skip
+        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
         problem = None
         if not isinstance(raw, dict):
             problem = f"expected a mapping, got {type(raw).__name__}"
@@ -131,5 +134,6 @@ class EncoderDescription:
         """Normalization with the statistics the encoder was trained on, on the CPU."""
         from pipeline.augment import BatchAugment
 
-        return BatchAugment({}, (self.image_size, self.image_size), self.in_channels, self.mean,
-                            self.std)  # fmt: skip
+        return BatchAugment(
+            {}, (self.image_size, self.image_size), self.in_channels, self.mean, self.std
+        )

@@ -486,8 +486,16 @@ def _draw_label_efficiency(figure: Any, summary: Sequence[dict[str, Any]]) -> No
         high = np.array([e["ci_high"] for e in entries]) * 100
         yerr = np.clip(np.stack([mean - low, high - mean]), 0, None)
         linestyle, marker = styles.get(mode, ("-.", "d"))
-        axes.errorbar(x, mean, yerr=yerr, marker=marker, linestyle=linestyle, capsize=3,
-                      color=palette(inits.index(init) % palette.N), label=f"{init} / {mode}")
+        axes.errorbar(
+            x,
+            mean,
+            yerr=yerr,
+            marker=marker,
+            linestyle=linestyle,
+            capsize=3,
+            color=palette(inits.index(init) % palette.N),
+            label=f"{init} / {mode}",
+        )
     fractions = sorted({float(e["fraction"]) for e in summary})
     axes.set_xscale("log")
     axes.set_xticks(fractions, [_fraction_label(f) for f in fractions])

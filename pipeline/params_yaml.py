@@ -131,9 +131,11 @@ class _Loader(yaml.SafeLoader):
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.depth >= MAX_DEPTH:
             raise yaml.composer.ComposerError(
-                None, None, f"nested more than {MAX_DEPTH} levels deep; params.yaml needs 6",
+                None,
+                None,
+                f"nested more than {MAX_DEPTH} levels deep; params.yaml needs 6",
                 self.peek_event().start_mark,
-            )  # fmt: skip
+            )
         self.depth += 1
         try:
             return super().compose_node(parent, index)
@@ -155,8 +157,12 @@ def _unreadable(node: Any) -> str:
     text = node.value if isinstance(node.value, str) else ""
     if tag == "int" and text.lstrip("+-").replace("_", "").isdigit():
         return f"an integer of {len(text)} digits is too long; integers must fit in 64 bits"
-    kind = {"int": "an integer", "float": "a number", "bool": "true or false",
-            "timestamp": "a date"}.get(tag, f"!!{tag}")  # fmt: skip
+    kind = {
+        "int": "an integer",
+        "float": "a number",
+        "bool": "true or false",
+        "timestamp": "a date",
+    }.get(tag, f"!!{tag}")
     return (
         f"{_show(text)} cannot be read as {kind} (tag !!{tag}); "
         "put the value in quotes if it is meant as a string"
@@ -254,9 +260,17 @@ def _kind(value: Any) -> str:
     """What a YAML value is, in words: for messages about a value of the wrong kind."""
     if value is None:
         return "null (nothing)"
-    kinds = ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
-             (list, "a list"), (dict, "a mapping"), (dt.datetime, "a date and time"),
-             (dt.date, "a date"), (bytes, "binary data"))  # fmt: skip
+    kinds = (
+        (bool, "a boolean"),
+        (int, "an integer"),
+        (float, "a number"),
+        (str, "a string"),
+        (list, "a list"),
+        (dict, "a mapping"),
+        (dt.datetime, "a date and time"),
+        (dt.date, "a date"),
+        (bytes, "binary data"),
+    )
     return next((word for cls, word in kinds if isinstance(value, cls)), type(value).__name__)
 
 
@@ -308,10 +322,6 @@ def _validator_class() -> Any:
         {"orderedRange": ordered_range, "writtenAsFloat": written_as_float},
         type_checker=types,
     )
-
-
-
-
 
 
 def _fill_defaults(schema: dict[str, Any], instance: dict[str, Any], root: Any = None) -> None:

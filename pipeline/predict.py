@@ -25,18 +25,26 @@ BATCH_SIZE = 256
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``predict``."""
     parser.add_argument(
-        "--model", type=Path, required=True, metavar="PATH",
+        "--model",
+        type=Path,
+        required=True,
+        metavar="PATH",
         help="a classifier folder written by the finetune stage "
-             "(models/finetune/<init>-<mode>-<fraction>)",
-    )  # fmt: skip
+        "(models/finetune/<init>-<mode>-<fraction>)",
+    )
     parser.add_argument(
-        "--seed", type=int, default=None,
+        "--seed",
+        type=int,
+        default=None,
         help="which seed's weights to use (default: the first one saved)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--top-k", type=int, default=3, metavar="K",
+        "--top-k",
+        type=int,
+        default=3,
+        metavar="K",
         help="how many of the most probable classes to print per image (default: 3)",
-    )  # fmt: skip
+    )
     parser.add_argument("images", type=Path, nargs="+", help="image files (PNG, JPEG, ...)")
 
 
@@ -74,11 +82,15 @@ def predict(
             probabilities = probabilities_of(module, description, batch)
             values, indices = probabilities.topk(k, dim=1)  # sorted, largest first
             for offset, (row_p, row_i) in enumerate(zip(values, indices, strict=True)):
-                results.append({
-                    "image": str(paths[start + offset]),
-                    "top": [{"class": classes[int(i)], "probability": float(p)}
-                            for p, i in zip(row_p, row_i, strict=True)],
-                })  # fmt: skip
+                results.append(
+                    {
+                        "image": str(paths[start + offset]),
+                        "top": [
+                            {"class": classes[int(i)], "probability": float(p)}
+                            for p, i in zip(row_p, row_i, strict=True)
+                        ],
+                    }
+                )
     return results
 
 

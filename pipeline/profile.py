@@ -22,8 +22,9 @@ from pipeline.io import write_text
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``profile``; ``--params`` (the file to write) is added by the CLI."""
     parser.add_argument("overlay", type=Path, help="the profile to apply, e.g. params.gpu.yaml")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print the keys that would change and write nothing")  # fmt: skip
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the keys that would change and write nothing"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -48,8 +49,10 @@ def apply(target: Path, overlay_path: Path) -> tuple[str, list[tuple[str, Any, A
     """
     _, overlay = read_params(overlay_path)
     if not isinstance(overlay, dict):
-        raise ConfigError(f"{overlay_path}: a profile is a mapping of params.yaml keys; "
-                          f"this file holds {type(overlay).__name__}")  # fmt: skip
+        raise ConfigError(
+            f"{overlay_path}: a profile is a mapping of params.yaml keys; "
+            f"this file holds {type(overlay).__name__}"
+        )
     base_text, _ = read_params(target)  # a broken params.yaml is reported as usual
     yaml = _round_trip()
     document = yaml.load(base_text)
@@ -60,14 +63,17 @@ def apply(target: Path, overlay_path: Path) -> tuple[str, list[tuple[str, Any, A
     return out.getvalue(), changes
 
 
-def _merge(base: Any, overlay: dict, source: Path, target: Path,
-           prefix: tuple[str, ...]) -> Iterator[tuple[str, Any, Any]]:  # fmt: skip
+def _merge(
+    base: Any, overlay: dict, source: Path, target: Path, prefix: tuple[str, ...]
+) -> Iterator[tuple[str, Any, Any]]:
     """Write ``overlay`` into ``base`` in place, yielding each changed leaf."""
     for key, value in overlay.items():
         where = ".".join((*prefix, str(key)))
         if key not in base:
-            raise ConfigError(f"{source}: {where} is not a key of {target}; a profile may only "
-                              "change existing keys (check its spelling)")  # fmt: skip
+            raise ConfigError(
+                f"{source}: {where} is not a key of {target}; a profile may only "
+                "change existing keys (check its spelling)"
+            )
         old = base[key]
         if isinstance(value, dict) != isinstance(old, dict):
             kind = "a mapping" if isinstance(old, dict) else "a single value or list"
@@ -109,5 +115,6 @@ def _round_trip() -> Any:
     yaml.width = 4096
     yaml.preserve_quotes = True
     yaml.representer.add_representer(
-        type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
+        type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null")
+    )
     return yaml

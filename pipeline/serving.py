@@ -38,8 +38,12 @@ class Classifier(PythonModel):
         pixels = np.asarray(model_input, dtype=np.uint8)
         probabilities = probabilities_of(self.module, self.description, pixels).numpy()
         best = probabilities.argmax(axis=1)
-        table = pd.DataFrame({"class": [self.classes[i] for i in best],
-                              "probability": probabilities.max(axis=1).astype(float)})  # fmt: skip
+        table = pd.DataFrame(
+            {
+                "class": [self.classes[i] for i in best],
+                "probability": probabilities.max(axis=1).astype(float),
+            }
+        )
         for index, name in enumerate(self.classes):
             table[f"p_{name}"] = probabilities[:, index].astype(float)
         return table

@@ -109,8 +109,9 @@ def with_retry(call: Callable[[], T], what: str) -> T:
                     "holds a write on it; stop that process, or give this pipeline its own "
                     "store (MLFLOW_TRACKING_URI=sqlite:////abs/path/other.db) or an mlflow server"
                 ) from err
-            log.warning("MLflow store locked while %s (try %d); retrying in %.0f s",
-                        what, attempt, delay)  # fmt: skip
+            log.warning(
+                "MLflow store locked while %s (try %d); retrying in %.0f s", what, attempt, delay
+            )
             time.sleep(delay)
     raise AssertionError("unreachable")
 
@@ -184,8 +185,9 @@ def prepare_store(uri: str) -> None:
     from mlflow.tracking import MlflowClient
 
     with _exclusive(path.with_name(f"{path.name}.lock"), uri):
-        with_retry(lambda: MlflowClient(uri).search_experiments(max_results=1),
-                   "creating the store")  # fmt: skip
+        with_retry(
+            lambda: MlflowClient(uri).search_experiments(max_results=1), "creating the store"
+        )
     _prepared.add(uri)
 
 
@@ -197,8 +199,11 @@ def git_state(cwd: Path | None = None) -> tuple[str, bool]:
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=cwd, capture_output=True, text=True, check=True,
-        ).stdout.strip()  # fmt: skip
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "nogit", False
     return commit, bool(dirty)
@@ -249,17 +254,20 @@ class TrackedRun:
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         if batch:
-            with_retry(lambda: self.client.log_batch(self.run_id, metrics=batch),
-                       "logging metrics")  # fmt: skip
+            with_retry(lambda: self.client.log_batch(self.run_id, metrics=batch), "logging metrics")
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        with_retry(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path),
-                   f"logging artifact {path}")  # fmt: skip
+        with_retry(
+            lambda: self.client.log_artifact(self.run_id, str(path), artifact_path),
+            f"logging artifact {path}",
+        )
 
     def terminate(self, status: str) -> None:
         """End the run FINISHED or FAILED (retried: a run left RUNNING would hide the result)."""
-        with_retry(lambda: self.client.set_terminated(self.run_id, status=status),
-                   f"marking the run {status}")  # fmt: skip
+        with_retry(
+            lambda: self.client.set_terminated(self.run_id, status=status),
+            f"marking the run {status}",
+        )
 
 
 class _Untracked(TrackedRun):
@@ -309,12 +317,15 @@ def ensure_experiment(mlflow_client: Any, name: str) -> str:
     root = artifacts_root(tracking_uri())
     location = None if root is None else root.as_uri()
     try:
-        return with_retry(lambda: mlflow_client.create_experiment(name, artifact_location=location),
-                          "creating the experiment")  # fmt: skip
+        return with_retry(
+            lambda: mlflow_client.create_experiment(name, artifact_location=location),
+            "creating the experiment",
+        )
     except MlflowException:
         # Another stage created it between our look-up and our create.
-        found = with_retry(lambda: mlflow_client.get_experiment_by_name(name),
-                           "finding the experiment")  # fmt: skip
+        found = with_retry(
+            lambda: mlflow_client.get_experiment_by_name(name), "finding the experiment"
+        )
         if found is None:
             raise
         return found.experiment_id
@@ -330,8 +341,11 @@ def resource_metrics(started: float) -> dict[str, float]:
 
     now = time.perf_counter()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"stage_seconds": now - started, "process_seconds": now - pipeline.PROCESS_STARTED,
-            "peak_rss_mb": peak}  # fmt: skip
+    return {
+        "stage_seconds": now - started,
+        "process_seconds": now - pipeline.PROCESS_STARTED,
+        "peak_rss_mb": peak,
+    }
 
 
 #: One id per pipeline invocation (``make run`` sets it; else the Snakefile does), a tag of
@@ -389,11 +403,17 @@ def start_execution(config: Config, runner: str) -> str:
     experiment_id = ensure_experiment(mlflow_client, config.tracking.experiment)
     tags = {**_common_tags(config, runner), "role": "execution", "runner": runner}
     name = f"execution-{os.environ[EXECUTION_ENV]}"
-    run = with_retry(lambda: mlflow_client.create_run(experiment_id, tags=tags, run_name=name),
-                     "creating the execution's run")  # fmt: skip
+    run = with_retry(
+        lambda: mlflow_client.create_run(experiment_id, tags=tags, run_name=name),
+        "creating the execution's run",
+    )
     _started_parent = os.environ[PARENT_ENV] = run.info.run_id
-    log.info("MLflow execution %s: parent run %s in %s", os.environ[EXECUTION_ENV],
-             run.info.run_id, tracking_uri())  # fmt: skip
+    log.info(
+        "MLflow execution %s: parent run %s in %s",
+        os.environ[EXECUTION_ENV],
+        run.info.run_id,
+        tracking_uri(),
+    )
     return run.info.run_id
 
 
@@ -411,8 +431,9 @@ def _system_metrics(run_id: str) -> Any:
     try:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S,
-                                       tracking_uri=tracking_uri())  # fmt: skip
+        monitor = SystemMetricsMonitor(
+            run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, tracking_uri=tracking_uri()
+        )
     except Exception as err:  # noqa: BLE001 - a missing sampler must not stop the stage
         log.warning("no system metrics for run %s: %s", run_id, err)
         return None
@@ -429,8 +450,11 @@ def stage_run(
     It is nested under the pipeline invocation's parent run when there is one (PARENT_ENV)."""
     mlflow_client = client()
     experiment_id = ensure_experiment(mlflow_client, config.tracking.experiment)
-    tags = {"stage": stage, "dataset": dataset,
-            **_common_tags(config, f"python -m pipeline {stage}")}  # fmt: skip
+    tags = {
+        "stage": stage,
+        "dataset": dataset,
+        **_common_tags(config, f"python -m pipeline {stage}"),
+    }
     if os.environ.get(PARENT_ENV):
         tags["mlflow.parentRunId"] = os.environ[PARENT_ENV]
     run = with_retry(

@@ -26,9 +26,16 @@ from pipeline.io import write_bytes
 log = logging.getLogger(__name__)
 
 
-def make_trainer(config: Config, tracked: Any, epochs: int, steps_per_epoch: int,
-                 callbacks: list, prefix: str = "", label: str = "training",
-                 **options: Any) -> Any:  # fmt: skip
+def make_trainer(
+    config: Config,
+    tracked: Any,
+    epochs: int,
+    steps_per_epoch: int,
+    callbacks: list,
+    prefix: str = "",
+    label: str = "training",
+    **options: Any,
+) -> Any:
     """The Trainer every training stage uses: accelerator chosen by Lightning, the precision of
     ``trainer.precision`` (:func:`precision`), deterministic on the CPU, per-epoch metrics into
     the stage's own MLflow run, one progress line per epoch (``label`` names the job in it) and
@@ -103,8 +110,9 @@ class EpochProgress:
         self._epoch_started = self._train_ended = time.perf_counter()
         self._images = 0
 
-    def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:  # fmt: skip
+    def on_train_batch_end(
+        self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         first = batch[0] if isinstance(batch, (tuple, list)) else batch
         self._images += len(first) * trainer.world_size
         self._train_ended = time.perf_counter()
@@ -114,8 +122,14 @@ class EpochProgress:
             return
         seconds = time.perf_counter() - self._epoch_started
         self._epoch_seconds.append(seconds)
-        log.info("%s", self.line(trainer.current_epoch + 1, trainer.max_epochs,
-                                 getattr(module, "history", None) or [{}]))  # fmt: skip
+        log.info(
+            "%s",
+            self.line(
+                trainer.current_epoch + 1,
+                trainer.max_epochs,
+                getattr(module, "history", None) or [{}],
+            ),
+        )
 
     def line(self, epoch: int, epochs: int, history: list[dict]) -> str:
         """``pretrain simclr: epoch 3/20  train_loss 4.12  val_knn_acc 0.812  4,950 img/s
@@ -126,8 +140,7 @@ class EpochProgress:
         rate = self._images / train_seconds
         mean = sum(self._epoch_seconds) / max(len(self._epoch_seconds), 1)
         left = _duration(mean * max(epochs - epoch, 0))
-        return (f"{self.label}: epoch {epoch}/{epochs}  {monitors}  {rate:,.0f} img/s  "
-                f"{left} left")  # fmt: skip
+        return f"{self.label}: epoch {epoch}/{epochs}  {monitors}  {rate:,.0f} img/s  {left} left"
 
 
 def _duration(seconds: float) -> str:

@@ -27,16 +27,26 @@ from tests.conftest import (
     write_tiny_idx,
 )
 
-METHODS = ["scratch", "pixels", "pca", "simclr", "autoencoder", "rotation", "inpainting", "vae",
-           "gan"]
+METHODS = [
+    "scratch",
+    "pixels",
+    "pca",
+    "simclr",
+    "autoencoder",
+    "rotation",
+    "inpainting",
+    "vae",
+    "gan",
+]
 
 
 def project(root: Path, source: Path, data: Path) -> Path:
     root.mkdir()
     for name in PROJECT_FILES:
         if (source / name).is_dir():
-            shutil.copytree(source / name, root / name,
-                            ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+            shutil.copytree(
+                source / name, root / name, ignore=shutil.ignore_patterns("__pycache__")
+            )
         elif (source / name).exists():
             shutil.copy2(source / name, root / name)
     params = params_for("idx")
@@ -45,28 +55,44 @@ def project(root: Path, source: Path, data: Path) -> Path:
     params["pretrain"].update(methods=METHODS, epochs=1, batch_size=64)
     params["pretrain"]["monitor"]["knn_max_train"] = 200
     params["pretrain"]["inpainting"]["mask_size"] = 4
-    params["finetune"].update(inits=[m for m in METHODS if m != "pixels"],
-                              modes=["linear", "knn", "finetune"], seeds=[0], max_passes=1,
-                              min_steps=1, batch_size=64, min_steps_per_epoch=1)  # fmt: skip
+    params["finetune"].update(
+        inits=[m for m in METHODS if m != "pixels"],
+        modes=["linear", "knn", "finetune"],
+        seeds=[0],
+        max_passes=1,
+        min_steps=1,
+        batch_size=64,
+        min_steps_per_epoch=1,
+    )
     params["split"]["label_fractions"] = [1.0]
     params["evaluate"]["bootstrap"] = 50
-    params["visualize"].update(embedding_images=50, embeddings=["tsne"], deconv_images=16,
-                               deconv_channels=2, deconv_top=2, cam_examples=1)  # fmt: skip
+    params["visualize"].update(
+        embedding_images=50,
+        embeddings=["tsne"],
+        deconv_images=16,
+        deconv_channels=2,
+        deconv_top=2,
+        cam_examples=1,
+    )
     params["visualize"]["toy"].update(samples=40, depths=[0, 1], widths=[4], steps=20)
     write_params(root, sync_matrix(params))
     return root
 
 
 def hashes(root: Path) -> dict[str, str]:
-    return {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest()
-            for top in ("data", "metrics", "models") for f in sorted((root / top).rglob("*"))
-            if f.is_file()}  # fmt: skip
+    return {
+        str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest()
+        for top in ("data", "metrics", "models")
+        for f in sorted((root / top).rglob("*"))
+        if f.is_file()
+    }
 
 
 def tree(commit: str, where: Path) -> Path:
     where.mkdir()
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", commit], check=True,
-                             capture_output=True).stdout  # fmt: skip
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", commit], check=True, capture_output=True
+    ).stdout
     subprocess.run(["tar", "-x", "-C", str(where)], input=archive, check=True)
     return where
 
@@ -83,12 +109,19 @@ def main(argv: list[str]) -> int:
     env["PATH"] = f"{REPO / '.venv' / 'bin'}:{env['PATH']}"
     roots = {"old": project(base / "old", old, data), "new": project(base / "new", new, data)}
     for root in roots.values():
-        subprocess.run(["snakemake", "--cores", "2", "--quiet"], cwd=root, env=env, check=True,
-                       capture_output=True)  # fmt: skip
+        subprocess.run(
+            ["snakemake", "--cores", "2", "--quiet"],
+            cwd=root,
+            env=env,
+            check=True,
+            capture_output=True,
+        )
     a, b = hashes(roots["old"]), hashes(roots["new"])
     differ = sorted(k for k in a.keys() & b.keys() if a[k] != b[k])
-    print(f"{len(a)} files old, {len(b)} new; only old: {sorted(a.keys() - b.keys())}; only new: "
-          f"{sorted(b.keys() - a.keys())}; different: {differ}")  # fmt: skip
+    print(
+        f"{len(a)} files old, {len(b)} new; only old: {sorted(a.keys() - b.keys())}; only new: "
+        f"{sorted(b.keys() - a.keys())}; different: {differ}"
+    )
     return 0 if a == b else 1
 
 

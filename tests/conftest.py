@@ -123,9 +123,14 @@ def run_env() -> dict[str, str]:
 def run(cmd: list[str] | str, cwd: Path, check: bool = True, **kw) -> subprocess.CompletedProcess:
     """Run a command, returning its output; on failure the assertion shows what it printed."""
     result = subprocess.run(
-        cmd, cwd=cwd, env=kw.pop("env", run_env()), capture_output=True, text=True,
-        shell=isinstance(cmd, str), **kw,
-    )  # fmt: skip
+        cmd,
+        cwd=cwd,
+        env=kw.pop("env", run_env()),
+        capture_output=True,
+        text=True,
+        shell=isinstance(cmd, str),
+        **kw,
+    )
     if check and result.returncode != 0:
         raise AssertionError(
             f"{cmd} exited {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
@@ -153,12 +158,24 @@ def project(tmp_path: Path, tiny_idx: Path) -> Path:
     # gan: the method that steps its own optimizers goes through both runners too.
     params["pretrain"].update(methods=["scratch", "simclr", "gan"], epochs=1, batch_size=64)
     params["pretrain"]["monitor"]["knn_max_train"] = 200
-    params["finetune"].update(modes=["linear", "knn"], seeds=[0], max_passes=1, min_steps=1,
-                              batch_size=64, min_steps_per_epoch=1)  # fmt: skip
+    params["finetune"].update(
+        modes=["linear", "knn"],
+        seeds=[0],
+        max_passes=1,
+        min_steps=1,
+        batch_size=64,
+        min_steps_per_epoch=1,
+    )
     params["split"]["label_fractions"] = [1.0]
     params["evaluate"]["bootstrap"] = 50
-    params["visualize"].update(embedding_images=50, embeddings=["tsne"], deconv_images=16,
-                               deconv_channels=2, deconv_top=2, cam_examples=1)
+    params["visualize"].update(
+        embedding_images=50,
+        embeddings=["tsne"],
+        deconv_images=16,
+        deconv_channels=2,
+        deconv_top=2,
+        cam_examples=1,
+    )
     params["visualize"]["toy"].update(samples=40, depths=[0, 1], widths=[4], steps=20)
     sync_matrix(params)
     write_params(root, params)

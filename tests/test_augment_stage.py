@@ -99,7 +99,7 @@ def test_a_missing_split_names_the_stage_that_makes_it(workdir: Path, tiny_idx: 
         ("supervised.gaussian_blur", {"p": 0.5, "kernel_size": 4}, "must be an odd number"),
         ("supervised.rotation", {"p": 0.5}, "missing key augment.policies.supervised.rotation.deg"),
     ],
-)  # fmt: skip
+)
 def test_bad_policies_are_schema_errors_naming_the_key(path, value, expected):
     params = params_for()
     *parents, last = path.split(".")

@@ -21,9 +21,20 @@ from benchmarks import pretrain, report
 from tests.conftest import REPO
 
 PRETRAIN_KEYS = {
-    "ours_img_s", "per_sample_img_s", "ratio", "model_only_img_s", "backbone", "width",
-    "batch_size", "steps", "rounds", "machine", "resnet18_w32_img_s", "device", "precision",
-}  # fmt: skip
+    "ours_img_s",
+    "per_sample_img_s",
+    "ratio",
+    "model_only_img_s",
+    "backbone",
+    "width",
+    "batch_size",
+    "steps",
+    "rounds",
+    "machine",
+    "resnet18_w32_img_s",
+    "device",
+    "precision",
+}
 
 
 @pytest.fixture
@@ -37,10 +48,16 @@ def threads() -> Iterator[None]:
 def test_pretrain_benchmark_measures_both_paths(threads: None) -> None:
     images = torch.randint(0, 256, (512, 1, 28, 28), dtype=torch.uint8)
     result = pretrain.run(
-        steps=2, params=REPO / "params.yaml", images=images, data="random", batch_size=64,
-        rounds=1, warmup=1, resnets=[{"width": 32, "batch_size": 16, "steps": 1}],
+        steps=2,
+        params=REPO / "params.yaml",
+        images=images,
+        data="random",
+        batch_size=64,
+        rounds=1,
+        warmup=1,
+        resnets=[{"width": 32, "batch_size": 16, "steps": 1}],
         device=torch.device("cpu"),
-    )  # fmt: skip
+    )
     assert not PRETRAIN_KEYS - result.keys()
     for key in ("ours_img_s", "per_sample_img_s", "model_only_img_s", "resnet18_w32_img_s"):
         assert math.isfinite(result[key]) and result[key] > 0, key
@@ -60,33 +77,65 @@ def test_two_view_dataset_gives_two_different_views() -> None:
 
 
 def _machine(gpu: str | None) -> dict[str, Any]:
-    return {"date": "2025-01-01 00:00 UTC", "cpu": "Test CPU", "cores": 2, "gpu": gpu,
-            "python": "3.11", "torch": "2.x", "command": "python -m benchmarks.x"}  # fmt: skip
+    return {
+        "date": "2025-01-01 00:00 UTC",
+        "cpu": "Test CPU",
+        "cores": 2,
+        "gpu": gpu,
+        "python": "3.11",
+        "torch": "2.x",
+        "command": "python -m benchmarks.x",
+    }
 
 
 def _augment_result() -> dict[str, Any]:
     return {
-        "batched_img_s": 100_000.0, "kornia_img_s": 50_000.0, "per_sample_img_s": 5_000.0,
-        "cifar_batched_img_s": 20_000.0, "cifar_kornia_img_s": 10_000.0, "ratio": 20.0,
-        "batch_size": 512, "threads": 2, "rounds": 3, "batches": 20, "machine": _machine(None),
-    }  # fmt: skip
+        "batched_img_s": 100_000.0,
+        "kornia_img_s": 50_000.0,
+        "per_sample_img_s": 5_000.0,
+        "cifar_batched_img_s": 20_000.0,
+        "cifar_kornia_img_s": 10_000.0,
+        "ratio": 20.0,
+        "batch_size": 512,
+        "threads": 2,
+        "rounds": 3,
+        "batches": 20,
+        "machine": _machine(None),
+    }
 
 
 def _pretrain_result(gpu: str | None) -> dict[str, Any]:
     util = 50.0 if gpu else None
     resnets = [{"width": 32, "batch_size": 256, "steps": 5, "img_s": 150.0, "gpu_util_pct": util}]
     if gpu:
-        resnets.append({"width": 64, "batch_size": 512, "steps": 20, "img_s": 9_000.0,
-                        "gpu_util_pct": 90.0})  # fmt: skip
+        resnets.append(
+            {"width": 64, "batch_size": 512, "steps": 20, "img_s": 9_000.0, "gpu_util_pct": 90.0}
+        )
     return {
-        "ours_img_s": 900.0, "per_sample_img_s": 300.0, "ratio": 3.0, "target_ratio": 3.0,
-        "model_only_img_s": 1_000.0, "backbone": "lenet5", "width": 32, "batch_size": 256,
-        "steps": 20, "rounds": 3, "warmup_steps": 2, "threads": 2, "workers": 2,
-        "device": gpu or "cpu", "precision": "bf16-mixed" if gpu else "32-true",
-        "gpu_util_ours_pct": util, "gpu_util_per_sample_pct": util, "optimizer": "adamw",
-        "simclr": {"temperature": 0.5}, "data": "fashion-mnist", "resnet18": resnets,
-        "resnet18_w32_img_s": 150.0, "machine": _machine(gpu),
-    }  # fmt: skip
+        "ours_img_s": 900.0,
+        "per_sample_img_s": 300.0,
+        "ratio": 3.0,
+        "target_ratio": 3.0,
+        "model_only_img_s": 1_000.0,
+        "backbone": "lenet5",
+        "width": 32,
+        "batch_size": 256,
+        "steps": 20,
+        "rounds": 3,
+        "warmup_steps": 2,
+        "threads": 2,
+        "workers": 2,
+        "device": gpu or "cpu",
+        "precision": "bf16-mixed" if gpu else "32-true",
+        "gpu_util_ours_pct": util,
+        "gpu_util_per_sample_pct": util,
+        "optimizer": "adamw",
+        "simclr": {"temperature": 0.5},
+        "data": "fashion-mnist",
+        "resnet18": resnets,
+        "resnet18_w32_img_s": 150.0,
+        "machine": _machine(gpu),
+    }
 
 
 @pytest.mark.parametrize("gpu", [None, "NVIDIA H100"])
@@ -146,15 +195,28 @@ def test_pipeline_benchmark_measures_a_clean_run_its_reruns_and_the_targets(
     figure = tmp_path / "results" / "label_efficiency.png"
     # The re-run measurement changes an evaluation param: it re-runs evaluate and visualize,
     # not the fine-tuning cells (the real benchmark changes a fine-tuning one).
-    result = pipeline.run(source=project, cores=2, workdir=bench, params=sync_matrix(params),
-                          figure_to=figure, change=("evaluate", "bootstrap", 60))  # fmt: skip
+    result = pipeline.run(
+        source=project,
+        cores=2,
+        workdir=bench,
+        params=sync_matrix(params),
+        figure_to=figure,
+        change=("evaluate", "bootstrap", 60),
+    )
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| scratch | knn |" in result["summary_markdown"]
 
     assert list(result["stages"]) == list(pipeline.STAGES)
     jobs = {stage: cost["jobs"] for stage, cost in result["stages"].items()}
-    assert jobs == {"download": 1, "split": 1, "augment": 1, "pretrain": 2, "finetune": 4,
-                    "evaluate": 1, "visualize": 1}  # fmt: skip
+    assert jobs == {
+        "download": 1,
+        "split": 1,
+        "augment": 1,
+        "pretrain": 2,
+        "finetune": 4,
+        "evaluate": 1,
+        "visualize": 1,
+    }
     for cost in result["stages"].values():
         assert 0 < cost["slowest_job_seconds"] <= cost["seconds"] < result["total_seconds"]
         assert 50 < cost["peak_rss_mb"] < 64 * 1024
@@ -196,14 +258,24 @@ def test_cpu_benchmark_times_settings_interleaved_and_writes_its_section(
     assert batch == 256
     result = {
         "machine": {"date": "d", "cpu": "c", "cores": 2, "torch": "t", "command": "python -m x"},
-        "finetune_step": [{"batch": 128, "channels_last": cl, "bf16": bf, "compiled": False,
-                           "images_per_s": 1000.0 * (1 + cl + bf), "first_steps_s": 0.1,
-                           "ratio": 1.0 + cl + bf} for cl in (0, 1) for bf in (0, 1)],
+        "finetune_step": [
+            {
+                "batch": 128,
+                "channels_last": cl,
+                "bf16": bf,
+                "compiled": False,
+                "images_per_s": 1000.0 * (1 + cl + bf),
+                "first_steps_s": 0.1,
+                "ratio": 1.0 + cl + bf,
+            }
+            for cl in (0, 1)
+            for bf in (0, 1)
+        ],
         "threads": {"one_process_2_threads": 100.0, "two_processes_1_thread": 120.0},
         "simclr": {"float32": 10.0, "bf16": 15.0},
         "accuracy": {"float32_contiguous": 0.85, "bf16_channels_last": 0.851},
         "accuracy_steps": 600,
-    }  # fmt: skip
+    }
     text = "\n".join(report._cpu(result))
     assert "| 128 | bf16 autocast, channels-last | 3,000 | 3.00× |" in text
     assert "(1.20×)" in text and "(1.50×)" in text and "85.00 %" in text
@@ -223,18 +295,29 @@ def test_peer_benchmark_trains_both_engines_for_the_same_seconds(threads: None) 
         assert [p["images"] for p in curve] == sorted(p["images"] for p in curve)
     assert result["lightly_final_knn"] == result["lightly"]["curve"][-1]["knn"]
     reached = result["ours_seconds_to_lightly_final"]
-    assert reached is None or reached == peer.time_to_reach(result["ours"]["curve"],
-                                                            result["lightly_final_knn"])
-    text = "\n".join(report._peer({**result, "machine": {"date": "d", "cpu": "c", "cores": 2,
-                                                          "torch": "t", "command": "x"}}))
+    assert reached is None or reached == peer.time_to_reach(
+        result["ours"]["curve"], result["lightly_final_knn"]
+    )
+    text = "\n".join(
+        report._peer(
+            {
+                **result,
+                "machine": {"date": "d", "cpu": "c", "cores": 2, "torch": "t", "command": "x"},
+            }
+        )
+    )
     assert "| lightly | 0 | 0 |" in text and "Images/s: ours" in text
 
 
 def test_time_to_reach_is_the_first_point_at_or_above() -> None:
     from benchmarks.peer import time_to_reach
 
-    curve = [{"seconds": 0.0, "knn": 0.7}, {"seconds": 30.0, "knn": 0.8},
-             {"seconds": 60.0, "knn": 0.79}, {"seconds": 90.0, "knn": 0.85}]  # fmt: skip
+    curve = [
+        {"seconds": 0.0, "knn": 0.7},
+        {"seconds": 30.0, "knn": 0.8},
+        {"seconds": 60.0, "knn": 0.79},
+        {"seconds": 90.0, "knn": 0.85},
+    ]
     assert time_to_reach(curve, 0.8) == 30.0 and time_to_reach(curve, 0.84) == 90.0
     assert time_to_reach(curve, 0.9) is None
 
@@ -255,8 +338,18 @@ def test_methods_benchmark_runs_each_method_through_the_stage_and_reports_it(
         stage.run(config)
     params_file = write_params(workdir, params)
     out = workdir / "methods.json"
-    argv = ["--epochs", "1", "--methods", "rotation,gan", "--params", str(params_file),
-            "--root", str(workdir), "--json", str(out)]  # fmt: skip
+    argv = [
+        "--epochs",
+        "1",
+        "--methods",
+        "rotation,gan",
+        "--params",
+        str(params_file),
+        "--root",
+        str(workdir),
+        "--json",
+        str(out),
+    ]
     assert methods.main(argv) == 0
     result = json.loads(out.read_text())
     assert [r["method"] for r in result["rows"]] == ["rotation", "gan"]
@@ -266,5 +359,9 @@ def test_methods_benchmark_runs_each_method_through_the_stage_and_reports_it(
     assert "d_fake" in result["rows"][1]["final"]
     section = "\n".join(report._methods(result))
     assert "| rotation |" in section and "| gan |" in section
-    assert methods.main([*argv[:4], "--params", str(params_file), "--root",
-                         str(workdir / "elsewhere")]) == 1  # fmt: skip
+    assert (
+        methods.main(
+            [*argv[:4], "--params", str(params_file), "--root", str(workdir / "elsewhere")]
+        )
+        == 1
+    )

@@ -16,15 +16,17 @@ from tests.conftest import REPO, run
 
 def test_the_committed_dvc_yaml_is_what_the_declaration_generates():
     assert (REPO / "dvc.yaml").read_text() == dag.dvc_yaml(), (
-        "dvc.yaml is stale: run `python -m pipeline.dag`")
+        "dvc.yaml is stale: run `python -m pipeline.dag`"
+    )
     assert "is current" in run(["python", "-m", "pipeline.dag", "--check"], REPO).stdout
 
 
 def test_a_stale_dvc_yaml_is_one_error_line_naming_the_fix(tmp_path: Path):
     stale = tmp_path / "dvc.yaml"
     stale.write_text(dag.dvc_yaml().replace("--log logs/split/", "--log logs/splits/"))
-    result = run(["python", "-m", "pipeline.dag", "--check", "--file", str(stale)], REPO,
-                 check=False)  # fmt: skip
+    result = run(
+        ["python", "-m", "pipeline.dag", "--check", "--file", str(stale)], REPO, check=False
+    )
     assert result.returncode == 1
     assert result.stderr.strip().endswith("regenerate it with: python -m pipeline.dag")
     run(["python", "-m", "pipeline.dag", "--file", str(stale)], REPO)
@@ -51,8 +53,7 @@ def _pipeline_imports(path: Path) -> set[str]:
 def test_code_dependencies_are_closed_under_imports_including_those_inside_functions():
     for stage in dag.STAGES:
         code = set(dag.code(stage.command))
-        assert {f"pipeline/stages/{stage.command}.py", "pipeline/cli.py",
-                dag.SCHEMA} <= code  # fmt: skip
+        assert {f"pipeline/stages/{stage.command}.py", "pipeline/cli.py", dag.SCHEMA} <= code
         for file in code - {dag.SCHEMA}:
             assert _pipeline_imports(REPO / file) <= code, (stage.name, file)
     # visualize imports the study's answer inside functions only; it is still a dependency
@@ -72,13 +73,16 @@ def test_the_declared_stages_are_the_cli_stages_in_pipeline_order():
 def test_both_runners_get_the_same_command_from_one_template():
     pretrain = dag.stage("pretrain")
     assert dag.snakemake_shell("pretrain", "mnist") == (
-        "python -m pipeline pretrain --dataset mnist --method {wildcards.method} --log {log}")
+        "python -m pipeline pretrain --dataset mnist --method {wildcards.method} --log {log}"
+    )
     assert dag.dvc_stage(pretrain)["do"]["cmd"] == (
         "python -m pipeline pretrain --dataset ${data.dataset} --method ${item} "
-        "--log logs/pretrain/${item}.log")
+        "--log logs/pretrain/${item}.log"
+    )
     # per-dataset stages keep the dataset a wildcard, so `snakemake data/splits/mnist` works
     assert dag.snakemake_outputs("split", "fashion_mnist", str) == {
-        "splits": "data/splits/{dataset}"}
+        "splits": "data/splits/{dataset}"
+    }
     inputs = dag.snakemake_inputs("evaluate", "mnist", ["simclr"], ["a-knn-0.1", "b-knn-0.1"])
     assert inputs["models"] == ["models/finetune/a-knn-0.1", "models/finetune/b-knn-0.1"]
     assert inputs["prepared"] == "data/prepared/mnist"

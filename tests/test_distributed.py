@@ -35,17 +35,21 @@ def ddp_params(tiny_idx: Path) -> dict:
     params["data"]["local_path"] = str(tiny_idx)
     params["model"].update(backbone="lenet5", width=8)
     params["trainer"].update(devices=2, precision="32-true")
-    params["pretrain"].update(methods=["simclr"], epochs=EPOCHS, batch_size=BATCH,
-                              warmup_epochs=0)  # fmt: skip
+    params["pretrain"].update(methods=["simclr"], epochs=EPOCHS, batch_size=BATCH, warmup_epochs=0)
     params["pretrain"]["monitor"]["knn_max_train"] = 200
-    params["finetune"].update(modes=["finetune"], seeds=[0], max_passes=2, min_steps=1,
-                              batch_size=BATCH, min_steps_per_epoch=1)  # fmt: skip
+    params["finetune"].update(
+        modes=["finetune"],
+        seeds=[0],
+        max_passes=2,
+        min_steps=1,
+        batch_size=BATCH,
+        min_steps_per_epoch=1,
+    )
     return sync_matrix(params)
 
 
 def stage(work: Path, env: dict, *args: str, log: str) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "pipeline", *args, "--log", f"logs/{log}.log"], work,
-               env=env)  # fmt: skip
+    return run([sys.executable, "-m", "pipeline", *args, "--log", f"logs/{log}.log"], work, env=env)
 
 
 def runs(store: Path) -> list[tuple[str, str]]:
@@ -62,8 +66,9 @@ def kill_after_first_checkpoint(work: Path, env: dict) -> None:
     written its first epoch's checkpoint."""
     command = [sys.executable, "-m", "pipeline", "pretrain", "--method", "simclr"]
     with open(work / "killed.log", "w") as out:
-        proc = subprocess.Popen(command, cwd=work, env=env, stdout=out, stderr=out,
-                                start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            command, cwd=work, env=env, stdout=out, stderr=out, start_new_session=True
+        )
     deadline = time.monotonic() + 120
     while not list((work / "checkpoints/pretrain").glob("simclr-*/last.ckpt")):
         assert proc.poll() is None, (work / "killed.log").read_text()
@@ -100,8 +105,18 @@ def test_two_processes_pretrain_and_finetune_like_one_with_rank_zero_writing(
     assert len(curves) == 1 + EPOCHS  # one row per epoch, written once (by rank zero)
     assert not list((work / "checkpoints/pretrain").glob("*"))  # cleaned up after success
 
-    stage(work, env, "finetune", "--init", "simclr", "--mode", "finetune", "--fraction", "1.0",
-          log="finetune")  # fmt: skip
+    stage(
+        work,
+        env,
+        "finetune",
+        "--init",
+        "simclr",
+        "--mode",
+        "finetune",
+        "--fraction",
+        "1.0",
+        log="finetune",
+    )
     from pipeline.models import classifier
 
     _, description = classifier.load(work / "models/finetune/simclr-finetune-1.0")
@@ -139,8 +154,9 @@ def test_more_machines_or_gpus_than_a_job_can_have_are_refused_before_it_starts(
     params = ddp_params(tiny_idx)
     params["trainer"]["num_nodes"] = 2
     write_params(workdir, params)
-    result = run([sys.executable, "-m", "pipeline", "pretrain", "--method", "simclr"], workdir,
-                 check=False)  # fmt: skip
+    result = run(
+        [sys.executable, "-m", "pipeline", "pretrain", "--method", "simclr"], workdir, check=False
+    )
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("error: params.yaml: trainer.num_nodes is 2"), result.stderr

@@ -11,8 +11,13 @@ import torch
 from pipeline.documents import EncoderDescription, PolicyDocument
 from pipeline.errors import MissingInputError
 
-DOCUMENT = {"image_size": [8, 8], "channels": 1, "mean": [0.25], "std": [0.5],
-            "policies": {"none": {}, "flip": {"hflip": {"p": 1.0}}}}  # fmt: skip
+DOCUMENT = {
+    "image_size": [8, 8],
+    "channels": 1,
+    "mean": [0.25],
+    "std": [0.5],
+    "policies": {"none": {}, "flip": {"hflip": {"p": 1.0}}},
+}
 
 
 def write(root: Path, document: dict) -> None:
@@ -42,31 +47,53 @@ def test_a_missing_file_names_the_stage_that_makes_it(workdir: Path):
         PolicyDocument.read("idx")
 
 
-ENCODER = {"method": "simclr", "kind": "backbone",
-           "backbone": {"name": "lenet5", "width": 4, "activation": "relu", "dropout": 0.0,
-                        "batch_norm": True},
-           "in_channels": 1, "image_size": 8, "feature_dim": 16, "mean": [0.25], "std": [0.5],
-           "dataset": "idx", "dataset_checksum": "abc"}  # fmt: skip
+ENCODER = {
+    "method": "simclr",
+    "kind": "backbone",
+    "backbone": {
+        "name": "lenet5",
+        "width": 4,
+        "activation": "relu",
+        "dropout": 0.0,
+        "batch_norm": True,
+    },
+    "in_channels": 1,
+    "image_size": 8,
+    "feature_dim": 16,
+    "mean": [0.25],
+    "std": [0.5],
+    "dataset": "idx",
+    "dataset_checksum": "abc",
+}
 
 
 def test_an_encoder_json_round_trips_through_its_view():
     description = EncoderDescription.from_dict(ENCODER, "encoder.json")
     assert (description.kind, description.feature_dim, description.input_dim) == (
-        "backbone", 16, None)  # fmt: skip
+        "backbone",
+        16,
+        None,
+    )
     assert description.as_dict() == ENCODER  # no input_dim key where there is none
     pca = {**ENCODER, "method": "pca", "kind": "pca", "backbone": None, "input_dim": 64}
     assert EncoderDescription.from_dict(pca, "encoder.json").as_dict() == pca
 
 
-@pytest.mark.parametrize("change, problem", [
-    ({"feature_dim": None}, "missing feature_dim"),
-    ({"kind": "gpt"}, "kind 'gpt' is not one of backbone, pca, pixels"),
-    ({"kind": "pca"}, "a pca encoder needs input_dim"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        ({"feature_dim": None}, "missing feature_dim"),
+        ({"kind": "gpt"}, "kind 'gpt' is not one of backbone, pca, pixels"),
+        ({"kind": "pca"}, "a pca encoder needs input_dim"),
+    ],
+)
 def test_an_encoder_json_this_pipeline_did_not_write_is_named(change: dict, problem: str):
     raw = {k: v for k, v in {**ENCODER, **change}.items() if v is not None}
-    with pytest.raises(MissingInputError, match=f"models/x/encoder.json is not an encoder "
-                                                f"description this pipeline wrote \\({problem}"):
+    with pytest.raises(
+        MissingInputError,
+        match=f"models/x/encoder.json is not an encoder "
+        f"description this pipeline wrote \\({problem}",
+    ):
         EncoderDescription.from_dict(raw, "models/x/encoder.json")
 
 

@@ -37,9 +37,15 @@ def test_fashion_mnist_from_debian_becomes_canonical_arrays(workdir: Path):
     assert data.classes[0] == "T-shirt/top" and data.classes[9] == "Ankle boot"
     raw = Path("data/raw/fashion_mnist")
     assert sorted(p.name for p in raw.iterdir()) == sorted(
-        ["manifest.json", *(f"{s}-{k}-idx{d}-ubyte.gz" for s in ("train", "t10k")
-                            for k, d in (("images", 3), ("labels", 1)))]
-    )  # fmt: skip
+        [
+            "manifest.json",
+            *(
+                f"{s}-{k}-idx{d}-ubyte.gz"
+                for s in ("train", "t10k")
+                for k, d in (("images", 3), ("labels", 1))
+            ),
+        ]
+    )
 
 
 @needs_fashion_mnist

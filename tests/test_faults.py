@@ -85,9 +85,10 @@ def digests(folder: Path) -> dict[str, str]:
 def temporaries(folder: Path) -> list[str]:
     """Names under ``folder`` that only an unfinished write makes."""
     return sorted(
-        str(p.relative_to(folder)) for p in folder.rglob("*")
+        str(p.relative_to(folder))
+        for p in folder.rglob("*")
         if ".tmp-" in p.name or ".old-" in p.name or p.name.endswith(".part")
-    )  # fmt: skip
+    )
 
 
 # --- a real HTTP mirror that can cut a transfer off or drip it ----------------------------------
@@ -270,9 +271,12 @@ def test_kill_9_during_a_download_leaves_only_temporaries_and_a_rerun_completes(
     with mirror(FASHION_MNIST_DEBIAN) as url:
         write_params(project, fashion_params(f"{url}/slow"))
         process = subprocess.Popen(
-            [sys.executable, "-m", "pipeline", "download"], cwd=project, env=env,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )  # fmt: skip
+            [sys.executable, "-m", "pipeline", "download"],
+            cwd=project,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         part = _wait_for_part(project / "data/raw", process, 1 << 20)
         os.kill(process.pid, signal.SIGKILL)
         process.communicate()
@@ -284,8 +288,9 @@ def test_kill_9_during_a_download_leaves_only_temporaries_and_a_rerun_completes(
         assert sorted(p.name for p in (project / "data/raw").iterdir()) == [raw_tmp]
         assert all(p.name.endswith(".part") for p in part.parent.iterdir())
         assert sorted(p.name for p in (project / "data/prepared").iterdir()) == [
-            f".fashion_mnist.tmp-{process.pid}", "fashion_mnist",
-        ]  # fmt: skip
+            f".fashion_mnist.tmp-{process.pid}",
+            "fashion_mnist",
+        ]
         assert digests(project / "data/prepared/fashion_mnist") == prepared_before
 
         write_params(project, fashion_params(f"{url}/ok"))
@@ -364,11 +369,15 @@ def test_a_corrupted_cached_raw_file_is_one_line_naming_it(
         ("manifest.json", truncate, "is not readable JSON"),
         ("classes.json", truncate, "is not readable JSON"),
     ],
-)  # fmt: skip
+)
 def test_a_corrupted_prepared_file_stops_the_next_stage_in_one_line(
-    tmp_path: Path, env: dict[str, str], tiny_project: Path,
-    name: str, damage: Callable[[Path], None], expected: str,
-):  # fmt: skip
+    tmp_path: Path,
+    env: dict[str, str],
+    tiny_project: Path,
+    name: str,
+    damage: Callable[[Path], None],
+    expected: str,
+):
     project = copy_project(tiny_project, tmp_path / "project", "prepared", "splits")
     damage(project / "data/prepared/idx" / name)
     before = digests(project / "data")
@@ -386,11 +395,15 @@ def test_a_corrupted_prepared_file_stops_the_next_stage_in_one_line(
         ("report.json", truncate, "is missing or unreadable"),
         ("report.json", edit_report, "does not match its own checksum"),
     ],
-)  # fmt: skip
+)
 def test_a_corrupted_split_file_stops_the_next_stage_in_one_line(
-    tmp_path: Path, env: dict[str, str], tiny_project: Path,
-    name: str, damage: Callable[[Path], None], expected: str,
-):  # fmt: skip
+    tmp_path: Path,
+    env: dict[str, str],
+    tiny_project: Path,
+    name: str,
+    damage: Callable[[Path], None],
+    expected: str,
+):
     project = copy_project(tiny_project, tmp_path / "project", "prepared", "splits")
     damage(project / "data/splits/idx" / name)
     line = one_error_line(cli(project, env, "augment"))
@@ -412,8 +425,9 @@ def mount_tmpfs(request: pytest.FixtureRequest) -> Callable[[Path, str], Path]:
         folder.mkdir(parents=True, exist_ok=True)
         done = subprocess.run(
             ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-            capture_output=True, text=True,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+        )
         if done.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
         request.addfinalizer(lambda: subprocess.run(["umount", "-l", str(folder)], check=False))

@@ -33,8 +33,9 @@ def tiny_params(tiny_idx: Path, **finetune_overrides) -> dict:
     params["model"].update(backbone="lenet5", width=8)
     params["pretrain"].update(methods=["scratch", "rotation", "pca"], epochs=1, batch_size=64)
     params["pretrain"]["monitor"]["knn_max_train"] = 200
-    params["finetune"].update(max_passes=1, min_steps=4, batch_size=32, min_steps_per_epoch=2,
-                              seeds=[0, 1])  # fmt: skip
+    params["finetune"].update(
+        max_passes=1, min_steps=4, batch_size=32, min_steps_per_epoch=2, seeds=[0, 1]
+    )
     params["finetune"].update(finetune_overrides)
     params["finetune"]["knn"] = {"ks": [1, 5], "temperatures": [0.1]}
     return sync_matrix(params)
@@ -72,8 +73,9 @@ def test_one_cell_trains_per_seed_without_opening_the_test_split(pretrained_tiny
         summary = finetune.run(config, init="rotation", mode=mode, fraction="0.25")
     finally:
         audit.active = False
-    assert not [p for p in audit.opened if p.endswith(("test.npy", "test_images.npy",
-                                                        "test_labels.npy"))]  # fmt: skip
+    assert not [
+        p for p in audit.opened if p.endswith(("test.npy", "test_images.npy", "test_labels.npy"))
+    ]
     assert any(p.endswith("labeled-0.25.npy") for p in audit.opened)  # the hook does see reads
     assert set(summary["seeds"]) == {"0", "1"}
     assert 0.0 <= summary["val_acc_mean"] <= 1.0
@@ -118,8 +120,9 @@ def test_a_model_folder_that_is_not_ours_is_named(tmp_path: Path):
         classifier.load(tmp_path)
 
 
-def test_evaluate_scores_every_cell_on_the_test_split_and_summarizes(pretrained_tiny: Path,
-                                                                    tmp_path: Path):  # fmt: skip
+def test_evaluate_scores_every_cell_on_the_test_split_and_summarizes(
+    pretrained_tiny: Path, tmp_path: Path
+):
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -164,8 +167,9 @@ def test_evaluate_scores_every_cell_on_the_test_split_and_summarizes(pretrained_
     assert set(logged) >= {"best-0_25", "best-1_0"}
     # The logged model is code (pipeline/serving.py) and the pipeline's own folder of plain
     # state_dicts: nothing pickled.
-    folder = mlflow.artifacts.download_artifacts(logged["best-1_0"].artifact_location,
-                                                 dst_path=str(tmp_path / "best"))  # fmt: skip
+    folder = mlflow.artifacts.download_artifacts(
+        logged["best-1_0"].artifact_location, dst_path=str(tmp_path / "best")
+    )
     assert not [p for p in Path(folder).rglob("*") if p.suffix in (".pkl", ".pickle")]
     (weights,) = Path(folder).rglob("model.json")
     model, description = classifier.load(weights.parent)
@@ -184,8 +188,9 @@ def test_evaluate_scores_every_cell_on_the_test_split_and_summarizes(pretrained_
         answer = requests.post(f"{url}/invocations", json={"inputs": pixels.tolist()}, timeout=60)
     assert answer.status_code == 200, answer.text
     predictions = answer.json()["predictions"]
-    assert [p["class"] for p in predictions] == [description["classes"][i]
-                                                 for i in expected.argmax(axis=1)]  # fmt: skip
+    assert [p["class"] for p in predictions] == [
+        description["classes"][i] for i in expected.argmax(axis=1)
+    ]
     for row, probabilities in zip(predictions, expected, strict=True):
         served = [row[f"p_{c}"] for c in description["classes"]]
         assert served == pytest.approx(probabilities.tolist(), abs=1e-6)
@@ -198,11 +203,28 @@ def mlflow_serve(model_uri: str, store: str) -> Iterator[str]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
-               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
-    server = subprocess.Popen(command, env=run_env() | {"MLFLOW_TRACKING_URI": store},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              start_new_session=True)  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "models",
+        "serve",
+        "-m",
+        model_uri,
+        "--env-manager",
+        "local",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    server = subprocess.Popen(
+        command,
+        env=run_env() | {"MLFLOW_TRACKING_URI": store},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -259,9 +281,13 @@ def test_why_a_seed_stopped_is_early_stopping_or_the_cap():
 
     history = [{"epoch": float(e)} for e in range(1, 6)]
     assert stop_reason(history, best_epoch=2, max_epochs=10) == {
-        "stopped": "early_stopping", "improving_at_cap": False}  # fmt: skip
+        "stopped": "early_stopping",
+        "improving_at_cap": False,
+    }
     assert stop_reason(history, best_epoch=5, max_epochs=5) == {
-        "stopped": "cap", "improving_at_cap": True}  # fmt: skip
+        "stopped": "cap",
+        "improving_at_cap": True,
+    }
     assert stop_reason(history, best_epoch=3, max_epochs=5)["improving_at_cap"] is False
 
 
@@ -274,16 +300,19 @@ def test_each_cell_records_its_budget_and_why_each_seed_stopped(pretrained_tiny:
     for seed in cell["seeds"].values():
         assert seed["stopped"] in ("early_stopping", "cap")
         assert (seed["stopped"] == "cap") == (seed["epochs_run"] == 3)
-        assert seed["improving_at_cap"] == (seed["stopped"] == "cap"
-                                            and seed["best_epoch"] == seed["epochs_run"])
+        assert seed["improving_at_cap"] == (
+            seed["stopped"] == "cap" and seed["best_epoch"] == seed["epochs_run"]
+        )
         assert len(seed["history"]) == seed["epochs_run"] >= 1
 
 
 def test_the_budget_keys_and_the_pixels_baseline_refuse_bad_input(tiny_idx: Path):
     from pipeline.config import ConfigError
 
-    for key, value, message in (("max_passes", 0, "finetune.max_passes = 0 is not allowed"),
-                                ("min_steps", -1, "finetune.min_steps = -1 is not allowed")):
+    for key, value, message in (
+        ("max_passes", 0, "finetune.max_passes = 0 is not allowed"),
+        ("min_steps", -1, "finetune.min_steps = -1 is not allowed"),
+    ):
         with pytest.raises(ConfigError, match=message):
             from_dict(tiny_params(tiny_idx, **{key: value}))
     params = tiny_params(tiny_idx)
@@ -322,8 +351,10 @@ def test_standardized_features_fold_back_into_a_head_on_raw_features():
     from pipeline.stages.finetune import fold_standardization, standardized
 
     generator = torch.Generator().manual_seed(0)
-    raw = {"labeled-1.0": torch.rand(50, 6, generator=generator) * 40 + 3,
-           "val": torch.rand(20, 6, generator=generator) * 40}  # fmt: skip
+    raw = {
+        "labeled-1.0": torch.rand(50, 6, generator=generator) * 40 + 3,
+        "val": torch.rand(20, 6, generator=generator) * 40,
+    }
     raw["labeled-1.0"][:, 0] *= 10  # one dimension far wider than the others: it stays so
     scaled, mean, std = standardized(raw, "labeled-1.0")
     train = scaled["labeled-1.0"]
@@ -334,5 +365,6 @@ def test_standardized_features_fold_back_into_a_head_on_raw_features():
     state = {"head.weight": head.weight.detach(), "head.bias": head.bias.detach()}
     folded = fold_standardization(state, mean, std)
     expected = head(scaled["val"]).detach()
-    torch.testing.assert_close(raw["val"] @ folded["head.weight"].T + folded["head.bias"],
-                               expected, atol=1e-4, rtol=1e-4)  # fmt: skip
+    torch.testing.assert_close(
+        raw["val"] @ folded["head.weight"].T + folded["head.bias"], expected, atol=1e-4, rtol=1e-4
+    )

@@ -41,8 +41,9 @@ def test_one_discriminator_step_lowers_its_loss_on_fixed_real_and_fake_batches()
     d_optimizer, _ = gan.configure_optimizers(module)
 
     def loss() -> torch.Tensor:
-        return gan.discriminator_loss(gan.discriminate(module, real)[0],
-                                      gan.discriminate(module, fake)[0])  # fmt: skip
+        return gan.discriminator_loss(
+            gan.discriminate(module, real)[0], gan.discriminate(module, fake)[0]
+        )
 
     before = loss()
     d_optimizer.zero_grad()
@@ -84,8 +85,10 @@ def test_the_non_saturating_loss_keeps_its_gradient_where_d_rejects_the_samples(
         gan.generator_loss(logits, "wgan")
 
 
-@pytest.mark.parametrize("backbone, size", [("lenet5", 16), ("mlp", 10), ("vgg", 16),
-                                            ("inception", 16), ("resnet18", 16)])  # fmt: skip
+@pytest.mark.parametrize(
+    "backbone, size",
+    [("lenet5", 16), ("mlp", 10), ("vgg", 16), ("inception", 16), ("resnet18", 16)],
+)
 def test_every_backbone_is_a_discriminator_and_the_samples_have_the_images_shape(
     backbone: str, size: int
 ):

@@ -60,12 +60,18 @@ def _save_good_images(root: Path) -> dict[str, str]:
     sideways = _upright_half_white(20, 40).rotate(90, expand=True)
     sideways.save(square / "rotated.jpg", exif=exif, quality=95)
     return {
-        "circle/gray.png": "L", "circle/wide.jpg": "RGB 2:1", "circle/transparent_tall.png": "RGBA",
-        "circle/palette.gif": "P + transparency", "circle/gray_alpha.png": "LA",
-        "circle/cmyk.jpg": "CMYK", "circle/bilevel.bmp": "1", "circle/narrow.webp": "WebP",
-        "square/sixteen_bit.png": "I;16", "square/small.tif": "TIFF",
+        "circle/gray.png": "L",
+        "circle/wide.jpg": "RGB 2:1",
+        "circle/transparent_tall.png": "RGBA",
+        "circle/palette.gif": "P + transparency",
+        "circle/gray_alpha.png": "LA",
+        "circle/cmyk.jpg": "CMYK",
+        "circle/bilevel.bmp": "1",
+        "circle/narrow.webp": "WebP",
+        "square/sixteen_bit.png": "I;16",
+        "square/small.tif": "TIFF",
         "square/rotated.jpg": "EXIF orientation 6",
-    }  # fmt: skip
+    }
 
 
 def _save_bad_files(root: Path) -> None:
@@ -122,9 +128,7 @@ def test_bad_files_stop_the_stage_with_one_line_naming_each(tmp_path: Path, env,
     assert [p for p in (project / "data").rglob("*") if p.is_file()] == []  # no output at all
 
 
-def test_with_skip_good_images_are_converted_and_bad_ones_recorded(
-    tmp_path: Path, env, folder
-):
+def test_with_skip_good_images_are_converted_and_bad_ones_recorded(tmp_path: Path, env, folder):
     root, good = folder
     project = tmp_path / "project"
     project.mkdir()
@@ -178,4 +182,3 @@ def test_a_class_folder_left_without_images_is_named(tmp_path: Path, env):
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert "no usable images in class folder(s) square" in result.stderr
     assert "square/notes.txt: not an image file" in result.stderr
-

@@ -238,9 +238,12 @@ def ddp_worker(rank: int, store: str, out_dir: str) -> None:
     """One rank: its half of the batch, gathered NT-Xent, one backward + SGD step under DDP."""
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
+        "gloo",
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=WORLD,
         timeout=timedelta(seconds=60),
-    )  # fmt: skip
+    )
     try:
         x1, x2, state = ddp_inputs()
         rows = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
@@ -271,9 +274,12 @@ def ddp_worker(rank: int, store: str, out_dir: str) -> None:
 def run_two_ranks(tmp_path: Path, timeout_s: float = 120.0) -> list[dict]:
     """Spawn WORLD processes that rendezvous through a file store; fail instead of hanging."""
     context = mp.start_processes(
-        ddp_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=False,
+        ddp_worker,
+        args=(str(tmp_path / "store"), str(tmp_path)),
+        nprocs=WORLD,
+        join=False,
         start_method="spawn",
-    )  # fmt: skip
+    )
     deadline = time.monotonic() + timeout_s
     while not context.join(timeout=1):
         if time.monotonic() > deadline:

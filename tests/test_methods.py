@@ -49,8 +49,10 @@ def test_every_method_module_is_a_code_dependency_of_pretraining():
     code = dag.code("pretrain")
     assert {f"pipeline/methods/{name}.py" for name in methods.TRAINED} <= set(code)
     assert "pipeline/methods/_registry.py" in code
-    assert not any(f.startswith("pipeline/methods/") and not f.endswith("__init__.py")
-                   for f in dag.code("split"))  # fmt: skip
+    assert not any(
+        f.startswith("pipeline/methods/") and not f.endswith("__init__.py")
+        for f in dag.code("split")
+    )
 
 
 @pytest.mark.parametrize("key", ["methods", "inits"])

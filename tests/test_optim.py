@@ -28,8 +28,12 @@ def test_sgd_uses_nesterov_momentum_and_groups_keep_their_own_settings():
     weight, probe = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
     optimizer = build_optimizer(
         [{"params": [weight]}, {"params": [probe], "lr": 0.5, "weight_decay": 0.0}],
-        "sgd", lr=0.1, weight_decay=1e-4, momentum=0.9, nesterov=True,
-    )  # fmt: skip
+        "sgd",
+        lr=0.1,
+        weight_decay=1e-4,
+        momentum=0.9,
+        nesterov=True,
+    )
     assert optimizer.defaults["nesterov"] and optimizer.defaults["momentum"] == 0.9
     assert [g["lr"] for g in optimizer.param_groups] == [0.1, 0.5]
     assert [g["weight_decay"] for g in optimizer.param_groups] == [1e-4, 0.0]

@@ -168,16 +168,77 @@ def test_every_section_of_the_real_file_is_fuzzed():
 # --- values of every type --------------------------------------------------------------------
 
 TRICKY_STRINGS = [
-    "", " ", "yes", "no", "on", "off", "null", "~", "1e-3", "1.0e-3", "0x1F", "2020-01-01",
-    ".nan", ".inf", "NaN", "ssl", "none", "supervised", "simclr", "vae", "idx", "imagefolder",
-    "Ünïcödé 🙂", "a\nb", "\u2028", "\x00", "\t", "*alias", "&anchor", "!!int 3", "- x", "a: b",
-    "'", '"', "{", "[", "#", "%", "@", "`", "x" * 300,
-]  # fmt: skip
+    "",
+    " ",
+    "yes",
+    "no",
+    "on",
+    "off",
+    "null",
+    "~",
+    "1e-3",
+    "1.0e-3",
+    "0x1F",
+    "2020-01-01",
+    ".nan",
+    ".inf",
+    "NaN",
+    "ssl",
+    "none",
+    "supervised",
+    "simclr",
+    "vae",
+    "idx",
+    "imagefolder",
+    "Ünïcödé 🙂",
+    "a\nb",
+    "\u2028",
+    "\x00",
+    "\t",
+    "*alias",
+    "&anchor",
+    "!!int 3",
+    "- x",
+    "a: b",
+    "'",
+    '"',
+    "{",
+    "[",
+    "#",
+    "%",
+    "@",
+    "`",
+    "x" * 300,
+]
 TRICKY_NUMBERS = [
-    0, 1, -1, 2, 3, 2**31, 2**32 - 1, 2**32, 2**53 + 1, 2**63 - 1, 2**63, -(2**63), -(2**63) - 1,
-    10**30, -(10**30), 10**400, 0.0, -0.0, 1.0, 0.5, 1e-300, 5e-324, 1.7976931348623157e308,
-    256.0, math.nan, math.inf, -math.inf,
-]  # fmt: skip
+    0,
+    1,
+    -1,
+    2,
+    3,
+    2**31,
+    2**32 - 1,
+    2**32,
+    2**53 + 1,
+    2**63 - 1,
+    2**63,
+    -(2**63),
+    -(2**63) - 1,
+    10**30,
+    -(10**30),
+    10**400,
+    0.0,
+    -0.0,
+    1.0,
+    0.5,
+    1e-300,
+    5e-324,
+    1.7976931348623157e308,
+    256.0,
+    math.nan,
+    math.inf,
+    -math.inf,
+]
 scalars = st.one_of(
     st.none(),
     st.booleans(),
@@ -188,8 +249,13 @@ scalars = st.one_of(
     st.sampled_from(TRICKY_STRINGS),
     st.sampled_from(LEAF_VALUES),  # right type, maybe the wrong key: reaches the cross-checks
 )
-keys = st.one_of(st.text(max_size=8), st.sampled_from(["policy", "seed", "p", "1"]),
-                 st.integers(-2, 2), st.booleans(), st.none())  # fmt: skip
+keys = st.one_of(
+    st.text(max_size=8),
+    st.sampled_from(["policy", "seed", "p", "1"]),
+    st.integers(-2, 2),
+    st.booleans(),
+    st.none(),
+)
 values = st.recursive(
     scalars,
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(keys, inner, max_size=3),
@@ -198,17 +264,66 @@ values = st.recursive(
 
 #: Single-line YAML that is not a plain value: tags PyYAML cannot convert, aliases, nesting...
 RAW_VALUES = [
-    "!!int abc", "!!int ''", "!!int 0b", "!!float ''", "!!float x", "!!bool maybe",
-    "!!timestamp nope", "2001-13-01", "2001-02-30 25:61:61", "!!binary '@@@'",
-    "!!binary aGVsbG8=", "!!set {a, b}", "!!omap [a: 1, b: 2]", "!!pairs [a: 1, a: 2]",
-    "!!python/object:os.system x", "!custom 1", "!!map [1]", "*undefined", "&a [*a]",
-    "&a {x: *a}", "&a [1, [2, *a]]", "9" * 5000, "-" + "9" * 5000, "0x" + "f" * 5000,
-    "0b" + "1" * 200, ":".join(["59"] * 2500), "1:20", "0o17", "017", "+.inf", "-.nan", ".NaN",
-    "[" * 200 + "]" * 200, "{a: " * 60 + "1" + "}" * 60, "{a: {b: {c: [1, [2, [3]]]}}}",
-    '"\\x00"', '"\\u2028"', "'unterminated", "[1, 2", "{a: 1, a: 2}", "{<<: [1]}", "? [a]",
-    "{[a]: 1}", "|", ">", "---", "...", "%YAML 1.1", "@x", "`x", "\t1", "1 # comment", "-",
-    "1:", "{1: a, a: 1}", "{on: 1, off: 2, yes: 3}", "{~: 1}", "{2020-01-01: x}", "{1.5: x}",
-]  # fmt: skip
+    "!!int abc",
+    "!!int ''",
+    "!!int 0b",
+    "!!float ''",
+    "!!float x",
+    "!!bool maybe",
+    "!!timestamp nope",
+    "2001-13-01",
+    "2001-02-30 25:61:61",
+    "!!binary '@@@'",
+    "!!binary aGVsbG8=",
+    "!!set {a, b}",
+    "!!omap [a: 1, b: 2]",
+    "!!pairs [a: 1, a: 2]",
+    "!!python/object:os.system x",
+    "!custom 1",
+    "!!map [1]",
+    "*undefined",
+    "&a [*a]",
+    "&a {x: *a}",
+    "&a [1, [2, *a]]",
+    "9" * 5000,
+    "-" + "9" * 5000,
+    "0x" + "f" * 5000,
+    "0b" + "1" * 200,
+    ":".join(["59"] * 2500),
+    "1:20",
+    "0o17",
+    "017",
+    "+.inf",
+    "-.nan",
+    ".NaN",
+    "[" * 200 + "]" * 200,
+    "{a: " * 60 + "1" + "}" * 60,
+    "{a: {b: {c: [1, [2, [3]]]}}}",
+    '"\\x00"',
+    '"\\u2028"',
+    "'unterminated",
+    "[1, 2",
+    "{a: 1, a: 2}",
+    "{<<: [1]}",
+    "? [a]",
+    "{[a]: 1}",
+    "|",
+    ">",
+    "---",
+    "...",
+    "%YAML 1.1",
+    "@x",
+    "`x",
+    "\t1",
+    "1 # comment",
+    "-",
+    "1:",
+    "{1: a, a: 1}",
+    "{on: 1, off: 2, yes: 3}",
+    "{~: 1}",
+    "{2020-01-01: x}",
+    "{1.5: x}",
+]
 raw_values = st.sampled_from(RAW_VALUES) | st.text(max_size=30).filter(lambda t: "\n" not in t)
 
 PLACEHOLDER = "FUZZ_PLACEHOLDER_1b7e"
@@ -319,11 +434,40 @@ def test_edits_anywhere_in_the_file_validate_or_are_one_line(scratch, doc):
 
 LINES = REAL_TEXT.splitlines(keepends=True)
 FRAGMENTS = [
-    "\t", "  ", "    x: 1", "- 1", "&a", "*a", "<<: *a", "? x", ": y", "---", "...", "{", "}",
-    "[", "]", "'", '"', "#", "%TAG ! tag:x,2000:", "!!python/name:os.system", "\ufeff", "\x85",
-    "\u2028", "\x00", "\x1b[31m", "\r", "key: value: x", "data:", "split: 5", "  seed: 1.0",
-    "finetune: &f", "pretrain: *f", "x: &x [*x]",
-]  # fmt: skip
+    "\t",
+    "  ",
+    "    x: 1",
+    "- 1",
+    "&a",
+    "*a",
+    "<<: *a",
+    "? x",
+    ": y",
+    "---",
+    "...",
+    "{",
+    "}",
+    "[",
+    "]",
+    "'",
+    '"',
+    "#",
+    "%TAG ! tag:x,2000:",
+    "!!python/name:os.system",
+    "\ufeff",
+    "\x85",
+    "\u2028",
+    "\x00",
+    "\x1b[31m",
+    "\r",
+    "key: value: x",
+    "data:",
+    "split: 5",
+    "  seed: 1.0",
+    "finetune: &f",
+    "pretrain: *f",
+    "x: &x [*x]",
+]
 
 
 @st.composite
@@ -369,10 +513,27 @@ def alias_bomb(width: int, levels: int, at_a_key: bool) -> str:
 
 
 SMALL_DOCUMENTS = [
-    "", " ", "\n", "# only a comment\n", "~\n", "---\n", "---\n...\n", "[]", "{}", "null", "1",
-    "true", "'text'", "- a\n- b\n", "data: {}\n---\nx: 1\n", "\ufeffdata: {}\n",
-    "data:\n\tdataset: mnist\n", "a: 1\na: 2\n", "\x00", "\xff",
-]  # fmt: skip
+    "",
+    " ",
+    "\n",
+    "# only a comment\n",
+    "~\n",
+    "---\n",
+    "---\n...\n",
+    "[]",
+    "{}",
+    "null",
+    "1",
+    "true",
+    "'text'",
+    "- a\n- b\n",
+    "data: {}\n---\nx: 1\n",
+    "\ufeffdata: {}\n",
+    "data:\n\tdataset: mnist\n",
+    "a: 1\na: 2\n",
+    "\x00",
+    "\xff",
+]
 garbage = st.one_of(
     st.text(max_size=300),
     st.binary(max_size=300),
@@ -403,24 +564,38 @@ def test_any_file_content_validates_or_is_one_line(scratch, content):
         (with_raw(REAL, ("split", "seed"), "2001-13-01"), '"2001-13-01" cannot be read as a date'),
         (with_raw(REAL, ("finetune", "seeds"), "&s [0, *s]"), "finetune.seeds.1 contains itself"),
         (alias_bomb(9, 9, True), "holds more than 20000 values (a YAML alias counts each time"),
-        (with_raw(REAL, ("augment", "policies", "none"), "{1: {}}"), "augment.policies.none has "
-         "key 1, which YAML reads as an integer: keys must be names"),
-        (with_raw(REAL, ("pretrain", "batch_size"), "256.0"), "pretrain.batch_size = 256.0 is "
-         "not allowed: must be of type integer (write 256, not 256.0)"),
-        (with_raw(REAL, ("finetune", "optimizer", "lr"), ".nan"), "finetune.optimizer.lr = .nan "
-         "is not allowed: must be of type number (a finite number"),
-        (with_raw(REAL, ("finetune", "optimizer", "lr"), "1e-3"), 'finetune.optimizer.lr = "1e-3"'
-         " is not allowed: must be of type number (YAML reads 1e-3 as a string"),
+        (
+            with_raw(REAL, ("augment", "policies", "none"), "{1: {}}"),
+            "augment.policies.none has key 1, which YAML reads as an integer: keys must be names",
+        ),
+        (
+            with_raw(REAL, ("pretrain", "batch_size"), "256.0"),
+            "pretrain.batch_size = 256.0 is "
+            "not allowed: must be of type integer (write 256, not 256.0)",
+        ),
+        (
+            with_raw(REAL, ("finetune", "optimizer", "lr"), ".nan"),
+            "finetune.optimizer.lr = .nan is not allowed: must be of type number (a finite number",
+        ),
+        (
+            with_raw(REAL, ("finetune", "optimizer", "lr"), "1e-3"),
+            'finetune.optimizer.lr = "1e-3"'
+            " is not allowed: must be of type number (YAML reads 1e-3 as a string",
+        ),
         (with_raw(REAL, ("pretrain", "warmup_epochs"), "1" + "0" * 30), "is too large"),
-        (with_raw(REAL, ("split", "seed"), str(2**40)),
-         "split.seed = 1099511627776 is not allowed: must be at most 4294967295"),
+        (
+            with_raw(REAL, ("split", "seed"), str(2**40)),
+            "split.seed = 1099511627776 is not allowed: must be at most 4294967295",
+        ),
         (REAL_TEXT + '"a\\nb": 1\n', 'unknown key "a\\nb"; allowed here: augment, data'),
-        (REAL_TEXT.replace("scratch: {}", "scratch: {x: 1}"), "unknown key pretrain.scratch.x; "
-         "allowed here: none (pretrain.scratch takes no keys)"),
+        (
+            REAL_TEXT.replace("scratch: {}", "scratch: {x: 1}"),
+            "unknown key pretrain.scratch.x; allowed here: none (pretrain.scratch takes no keys)",
+        ),
         ("- a\n", "expected a mapping of sections (data, split, ...), got a list"),
         ("", "expected a mapping of sections (data, split, ...), got null (nothing)"),
     ],
-)  # fmt: skip
+)
 def test_crashes_the_fuzzer_found_are_now_one_clear_line(tmp_path, content, expected):
     """Each was a traceback before (or, for 256.0, .nan and seeds, a value that validated)."""
     result = outcome(content, tmp_path)
@@ -442,14 +617,18 @@ CLI_CASES = {
 def test_check_params_prints_one_error_line_and_exits_2(tmp_path: Path, content: str | bytes):
     path = tmp_path / "bad.yaml"
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
-    result = run(["python", "-m", "pipeline", "check-params", "--params", str(path)], tmp_path,
-                 check=False)  # fmt: skip
+    result = run(
+        ["python", "-m", "pipeline", "check-params", "--params", str(path)], tmp_path, check=False
+    )
     assert_one_error_line(result, "error: ")
 
 
 def test_a_folder_as_params_is_one_error_line(tmp_path: Path):
-    result = run(["python", "-m", "pipeline", "check-params", "--params", str(tmp_path)], tmp_path,
-                 check=False)  # fmt: skip
+    result = run(
+        ["python", "-m", "pipeline", "check-params", "--params", str(tmp_path)],
+        tmp_path,
+        check=False,
+    )
     assert_one_error_line(result, f"error: {tmp_path}: is a folder")
 
 

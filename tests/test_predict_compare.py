@@ -35,13 +35,28 @@ CLASSES = ["a", "b", "c"]
 
 def _description(feature_dim: int) -> dict:
     return {
-        "mode": "linear", "init": "scratch", "fraction": "1", "classes": CLASSES,
-        "image_size": 8, "in_channels": 1, "mean": [MEAN], "std": [STD], "dropout": 0.0,
-        "encoder": {"method": "scratch", "kind": "backbone",
-                    "backbone": {"name": "lenet5", "width": 8}, "in_channels": 1,
-                    "image_size": 8, "feature_dim": feature_dim, "mean": [MEAN], "std": [STD],
-                    "dataset": "idx", "dataset_checksum": "0"},
-    }  # fmt: skip
+        "mode": "linear",
+        "init": "scratch",
+        "fraction": "1",
+        "classes": CLASSES,
+        "image_size": 8,
+        "in_channels": 1,
+        "mean": [MEAN],
+        "std": [STD],
+        "dropout": 0.0,
+        "encoder": {
+            "method": "scratch",
+            "kind": "backbone",
+            "backbone": {"name": "lenet5", "width": 8},
+            "in_channels": 1,
+            "image_size": 8,
+            "feature_dim": feature_dim,
+            "mean": [MEAN],
+            "std": [STD],
+            "dataset": "idx",
+            "dataset_checksum": "0",
+        },
+    }
 
 
 def _constant(value: int) -> torch.Tensor:
@@ -67,8 +82,9 @@ def model_folder(workdir: Path) -> Path:
         direction = direction * (8.0 / direction.dot(direction))  # margin of 4 logits each side
         middle = (white + black) / 2
         model.head.weight.copy_(torch.stack([-direction, torch.zeros_like(direction), direction]))
-        model.head.bias.copy_(torch.stack([direction.dot(middle), torch.tensor(0.0),
-                                           -direction.dot(middle)]))  # fmt: skip
+        model.head.bias.copy_(
+            torch.stack([direction.dot(middle), torch.tensor(0.0), -direction.dot(middle)])
+        )
     folder = workdir / "models" / "finetune" / "scratch-linear-1"
     classifier.save(folder, _description(encoder.feature_dim), {0: model.state_dict()})
     return folder
@@ -82,8 +98,11 @@ def images(workdir: Path) -> dict[str, Path]:
     """
     folder = workdir / "images"
     folder.mkdir()
-    paths = {"bright": folder / "bright.png", "dark": folder / "dark.jpg",
-             "transparent": folder / "transparent.png"}  # fmt: skip
+    paths = {
+        "bright": folder / "bright.png",
+        "dark": folder / "dark.jpg",
+        "transparent": folder / "transparent.png",
+    }
     Image.new("RGBA", (50, 30), (250, 240, 245, 255)).save(paths["bright"])
     Image.new("L", (5, 5), 10).save(paths["dark"], format="JPEG")
     Image.new("RGBA", (12, 20), (255, 255, 255, 0)).save(paths["transparent"])
@@ -171,12 +190,27 @@ def _cli_commands() -> set[str]:
 @pytest.mark.skipif("predict" not in _cli_commands(), reason="the CLI has no predict command yet")
 def test_the_cli_predicts_and_reports_bad_input_in_one_line(model_folder, images, workdir):
     write_params(workdir, params_for())  # whether or not the CLI reads it before predicting
-    result = run(["python", "-m", "pipeline", "predict", "--model", str(model_folder),
-                  "--top-k", "1", str(images["dark"])], workdir)  # fmt: skip
+    result = run(
+        [
+            "python",
+            "-m",
+            "pipeline",
+            "predict",
+            "--model",
+            str(model_folder),
+            "--top-k",
+            "1",
+            str(images["dark"]),
+        ],
+        workdir,
+    )
     first, second = result.stdout.splitlines()
     assert first == str(images["dark"]) and re.fullmatch(r"  a  0\.9\d{3}", second)
-    failed = run(["python", "-m", "pipeline", "predict", "--model", str(workdir),
-                  str(images["dark"])], workdir, check=False)  # fmt: skip
+    failed = run(
+        ["python", "-m", "pipeline", "predict", "--model", str(workdir), str(images["dark"])],
+        workdir,
+        check=False,
+    )
     assert failed.returncode == 1
     assert "is not a classifier" in failed.stderr and "Traceback" not in failed.stderr
 
@@ -190,14 +224,26 @@ RUNS = [
     ("e1", "p1", "download", {}, {"n_train": 400}, "FINISHED"),
     ("e1", "p1", "split", {}, {"n_val": 40}, "FINISHED"),
     ("e1", "p1", "pretrain", {"method": "simclr"}, {"final_knn_acc": 0.5}, "FINISHED"),
-    ("e1", "p1", "finetune", {"init": "simclr", "mode": "linear", "fraction": "0.1"},
-     {"val_acc": 0.6, "test_accuracy": 0.55}, "FINISHED"),
-    ("e2", "p2", "finetune", {"init": "simclr", "mode": "linear", "fraction": "0.1"},
-     {"val_acc": 0.7, "test_accuracy": 0.625}, "FINISHED"),
+    (
+        "e1",
+        "p1",
+        "finetune",
+        {"init": "simclr", "mode": "linear", "fraction": "0.1"},
+        {"val_acc": 0.6, "test_accuracy": 0.55},
+        "FINISHED",
+    ),
+    (
+        "e2",
+        "p2",
+        "finetune",
+        {"init": "simclr", "mode": "linear", "fraction": "0.1"},
+        {"val_acc": 0.7, "test_accuracy": 0.625},
+        "FINISHED",
+    ),
     ("e2", "p2", "pretrain", {"method": "simclr"}, {"final_knn_acc": 0.75}, "FAILED"),
     ("e2", "p2", "split", {}, {"n_val": 40}, "FINISHED"),
     ("e2", "p2", "download", {}, {"n_train": 400}, "FINISHED"),
-]  # fmt: skip
+]
 
 
 @pytest.fixture(scope="module")
@@ -213,10 +259,16 @@ def template_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
         client = tracking.client()
         experiment_id = tracking.ensure_experiment(client, EXPERIMENT)
         for i, (execution, pid, stage, tags, metrics, status) in enumerate(RUNS):
-            all_tags = {"stage": stage, "dataset": "idx", "execution": execution,
-                        "pipeline_id": pid, **tags}  # fmt: skip
-            created = client.create_run(experiment_id, start_time=1_000_000 + i * 1000,
-                                        tags=all_tags)  # fmt: skip
+            all_tags = {
+                "stage": stage,
+                "dataset": "idx",
+                "execution": execution,
+                "pipeline_id": pid,
+                **tags,
+            }
+            created = client.create_run(
+                experiment_id, start_time=1_000_000 + i * 1000, tags=all_tags
+            )
             tracking.TrackedRun(client, created.info.run_id).log_metrics(metrics)
             client.set_terminated(created.info.run_id, status=status)
     return folder / tracking.DEFAULT_DB
@@ -251,19 +303,46 @@ def test_one_execution_lists_each_run_in_pipeline_order(store):
     client, experiment_id = store
     text = compare.table(compare.runs_of(client, experiment_id, "e2"))
     header = text.splitlines()[0].split()
-    assert header == ["stage", "run", "status", "final_knn_acc", "n_train", "n_val",
-                      "test_accuracy", "val_acc"]  # fmt: skip
+    assert header == [
+        "stage",
+        "run",
+        "status",
+        "final_knn_acc",
+        "n_train",
+        "n_val",
+        "test_accuracy",
+        "val_acc",
+    ]
     rows = _rows(text)
-    assert list(rows) == [("download", "-"), ("split", "-"), ("pretrain", "simclr"),
-                          ("finetune", "simclr-linear-0.1")]  # fmt: skip
+    assert list(rows) == [
+        ("download", "-"),
+        ("split", "-"),
+        ("pretrain", "simclr"),
+        ("finetune", "simclr-linear-0.1"),
+    ]
     assert rows[("pretrain", "simclr")] == ["FAILED", "0.7500", "-", "-", "-", "-"]
-    assert rows[("finetune", "simclr-linear-0.1")] == ["FINISHED", "-", "-", "-", "0.6250",
-                                                       "0.7000"]  # fmt: skip
+    assert rows[("finetune", "simclr-linear-0.1")] == [
+        "FINISHED",
+        "-",
+        "-",
+        "-",
+        "0.6250",
+        "0.7000",
+    ]
     assert rows[("download", "-")][2] == "400"
-    chosen = compare.table(compare.runs_of(client, experiment_id, "e2"),
-                           metrics=["val_acc", "n_*", "val_acc", "never_logged"])  # fmt: skip
-    assert chosen.splitlines()[0].split() == ["stage", "run", "status", "val_acc", "n_train",
-                                              "n_val", "never_logged"]  # fmt: skip
+    chosen = compare.table(
+        compare.runs_of(client, experiment_id, "e2"),
+        metrics=["val_acc", "n_*", "val_acc", "never_logged"],
+    )
+    assert chosen.splitlines()[0].split() == [
+        "stage",
+        "run",
+        "status",
+        "val_acc",
+        "n_train",
+        "n_val",
+        "never_logged",
+    ]
     assert _rows(chosen)[("split", "-")] == ["FINISHED", "-", "-", "40", "-"]
 
 
@@ -272,12 +351,36 @@ def test_two_executions_show_b_minus_a(store):
     a, b = (compare.runs_of(client, experiment_id, e) for e in ("e1", "e2"))
     text = compare.table(a, b, metrics=["val_acc", "n_train"])
     assert text.splitlines()[0].split() == [
-        "stage", "run", "status", "A", "status", "B", "val_acc", "A", "val_acc", "B",
-        "val_acc", "B-A", "n_train", "A", "n_train", "B", "n_train", "B-A",
-    ]  # fmt: skip
+        "stage",
+        "run",
+        "status",
+        "A",
+        "status",
+        "B",
+        "val_acc",
+        "A",
+        "val_acc",
+        "B",
+        "val_acc",
+        "B-A",
+        "n_train",
+        "A",
+        "n_train",
+        "B",
+        "n_train",
+        "B-A",
+    ]
     rows = _rows(text)
     assert rows[("finetune", "simclr-linear-0.1")] == [
-        "FINISHED", "FINISHED", "0.6000", "0.7000", "+0.1000", "-", "-", "-"]  # fmt: skip
+        "FINISHED",
+        "FINISHED",
+        "0.6000",
+        "0.7000",
+        "+0.1000",
+        "-",
+        "-",
+        "-",
+    ]
     assert rows[("pretrain", "simclr")][:2] == ["FINISHED", "FAILED"]
     assert rows[("download", "-")][-3:] == ["400", "400", "0"]
     assert text == compare.table(list(reversed(a)), list(reversed(b)), ["val_acc", "n_train"])
@@ -303,8 +406,9 @@ def test_main_prints_the_latest_by_default_and_a_pair_on_request(store, workdir,
     out = capsys.readouterr().out
     assert out.startswith(f"execution e2 (4 runs) in experiment {EXPERIMENT}\n")
     assert "0.7000" in out and "0.6000" not in out
-    args = _parse(compare.add_arguments,
-                  ["e1", "p2", "--metric", "val_acc", "--experiment", EXPERIMENT])  # fmt: skip
+    args = _parse(
+        compare.add_arguments, ["e1", "p2", "--metric", "val_acc", "--experiment", EXPERIMENT]
+    )
     assert compare.main(args) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[:2] == [
@@ -315,14 +419,17 @@ def test_main_prints_the_latest_by_default_and_a_pair_on_request(store, workdir,
 
 
 def test_unknown_executions_and_empty_stores_are_one_line_errors(store, workdir):
-    message = ("no MLflow runs for execution nope in experiment label-efficiency; run `make run` "
-               "first or pass an execution id (tag `execution`) or pipeline_id")  # fmt: skip
+    message = (
+        "no MLflow runs for execution nope in experiment label-efficiency; run `make run` "
+        "first or pass an execution id (tag `execution`) or pipeline_id"
+    )
     args = _parse(compare.add_arguments, ["nope", "--experiment", EXPERIMENT])
     with pytest.raises(PipelineError) as raised:
         compare.main(args)
     assert str(raised.value) == message
-    with pytest.raises(PipelineError, match="no MLflow runs for execution \\(latest\\) in "
-                                            "experiment elsewhere"):  # fmt: skip
+    with pytest.raises(
+        PipelineError, match="no MLflow runs for execution \\(latest\\) in experiment elsewhere"
+    ):
         compare.main(_parse(compare.add_arguments, ["--experiment", "elsewhere"]))
     with pytest.raises(PipelineError, match="at most two executions"):
         compare.main(_parse(compare.add_arguments, ["e1", "e2", "e1", "--experiment", "x"]))
@@ -336,7 +443,9 @@ def test_compare_never_creates_a_store(workdir: Path):
 
 def test_the_parsers_need_neither_torch_nor_mlflow():
     """--help stays instant: torch and mlflow are imported only when the command runs."""
-    code = ("import sys, argparse; from pipeline import compare, predict; "
-            "p = argparse.ArgumentParser(); predict.add_arguments(p); compare.add_arguments(p); "
-            "assert 'torch' not in sys.modules and 'mlflow' not in sys.modules")  # fmt: skip
+    code = (
+        "import sys, argparse; from pipeline import compare, predict; "
+        "p = argparse.ArgumentParser(); predict.add_arguments(p); compare.add_arguments(p); "
+        "assert 'torch' not in sys.modules and 'mlflow' not in sys.modules"
+    )
     run(["python", "-c", code], REPO)

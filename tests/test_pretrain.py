@@ -35,8 +35,15 @@ def tiny_params(tiny_idx: Path, **pretrain_overrides) -> dict:
     params["data"]["local_path"] = str(tiny_idx)
     params["model"].update(SMALL_MODEL)
     # Every method (the default params.yaml runs only three of them).
-    params["pretrain"]["methods"] = ["scratch", "pca", "simclr", "autoencoder", "rotation",
-                                     "inpainting", "vae"]  # fmt: skip
+    params["pretrain"]["methods"] = [
+        "scratch",
+        "pca",
+        "simclr",
+        "autoencoder",
+        "rotation",
+        "inpainting",
+        "vae",
+    ]
     params["pretrain"].update(FAST, **pretrain_overrides)
     params["pretrain"]["monitor"]["knn_max_train"] = 200
     params["pretrain"]["inpainting"]["mask_size"] = 3
@@ -55,28 +62,49 @@ def prepared_tiny(workdir: Path, tiny_idx: Path) -> Path:
 def _module(method: str, options: dict, channels: int = 1, size: int = 16) -> PretrainModule:
     policy = {"random_resized_crop": {"p": 1.0, "scale": [0.5, 1.0]}, "hflip": {"p": 0.5}}
     return PretrainModule(
-        method=method, backbone={"name": "lenet5", "width": 8}, in_channels=channels,
-        image_size=size, num_classes=4, policy=policy, mean=[0.5] * channels,
-        std=[0.25] * channels, options=options,
-        optimizer={"name": "adam", "lr": 3e-3, "weight_decay": 0.0, "momentum": 0.9,
-                   "nesterov": False},
-        epochs=1, warmup_epochs=0, steps_per_epoch=1, seed=0,
-        monitor={"knn_ks": [5], "knn_temperatures": [0.1], "knn_max_train": 100,
-                 "probe_lr": 0.01},
-    )  # fmt: skip
+        method=method,
+        backbone={"name": "lenet5", "width": 8},
+        in_channels=channels,
+        image_size=size,
+        num_classes=4,
+        policy=policy,
+        mean=[0.5] * channels,
+        std=[0.25] * channels,
+        options=options,
+        optimizer={
+            "name": "adam",
+            "lr": 3e-3,
+            "weight_decay": 0.0,
+            "momentum": 0.9,
+            "nesterov": False,
+        },
+        epochs=1,
+        warmup_epochs=0,
+        steps_per_epoch=1,
+        seed=0,
+        monitor={"knn_ks": [5], "knn_temperatures": [0.1], "knn_max_train": 100, "probe_lr": 0.01},
+    )
 
 
 METHOD_OPTIONS = {
-    "simclr": {"temperature": 0.5, "projection_dim": 16, "projection_hidden": 32,
-               "normalization": "simclr"},
+    "simclr": {
+        "temperature": 0.5,
+        "projection_dim": 16,
+        "projection_hidden": 32,
+        "normalization": "simclr",
+    },
     "autoencoder": {"loss": "mse", "noise_std": 0.1},
     "rotation": {},
     "inpainting": {"mask_size": 5},
     "vae": {"latent_dim": 4, "beta": 1.0},
-    "gan": {"latent_dim": 8, "generator_loss": "non_saturating", "collapse_ratio": 0.3,
-            "discriminator": {"lr": 1e-3, "beta1": 0.5, "beta2": 0.999},
-            "generator": {"lr": 1e-3, "beta1": 0.5, "beta2": 0.999}},
-}  # fmt: skip
+    "gan": {
+        "latent_dim": 8,
+        "generator_loss": "non_saturating",
+        "collapse_ratio": 0.3,
+        "discriminator": {"lr": 1e-3, "beta1": 0.5, "beta2": 0.999},
+        "generator": {"lr": 1e-3, "beta1": 0.5, "beta2": 0.999},
+    },
+}
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -117,9 +145,11 @@ def test_the_stage_writes_a_loadable_encoder_curves_and_metrics(prepared_tiny: P
     # One progress line per epoch: monitors, throughput and the time left.
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("pretrain ")]
     assert len(lines) == FAST["epochs"], lines
-    assert re.match(rf"pretrain simclr: epoch 1/{FAST['epochs']}  train_loss [\d.]+  "
-                    r"val_knn_acc [\d.]+  val_probe_acc [\d.]+  [\d,]+ img/s  \d+ s left$",
-                    lines[0]), lines[0]  # fmt: skip
+    assert re.match(
+        rf"pretrain simclr: epoch 1/{FAST['epochs']}  train_loss [\d.]+  "
+        r"val_knn_acc [\d.]+  val_probe_acc [\d.]+  [\d,]+ img/s  \d+ s left$",
+        lines[0],
+    ), lines[0]
     assert lines[-1].endswith("  0 s left")
     folder = Path("models/pretrain/simclr")
     state = torch.load(folder / "encoder.pt", weights_only=True)
@@ -144,8 +174,9 @@ def test_the_stage_writes_a_loadable_encoder_curves_and_metrics(prepared_tiny: P
     assert run.data.tags["method"] == "simclr" and run.info.status == "FINISHED"
     history = client.get_metric_history(run.info.run_id, "val_knn_acc")
     assert len(history) == FAST["epochs"]
-    assert run.data.params["pretrain.simclr.temperature"] == str(config.pretrain.options["simclr"]
-                                                                ["temperature"])  # fmt: skip
+    assert run.data.params["pretrain.simclr.temperature"] == str(
+        config.pretrain.options["simclr"]["temperature"]
+    )
 
 
 def test_images_of_another_shape_than_the_policy_are_an_error(prepared_tiny: Path):
@@ -185,8 +216,9 @@ def test_the_stage_writes_samples_monitors_and_a_weights_only_encoder(prepared_t
     assert samples.dtype == np.uint8 and samples.shape == (64, 8, 8, 1)
     assert by_epoch.shape == (2 * 8, 8, 8, 1)
     curve = Path("metrics/pretrain/gan.csv").read_text().splitlines()
-    assert curve[0] == ("epoch,train_loss,val_knn_acc,val_probe_acc,d_loss,g_loss,d_real,d_fake,"
-                        "sample_diversity")  # fmt: skip
+    assert curve[0] == (
+        "epoch,train_loss,val_knn_acc,val_probe_acc,d_loss,g_loss,d_real,d_fake,sample_diversity"
+    )
     assert len(curve) == 3
     assert 0 < metrics["d_real"] < 1 and 0 < metrics["d_fake"] < 1
     assert metrics["train_loss"] == pytest.approx(metrics["d_loss"], rel=1e-5)
@@ -211,8 +243,9 @@ class StopAtEpoch(L.Callback):
 # The GAN steps two optimizers itself (manual optimization) and keeps pictures per epoch: its
 # optimizer states, RNG streams and pictures must all come back from the checkpoint too.
 @pytest.mark.parametrize("method", ["rotation", "gan"])
-def test_an_interrupted_run_resumes_and_ends_with_the_same_weights(prepared_tiny: Path,
-                                                                   method: str):  # fmt: skip
+def test_an_interrupted_run_resumes_and_ends_with_the_same_weights(
+    prepared_tiny: Path, method: str
+):
     params = tiny_params(prepared_tiny, epochs=3, max_images=128)
     params["pretrain"]["methods"].append("gan")
     config = from_dict(params)
@@ -232,7 +265,8 @@ def test_an_interrupted_run_resumes_and_ends_with_the_same_weights(prepared_tiny
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=name)
     assert Path(f"metrics/pretrain/{method}.csv").read_text() == curves
     assert {p.name: p.read_bytes() for p in folder.iterdir() if p.suffix == ".npy"} == (
-        uninterrupted)  # fmt: skip
+        uninterrupted
+    )
     assert not checkpoints[0].exists()  # removed once the run finished
 
 

@@ -55,23 +55,55 @@ def test_applying_the_gpu_profile_gives_a_valid_gpu_study(params: Path, tmp_path
     assert config.data == default.data  # what the profile does not name stays as it was
     # every encoder the profile pretrains is studied: as an init, or as a feature baseline
     assert set(config.finetune.inits) | set(config.finetune.baselines) == set(
-        config.pretrain.methods)  # fmt: skip
+        config.pretrain.methods
+    )
 
 
 def test_the_command_keeps_comments_and_a_second_application_changes_nothing(params: Path):
     before = params.read_text()
-    dry = run(["python", "-m", "pipeline", "profile", str(REPO / "params.gpu.yaml"), "--dry-run",
-               "--params", str(params)], REPO).stdout  # fmt: skip
+    dry = run(
+        [
+            "python",
+            "-m",
+            "pipeline",
+            "profile",
+            str(REPO / "params.gpu.yaml"),
+            "--dry-run",
+            "--params",
+            str(params),
+        ],
+        REPO,
+    ).stdout
     assert "model.width: 32 -> 64" in dry and params.read_text() == before
-    out = run(["python", "-m", "pipeline", "profile", str(REPO / "params.gpu.yaml"),
-               "--params", str(params)], REPO).stdout  # fmt: skip
+    out = run(
+        [
+            "python",
+            "-m",
+            "pipeline",
+            "profile",
+            str(REPO / "params.gpu.yaml"),
+            "--params",
+            str(params),
+        ],
+        REPO,
+    ).stdout
     assert "model.width: 32 -> 64" in out
     after = params.read_text()
     comments = [line for line in before.splitlines() if line.lstrip().startswith("#")]
     assert comments == [line for line in after.splitlines() if line.lstrip().startswith("#")]
     assert load(params).model.width == 64
-    again = run(["python", "-m", "pipeline", "profile", str(REPO / "params.gpu.yaml"),
-                 "--params", str(params)], REPO).stdout  # fmt: skip
+    again = run(
+        [
+            "python",
+            "-m",
+            "pipeline",
+            "profile",
+            str(REPO / "params.gpu.yaml"),
+            "--params",
+            str(params),
+        ],
+        REPO,
+    ).stdout
     assert "already has every value" in again and params.read_text() == after
 
 
@@ -103,7 +135,18 @@ def test_a_bad_profile_is_one_line_naming_the_key_and_nothing_is_written(
     before = params.read_text()
     with pytest.raises(ConfigError, match=message):
         apply(params, overlay(tmp_path, text))
-    result = run(["python", "-m", "pipeline", "profile", str(tmp_path / "profile.yaml"),
-                  "--params", str(params)], REPO, check=False)  # fmt: skip
+    result = run(
+        [
+            "python",
+            "-m",
+            "pipeline",
+            "profile",
+            str(tmp_path / "profile.yaml"),
+            "--params",
+            str(params),
+        ],
+        REPO,
+        check=False,
+    )
     assert result.returncode == 2 and message.split()[0] in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and params.read_text() == before

@@ -33,12 +33,20 @@ def resume_params(tiny_idx: Path) -> dict:
     params = params_for("idx", split={"label_fractions": [1.0]})
     params["data"]["local_path"] = str(tiny_idx)
     params["model"].update(backbone="lenet5", width=8)
-    params["pretrain"].update(methods=["scratch", "rotation"], epochs=12, batch_size=64,
-                              max_images=128, warmup_epochs=0)  # fmt: skip
+    params["pretrain"].update(
+        methods=["scratch", "rotation"], epochs=12, batch_size=64, max_images=128, warmup_epochs=0
+    )
     params["pretrain"]["monitor"]["knn_max_train"] = 100
-    params["finetune"].update(modes=["finetune"], seeds=[0, 1], max_passes=1, min_steps=30,
-                              patience=100, batch_size=32, min_steps_per_epoch=2,
-                              max_images=96)  # fmt: skip
+    params["finetune"].update(
+        modes=["finetune"],
+        seeds=[0, 1],
+        max_passes=1,
+        min_steps=30,
+        patience=100,
+        batch_size=32,
+        min_steps_per_epoch=2,
+        max_images=96,
+    )
     return sync_matrix(params)
 
 
@@ -61,8 +69,9 @@ def stage(*args: str) -> list[str]:
 
 def finish(cmd: list[str], cwd: Path) -> str:
     """Run a stage to the end; its log (stderr) is returned."""
-    done = subprocess.run(cmd, cwd=cwd, env=run_env(), capture_output=True, text=True,
-                          timeout=TIMEOUT_S)  # fmt: skip
+    done = subprocess.run(
+        cmd, cwd=cwd, env=run_env(), capture_output=True, text=True, timeout=TIMEOUT_S
+    )
     assert done.returncode == 0, done.stderr
     return done.stderr
 
@@ -111,8 +120,10 @@ def test_pretraining_killed_mid_run_resumes_to_the_same_encoder(prepared: Path):
 def test_fine_tuning_killed_in_its_second_seed_keeps_the_first_and_resumes(prepared: Path):
     command = stage("finetune", "--init", "scratch", "--mode", "finetune", "--fraction", "1.0")
     finish(command, prepared)
-    reference = {seed: weights(prepared / f"models/finetune/scratch-finetune-1.0/seed{seed}.pt")
-                 for seed in (0, 1)}  # fmt: skip
+    reference = {
+        seed: weights(prepared / f"models/finetune/scratch-finetune-1.0/seed{seed}.pt")
+        for seed in (0, 1)
+    }
     summary = (prepared / "metrics/finetune/scratch-finetune-1.0.json").read_text()
     curve = (prepared / "metrics/finetune/scratch-finetune-1.0.csv").read_text()
 
@@ -135,8 +146,9 @@ def test_a_checkpoint_damaged_after_the_kill_is_named_with_the_folder_to_delete(
     kill_when(command, prepared, "checkpoints/finetune/scratch-finetune-1.0-*/seed0/last.ckpt")
     (last,) = prepared.glob("checkpoints/finetune/scratch-finetune-1.0-*/seed0/last.ckpt")
     last.write_bytes(last.read_bytes()[:200])
-    failed = subprocess.run(command, cwd=prepared, env=run_env(), capture_output=True, text=True,
-                            timeout=TIMEOUT_S)  # fmt: skip
+    failed = subprocess.run(
+        command, cwd=prepared, env=run_env(), capture_output=True, text=True, timeout=TIMEOUT_S
+    )
     assert failed.returncode == 1
     (line,) = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
     folder = last.parent.relative_to(prepared)
@@ -163,8 +175,13 @@ def test_a_run_stopped_after_its_last_checkpoint_trains_nothing_more(
     summary = (prepared / "metrics/finetune/scratch-finetune-1.0.json").read_text()
 
     make_trainer = training.make_trainer
-    monkeypatch.setattr(training, "make_trainer", lambda *args, **kwargs: make_trainer(
-        *args[:4], [*args[4], DieAtTheEnd()], *args[5:], **kwargs))  # fmt: skip
+    monkeypatch.setattr(
+        training,
+        "make_trainer",
+        lambda *args, **kwargs: make_trainer(
+            *args[:4], [*args[4], DieAtTheEnd()], *args[5:], **kwargs
+        ),
+    )
     with pytest.raises(RuntimeError, match="killed after the last epoch"):
         finetune.run(config, init="scratch", mode="finetune", fraction="1.0")
     monkeypatch.setattr(training, "make_trainer", make_trainer)

@@ -122,11 +122,20 @@ def s3_server() -> Iterator[tuple[str, dict[str, str]]]:
     server.start()
     try:
         endpoint = f"http://127.0.0.1:{port}"
-        credentials = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                       "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
-        boto3.client("s3", endpoint_url=endpoint, **{
-            "aws_access_key_id": "test", "aws_secret_access_key": "test",
-            "region_name": "us-east-1"}).create_bucket(Bucket="study")  # fmt: skip
+        credentials = {
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            **{
+                "aws_access_key_id": "test",
+                "aws_secret_access_key": "test",
+                "region_name": "us-east-1",
+            },
+        ).create_bucket(Bucket="study")
         yield endpoint, run_env() | credentials
     finally:
         server.stop()
@@ -137,8 +146,12 @@ def reflinks_work(folder: Path) -> bool:
     probe = folder / ".reflink-probe"
     probe.write_bytes(b"x")
     try:
-        return run(["cp", "--reflink=always", str(probe), f"{probe}.2"], folder,
-                   check=False).returncode == 0  # fmt: skip
+        return (
+            run(
+                ["cp", "--reflink=always", str(probe), f"{probe}.2"], folder, check=False
+            ).returncode
+            == 0
+        )
     finally:
         for path in (probe, Path(f"{probe}.2")):
             path.unlink(missing_ok=True)
@@ -168,9 +181,7 @@ def test_dvc_params_are_the_keys_each_stage_declares(project: Path):
         assert stage["params"] == list(keys), name
 
 
-def test_snakemake_runs_the_pipeline_and_dvc_then_sees_it_up_to_date(
-    project: Path, tmp_path: Path
-):
+def test_snakemake_runs_the_pipeline_and_dvc_then_sees_it_up_to_date(project: Path, tmp_path: Path):
     trace = tmp_path / "trace"
     trace.mkdir()
     (trace / "sitecustomize.py").write_text(TRACE_HOOK)
@@ -191,9 +202,10 @@ def test_snakemake_runs_the_pipeline_and_dvc_then_sees_it_up_to_date(
     for stage, job in declared.items():
         loaded = (trace / f"{stage}.txt").read_text().split("\n")
         imported = {
-            str(Path(f).relative_to(project)) for f in loaded
+            str(Path(f).relative_to(project))
+            for f in loaded
             if Path(f).is_relative_to(project / "pipeline")
-        }  # fmt: skip
+        }
         code = {d for d in job["deps"] if d.startswith("pipeline/")}
         rule = stage.split("@")[0]
         assert imported <= code, stage
@@ -207,8 +219,14 @@ def test_snakemake_runs_the_pipeline_and_dvc_then_sees_it_up_to_date(
     run(["snakemake", "--report", "report.zip"], project)
     with zipfile.ZipFile(project / "report.zip") as archive:
         names = {Path(name).name for name in archive.namelist()}
-    assert {"report.html", "index.html", "label_efficiency.png", "summary.csv",
-            "label_efficiency.csv", "preview.png"} <= names, names  # fmt: skip
+    assert {
+        "report.html",
+        "index.html",
+        "label_efficiency.png",
+        "summary.csv",
+        "label_efficiency.csv",
+        "preview.png",
+    } <= names, names
     (project / "report.zip").unlink()
 
     run(["dvc", "commit", "--force", "--quiet"], project)  # what `make run` does after snakemake
@@ -299,7 +317,8 @@ def test_dvc_repro_and_exp_run_then_snakemake_agrees_and_a_change_reruns_only_it
     header = table.splitlines()[0].split(",")
     for cell in ("scratch-linear", "simclr-knn"):
         assert any(h.endswith("val_acc_mean") and cell in h for h in header) or (
-            "val_acc_mean" in header), header
+            "val_acc_mean" in header
+        ), header
         assert f"test_accuracy.{cell}.1_0.mean" in header, header
     assert "evaluate.bootstrap" in header
     # dvc metrics diff names what the change moved: the bootstrap intervals, not the means.
@@ -315,8 +334,13 @@ def test_dvc_repro_and_exp_run_then_snakemake_agrees_and_a_change_reruns_only_it
     assert dvc_changed(project) == {"split"}
     # Snakemake lists the stage and what is downstream of it; download is upstream and stays.
     assert snakemake_would_run(project) == {
-        "split", "augment", "pretrain", "finetune", "evaluate", "visualize"
-    }  # fmt: skip
+        "split",
+        "augment",
+        "pretrain",
+        "finetune",
+        "evaluate",
+        "visualize",
+    }
 
 
 def test_the_repository_dvc_yaml_and_rules_exist_side_by_side():

@@ -61,20 +61,36 @@ def _config(root: Path, host: str) -> str:
     cpus = os.cpu_count() or 1
     with open("/proc/meminfo") as handle:
         total_mb = int(handle.readline().split()[1]) // 1024
-    return "\n".join([
-        "ClusterName=pipeline-test", f"SlurmctldHost={host}", "SlurmUser=slurm",
-        "AuthType=auth/munge", "MpiDefault=none", "SwitchType=switch/none",
-        "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "ReturnToService=2",
-        "SchedulerType=sched/backfill", "SelectType=select/cons_tres",
-        "SelectTypeParameters=CR_Core_Memory", "JobAcctGatherType=jobacct_gather/none",
-        "AccountingStorageType=accounting_storage/none", "JobCompType=jobcomp/none",
-        f"StateSaveLocation={root}/state", f"SlurmdSpoolDir={root}/spool",
-        f"SlurmctldPidFile={root}/slurmctld.pid", f"SlurmdPidFile={root}/slurmd.pid",
-        f"SlurmctldLogFile={root}/slurmctld.log", f"SlurmdLogFile={root}/slurmd.log",
-        "SlurmctldPort=16817", "SlurmdPort=16818",
-        f"NodeName={host} CPUs={cpus} RealMemory={int(total_mb * 0.8)} State=UNKNOWN",
-        f"PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP", "",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            "ClusterName=pipeline-test",
+            f"SlurmctldHost={host}",
+            "SlurmUser=slurm",
+            "AuthType=auth/munge",
+            "MpiDefault=none",
+            "SwitchType=switch/none",
+            "ProctrackType=proctrack/linuxproc",
+            "TaskPlugin=task/none",
+            "ReturnToService=2",
+            "SchedulerType=sched/backfill",
+            "SelectType=select/cons_tres",
+            "SelectTypeParameters=CR_Core_Memory",
+            "JobAcctGatherType=jobacct_gather/none",
+            "AccountingStorageType=accounting_storage/none",
+            "JobCompType=jobcomp/none",
+            f"StateSaveLocation={root}/state",
+            f"SlurmdSpoolDir={root}/spool",
+            f"SlurmctldPidFile={root}/slurmctld.pid",
+            f"SlurmdPidFile={root}/slurmd.pid",
+            f"SlurmctldLogFile={root}/slurmctld.log",
+            f"SlurmdLogFile={root}/slurmd.log",
+            "SlurmctldPort=16817",
+            "SlurmdPort=16818",
+            f"NodeName={host} CPUs={cpus} RealMemory={int(total_mb * 0.8)} State=UNKNOWN",
+            f"PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP",
+            "",
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -105,9 +121,20 @@ def cluster() -> Iterator[dict[str, str]]:
     socket_path = root / "munge" / "munge.socket"
     started: list[Path] = []
     try:
-        subprocess.run(["runuser", "-u", "munge", "--", DAEMONS[0], f"--socket={socket_path}",
-                        f"--pid-file={root}/munge/munged.pid", f"--log-file={root}/munge/log",
-                        f"--seed-file={root}/munge/seed"], check=True)  # fmt: skip
+        subprocess.run(
+            [
+                "runuser",
+                "-u",
+                "munge",
+                "--",
+                DAEMONS[0],
+                f"--socket={socket_path}",
+                f"--pid-file={root}/munge/munged.pid",
+                f"--log-file={root}/munge/log",
+                f"--seed-file={root}/munge/seed",
+            ],
+            check=True,
+        )
         started.append(root / "munge" / "munged.pid")
         conf.write_text(f"{MARKER}\n{_config(root, host)}AuthInfo=socket={socket_path}\n")
         subprocess.run([DAEMONS[1], "-f", str(conf)], check=True, env=env)
@@ -116,8 +143,9 @@ def cluster() -> Iterator[dict[str, str]]:
         started.append(root / "slurmd.pid")
         deadline = time.monotonic() + 60
         while True:
-            state = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True,
-                                   text=True).stdout.strip()  # fmt: skip
+            state = subprocess.run(
+                ["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True
+            ).stdout.strip()
             if state == "idle":
                 break
             assert time.monotonic() < deadline, f"the node never became idle ({state!r})"
@@ -147,9 +175,16 @@ def tiny_project(root: Path, tiny_idx: Path) -> Path:
     # A trained init beside scratch: the byte comparison then covers SimCLR's training too.
     params["pretrain"].update(methods=["scratch", "simclr"], epochs=1, batch_size=64)
     params["pretrain"]["monitor"]["knn_max_train"] = 200
-    params["finetune"].update(inits=["scratch", "simclr"], baselines=[], modes=["linear"],
-                              seeds=[0], max_passes=1, min_steps=1, batch_size=64,
-                              min_steps_per_epoch=1)  # fmt: skip
+    params["finetune"].update(
+        inits=["scratch", "simclr"],
+        baselines=[],
+        modes=["linear"],
+        seeds=[0],
+        max_passes=1,
+        min_steps=1,
+        batch_size=64,
+        min_steps_per_epoch=1,
+    )
     params["evaluate"]["bootstrap"] = 50
     for stage in params["resources"]:  # this node's memory, not a GPU server's
         params["resources"][stage]["mem_mb"] = 1000
@@ -176,15 +211,32 @@ def test_the_pipeline_through_slurm_matches_a_local_run(
 
     # The local run goes side by side on one core: the SLURM run mostly waits for status checks.
     local_run = subprocess.Popen(
-        ["snakemake", "--cores", "1", TARGET], cwd=local, env=run_env(),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        ["snakemake", "--cores", "1", TARGET],
+        cwd=local,
+        env=run_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
-        result = run(["snakemake", "--profile", "profiles/slurm", "--jobs", "2",
-                      "--slurm-status-command", "squeue",
-                      # first status check INIT_SECONDS after submitting, then every 10 s more
-                      "--slurm-init-seconds-before-status-checks", INIT_SECONDS, TARGET],
-                     on_slurm, env=env, timeout=600)  # fmt: skip
+        result = run(
+            [
+                "snakemake",
+                "--profile",
+                "profiles/slurm",
+                "--jobs",
+                "2",
+                "--slurm-status-command",
+                "squeue",
+                # first status check INIT_SECONDS after submitting, then every 10 s more
+                "--slurm-init-seconds-before-status-checks",
+                INIT_SECONDS,
+                TARGET,
+            ],
+            on_slurm,
+            env=env,
+            timeout=600,
+        )
     finally:
         _, local_err = local_run.communicate(timeout=600)
     assert local_run.returncode == 0, local_err[-3000:]
@@ -207,13 +259,20 @@ def test_the_pipeline_through_slurm_matches_a_local_run(
     # The jobs logged to MLFLOW_TRACKING_URI, one run per job.
     with sqlite3.connect(store) as db:
         stages = [s for (s,) in db.execute("SELECT value FROM tags WHERE key = 'stage'")]
-    assert sorted(set(stages)) == ["augment", "download", "evaluate", "finetune", "pretrain",
-                                   "split"]  # fmt: skip
+    assert sorted(set(stages)) == [
+        "augment",
+        "download",
+        "evaluate",
+        "finetune",
+        "pretrain",
+        "split",
+    ]
     assert len(stages) == len(jobs)
     # ... nested under the one parent run that the Snakemake process opened for the execution.
     with sqlite3.connect(store) as db:
-        parents = db.execute("SELECT run_uuid FROM tags WHERE key = 'role' AND value = 'execution'"
-                             ).fetchall()  # fmt: skip
+        parents = db.execute(
+            "SELECT run_uuid FROM tags WHERE key = 'role' AND value = 'execution'"
+        ).fetchall()
         nested = db.execute("SELECT value FROM tags WHERE key = 'mlflow.parentRunId'").fetchall()
     assert len(parents) == 1 and {v for (v,) in nested} == {parents[0][0]}
     assert len(nested) == len(jobs)
@@ -240,8 +299,13 @@ def test_a_job_no_node_can_run_is_one_line_before_anything_is_submitted(
     params = (project / "params.yaml").read_text()
     (project / "params.yaml").write_text(params.replace("mem_mb: 1000", "mem_mb: 9000000", 1))
     submitted_before = _submitted(cluster)
-    result = run(["snakemake", "--profile", "profiles/slurm", "--slurm-status-command", "squeue",
-                  TARGET], project, env=cluster, check=False, timeout=300)  # fmt: skip
+    result = run(
+        ["snakemake", "--profile", "profiles/slurm", "--slurm-status-command", "squeue", TARGET],
+        project,
+        env=cluster,
+        check=False,
+        timeout=300,
+    )
     assert result.returncode != 0
     assert "error: no node of this cluster can run the download stage's jobs" in result.stderr
     assert "lower resources.download in params.yaml" in result.stderr
@@ -249,8 +313,12 @@ def test_a_job_no_node_can_run_is_one_line_before_anything_is_submitted(
 
 
 def test_the_check_names_the_first_job_no_node_can_hold():
-    params = {"resources": {stage: {"cpus": 1, "mem_mb": 100} for stage in (
-        "download", "split", "augment", "evaluate", "visualize")}}  # fmt: skip
+    params = {
+        "resources": {
+            stage: {"cpus": 1, "mem_mb": 100}
+            for stage in ("download", "split", "augment", "evaluate", "visualize")
+        }
+    }
     params["resources"]["pretrain"] = {"cpus": 1, "mem_mb": 100, "gpus": 1}
     params["resources"]["finetune"] = {"cpus": 1, "mem_mb": 100, "gpus": 0}
     gpu_node, cpu_node = Node("a", 8, 1000, 4), Node("b", 8, 1000, 0)

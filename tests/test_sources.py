@@ -141,8 +141,13 @@ def test_a_large_transfer_logs_its_progress_and_a_small_one_stays_quiet(caplog):
     ticks = itertools.count(step=2.0)  # every read takes 2 s of a fake clock
     payload = bytes(9 << 20)  # 9 MiB, read in 1 MiB chunks
     with caplog.at_level("INFO", logger="pipeline.data.sources"):
-        received = sources._stream(io.BytesIO(payload), io.BytesIO(), "http://m/train.gz",
-                                   len(payload), clock=lambda: next(ticks))  # fmt: skip
+        received = sources._stream(
+            io.BytesIO(payload),
+            io.BytesIO(),
+            "http://m/train.gz",
+            len(payload),
+            clock=lambda: next(ticks),
+        )
     assert received == len(payload)
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) >= 3, lines  # every 5 s of the transfer, then once at the end
@@ -152,6 +157,11 @@ def test_a_large_transfer_logs_its_progress_and_a_small_one_stays_quiet(caplog):
     caplog.clear()
     small = bytes(100_000)
     with caplog.at_level("INFO", logger="pipeline.data.sources"):
-        sources._stream(io.BytesIO(small), io.BytesIO(), "http://m/labels.gz", len(small),
-                        clock=lambda: next(ticks))  # fmt: skip
+        sources._stream(
+            io.BytesIO(small),
+            io.BytesIO(),
+            "http://m/labels.gz",
+            len(small),
+            clock=lambda: next(ticks),
+        )
     assert caplog.records == []

@@ -113,9 +113,14 @@ def test_the_stage_writes_indices_and_a_report(workdir: Path, tiny_idx: Path):
     report = split.run(config)
     folder = Path("data/splits/idx")
     assert sorted(p.name for p in folder.iterdir()) == [
-        "labeled-0.1.npy", "labeled-1.0.npy", "report.json", "report.md",
-        "test.npy", "train.npy", "val.npy",
-    ]  # fmt: skip
+        "labeled-0.1.npy",
+        "labeled-1.0.npy",
+        "report.json",
+        "report.md",
+        "test.npy",
+        "train.npy",
+        "val.npy",
+    ]
     assert read_json(folder / "report.json") == report
     assert report["disjointness"]["disjoint"] is True
     # tiny_idx plants one training copy of a test image (index 2) and one pair of copies (0, 1).

@@ -74,21 +74,24 @@ def test_mlflow_tracking_uri_is_honoured(workdir: Path, tiny_idx: Path, monkeypa
     assert only.data.tags["execution"] == "exec-1"
 
 
-def test_a_wrapped_runner_is_one_execution_ending_as_its_command_does(workdir: Path,
-                                                                     tiny_idx: Path):  # fmt: skip
+def test_a_wrapped_runner_is_one_execution_ending_as_its_command_does(
+    workdir: Path, tiny_idx: Path
+):
     """What `make repro` does: python -m pipeline execution dvc repro (here: a command that
     starts a stage, then one that fails)."""
     write_params(workdir, params_for("idx", data={"local_path": str(tiny_idx)}))
     stage = "python -m pipeline download --dataset idx"
     ok = run(["python", "-m", "pipeline", "execution", "sh", "-c", stage], workdir)
     assert ok.returncode == 0
-    failed = run(["python", "-m", "pipeline", "execution", "sh", "-c", "exit 3"], workdir,
-                 check=False)  # fmt: skip
+    failed = run(
+        ["python", "-m", "pipeline", "execution", "sh", "-c", "exit 3"], workdir, check=False
+    )
     assert failed.returncode == 3  # the command's own exit code
 
     runs = _runs(f"sqlite:///{workdir / 'mlflow.db'}")
-    parents = sorted((r for r in runs if r.data.tags.get("role") == "execution"),
-                     key=lambda r: r.info.start_time)  # fmt: skip
+    parents = sorted(
+        (r for r in runs if r.data.tags.get("role") == "execution"), key=lambda r: r.info.start_time
+    )
     assert [p.info.status for p in parents] == ["FINISHED", "FAILED"]
     (download_run,) = [r for r in runs if r.data.tags.get("stage") == "download"]
     assert download_run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
@@ -108,13 +111,23 @@ def mlflow_server(tmp_path: Path) -> Iterator[str]:
     log = open(tmp_path / "server.log", "w")  # noqa: SIM115 - closed below
     process = subprocess.Popen(
         [
-            str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-            "--workers", "1",
-            "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-            "--artifacts-destination", str(tmp_path / "server-artifacts"),
+            str(VENV_BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "server-artifacts"),
         ],
-        stdout=log, stderr=subprocess.STDOUT, env=run_env(),
-    )  # fmt: skip
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=run_env(),
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90

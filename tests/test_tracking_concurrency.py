@@ -101,8 +101,9 @@ def _overlapping(runs: list) -> list[tuple[str, str]]:
 
 
 def _start(command: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    return subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def _finish(processes: dict[str, subprocess.Popen], timeout: float) -> dict[str, str]:
@@ -127,16 +128,20 @@ def test_processes_started_together_on_a_fresh_store_all_record_their_runs(tmp_p
     env = run_env() | {"MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO)}
     modes = ["lightning" if i % 2 else "stage" for i in range(WORKERS)]
     workers = {
-        f"worker-{i}": _start([sys.executable, "-m", "tests.test_tracking_concurrency",
-                               str(i), mode, str(STEPS)], tmp_path, env)
+        f"worker-{i}": _start(
+            [sys.executable, "-m", "tests.test_tracking_concurrency", str(i), mode, str(STEPS)],
+            tmp_path,
+            env,
+        )
         for i, mode in enumerate(modes)
-    }  # fmt: skip
+    }
     _start_together(tmp_path, WORKERS, workers)
     _finish(workers, timeout=300)
 
     config = load(REPO / "params.yaml")
-    params = {k: v for key in STRESS_KEYS for k, v in tracking.flatten(config.section(key),
-                                                                       key).items()}  # fmt: skip
+    params = {
+        k: v for key in STRESS_KEYS for k, v in tracking.flatten(config.section(key), key).items()
+    }
     runs = _runs(uri)
     assert len(runs) == WORKERS
     assert sorted(int(r.data.tags["worker"]) for r in runs) == list(range(WORKERS))
@@ -144,8 +149,9 @@ def test_processes_started_together_on_a_fresh_store_all_record_their_runs(tmp_p
     for r in runs:
         lightning = r.data.tags["mode"] == "lightning"
         assert r.info.status == "FINISHED", r.data.tags["worker"]
-        assert r.data.params == params | ({"lr": "0.1", "worker": r.data.tags["worker"]}
-                                          if lightning else {})  # fmt: skip
+        assert r.data.params == params | (
+            {"lr": "0.1", "worker": r.data.tags["worker"]} if lightning else {}
+        )
         for key in ("m_a", "m_b", *(["epoch_loss"] if lightning else [])):
             steps = sorted(m.step for m in client.get_metric_history(r.info.run_id, key))
             assert steps == list(range(STEPS)), (r.data.tags["worker"], key)
@@ -160,8 +166,10 @@ def test_processes_started_together_on_a_fresh_store_all_record_their_runs(tmp_p
 def test_snakemake_runs_stages_side_by_side_on_one_store(project: Path):
     targets = ["models/pretrain/scratch", "models/pretrain/simclr"]
     # MLflow's system metrics every second (the default, 10 s, outlasts these tiny jobs).
-    env = run_env() | {"PIPELINE_EXECUTION": "parallel-stages",
-                       "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}  # fmt: skip
+    env = run_env() | {
+        "PIPELINE_EXECUTION": "parallel-stages",
+        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1",
+    }
     done = run(["snakemake", "--cores", "2", *targets, *ONE_THREAD_EACH], project, env=env)
     _assert_never_locked(project, done.stdout + done.stderr)
 
@@ -172,23 +180,30 @@ def test_snakemake_runs_stages_side_by_side_on_one_store(project: Path):
     commit = run(["git", "rev-parse", "HEAD"], project).stdout.strip()
     assert {r.data.tags["mlflow.source.git.commit"] for r in [parent, *runs]} == {commit}
     assert Counter(r.data.tags["stage"] for r in runs) == {
-        "download": 1, "split": 1, "augment": 1, "pretrain": 2
-    }  # fmt: skip
+        "download": 1,
+        "split": 1,
+        "augment": 1,
+        "pretrain": 2,
+    }
     assert {r.data.tags["method"] for r in runs if r.data.tags["stage"] == "pretrain"} == {
-        "scratch", "simclr"
-    }  # fmt: skip
+        "scratch",
+        "simclr",
+    }
     assert all(r.info.status == "FINISHED" for r in runs)
     assert all(r.data.tags["execution"] == "parallel-stages" for r in runs)
     # Lightning's MLFlowLogger wrote its per-epoch curve into simclr's run.
     (simclr,) = (r for r in runs if r.data.tags.get("method") == "simclr")
     assert {"val_knn_acc", "final_val_knn_acc"} <= simclr.data.metrics.keys()
-    assert {"system/cpu_utilization_percentage",
-            "system/system_memory_usage_megabytes"} <= simclr.data.metrics.keys()  # fmt: skip
+    assert {
+        "system/cpu_utilization_percentage",
+        "system/system_memory_usage_megabytes",
+    } <= simclr.data.metrics.keys()
     # The jobs ran side by side: their processes (imports included, process_seconds before each
     # run's end) overlap. The runs themselves may not: scratch's lasts a fraction of a second.
     both = [r for r in runs if r.data.tags["stage"] == "pretrain"]
-    spans = sorted((r.info.end_time - 1000 * r.data.metrics["process_seconds"], r.info.end_time)
-                   for r in both)  # fmt: skip
+    spans = sorted(
+        (r.info.end_time - 1000 * r.data.metrics["process_seconds"], r.info.end_time) for r in both
+    )
     assert spans[1][0] < spans[0][1], f"the pretraining jobs ran one after the other: {spans}"
 
 
@@ -199,10 +214,13 @@ def test_two_pipelines_at_once_share_one_store(project: Path, tmp_path: Path):
     run(["git", "clone", "-q", str(project), str(second)], tmp_path)
     target = "models/pretrain/simclr"
     pipelines = {
-        name: _start(["snakemake", "--cores", "1", target], folder,
-                     run_env() | {"MLFLOW_TRACKING_URI": uri, "PIPELINE_EXECUTION": name})
+        name: _start(
+            ["snakemake", "--cores", "1", target],
+            folder,
+            run_env() | {"MLFLOW_TRACKING_URI": uri, "PIPELINE_EXECUTION": name},
+        )
         for name, folder in (("first", project), ("second", second))
-    }  # fmt: skip
+    }
     outputs = _finish(pipelines, timeout=600)
     _assert_never_locked(project, outputs["first"])
     _assert_never_locked(second, outputs["second"])
@@ -211,8 +229,11 @@ def test_two_pipelines_at_once_share_one_store(project: Path, tmp_path: Path):
     for name in pipelines:
         mine = [r for r in runs if r.data.tags.get("execution") == name]
         assert sorted(r.data.tags["stage"] for r in mine) == [
-            "augment", "download", "pretrain", "split"
-        ], name  # fmt: skip
+            "augment",
+            "download",
+            "pretrain",
+            "split",
+        ], name
         assert all(r.info.status == "FINISHED" for r in mine), name
         # Each pipeline's runs hang under its own parent, however the two interleaved.
         (parent,) = [p for p in parents if p.data.tags["execution"] == name]
@@ -229,14 +250,23 @@ def test_a_store_locked_for_a_while_makes_writers_wait_not_fail(tmp_path: Path):
     env = run_env() | {"MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO)}
     tracking.prepare_store(uri)  # the schema exists: what is measured is the wait for the lock
     (tmp_path / "go").touch()
-    holder = _start([sys.executable, "-c",
-                     "import sqlite3, sys, time; c = sqlite3.connect(sys.argv[1]);"
-                     "c.execute('BEGIN EXCLUSIVE'); print('held', flush=True); time.sleep(3);"
-                     "c.rollback()", str(db)], tmp_path, env)  # fmt: skip
+    holder = _start(
+        [
+            sys.executable,
+            "-c",
+            "import sqlite3, sys, time; c = sqlite3.connect(sys.argv[1]);"
+            "c.execute('BEGIN EXCLUSIVE'); print('held', flush=True); time.sleep(3);"
+            "c.rollback()",
+            str(db),
+        ],
+        tmp_path,
+        env,
+    )
     assert holder.stdout.readline().strip() == "held"
     started = time.monotonic()
-    worker = _start([sys.executable, "-m", "tests.test_tracking_concurrency", "0", "stage", "3"],
-                    tmp_path, env)  # fmt: skip
+    worker = _start(
+        [sys.executable, "-m", "tests.test_tracking_concurrency", "0", "stage", "3"], tmp_path, env
+    )
     _finish({"holder": holder, "worker": worker}, timeout=120)
     assert time.monotonic() - started > 2.5  # it did have to wait
     (only,) = _runs(uri)

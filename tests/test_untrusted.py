@@ -76,8 +76,11 @@ def _checkpoint(folder: Path, marker: Path) -> None:
     load_checkpoint(plant(folder / "checkpoints/finetune/x/seed0/last.ckpt", marker), "a test")
 
 
-@pytest.mark.parametrize("load", [_encoder, _classifier, _checkpoint],
-                         ids=["encoder", "classifier", "training checkpoint"])  # fmt: skip
+@pytest.mark.parametrize(
+    "load",
+    [_encoder, _classifier, _checkpoint],
+    ids=["encoder", "classifier", "training checkpoint"],
+)
 def test_a_file_carrying_code_is_refused_and_the_code_never_runs(tmp_path: Path, load):
     marker = tmp_path / "pwned"
     with pytest.raises(MissingInputError, match=r"\.(pt|ckpt)\b.*(corrupt|unsafe|not a plain)"):
@@ -114,8 +117,12 @@ def test_every_load_in_the_code_is_weights_only():
         for fit in _calls(tree, "trainer.fit"):
             if any(k.arg == "ckpt_path" for k in fit.keywords):
                 assert _keyword(fit, "weights_only") is True, f"{path}:{fit.lineno}"
-        for unsafe in ("pickle.load", "pickle.loads", "mlflow.pytorch.log_model",
-                       "mlflow.pytorch.load_model"):  # fmt: skip
+        for unsafe in (
+            "pickle.load",
+            "pickle.loads",
+            "mlflow.pytorch.log_model",
+            "mlflow.pytorch.load_model",
+        ):
             assert not _calls(tree, unsafe), f"{path} calls {unsafe}"
     assert loads >= 3  # the scan finds the real ones: encoders, classifiers, checkpoints
 
@@ -157,8 +164,13 @@ def test_the_documented_mlflow_server_listens_on_loopback_only(tmp_path: Path):
     argv = shlex.split(command.replace("--port 5000", f"--port {port}"))
     argv[0] = str(VENV_BIN / "mlflow")
     with open(tmp_path / "server.log", "w") as log:
-        server = subprocess.Popen([*argv, "--workers", "1"], cwd=tmp_path, env=run_env(),
-                                  stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        server = subprocess.Popen(
+            [*argv, "--workers", "1"],
+            cwd=tmp_path,
+            env=run_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         try:
             deadline = time.monotonic() + 90
             while True:
@@ -167,8 +179,8 @@ def test_the_documented_mlflow_server_listens_on_loopback_only(tmp_path: Path):
                         break
                 except OSError:
                     assert server.poll() is None and time.monotonic() < deadline, (
-                        (tmp_path / "server.log").read_text()
-                    )
+                        tmp_path / "server.log"
+                    ).read_text()
                     time.sleep(0.5)
             assert _listening_addresses(port) == {"0100007F"}  # 127.0.0.1, nothing else
         finally:

@@ -43,19 +43,35 @@ window.addEventListener("load", () => {
 </script>"""
 
 
-def tiny_study(tiny_idx: Path, backbone: str = "lenet5", methods=("scratch", "vae", "gan", "pca"),
-               modes=("linear", "knn")) -> dict:  # fmt: skip
+def tiny_study(
+    tiny_idx: Path,
+    backbone: str = "lenet5",
+    methods=("scratch", "vae", "gan", "pca"),
+    modes=("linear", "knn"),
+) -> dict:
     params = params_for("idx", split={"label_fractions": [0.5, 1.0]})
     params["data"]["local_path"] = str(tiny_idx)
     params["model"].update(backbone=backbone, width=8)
     params["pretrain"].update(methods=list(methods), epochs=2, batch_size=64)
     params["pretrain"]["monitor"]["knn_max_train"] = 200
-    params["finetune"].update(modes=list(modes), max_passes=1, min_steps=4, batch_size=32,
-                              min_steps_per_epoch=2, seeds=[0])  # fmt: skip
+    params["finetune"].update(
+        modes=list(modes),
+        max_passes=1,
+        min_steps=4,
+        batch_size=32,
+        min_steps_per_epoch=2,
+        seeds=[0],
+    )
     params["finetune"]["knn"] = {"ks": [1, 5], "temperatures": [0.1]}
     params["evaluate"]["bootstrap"] = 20
-    params["visualize"].update(embedding_images=60, embeddings=["tsne"], deconv_images=32,
-                               deconv_channels=2, deconv_top=3, cam_examples=1)  # fmt: skip
+    params["visualize"].update(
+        embedding_images=60,
+        embeddings=["tsne"],
+        deconv_images=32,
+        deconv_channels=2,
+        deconv_top=3,
+        cam_examples=1,
+    )
     params["visualize"]["toy"].update(samples=60, depths=[0, 2], widths=[8], steps=30)
     return sync_matrix(params)
 
@@ -113,18 +129,45 @@ def lenet_report(lenet_study: tuple[Path, dict]) -> Path:
 def test_the_report_has_every_section_in_pipeline_order_and_its_figures(lenet_report: Path):
     html = lenet_report.read_text()
     ids = re.findall(r'<section id="(\w+)">', html)
-    assert ids == ["data", "augment", "pretrain", "encoders", "embeddings", "finetune",
-                   "evaluate", "interpret", "course", "run"]  # fmt: skip
+    assert ids == [
+        "data",
+        "augment",
+        "pretrain",
+        "encoders",
+        "embeddings",
+        "finetune",
+        "evaluate",
+        "interpret",
+        "course",
+        "run",
+    ]
     # Self-contained: every image is embedded, nothing is fetched from elsewhere.
     assert not re.search(r'<img src="(?!data:)', html)
     assert not re.search(r'(src|href)="(https?:)?//', html) and "<link" not in html
     images = embedded_images(html)
     figures = sorted(p.name for p in (lenet_report.parent / "figures/visualize").glob("*.png"))
     assert len(images) == len(figures) + 2  # + the augment preview and the label-efficiency plot
-    for name in ("samples", "pretrain_curves", "vae", "gan", "gan_monitors", "generative_samples",
-                 "filters_vae", "filters_gan", "filters_pca", "feature_maps_vae", "deconv_gan",
-                 "embeddings", "finetune_curves", "confusion", "cam_scratch", "cam_vae",
-                 "cam_gan", "cam_pca", "decision_boundaries"):  # fmt: skip
+    for name in (
+        "samples",
+        "pretrain_curves",
+        "vae",
+        "gan",
+        "gan_monitors",
+        "generative_samples",
+        "filters_vae",
+        "filters_gan",
+        "filters_pca",
+        "feature_maps_vae",
+        "deconv_gan",
+        "embeddings",
+        "finetune_curves",
+        "confusion",
+        "cam_scratch",
+        "cam_vae",
+        "cam_gan",
+        "cam_pca",
+        "decision_boundaries",
+    ):
         assert f"{name}.png" in figures
     # The generative models' samples side by side, in pretrain.methods order.
     assert "Generative models" in html and "side by side: vae, gan (" in html
@@ -138,15 +181,17 @@ def test_the_report_has_every_section_in_pipeline_order_and_its_figures(lenet_re
     assert len(set(run_ids)) == 1 + 1 + 1 + 4 + 16 + 1 + 1
     # The answer in one sentence, beside the figure: the self-supervised init (VAE or GAN here)
     # against the best baseline (scratch or PCA), each chosen on validation.
-    answer = re.search(r"<p>(Answer: self-supervised pretraining against the best baseline.*?)</p>",
-                       html, re.S)  # fmt: skip
+    answer = re.search(
+        r"<p>(Answer: self-supervised pretraining against the best baseline.*?)</p>", html, re.S
+    )
     assert answer and re.search("with 50 % of the labels (vae|gan)-", answer.group(1))
     assert re.search(r"vs (scratch|pca)-\w+ [0-9.]+ % \([+-][0-9.]+ points\)", answer.group(1))
     assert html.index("Answer: ") < html.index("Test accuracy against the labeled fraction")
     # Why each trained seed stopped, cell by cell.
     assert "Why each seed stopped" in html
-    assert re.search(r"<td>scratch-linear-0\.5</td>.*?<td>(early stopping|cap)( †)?</td>", html,
-                     re.S)  # fmt: skip
+    assert re.search(
+        r"<td>scratch-linear-0\.5</td>.*?<td>(early stopping|cap)( †)?</td>", html, re.S
+    )
 
 
 def test_the_figures_and_the_page_are_logged_to_the_stage_mlflow_run(lenet_study):
@@ -184,10 +229,21 @@ def test_the_report_opens_in_headless_chromium_with_every_image_decoded(
     page = tmp_path / "probe.html"
     page.write_text(lenet_report.read_text().replace("</body>", PROBE + "</body>"))
     profile = f"--user-data-dir={tmp_path / 'profile'}"
-    browser = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", profile,
-               "--virtual-time-budget=20000"]  # fmt: skip
-    dom = subprocess.run([*browser, "--dump-dom", page.as_uri()], capture_output=True,
-                         text=True, timeout=120, check=True).stdout  # fmt: skip
+    browser = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        profile,
+        "--virtual-time-budget=20000",
+    ]
+    dom = subprocess.run(
+        [*browser, "--dump-dom", page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
     found = re.search(r"images=(\d+) broken=(\d+)", dom)
     assert found, f"the page's load handler never ran: {dom[-300:]!r}"
     count, broken = map(int, found.groups())
@@ -206,11 +262,20 @@ def test_the_report_opens_in_headless_chromium_with_every_image_decoded(
 def test_the_browser_probe_sees_a_broken_image(tmp_path: Path):
     good = base64.b64encode(_tiny_png()).decode()
     page = tmp_path / "page.html"
-    page.write_text(f'<html><body><img src="data:image/png;base64,{good}">'
-                    f'<img src="data:image/png;base64,bm90IGEgcG5n">{PROBE}</body></html>')
-    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
-               f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000",
-               "--dump-dom", page.as_uri()]  # fmt: skip
+    page.write_text(
+        f'<html><body><img src="data:image/png;base64,{good}">'
+        f'<img src="data:image/png;base64,bm90IGEgcG5n">{PROBE}</body></html>'
+    )
+    command = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=5000",
+        "--dump-dom",
+        page.as_uri(),
+    ]
     dom = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
     assert "images=2 broken=1" in dom
 

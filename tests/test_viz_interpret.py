@@ -20,12 +20,19 @@ from pipeline.models.classifier import KNNClassifier, LinearClassifier
 from pipeline.viz import cam, deconv, features
 
 
-def _encoder(name: str, width: int = 4, size: int = 12, channels: int = 1, seed: int = 0,
-             activation: str = "relu") -> nn.Module:  # fmt: skip
+def _encoder(
+    name: str,
+    width: int = 4,
+    size: int = 12,
+    channels: int = 1,
+    seed: int = 0,
+    activation: str = "relu",
+) -> nn.Module:
     """A tiny backbone whose batch norms have non-trivial running statistics and affine maps."""
     torch.manual_seed(seed)
-    encoder = build_backbone(BackboneConfig(name=name, width=width, activation=activation),
-                             channels, size)  # fmt: skip
+    encoder = build_backbone(
+        BackboneConfig(name=name, width=width, activation=activation), channels, size
+    )
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for module in encoder.modules():
@@ -44,10 +51,15 @@ def _images(n: int, size: int = 12, channels: int = 1, seed: int = 0) -> torch.T
 
 def _state(model: nn.Module) -> tuple[list[bool], list[bool], int]:
     """Every module's mode, every parameter's requires_grad, and the number of hooks."""
-    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-                for m in model.modules())  # fmt: skip
-    return ([m.training for m in model.modules()], [p.requires_grad for p in model.parameters()],
-            hooks)  # fmt: skip
+    hooks = sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+        for m in model.modules()
+    )
+    return (
+        [m.training for m in model.modules()],
+        [p.requires_grad for p in model.parameters()],
+        hooks,
+    )
 
 
 # ------------------------------------------------------------------------------ 1. CAM
@@ -69,11 +81,13 @@ def test_cam_equals_hand_computation_and_the_logit() -> None:
     x, classes = _images(4, size=16), torch.tensor([0, 1, 2, 1])
     with torch.no_grad():
         feature_maps = encoder.feature_maps(x)
-        raw = cam.class_activation_maps(feature_maps, classifier.head.weight, classes,
-                                        tuple(feature_maps.shape[-2:]))  # fmt: skip
+        raw = cam.class_activation_maps(
+            feature_maps, classifier.head.weight, classes, tuple(feature_maps.shape[-2:])
+        )
         logits = classifier.logits(x).gather(1, classes[:, None])[:, 0]
-    torch.testing.assert_close(raw.mean((1, 2)) + classifier.head.bias[classes], logits,
-                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    torch.testing.assert_close(
+        raw.mean((1, 2)) + classifier.head.bias[classes], logits, rtol=1e-5, atol=1e-5
+    )
 
 
 # ------------------------------------------------------------------------------ 2. unpooling
@@ -92,8 +106,9 @@ def test_unpool_puts_values_back_at_the_switches() -> None:
         expected[0, 0, r, c] = 10 * value
     assert torch.equal(back, expected)
     # an odd input (the last row and column fall outside every window) keeps its size
-    odd_pooled, odd_switches = F.max_pool2d(torch.arange(25.0).view(1, 1, 5, 5), 2, 2,
-                                            return_indices=True)  # fmt: skip
+    odd_pooled, odd_switches = F.max_pool2d(
+        torch.arange(25.0).view(1, 1, 5, 5), 2, 2, return_indices=True
+    )
     odd = deconv.unpool(odd_pooled, odd_switches, 2, 2, 0, (5, 5))
     assert odd.shape == (1, 1, 5, 5)
     assert torch.nonzero(odd[0, 0]).tolist() == [[1, 1], [1, 3], [3, 1], [3, 3]]
@@ -110,8 +125,9 @@ def test_unpool_puts_values_back_at_the_switches() -> None:
 # ------------------------------------------------------------------------------ 3. both paths
 
 
-@pytest.mark.parametrize(("name", "activation"), [("lenet5", "relu"), ("vgg", "relu"),
-                                                  ("vgg", "tanh")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("name", "activation"), [("lenet5", "relu"), ("vgg", "relu"), ("vgg", "tanh")]
+)
 def test_explicit_and_autograd_deconvnet_agree(name: str, activation: str) -> None:
     encoder = _encoder(name, width=4, size=12, activation=activation)
     net = deconv.Deconvnet(encoder)
@@ -157,12 +173,15 @@ def _knn(encoder: nn.Module, size: int) -> KNNClassifier:
     return KNNClassifier(encoder, bank, torch.arange(12) % 3, 3, 0.1, 3)
 
 
-@pytest.mark.parametrize(("name", "kind", "method", "words"), [
-    ("lenet5", "linear", "CAM", "global average pooling followed by the linear head"),
-    ("mlp", "linear", "Grad-CAM", "no global average pooling"),
-    ("lenet5", "knn", "Grad-CAM", "kNN classifier has no linear head"),
-    ("mlp", "knn", "Grad-CAM", "kNN classifier"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("name", "kind", "method", "words"),
+    [
+        ("lenet5", "linear", "CAM", "global average pooling followed by the linear head"),
+        ("mlp", "linear", "Grad-CAM", "no global average pooling"),
+        ("lenet5", "knn", "Grad-CAM", "kNN classifier has no linear head"),
+        ("mlp", "knn", "Grad-CAM", "kNN classifier"),
+    ],
+)
 def test_explain_picks_cam_or_grad_cam_and_leaves_the_model_alone(
     name: str, kind: str, method: str, words: str
 ) -> None:
@@ -205,8 +224,11 @@ def test_deconvnet_on_branching_bodies_and_top_activations(name: str) -> None:
     before = _state(encoder)
     net = deconv.Deconvnet(encoder)
     assert not net.explicit
-    expected = ["stem", "inception1", "inception2", "inception3"] if name == "inception" \
-        else ["stem", "layer1", "layer2", "layer3", "layer4"]  # fmt: skip
+    expected = (
+        ["stem", "inception1", "inception2", "inception3"]
+        if name == "inception"
+        else ["stem", "layer1", "layer2", "layer3", "layer4"]
+    )
     assert net.layers == expected
     x = _images(6, seed=3)
     layer = net.layers[-1]
@@ -237,7 +259,9 @@ def test_receptive_fields_are_exact_and_mlp_is_refused() -> None:
     net = deconv.Deconvnet(_encoder("lenet5", size=16))
     # c1 is a 5x5 conv with padding 2: a unit sees the 5x5 square around it, clipped
     assert net.receptive_fields("c1", torch.tensor([[0, 0], [5, 6]]), (16, 16)) == [
-        (0, 0, 3, 3), (3, 4, 8, 9)]  # fmt: skip
+        (0, 0, 3, 3),
+        (3, 4, 8, 9),
+    ]
     # c3 (1, 1): pooled rows 1..5 -> c1 rows 2..11 -> input rows 0..13
     assert net.receptive_fields("c3", torch.tensor([[1, 1]]), (16, 16)) == [(0, 0, 14, 14)]
     mlp = _encoder("mlp")
@@ -290,8 +314,11 @@ def test_figures_are_written(tmp_path: object) -> None:
     for layer in ("c1", "c5"):
         channels = deconv.choose_channels(net, x, layer, 2)
         entries += [(layer, p) for p in deconv.top_activations(net, x, layer, channels, 4)]
-    _png(deconv.deconv_figure(entries, images, tmp_path / "deconv.png", "Deconvnet"),
-         1.5 * 4 * 100, 1.5 * 2 * 100)  # fmt: skip
+    _png(
+        deconv.deconv_figure(entries, images, tmp_path / "deconv.png", "Deconvnet"),
+        1.5 * 4 * 100,
+        1.5 * 2 * 100,
+    )
 
     filters = features.first_layer_filters(encoder)
     assert filters.shape == (6, 5, 5, 1) and filters.min() == 0 and filters.max() == 1
@@ -299,13 +326,17 @@ def test_figures_are_written(tmp_path: object) -> None:
     maps = features.feature_maps(encoder, x[:1], max_channels=4)
     assert [name for name, _ in maps] == ["c1", "c3", "c5"]
     assert [m.shape for _, m in maps] == [(4, 12, 12), (4, 2, 2), (4, 1, 1)]
-    _png(features.feature_maps_figure(images[0], maps, tmp_path / "maps.png", "maps"),
-         4 * 90, 4 * 90)  # fmt: skip
+    _png(
+        features.feature_maps_figure(images[0], maps, tmp_path / "maps.png", "maps"), 4 * 90, 4 * 90
+    )
 
     mlp = _encoder("mlp", size=12)
     mlp_filters = features.first_layer_filters(mlp)
     assert mlp_filters.shape == (4, 12, 12, 1)
     mlp_maps = features.feature_maps(mlp, x[:1])
     assert [(name, m.shape) for name, m in mlp_maps] == [("fc1", (1, 2, 2)), ("fc2", (1, 2, 2))]
-    _png(features.feature_maps_figure(images[0], mlp_maps, tmp_path / "mlp.png", "mlp"),
-         1 * 90 + 100, 3 * 90)  # fmt: skip
+    _png(
+        features.feature_maps_figure(images[0], mlp_maps, tmp_path / "mlp.png", "mlp"),
+        1 * 90 + 100,
+        3 * 90,
+    )

@@ -30,8 +30,15 @@ class EpochPermutation(Sampler[int]):
     chains further permutations until an epoch is at least that long (tiny labeled subsets).
     """
 
-    def __init__(self, size: int, seed: int, limit: int | None = None, min_length: int = 0,
-                 rank: int = 0, world: int = 1) -> None:  # fmt: skip
+    def __init__(
+        self,
+        size: int,
+        seed: int,
+        limit: int | None = None,
+        min_length: int = 0,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
         self.size = size
         self.seed = seed
         self.length = max(min(limit, size) if limit else size, min_length)
@@ -127,8 +134,9 @@ class SplitData(L.LightningDataModule):
         size = len(self.labels[self.train_set])
         batch = min(self.batch_size, size)
         rank, world = self._rank_and_world()
-        sampler = EpochPermutation(size, self.seed, self.max_images, self.min_steps * batch,
-                                   rank, world)  # fmt: skip
+        sampler = EpochPermutation(
+            size, self.seed, self.max_images, self.min_steps * batch, rank, world
+        )
         return DataLoader(
             _Positions(size),
             batch_size=max(1, batch // world),  # batch_size is the global batch

@@ -59,9 +59,17 @@ class DatasetSpec:
 
 
 _FASHION_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)  # fmt: skip
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 
 SPECS: dict[str, DatasetSpec] = {
     "fashion_mnist": DatasetSpec(
@@ -95,13 +103,13 @@ SPECS: dict[str, DatasetSpec] = {
         "cifar10_binary",
         (RemoteFile("cifar-10-binary.tar.gz", archive_md5="c32a1d4ab5d03f1284b67883e8d87530"),),
         ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
-    ),  # fmt: skip
+    ),
     "stl10": DatasetSpec(
         "stl10",
         "stl10_binary",
         (RemoteFile("stl10_binary.tar.gz", archive_md5="91f7769df0f17e558f3565bffb0c7dfb"),),
         ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"),
-    ),  # fmt: skip
+    ),
 }
 
 
@@ -252,8 +260,13 @@ PROGRESS_EVERY_S = 5.0
 PROGRESS_MIN_BYTES = 4 << 20
 
 
-def _stream(response: Any, out: Any, location: str, total: int | None,
-            clock: Callable[[], float] = time.monotonic) -> int:  # fmt: skip
+def _stream(
+    response: Any,
+    out: Any,
+    location: str,
+    total: int | None,
+    clock: Callable[[], float] = time.monotonic,
+) -> int:
     """Copy the response into ``out``, logging the bytes received, the rate and the time left
     every PROGRESS_EVERY_S for large files (a slow mirror is otherwise minutes of silence)."""
     started = last = clock()

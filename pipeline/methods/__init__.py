@@ -30,8 +30,9 @@ with ``_`` are helpers, not methods.
 import pkgutil
 
 #: Methods that train the encoder with a self-supervised objective: the modules of this package.
-TRAINED: tuple[str, ...] = tuple(sorted(
-    m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")))  # fmt: skip
+TRAINED: tuple[str, ...] = tuple(
+    sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+)
 #: Encoders the study compares against, made without an objective (pipeline/stages/pretrain.py):
 #: the untrained initialization, the raw pixels and PCA fitted in closed form.
 REFERENCES: tuple[str, ...] = ("scratch", "pixels", "pca")

@@ -17,8 +17,9 @@ from pipeline.models.backbones import build_decoder
 NAME = "autoencoder"
 
 
-def heads(dim: int, options: dict[str, Any], width: int, in_channels: int,
-          image_size: int) -> dict[str, nn.Module]:  # fmt: skip
+def heads(
+    dim: int, options: dict[str, Any], width: int, in_channels: int, image_size: int
+) -> dict[str, nn.Module]:
     return {"decoder": build_decoder(dim, in_channels, image_size, width)}
 
 

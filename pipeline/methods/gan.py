@@ -35,9 +35,11 @@ from torch import nn
 NAME = "gan"
 #: The picture grids the report shows (pictures() also saves ``samples_by_epoch``).
 PICTURES = ("samples",)
-PICTURES_CAPTION = ("GAN: the generator's samples from a fixed z after the last epoch, the "
-                    "first 32 of 64 (models/pretrain/gan/samples.npy; samples_by_epoch.npy "
-                    "holds 8 per epoch, from the same z).")  # fmt: skip
+PICTURES_CAPTION = (
+    "GAN: the generator's samples from a fixed z after the last epoch, the "
+    "first 32 of 64 (models/pretrain/gan/samples.npy; samples_by_epoch.npy "
+    "holds 8 per epoch, from the same z)."
+)
 #: The grid of the model's own samples, shown beside the other generative models'.
 SAMPLES = "samples"
 #: Its own per-epoch monitors, as columns of metrics/pretrain/gan.csv.
@@ -63,13 +65,17 @@ class Generator(nn.Module):
         start = math.ceil(image_size / 4)
         self.project = nn.Sequential(
             nn.Linear(latent_dim, 4 * width * start * start, bias=False),
-            nn.Unflatten(1, (4 * width, start, start)), nn.BatchNorm2d(4 * width), nn.ReLU(),
-        )  # fmt: skip
+            nn.Unflatten(1, (4 * width, start, start)),
+            nn.BatchNorm2d(4 * width),
+            nn.ReLU(),
+        )
         self.up = nn.Sequential(
             nn.ConvTranspose2d(4 * width, 2 * width, 4, stride=2, padding=1, bias=False),
-            nn.BatchNorm2d(2 * width), nn.ReLU(),
-            nn.ConvTranspose2d(2 * width, out_channels, 4, stride=2, padding=1), nn.Tanh(),
-        )  # fmt: skip
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(),
+            nn.ConvTranspose2d(2 * width, out_channels, 4, stride=2, padding=1),
+            nn.Tanh(),
+        )
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.ConvTranspose2d)):
                 nn.init.normal_(module.weight, 0.0, 0.02)
@@ -86,8 +92,9 @@ class Generator(nn.Module):
         return (x + 1) / 2
 
 
-def heads(dim: int, options: dict[str, Any], width: int, in_channels: int,
-          image_size: int) -> dict[str, nn.Module]:  # fmt: skip
+def heads(
+    dim: int, options: dict[str, Any], width: int, in_channels: int, image_size: int
+) -> dict[str, nn.Module]:
     return {
         "head": nn.Linear(dim, 1),  # real/fake logit on the backbone's features
         "generator": Generator(options["latent_dim"], in_channels, image_size, width),
@@ -111,8 +118,9 @@ def fake_images(module: Any, z: torch.Tensor) -> torch.Tensor:
 
 def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
     """``−E[ln D(x)] − E[ln(1 − D(G(z)))]``: D's side of the game, as two cross-entropies."""
-    return (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
-            + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
+    return F.binary_cross_entropy_with_logits(
+        real_logits, torch.ones_like(real_logits)
+    ) + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
 
 
 def generator_loss(fake_logits: torch.Tensor, form: str = "non_saturating") -> torch.Tensor:
@@ -125,8 +133,9 @@ def generator_loss(fake_logits: torch.Tensor, form: str = "non_saturating") -> t
 
 
 def latent(module: Any, count: int, generator: torch.Generator) -> torch.Tensor:
-    return torch.randn(count, module.options["latent_dim"], generator=generator,
-                       device=module.device)  # fmt: skip
+    return torch.randn(
+        count, module.options["latent_dim"], generator=generator, device=module.device
+    )
 
 
 # ------------------------------------------------------------------------------ training
@@ -141,17 +150,19 @@ def configure_optimizers(module: Any) -> list[torch.optim.Optimizer]:
     probe = set(module.probe.parameters())
     body = [p for p in module.parameters() if p not in generator and p not in probe]
     d_optimizer = torch.optim.Adam(
-        [{"params": body},
-         {"params": list(probe), "lr": module.hparams.monitor["probe_lr"]}],
-        lr=d["lr"], betas=(d["beta1"], d["beta2"]),
-    )  # fmt: skip
-    g_optimizer = torch.optim.Adam(module.generator.parameters(), lr=g["lr"],
-                                   betas=(g["beta1"], g["beta2"]))  # fmt: skip
+        [{"params": body}, {"params": list(probe), "lr": module.hparams.monitor["probe_lr"]}],
+        lr=d["lr"],
+        betas=(d["beta1"], d["beta2"]),
+    )
+    g_optimizer = torch.optim.Adam(
+        module.generator.parameters(), lr=g["lr"], betas=(g["beta1"], g["beta2"])
+    )
     return [d_optimizer, g_optimizer]
 
 
-def training_step(module: Any, images: torch.Tensor, labels: torch.Tensor,
-                  generator: torch.Generator) -> torch.Tensor:  # fmt: skip
+def training_step(
+    module: Any, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
     """One D step on a real batch and as many fakes, then one G step against the updated D.
 
     Returns D's loss (reported as ``train_loss``: the encoder is D's body).
@@ -173,8 +184,12 @@ def training_step(module: Any, images: torch.Tensor, labels: torch.Tensor,
     module.manual_backward(g_loss)
     g_optimizer.step()
 
-    module.track(d_loss=d_loss, g_loss=g_loss, d_real=torch.sigmoid(real_logits),
-                 d_fake=torch.sigmoid(fake_logits))  # fmt: skip
+    module.track(
+        d_loss=d_loss,
+        g_loss=g_loss,
+        d_real=torch.sigmoid(real_logits),
+        d_fake=torch.sigmoid(fake_logits),
+    )
     return d_loss
 
 
@@ -229,14 +244,15 @@ def epoch_end(module: Any) -> dict[str, float]:
             "gan: the samples' diversity fell to %.3f of the real images' at epoch %d (below "
             "pretrain.gan.collapse_ratio = %s): the generator may have collapsed onto a few "
             "images; try a lower generator lr or fewer epochs",
-            diversity, module.current_epoch + 1, threshold,
-        )  # fmt: skip
+            diversity,
+            module.current_epoch + 1,
+            threshold,
+        )
     return {"sample_diversity": diversity}
 
 
 def pictures(module: Any, images: torch.Tensor, count: int, seed: int) -> dict[str, torch.Tensor]:
     """uint8 grids (N x C x H x W): the last epoch's fixed-z samples, and 8 per epoch."""
     last = (samples(module, count, seed) * 255).round().to(torch.uint8).cpu()
-    by_epoch = (torch.cat(module.epoch_pictures) if module.epoch_pictures
-                else last[:0])  # fmt: skip
+    by_epoch = torch.cat(module.epoch_pictures) if module.epoch_pictures else last[:0]
     return {"samples": last, "samples_by_epoch": by_epoch}

@@ -17,8 +17,9 @@ from pipeline.augment import rotate90
 NAME = "rotation"
 
 
-def heads(dim: int, options: dict[str, Any], width: int, in_channels: int,
-          image_size: int) -> dict[str, nn.Module]:  # fmt: skip
+def heads(
+    dim: int, options: dict[str, Any], width: int, in_channels: int, image_size: int
+) -> dict[str, nn.Module]:
     return {"head": nn.Linear(dim, 4)}
 
 

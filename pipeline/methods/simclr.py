@@ -18,13 +18,18 @@ NAME = "simclr"
 log = logging.getLogger(__name__)
 
 
-def heads(dim: int, options: dict[str, Any], width: int, in_channels: int,
-          image_size: int) -> dict[str, nn.Module]:  # fmt: skip
+def heads(
+    dim: int, options: dict[str, Any], width: int, in_channels: int, image_size: int
+) -> dict[str, nn.Module]:
     hidden = options["projection_hidden"]
-    return {"head": nn.Sequential(
-        nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-        nn.Linear(hidden, options["projection_dim"]),
-    )}  # fmt: skip
+    return {
+        "head": nn.Sequential(
+            nn.Linear(dim, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, options["projection_dim"]),
+        )
+    }
 
 
 def objective(
@@ -39,6 +44,10 @@ def objective(
     if trainer is not None and trainer.global_step == 0 and trainer.global_rank == 0:
         # Logged once: the number of negatives, not the per-device batch, is what SimCLR's
         # results depend on, and under DDP it comes from the other ranks too.
-        log.info("NT-Xent: %d negatives per anchor (%d images on each of %d processes)",
-                 nt_xent_negatives(z1.shape[0]), z1.shape[0], trainer.world_size)  # fmt: skip
+        log.info(
+            "NT-Xent: %d negatives per anchor (%d images on each of %d processes)",
+            nt_xent_negatives(z1.shape[0]),
+            z1.shape[0],
+            trainer.world_size,
+        )
     return loss, features[: images.shape[0]], module.every_row(images)

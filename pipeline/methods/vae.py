@@ -18,14 +18,17 @@ from pipeline.models.losses import negative_elbo, reparameterize
 NAME = "vae"
 #: The picture grids it saves (pictures()) and the report shows, top to bottom.
 PICTURES = ("originals", "reconstructions", "samples")
-PICTURES_CAPTION = ("VAE: validation images, their reconstructions (decoder of the posterior "
-                    "mean), and samples decoded from the prior N(0, I).")  # fmt: skip
+PICTURES_CAPTION = (
+    "VAE: validation images, their reconstructions (decoder of the posterior "
+    "mean), and samples decoded from the prior N(0, I)."
+)
 #: The grid of the model's own samples, shown beside the other generative models'.
 SAMPLES = "samples"
 
 
-def heads(dim: int, options: dict[str, Any], width: int, in_channels: int,
-          image_size: int) -> dict[str, nn.Module]:  # fmt: skip
+def heads(
+    dim: int, options: dict[str, Any], width: int, in_channels: int, image_size: int
+) -> dict[str, nn.Module]:
     latent = options["latent_dim"]
     return {
         "head": nn.Linear(dim, 2 * latent),  # mean and log-variance
@@ -39,8 +42,7 @@ def objective(
     features = module.backbone(view)
     mu, logvar = module.head(features).float().chunk(2, dim=1)
     z = reparameterize(mu, logvar, generator)
-    loss, _, _ = negative_elbo(module.decoder(z).float(), view, mu, logvar,
-                               module.options["beta"])  # fmt: skip
+    loss, _, _ = negative_elbo(module.decoder(z).float(), view, mu, logvar, module.options["beta"])
     return loss, features, module.every_row(images)
 
 
@@ -54,5 +56,8 @@ def pictures(module: Any, images: torch.Tensor, count: int, seed: int) -> dict[s
         features = module.backbone(module.to_model_layout(module.normalize(images)))
         mu, _ = module.head(features).float().chunk(2, dim=1)
         reconstructions = module.decoder(mu).float()
-    return {"originals": images.cpu(), "reconstructions": module.to_uint8(reconstructions),
-            "samples": module.to_uint8(samples)}  # fmt: skip
+    return {
+        "originals": images.cpu(),
+        "reconstructions": module.to_uint8(reconstructions),
+        "samples": module.to_uint8(samples),
+    }

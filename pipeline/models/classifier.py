@@ -47,8 +47,15 @@ class LinearClassifier(nn.Module):
 class KNNClassifier(nn.Module):
     """Weighted kNN on frozen encoder features; probabilities are the normalized votes."""
 
-    def __init__(self, encoder: nn.Module, bank: torch.Tensor, bank_labels: torch.Tensor,
-                 k: int, temperature: float, num_classes: int) -> None:  # fmt: skip
+    def __init__(
+        self,
+        encoder: nn.Module,
+        bank: torch.Tensor,
+        bank_labels: torch.Tensor,
+        k: int,
+        temperature: float,
+        num_classes: int,
+    ) -> None:
         super().__init__()
         self.encoder = encoder
         self.num_classes = num_classes
@@ -62,8 +69,14 @@ class KNNClassifier(nn.Module):
 
     def from_features(self, features: torch.Tensor) -> torch.Tensor:
         """Probabilities from ``encoder(x)`` computed elsewhere (evaluation shares them)."""
-        votes = knn_scores(self.bank, self.bank_labels, features.float(), int(self.k),
-                           float(self.temperature), self.num_classes)  # fmt: skip
+        votes = knn_scores(
+            self.bank,
+            self.bank_labels,
+            features.float(),
+            int(self.k),
+            float(self.temperature),
+            self.num_classes,
+        )
         return votes / votes.sum(dim=1, keepdim=True).clamp(min=1e-12)
 
 
@@ -121,12 +134,17 @@ def load(folder: Path, seed: int | None = None) -> tuple[nn.Module, dict[str, An
     num_classes = len(description["classes"])
     if kind == "knn":
         model: nn.Module = KNNClassifier(
-            encoder, torch.zeros_like(state["bank"]), torch.zeros_like(state["bank_labels"]),
-            1, 1.0, num_classes,
-        )  # fmt: skip
+            encoder,
+            torch.zeros_like(state["bank"]),
+            torch.zeros_like(state["bank_labels"]),
+            1,
+            1.0,
+            num_classes,
+        )
     else:
-        model = LinearClassifier(encoder, encoder_description.feature_dim, num_classes,
-                                 description.get("dropout", 0.0))  # fmt: skip
+        model = LinearClassifier(
+            encoder, encoder_description.feature_dim, num_classes, description.get("dropout", 0.0)
+        )
     try:
         model.load_state_dict(state)
     except RuntimeError as err:

@@ -67,14 +67,16 @@ def build_from_description(description: EncoderDescription, where: Path) -> nn.M
         ) from None
 
 
-def encode(encoder: nn.Module, normalize: nn.Module, images: torch.Tensor,
-           chunk: int = 2048) -> torch.Tensor:  # fmt: skip
+def encode(
+    encoder: nn.Module, normalize: nn.Module, images: torch.Tensor, chunk: int = 2048
+) -> torch.Tensor:
     """Float32 features of uint8 N x C x H x W images: normalized, in chunks, without grad.
 
     Chunks bound the memory of a forward pass over a whole split (54,000 images).
     """
     with torch.no_grad():
-        parts = [encoder(normalize(images[i : i + chunk])).float()
-                 for i in range(0, images.shape[0], chunk)]  # fmt: skip
+        parts = [
+            encoder(normalize(images[i : i + chunk])).float()
+            for i in range(0, images.shape[0], chunk)
+        ]
     return torch.cat(parts) if parts else torch.zeros(0, getattr(encoder, "feature_dim", 0))
-

@@ -50,12 +50,17 @@ class Budget:
         return self.max_epochs * self.steps_per_epoch
 
     def as_dict(self) -> dict[str, int]:
-        return {"pass_steps": self.pass_steps, "steps_per_epoch": self.steps_per_epoch,
-                "max_epochs": self.max_epochs, "cap_steps": self.cap_steps}  # fmt: skip
+        return {
+            "pass_steps": self.pass_steps,
+            "steps_per_epoch": self.steps_per_epoch,
+            "max_epochs": self.max_epochs,
+            "cap_steps": self.cap_steps,
+        }
 
 
-def budget(subset_size: int, batch_size: int, steps_per_epoch: int, max_passes: int,
-           min_steps: int) -> Budget:  # fmt: skip
+def budget(
+    subset_size: int, batch_size: int, steps_per_epoch: int, max_passes: int, min_steps: int
+) -> Budget:
     """The cap: ``max(min_steps, max_passes x steps per pass)`` steps, in whole epochs.
 
     ``steps_per_epoch`` is what the data loader gives (a pass, or more for tiny subsets). With
@@ -135,8 +140,9 @@ class FinetuneModule(L.LightningModule):
                 parameter.requires_grad_(False)
         # Convolutions run 1.4-1.5x faster in channels-last layout on this CPU (BENCHMARKS.md);
         # an MLP or PCA encoder flattens its input, so layout does not matter there.
-        self.channels_last = mode == "finetune" and bool(getattr(classifier.encoder, "has_gap",
-                                                                  False))  # fmt: skip
+        self.channels_last = mode == "finetune" and bool(
+            getattr(classifier.encoder, "has_gap", False)
+        )
         if self.channels_last:
             self.classifier.to(memory_format=torch.channels_last)
         self.best_acc = -1.0
@@ -207,8 +213,9 @@ class FinetuneModule(L.LightningModule):
         self.train_loss.reset()
         self.log("val_acc", accuracy)
         self.log("train_loss", train_loss)
-        self.history.append({"epoch": float(self.current_epoch + 1), "train_loss": train_loss,
-                             "val_acc": accuracy})  # fmt: skip
+        self.history.append(
+            {"epoch": float(self.current_epoch + 1), "train_loss": train_loss, "val_acc": accuracy}
+        )
         if accuracy > self.best_acc:  # strictly better: ties keep the earlier, cheaper epoch
             self.best_acc = accuracy
             self.best_epoch = self.current_epoch + 1
@@ -221,10 +228,12 @@ class FinetuneModule(L.LightningModule):
         """The best epoch so far and the history travel with the checkpoint, so a resumed run
         chooses the same epoch and reports the same curve as an uninterrupted one."""
         checkpoint["finetune"] = {
-            "best_acc": self.best_acc, "best_epoch": self.best_epoch,
-            "best_state": self.best_state, "history": list(self.history),
+            "best_acc": self.best_acc,
+            "best_epoch": self.best_epoch,
+            "best_state": self.best_state,
+            "history": list(self.history),
             "stopped": bool(self.trainer.should_stop),
-        }  # fmt: skip
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.restore(checkpoint["finetune"])
@@ -247,8 +256,9 @@ class FinetuneModule(L.LightningModule):
                 shared = {id(p) for p in encoder}
                 extra = [p for p in self.ssl.parameters() if id(p) not in shared]
                 groups.append({"params": extra})
-        optimizer = build_optimizer(groups, opt["name"], opt["lr"], opt["weight_decay"],
-                                    opt["momentum"], opt["nesterov"])  # fmt: skip
+        optimizer = build_optimizer(
+            groups, opt["name"], opt["lr"], opt["weight_decay"], opt["momentum"], opt["nesterov"]
+        )
         scheduler = warmup_cosine_scheduler(optimizer, 0, self.recipe.total_steps)
         schedule = {"scheduler": scheduler, "interval": "step"}
         return {"optimizer": optimizer, "lr_scheduler": schedule}

@@ -13,8 +13,14 @@ from typing import Any
 import torch
 
 
-def build_optimizer(groups: Iterable[dict[str, Any]], name: str, lr: float, weight_decay: float,
-                    momentum: float = 0.9, nesterov: bool = True) -> torch.optim.Optimizer:
+def build_optimizer(
+    groups: Iterable[dict[str, Any]],
+    name: str,
+    lr: float,
+    weight_decay: float,
+    momentum: float = 0.9,
+    nesterov: bool = True,
+) -> torch.optim.Optimizer:
     """One optimizer over parameter groups; a group may override ``lr`` and ``weight_decay``.
 
     SGD, Adam, RMSProp and Adagrad add weight decay as an L2 term of the gradient (the course's
@@ -22,8 +28,13 @@ def build_optimizer(groups: Iterable[dict[str, Any]], name: str, lr: float, weig
     """
     groups = list(groups)
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                               nesterov=nesterov and momentum > 0)
+        return torch.optim.SGD(
+            groups,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            nesterov=nesterov and momentum > 0,
+        )
     if name == "adam":
         return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
     if name == "adamw":
@@ -44,8 +55,9 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def warmup_cosine_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int,
-                            total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_cosine_scheduler(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps)
     )

@@ -125,8 +125,9 @@ class PretrainModule(L.LightningModule):
         self.train_loss.update(loss.detach())
         return loss + self.probe_loss(features, labels, probe_rows)
 
-    def probe_loss(self, features: torch.Tensor, labels: torch.Tensor,
-                   rows: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    def probe_loss(
+        self, features: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The online probe's loss on detached features: labels never reach the encoder."""
         rows = self.every_row(features) if rows is None else rows
         return F.cross_entropy(self.probe(features.detach()[rows]), labels[rows])
@@ -152,11 +153,14 @@ class PretrainModule(L.LightningModule):
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Encoder features of uint8 images (normalized, not augmented), in chunks, no grad."""
         with torch.no_grad():
-            return torch.cat([
-                self.backbone(self.to_model_layout(self.normalize(images[i : i + _FEATURE_CHUNK])))
-                .float()
-                for i in range(0, images.shape[0], _FEATURE_CHUNK)
-            ])  # fmt: skip
+            return torch.cat(
+                [
+                    self.backbone(
+                        self.to_model_layout(self.normalize(images[i : i + _FEATURE_CHUNK]))
+                    ).float()
+                    for i in range(0, images.shape[0], _FEATURE_CHUNK)
+                ]
+            )
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         index = batch.to(self.device)
@@ -171,9 +175,14 @@ class PretrainModule(L.LightningModule):
         queries = torch.cat(self._val_features)
         self._val_features.clear()
         knn, _, _ = best_knn(
-            bank, self.labels["train"][:bank_size], queries, self.labels["val"],
-            monitor["knn_ks"], monitor["knn_temperatures"], self.probe.out_features,
-        )  # fmt: skip
+            bank,
+            self.labels["train"][:bank_size],
+            queries,
+            self.labels["val"],
+            monitor["knn_ks"],
+            monitor["knn_temperatures"],
+            self.probe.out_features,
+        )
         row = {
             "epoch": float(self.current_epoch + 1),
             "train_loss": float(self.train_loss.compute())
@@ -182,8 +191,9 @@ class PretrainModule(L.LightningModule):
             "val_knn_acc": knn,
             "val_probe_acc": float(self.val_probe_acc.compute()),
         }
-        row.update({name: float(torch.stack(values).mean())
-                    for name, values in self._tracked.items()})  # fmt: skip
+        row.update(
+            {name: float(torch.stack(values).mean()) for name, values in self._tracked.items()}
+        )
         self._tracked.clear()
         epoch_end = getattr(self.implementation, "epoch_end", None)
         if epoch_end is not None:  # monitors of the model itself (the GAN's sample diversity)
@@ -205,8 +215,9 @@ class PretrainModule(L.LightningModule):
             {"params": [p for p in self.parameters() if p not in probe]},
             {"params": list(probe), "lr": monitor["probe_lr"], "weight_decay": 0.0},
         ]
-        optimizer = build_optimizer(groups, opt["name"], opt["lr"], opt["weight_decay"],
-                                    opt["momentum"], opt["nesterov"])  # fmt: skip
+        optimizer = build_optimizer(
+            groups, opt["name"], opt["lr"], opt["weight_decay"], opt["momentum"], opt["nesterov"]
+        )
         steps = self.hparams.steps_per_epoch
         scheduler = warmup_cosine_scheduler(
             optimizer, round(self.hparams.warmup_epochs * steps), self.hparams.epochs * steps
@@ -294,4 +305,3 @@ class PixelsEncoder(nn.Module):
                 f"{tuple(x.shape)}"
             )
         return x.flatten(1)
-

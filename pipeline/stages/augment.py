@@ -181,9 +181,12 @@ def _tile(rows: np.ndarray) -> np.ndarray:
 
 
 def write_pool(
-    config: Config, document: dict[str, Any], data: prepared.Prepared, train: np.ndarray,
+    config: Config,
+    document: dict[str, Any],
+    data: prepared.Prepared,
+    train: np.ndarray,
     folder: Path,
-) -> float | None:  # fmt: skip
+) -> float | None:
     """Materialize ``offline_copies`` augmented copies of the training split; return seconds."""
     import torch
 

@@ -216,13 +216,17 @@ def _imagefolder(config: Config, raw: Path) -> tuple[dict, formats.Arrays]:
     for name, why in sorted(rejected.items()):
         log.warning("%s %s: %s", "cannot use" if _strict(config) else "left out", name, why)
     if rejected and _strict(config):
-        raise DataError(f"{root}: {_listing(rejected)}. Remove or fix them, or set "
-                        "data.on_bad_image: skip in params.yaml to leave them out")  # fmt: skip
+        raise DataError(
+            f"{root}: {_listing(rejected)}. Remove or fix them, or set "
+            "data.on_bad_image: skip in params.yaml to leave them out"
+        )
     _check_every_class_has_images(root, classes, labels, rejected)
     arrays = formats.Arrays(
-        np.stack(images), np.asarray(labels, dtype=np.int64), classes,
+        np.stack(images),
+        np.asarray(labels, dtype=np.int64),
+        classes,
         notes=[f"left out {name}: {why}" for name, why in sorted(rejected.items())],
-    )  # fmt: skip
+    )
     return {"files": files, "rejected": rejected}, arrays
 
 

@@ -24,8 +24,15 @@ from pipeline.study import CURVE, FIGURE, SUMMARY, best_by_validation
 
 log = logging.getLogger(__name__)
 
-PARAMS = ("evaluate", "finetune.inits", "finetune.baselines", "finetune.baseline_modes",
-          "finetune.modes", "finetune.fractions", "finetune.seeds")
+PARAMS = (
+    "evaluate",
+    "finetune.inits",
+    "finetune.baselines",
+    "finetune.baseline_modes",
+    "finetune.modes",
+    "finetune.fractions",
+    "finetune.seeds",
+)
 _CHUNK = 2048
 
 
@@ -47,18 +54,28 @@ def run(config: Config, dataset: str | None = None) -> dict:
             name = cell_name(init, mode, fraction)
             per_seed = {}
             for seed in config.finetune.seeds:
-                probabilities = _probabilities(model_dir(init, mode, fraction), seed, images,
-                                               features)  # fmt: skip
-                result = evaluation.evaluate(probabilities, labels, data.num_classes,
-                                             ev.bootstrap, ev.seed, ev.ece_bins)  # fmt: skip
+                probabilities = _probabilities(
+                    model_dir(init, mode, fraction), seed, images, features
+                )
+                result = evaluation.evaluate(
+                    probabilities, labels, data.num_classes, ev.bootstrap, ev.seed, ev.ece_bins
+                )
                 per_seed[str(seed)] = result
-                rows.append({"init": init, "mode": mode, "fraction": paths.fraction_name(fraction),
-                             "seed": seed, **result})  # fmt: skip
+                rows.append(
+                    {
+                        "init": init,
+                        "mode": mode,
+                        "fraction": paths.fraction_name(fraction),
+                        "seed": seed,
+                        **result,
+                    }
+                )
             write_json(Path("metrics/eval") / f"{name}.json", {"cell": name, "seeds": per_seed})
         summary = evaluation.summarize(rows)
         _write_summary(config, summary)
-        tracked.log_metrics({f"test_accuracy.{s['init']}-{s['mode']}-{s['fraction']}": s["mean"]
-                             for s in summary})  # fmt: skip
+        tracked.log_metrics(
+            {f"test_accuracy.{s['init']}-{s['mode']}-{s['fraction']}": s["mean"] for s in summary}
+        )
         for path in (SUMMARY.with_suffix(".md"), SUMMARY.with_suffix(".json"), FIGURE):
             tracked.log_artifact(path)
         _log_best_models(tracked, best, dataset)
@@ -77,8 +94,9 @@ def _probabilities(folder: Path, seed: int, images: Any, features: dict[str, Any
 
     model, description = classifier.load(folder, seed)
     size = description["image_size"]
-    normalize = BatchAugment({}, (size, size), description["in_channels"], description["mean"],
-                             description["std"])  # fmt: skip
+    normalize = BatchAugment(
+        {}, (size, size), description["in_channels"], description["mean"], description["std"]
+    )
     key = _weights_key(model.encoder) + repr((description["mean"], description["std"], size))
     if key not in features:
         features[key] = encode(model.encoder, normalize, images, _CHUNK)
@@ -106,8 +124,10 @@ def _write_summary(config: Config, summary: list[dict]) -> None:
     write_text(SUMMARY.with_suffix(".csv"), evaluation.summary_csv(summary))
     write_text(SUMMARY.with_suffix(".md"), evaluation.summary_markdown(summary, fractions))
     lines = ["fraction,model,accuracy,ci_low,ci_high"]
-    lines += [f"{s['fraction']},{s['init']}-{s['mode']},{s['mean']},{s['ci_low']},{s['ci_high']}"
-              for s in summary]  # fmt: skip
+    lines += [
+        f"{s['fraction']},{s['init']}-{s['mode']},{s['mean']},{s['ci_low']},{s['ci_high']}"
+        for s in summary
+    ]
     write_text(CURVE, "\n".join(lines) + "\n")
     FIGURE.parent.mkdir(parents=True, exist_ok=True)
     evaluation.label_efficiency_figure(summary, FIGURE)
@@ -146,9 +166,14 @@ def _log_best_models(tracked: Any, best: dict[str, tuple], dataset: str) -> None
     classes, size = first["classes"], first["image_size"]
     signature = ModelSignature(  # N x H x W x C uint8 in, as `pipeline predict` reads images
         inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, size, size, first["in_channels"]))]),
-        outputs=Schema([ColSpec("string", "class"), ColSpec("double", "probability"),
-                        *(ColSpec("double", f"p_{c}") for c in classes)]),
-    )  # fmt: skip
+        outputs=Schema(
+            [
+                ColSpec("string", "class"),
+                ColSpec("double", "probability"),
+                *(ColSpec("double", f"p_{c}") for c in classes),
+            ]
+        ),
+    )
     requirements = _requirements()
     with mlflow.start_run(run_id=tracked.run_id, log_system_metrics=False):
         for fraction, (validation, init, mode, value) in sorted(best.items()):
@@ -157,19 +182,32 @@ def _log_best_models(tracked: Any, best: dict[str, tuple], dataset: str) -> None
             # Not retried as a whole: a second try could log the model twice. Each of its
             # store calls waits out a lock (tracking.BUSY_TIMEOUT_S).
             info = mlflow.pyfunc.log_model(
-                name=f"best-{paths.metric_key(fraction)}", python_model=serving.__file__,
+                name=f"best-{paths.metric_key(fraction)}",
+                python_model=serving.__file__,
                 artifacts={"classifier": str(model_dir(init, mode, value))},
-                signature=signature, pip_requirements=requirements,
-                registered_model_name=name, await_registration_for=0,
+                signature=signature,
+                pip_requirements=requirements,
+                registered_model_name=name,
+                await_registration_for=0,
                 tags={"cell": cell, "fraction": fraction, "validation_accuracy": validation},
-            )  # fmt: skip
+            )
             version = info.registered_model_version
             tracked.client.set_registered_model_alias(name, ALIAS, version)
             tracked.client.set_model_version_tag(name, version, "cell", cell)
-            tracked.set_tags({f"best.{fraction}": f"{cell} (validation {validation:.4f})",
-                              f"registered.{fraction}": f"{name} v{version}"})  # fmt: skip
-            log.info("best at %s labels: %s, registered as models:/%s@%s (version %s)",
-                     fraction, cell, name, ALIAS, version)  # fmt: skip
+            tracked.set_tags(
+                {
+                    f"best.{fraction}": f"{cell} (validation {validation:.4f})",
+                    f"registered.{fraction}": f"{name} v{version}",
+                }
+            )
+            log.info(
+                "best at %s labels: %s, registered as models:/%s@%s (version %s)",
+                fraction,
+                cell,
+                name,
+                ALIAS,
+                version,
+            )
     # mlflow.start_run's exit marked the stage's run FINISHED; tracking.stage_run ends it.
 
 

@@ -69,22 +69,29 @@ def params_for(cell: str | None = None) -> tuple[str, ...]:
 
 
 def add_arguments(parser: Any) -> None:
-    parser.add_argument("--init", required=True,
-                        help="scratch, pca, pixels or a pretraining method")  # fmt: skip
+    parser.add_argument(
+        "--init", required=True, help="scratch, pca, pixels or a pretraining method"
+    )
     parser.add_argument("--mode", required=True, choices=("linear", "finetune", "knn"))
     parser.add_argument("--fraction", required=True, help="a label fraction the split made")
 
 
-def run(config: Config, dataset: str | None = None, init: str = "scratch", mode: str = "linear",
-        fraction: str = "1") -> dict:  # fmt: skip
+def run(
+    config: Config,
+    dataset: str | None = None,
+    init: str = "scratch",
+    mode: str = "linear",
+    fraction: str = "1",
+) -> dict:
     """Train (or fit, for kNN) the classifiers of one cell, one per seed."""
     training.require_devices(config)
     dataset = dataset or config.data.dataset
     cell = paths.Cell(init, mode, _check_cell(config, init, mode, fraction))
     document = PolicyDocument.read(dataset)
     with training.stage_run("finetune", config, dataset, COMMON_PARAMS) as tracked:
-        tracked.set_tags({"init": init, "mode": mode, "fraction": cell.fraction_name,
-                          "cell": cell.name})  # fmt: skip
+        tracked.set_tags(
+            {"init": init, "mode": mode, "fraction": cell.fraction_name, "cell": cell.name}
+        )
         trained = _train_cell(config, dataset, cell, document, tracked)
         if not training.is_rank_zero():  # a DDP rank: it trained its share; rank zero writes
             return {}
@@ -93,11 +100,13 @@ def run(config: Config, dataset: str | None = None, init: str = "scratch", mode:
         classifier.save(cell.model_dir, trained.description, trained.states)
         accuracies = [r["val_acc"] for r in trained.per_seed.values()]
         summary = {
-            "init": init, "mode": mode, "fraction": cell.fraction_name,
+            "init": init,
+            "mode": mode,
+            "fraction": cell.fraction_name,
             "val_acc_mean": round(sum(accuracies) / len(accuracies), 6),
             **({"budget": trained.budget.as_dict()} if trained.budget else {}),
             "seeds": trained.per_seed,
-        }  # fmt: skip
+        }
         write_json(cell.metrics_path, summary)
         write_text(cell.curve_path, curve_csv(trained.per_seed))
         tracked.log_metrics({"val_acc": summary["val_acc_mean"]})
@@ -133,8 +142,9 @@ def _check_cell(config: Config, init: str, mode: str, fraction: str) -> float:
             f"init {init!r} is not in finetune.inits or finetune.baselines; allowed: {allowed}"
         )
     if mode not in ft.modes:
-        raise MissingInputError(f"mode {mode!r} is not in finetune.modes; allowed: "
-                                f"{', '.join(ft.modes)}")  # fmt: skip
+        raise MissingInputError(
+            f"mode {mode!r} is not in finetune.modes; allowed: {', '.join(ft.modes)}"
+        )
     return value
 
 
@@ -156,8 +166,9 @@ class _Trained:
     budget: Any
 
 
-def _train_cell(config: Config, dataset: str, cell: paths.Cell, document: PolicyDocument,
-                tracked: Any) -> _Trained:  # fmt: skip
+def _train_cell(
+    config: Config, dataset: str, cell: paths.Cell, document: PolicyDocument, tracked: Any
+) -> _Trained:
     import lightning as L
 
     from pipeline.data.datamodule import SplitData
@@ -166,14 +177,26 @@ def _train_cell(config: Config, dataset: str, cell: paths.Cell, document: Policy
     ft = config.finetune
     init, mode = cell.init, cell.mode
     subset = f"labeled-{cell.fraction_name}"
-    data = SplitData(dataset, (subset, "val"), ft.batch_size, seed=0, max_images=ft.max_images,
-                     train_set=subset, min_steps=ft.min_steps_per_epoch)  # fmt: skip
+    data = SplitData(
+        dataset,
+        (subset, "val"),
+        ft.batch_size,
+        seed=0,
+        max_images=ft.max_images,
+        train_set=subset,
+        min_steps=ft.min_steps_per_epoch,
+    )
     data.setup("fit")
     ckpt_dir = _checkpoint_dir(config, dataset, cell, document)
     cell_budget = None
     if mode != "knn":
-        cell_budget = budget(len(data.labels[subset]), ft.batch_size,
-                             len(data.train_dataloader()), ft.max_passes, ft.min_steps)  # fmt: skip
+        cell_budget = budget(
+            len(data.labels[subset]),
+            ft.batch_size,
+            len(data.train_dataloader()),
+            ft.max_passes,
+            ft.min_steps,
+        )
     encoder, encoder_description = _encoder(init)
     # A frozen encoder's features never change: computed once, shared by every seed.
     features = _features(encoder, data, document) if mode in ("linear", "knn") else None
@@ -189,18 +212,37 @@ def _train_cell(config: Config, dataset: str, cell: paths.Cell, document: Policy
         else:
             if mode == "finetune" and seed != ft.seeds[0]:
                 encoder, _ = _encoder(init)  # every seed starts from the init's own weights
-            fit = _Fit(config, data, encoder, encoder_description, init, mode, document, seed,
-                       tracked, ckpt_dir, cell_budget, features, cell.name)  # fmt: skip
+            fit = _Fit(
+                config,
+                data,
+                encoder,
+                encoder_description,
+                init,
+                mode,
+                document,
+                seed,
+                tracked,
+                ckpt_dir,
+                cell_budget,
+                features,
+                cell.name,
+            )
             state, result = _fit_seed(fit)
         states[seed], per_seed[str(seed)] = state, result
         tracked.log_metrics({f"val_acc_seed{seed}": result["val_acc"]})
     description = {
-        "init": init, "mode": mode, "fraction": cell.fraction_name,
-        "classes": data.classes, "image_size": document.image_size,
-        "in_channels": document.channels, "mean": document.mean, "std": document.std,
-        "dropout": ft.dropout if mode != "knn" else 0.0, "encoder": encoder_description.as_dict(),
+        "init": init,
+        "mode": mode,
+        "fraction": cell.fraction_name,
+        "classes": data.classes,
+        "image_size": document.image_size,
+        "in_channels": document.channels,
+        "mean": document.mean,
+        "std": document.std,
+        "dropout": ft.dropout if mode != "knn" else 0.0,
+        "encoder": encoder_description.as_dict(),
         "dataset": dataset,
-    }  # fmt: skip
+    }
     return _Trained(states, per_seed, description, ckpt_dir, cell_budget)
 
 
@@ -213,8 +255,9 @@ def _features(encoder: Any, data: Any, document: PolicyDocument) -> dict[str, An
     return {name: encode(encoder, normalize, data.images[name]) for name in (data.train_set, "val")}
 
 
-def _checkpoint_dir(config: Config, dataset: str, cell: paths.Cell,
-                    document: PolicyDocument) -> Path:  # fmt: skip
+def _checkpoint_dir(
+    config: Config, dataset: str, cell: paths.Cell, document: PolicyDocument
+) -> Path:
     """One folder per cell, keyed by everything that shapes its training: the params it reads,
     the init's encoder weights, the data and the policy document."""
     from pipeline.data.prepared import dataset_checksum
@@ -222,11 +265,13 @@ def _checkpoint_dir(config: Config, dataset: str, cell: paths.Cell,
 
     weights = paths.pretrain_dir(cell.init) / "encoder.pt"
     return training.checkpoint_dir(
-        "finetune", cell.name,
+        "finetune",
+        cell.name,
         {key: config.section(key) for key in COMMON_PARAMS},
         sha256_file(weights) if weights.is_file() else None,
-        dataset_checksum(paths.prepared_dir(dataset)), document.raw,
-    )  # fmt: skip
+        dataset_checksum(paths.prepared_dir(dataset)),
+        document.raw,
+    )
 
 
 @dataclass
@@ -274,9 +319,15 @@ def _fit_knn(config: Config, data: Any, encoder: Any, features: dict) -> tuple[d
     from pipeline.models.knn import best_knn
 
     bank, bank_labels = features[data.train_set], data.labels[data.train_set]
-    accuracy, k, t = best_knn(bank, bank_labels, features["val"], data.labels["val"],
-                              config.finetune.knn_ks, config.finetune.knn_temperatures,
-                              data.num_classes)  # fmt: skip
+    accuracy, k, t = best_knn(
+        bank,
+        bank_labels,
+        features["val"],
+        data.labels["val"],
+        config.finetune.knn_ks,
+        config.finetune.knn_temperatures,
+        data.num_classes,
+    )
     model = KNNClassifier(encoder, bank, bank_labels, k, t, data.num_classes)
     return model.state_dict(), {"val_acc": round(accuracy, 6), "k": k, "temperature": t}
 
@@ -289,42 +340,68 @@ def _fit_linear(fit: _Fit, ckpt_dir: Path) -> tuple[dict, dict]:
     from pipeline.models.finetune import FinetuneModule, Recipe, stop_reason
 
     ft, data, document = fit.config.finetune, fit.data, fit.document
-    classifier = LinearClassifier(fit.encoder, fit.encoder_description.feature_dim,
-                                  data.num_classes, ft.dropout)  # fmt: skip
-    ssl = _multitask_module(fit.config, fit.init, document, classifier, data) if (
-        fit.mode == "finetune" and ft.multitask_weight > 0) else None  # fmt: skip
-    scaled, mean, std = (standardized(fit.features, data.train_set) if fit.mode == "linear"
-                         else (None, None, None))  # fmt: skip
-    recipe = Recipe(fit.config.raw["finetune"]["optimizer"], fit.budget.cap_steps, fit.seed,
-                    ft.encoder_lr_scale, ft.l1, ft.label_smoothing,
-                    ft.multitask_weight)  # fmt: skip
-    module = FinetuneModule(classifier, fit.mode, document.normalizer(ft.policy),
-                            document.normalizer(), recipe, ssl=ssl, features=scaled)  # fmt: skip
+    classifier = LinearClassifier(
+        fit.encoder, fit.encoder_description.feature_dim, data.num_classes, ft.dropout
+    )
+    ssl = (
+        _multitask_module(fit.config, fit.init, document, classifier, data)
+        if (fit.mode == "finetune" and ft.multitask_weight > 0)
+        else None
+    )
+    scaled, mean, std = (
+        standardized(fit.features, data.train_set) if fit.mode == "linear" else (None, None, None)
+    )
+    recipe = Recipe(
+        fit.config.raw["finetune"]["optimizer"],
+        fit.budget.cap_steps,
+        fit.seed,
+        ft.encoder_lr_scale,
+        ft.l1,
+        ft.label_smoothing,
+        ft.multitask_weight,
+    )
+    module = FinetuneModule(
+        classifier,
+        fit.mode,
+        document.normalizer(ft.policy),
+        document.normalizer(),
+        recipe,
+        ssl=ssl,
+        features=scaled,
+    )
     max_epochs = fit.budget.max_epochs
     last = ckpt_dir / "last.ckpt"
     saved = None
     if last.is_file():
         what = f"fine-tuning seed {fit.seed}'s checkpoint"
         saved = training.load_checkpoint(last, what)["finetune"]
-        log.info("resuming seed %d from %s (after epoch %d)", fit.seed, last,
-                 len(saved["history"]))  # fmt: skip
+        log.info("resuming seed %d from %s (after epoch %d)", fit.seed, last, len(saved["history"]))
     if saved is not None and (saved["stopped"] or len(saved["history"]) >= max_epochs):
         module.restore(saved)  # killed after its last epoch: nothing left to train
     else:
         trainer = training.make_trainer(
-            fit.config, fit.tracked, max_epochs, fit.budget.steps_per_epoch,
-            [EarlyStopping("val_acc", patience=ft.patience, mode="max"),
-             ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=1)],
-            prefix=f"seed{fit.seed}", default_root_dir=ckpt_dir,
+            fit.config,
+            fit.tracked,
+            max_epochs,
+            fit.budget.steps_per_epoch,
+            [
+                EarlyStopping("val_acc", patience=ft.patience, mode="max"),
+                ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=1),
+            ],
+            prefix=f"seed{fit.seed}",
+            default_root_dir=ckpt_dir,
             label=f"finetune {fit.cell} seed {fit.seed}",
-        )  # fmt: skip
+        )
         resume = str(last) if saved is not None else None
         trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
     history = [{k: round(v, 6) for k, v in row.items()} for row in module.history]
-    result = {"val_acc": round(module.best_acc, 6), "best_epoch": module.best_epoch,
-              "epochs_run": len(module.history),
-              **stop_reason(module.history, module.best_epoch, max_epochs),
-              "history": history}  # fmt: skip
+    result = {
+        "val_acc": round(module.best_acc, 6),
+        "best_epoch": module.best_epoch,
+        "epochs_run": len(module.history),
+        **stop_reason(module.history, module.best_epoch, max_epochs),
+        "history": history,
+    }
     state = module.best_state
     if fit.mode == "linear":  # the saved head takes raw features, like every classifier
         state = fold_standardization(state, mean, std)

@@ -52,13 +52,14 @@ def params_for(method: str) -> tuple[str, ...]:
 
 
 def add_arguments(parser: Any) -> None:
-    parser.add_argument("--method", required=True,
-                        choices=methods.NAMES,
-                        help="which pretraining method to run")  # fmt: skip
+    parser.add_argument(
+        "--method", required=True, choices=methods.NAMES, help="which pretraining method to run"
+    )
 
 
-def run(config: Config, dataset: str | None = None, method: str = "simclr",
-        callbacks: tuple = ()) -> dict:  # fmt: skip
+def run(
+    config: Config, dataset: str | None = None, method: str = "simclr", callbacks: tuple = ()
+) -> dict:
     """Pretrain one method; ``callbacks`` are extra Lightning callbacks (tests use them)."""
     training.require_devices(config)
     dataset = dataset or config.data.dataset
@@ -77,8 +78,13 @@ def run(config: Config, dataset: str | None = None, method: str = "simclr",
         if not training.is_rank_zero():  # a DDP rank: it trained its share; rank zero writes
             return result["metrics"]
         _write_outputs(method, result)
-        tracked.log_metrics({f"final_{k}": v for k, v in result["metrics"].items()
-                             if isinstance(v, float) and v == v})  # NaN: no such monitor
+        tracked.log_metrics(
+            {
+                f"final_{k}": v
+                for k, v in result["metrics"].items()
+                if isinstance(v, float) and v == v
+            }
+        )  # NaN: no such monitor
         for path in (*paths.pretrain_metrics(method), paths.pretrain_dir(method) / "encoder.json"):
             tracked.log_artifact(path)
     log.info("pretrained %s: %s", method, result["metrics"])
@@ -91,8 +97,9 @@ def _checksum(dataset: str) -> str:
     return dataset_checksum(paths.prepared_dir(dataset))
 
 
-def hparams_for(config: Config, method: str, document: PolicyDocument, num_classes: int,
-                steps: int) -> dict:  # fmt: skip
+def hparams_for(
+    config: Config, method: str, document: PolicyDocument, num_classes: int, steps: int
+) -> dict:
     pre = config.pretrain
     policy = pre.policy_for(method)
     if policy not in document.policies:
@@ -126,8 +133,14 @@ def backbone_fields(config: Config) -> dict[str, Any]:
     return fields
 
 
-def _train(config: Config, dataset: str, method: str, document: PolicyDocument, tracked: Any,
-           callbacks: tuple) -> dict:  # fmt: skip
+def _train(
+    config: Config,
+    dataset: str,
+    method: str,
+    document: PolicyDocument,
+    tracked: Any,
+    callbacks: tuple,
+) -> dict:
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -145,11 +158,17 @@ def _train(config: Config, dataset: str, method: str, document: PolicyDocument, 
     L.seed_everything(pre.seed, workers=True, verbose=False)
     module = PretrainModule(**hparams)
     trainer = training.make_trainer(
-        config, tracked, pre.epochs, steps,
-        [ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=1, every_n_epochs=1),
-         *callbacks],
-        default_root_dir=ckpt_dir, label=f"pretrain {method}",
-    )  # fmt: skip
+        config,
+        tracked,
+        pre.epochs,
+        steps,
+        [
+            ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=1, every_n_epochs=1),
+            *callbacks,
+        ],
+        default_root_dir=ckpt_dir,
+        label=f"pretrain {method}",
+    )
     trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
     if len(module.history) != pre.epochs:
         raise RuntimeError(f"{method}: training stopped after {len(module.history)} epochs")
@@ -161,8 +180,10 @@ def _train(config: Config, dataset: str, method: str, document: PolicyDocument, 
         "pictures": {},
     }
     images = data.images["val"][:_PICTURES].to(module.device)
-    result["pictures"] = {name: grid.permute(0, 2, 3, 1).cpu().numpy()
-                          for name, grid in module.pictures(images, _PICTURES, pre.seed).items()}
+    result["pictures"] = {
+        name: grid.permute(0, 2, 3, 1).cpu().numpy()
+        for name, grid in module.pictures(images, _PICTURES, pre.seed).items()
+    }
     if training.is_rank_zero():
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     return result
@@ -179,8 +200,9 @@ def _check_image_shape(data: Any, document: PolicyDocument, dataset: str) -> Non
         )
 
 
-def _description(dataset: str, method: str, hparams: dict, encoder: Any,
-                 **extra: Any) -> EncoderDescription:  # fmt: skip
+def _description(
+    dataset: str, method: str, hparams: dict, encoder: Any, **extra: Any
+) -> EncoderDescription:
     return EncoderDescription(
         method=method,
         kind=method if method in ("pca", "pixels") else "backbone",
@@ -207,10 +229,14 @@ def _frozen_knn(config: Config, data: Any, encoder: Any, normalize: Any) -> floa
     encoder.eval()
     with torch.no_grad():
         return best_knn(
-            encoder(normalize(data.images["train"][:bank])), data.labels["train"][:bank],
-            encoder(normalize(data.images["val"])), data.labels["val"],
-            monitor["knn_ks"], monitor["knn_temperatures"], data.num_classes,
-        )[0]  # fmt: skip
+            encoder(normalize(data.images["train"][:bank])),
+            data.labels["train"][:bank],
+            encoder(normalize(data.images["val"])),
+            data.labels["val"],
+            monitor["knn_ks"],
+            monitor["knn_temperatures"],
+            data.num_classes,
+        )[0]
 
 
 def _untrained(config: Config, dataset: str, document: PolicyDocument) -> dict:
@@ -232,8 +258,12 @@ def _untrained(config: Config, dataset: str, document: PolicyDocument) -> dict:
     encoder = build_backbone(BackboneConfig(**fields), document.channels, document.image_size)
     knn = _frozen_knn(config, data, encoder, document.normalizer())
     hparams = {"backbone": fields, **document.image_fields()}
-    row = {"epoch": 0.0, "train_loss": float("nan"), "val_knn_acc": knn,
-           "val_probe_acc": float("nan")}  # fmt: skip
+    row = {
+        "epoch": 0.0,
+        "train_loss": float("nan"),
+        "val_knn_acc": knn,
+        "val_probe_acc": float("nan"),
+    }
     return {
         "encoder": encoder.state_dict(),
         "description": _description(dataset, "scratch", hparams, encoder),
@@ -254,8 +284,12 @@ def _pixels(config: Config, dataset: str, document: PolicyDocument) -> dict:
     encoder = PixelsEncoder(int(data.images["train"][0].numel()))
     knn = _frozen_knn(config, data, encoder, document.normalizer())
     hparams = document.image_fields()
-    row = {"epoch": 0.0, "train_loss": float("nan"), "val_knn_acc": knn,
-           "val_probe_acc": float("nan")}  # fmt: skip
+    row = {
+        "epoch": 0.0,
+        "train_loss": float("nan"),
+        "val_knn_acc": knn,
+        "val_probe_acc": float("nan"),
+    }
     return {
         "encoder": encoder.state_dict(),
         "description": _description(dataset, "pixels", hparams, encoder),
@@ -279,12 +313,17 @@ def _fit_pca(config: Config, dataset: str, document: PolicyDocument) -> dict:
     knn = _frozen_knn(config, data, encoder, normalize)
     explained = float(encoder.explained_variance.sum() / train.double().var(0).sum())
     hparams = document.image_fields()
-    row = {"epoch": 1.0, "train_loss": float("nan"), "val_knn_acc": knn,
-           "val_probe_acc": float("nan")}  # fmt: skip
+    row = {
+        "epoch": 1.0,
+        "train_loss": float("nan"),
+        "val_knn_acc": knn,
+        "val_probe_acc": float("nan"),
+    }
     return {
         "encoder": encoder.state_dict(),
-        "description": _description(dataset, "pca", hparams, encoder,
-                                    input_dim=int(train.shape[1])),  # fmt: skip
+        "description": _description(
+            dataset, "pca", hparams, encoder, input_dim=int(train.shape[1])
+        ),
         "history": [row],
         "metrics": {"method": "pca", **row, "explained_variance": round(explained, 6)},
         "pictures": {},

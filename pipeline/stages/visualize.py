@@ -99,10 +99,29 @@ def run(config: Config, dataset: str | None = None) -> dict:
         data.setup("test")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         with atomic_dir(FIGURES) as out:
-            study = _Study(config, dataset, out, device, data.classes, document, data.images,
-                           data.labels, tracked)  # fmt: skip
-            builders = (_data, _augmentation, _pretraining, _encoders, _embeddings, _finetuning,
-                        _evaluation, _interpretation, _course, _run)  # fmt: skip
+            study = _Study(
+                config,
+                dataset,
+                out,
+                device,
+                data.classes,
+                document,
+                data.images,
+                data.labels,
+                tracked,
+            )
+            builders = (
+                _data,
+                _augmentation,
+                _pretraining,
+                _encoders,
+                _embeddings,
+                _finetuning,
+                _evaluation,
+                _interpretation,
+                _course,
+                _run,
+            )
             sections = []
             for build in builders:
                 log.info("visualize: %s", build.__name__.strip("_"))
@@ -154,8 +173,9 @@ def _data(study: _Study) -> Any:
         section.table(Table(["split", "images"], rows), "Split sizes (data/splits/…/report.json)")
     train = study.images["train"].permute(0, 2, 3, 1).numpy()
     grid = plots.samples_per_class(train, study.labels["train"].numpy(), study.classes, 10)
-    section.figure(plots.image_grid_figure(grid, study.path("samples")),
-                   "Ten training images of every class.")  # fmt: skip
+    section.figure(
+        plots.image_grid_figure(grid, study.path("samples")), "Ten training images of every class."
+    )
     return section
 
 
@@ -205,24 +225,34 @@ def _pretraining(study: _Study) -> Any:
     for method in methods:
         final_path, curve_path = paths.pretrain_metrics(method)
         final = _read(final_path, f"python -m pipeline pretrain --method {method}")
-        rows.append([method, _fmt(final.get("train_loss"), 4), _fmt(final.get("val_knn_acc")),
-                     _fmt(final.get("val_probe_acc"))])  # fmt: skip
+        rows.append(
+            [
+                method,
+                _fmt(final.get("train_loss"), 4),
+                _fmt(final.get("val_knn_acc")),
+                _fmt(final.get("val_probe_acc")),
+            ]
+        )
         if curve_path.is_file():
             curves[method] = plots.read_curve(curve_path)
     best = _best_cells(rows, columns=(2, 3))
-    section.table(Table(["method", "final train loss", "val kNN acc", "val probe acc"], rows, best),
-                  "Final monitors (metrics/pretrain/<method>.json)")  # fmt: skip
+    section.table(
+        Table(["method", "final train loss", "val kNN acc", "val probe acc"], rows, best),
+        "Final monitors (metrics/pretrain/<method>.json)",
+    )
     trained = {m: c for m, c in curves.items() if len(c.get("epoch", [])) > 1}
     if trained:
-        section.figure(plots.pretrain_curves_figure(trained, study.path("pretrain_curves")),
-                       "Training loss (grey, left axis) and validation monitors (right axis) per "
-                       "epoch.")  # fmt: skip
+        section.figure(
+            plots.pretrain_curves_figure(trained, study.path("pretrain_curves")),
+            "Training loss (grey, left axis) and validation monitors (right axis) per epoch.",
+        )
     _generative_models(study, section, methods, curves)
     return section
 
 
-def _generative_models(study: _Study, section: Any, methods: list[str],
-                       curves: dict[str, dict]) -> None:  # fmt: skip
+def _generative_models(
+    study: _Study, section: Any, methods: list[str], curves: dict[str, dict]
+) -> None:
     """The pictures each method saved (the VAE's and the GAN's), its own monitors (the GAN's
     D and G), and the generative models' samples side by side."""
     from pipeline.models.pretrain import IMPLEMENTATIONS
@@ -238,34 +268,44 @@ def _generative_models(study: _Study, section: Any, methods: list[str],
         if not side_by_side:
             section.heading("Generative models")
         grids = {name: np.load(folder / f"{name}.npy", allow_pickle=False) for name in names}
-        section.figure(plots.image_grid_figure(_picture_rows(grids), study.path(method)),
-                       implementation.PICTURES_CAPTION)  # fmt: skip
+        section.figure(
+            plots.image_grid_figure(_picture_rows(grids), study.path(method)),
+            implementation.PICTURES_CAPTION,
+        )
         columns = [c for c in getattr(implementation, "CURVES", ()) if c in curves.get(method, {})]
         if columns and len(curves[method]["epoch"]) > 1:
-            section.figure(plots.monitors_figure(curves[method], columns,
-                                                 study.path(f"{method}_monitors"), method),
-                           f"{method}: its own monitors per epoch "
-                           f"(metrics/pretrain/{method}.csv).")  # fmt: skip
+            section.figure(
+                plots.monitors_figure(
+                    curves[method], columns, study.path(f"{method}_monitors"), method
+                ),
+                f"{method}: its own monitors per epoch (metrics/pretrain/{method}.csv).",
+            )
         samples = getattr(implementation, "SAMPLES", None)
         if samples in grids:
             side_by_side.append((method, grids[samples][:_SIDE_BY_SIDE]))
     if len(side_by_side) > 1:
-        section.figure(plots.image_grid_figure(side_by_side, study.path("generative_samples")),
-                       "Samples of each generative model, side by side: "
-                       f"{', '.join(m for m, _ in side_by_side)} (the first {_SIDE_BY_SIDE} "
-                       "of each; not chosen).")  # fmt: skip
+        section.figure(
+            plots.image_grid_figure(side_by_side, study.path("generative_samples")),
+            "Samples of each generative model, side by side: "
+            f"{', '.join(m for m, _ in side_by_side)} (the first {_SIDE_BY_SIDE} "
+            "of each; not chosen).",
+        )
 
 
-def _picture_rows(grids: dict[str, np.ndarray], per_row: int = _SIDE_BY_SIDE,
-                  chunks: int = 2) -> list[tuple[str, np.ndarray]]:  # fmt: skip
+def _picture_rows(
+    grids: dict[str, np.ndarray], per_row: int = _SIDE_BY_SIDE, chunks: int = 2
+) -> list[tuple[str, np.ndarray]]:
     """A method's picture grids as rows of ``per_row`` images, interleaved chunk by chunk, so
     that row-aligned grids (the VAE's images and their reconstructions) stay one above the
     other; at most ``chunks`` chunks (the page stays readable; the .npy files hold them all)."""
     rows = []
     for chunk in range(chunks):
         part = slice(chunk * per_row, (chunk + 1) * per_row)
-        rows += [(name if chunk == 0 else "", images[part]) for name, images in grids.items()
-                 if len(images[part])]  # fmt: skip
+        rows += [
+            (name if chunk == 0 else "", images[part])
+            for name, images in grids.items()
+            if len(images[part])
+        ]
     return rows
 
 
@@ -289,22 +329,34 @@ def _encoders(study: _Study) -> Any:
         encoder = study.encoder(method)
         section.heading(method)
         if method == "pixels":
-            section.note("pixels: the raw-pixel baseline has no weights; its features are the "
-                         "normalized pixels themselves.")  # fmt: skip
+            section.note(
+                "pixels: the raw-pixel baseline has no weights; its features are the "
+                "normalized pixels themselves."
+            )
             continue
         filters = features.first_layer_filters(encoder)
-        section.figure(features.filters_figure(filters, study.path(f"filters_{method}"),
-                                               f"{method}: first-layer filters"),
-                       _filters_caption(encoder))  # fmt: skip
+        section.figure(
+            features.filters_figure(
+                filters, study.path(f"filters_{method}"), f"{method}: first-layer filters"
+            ),
+            _filters_caption(encoder),
+        )
         if not _is_backbone(encoder) or not encoder.has_gap:
-            section.note(f"{method}: no spatial feature maps or Deconvnet: the encoder "
-                         f"({_kind(encoder)}) has no convolutional layers.")  # fmt: skip
+            section.note(
+                f"{method}: no spatial feature maps or Deconvnet: the encoder "
+                f"({_kind(encoder)}) has no convolutional layers."
+            )
             continue
         maps = features.feature_maps(encoder, study.normalized(test[:1]))
-        section.figure(features.feature_maps_figure(image_uint8, maps,
-                                                    study.path(f"feature_maps_{method}"),
-                                                    f"{method}: feature maps of one test image"),
-                       "The first channels of each layer's output for the image on the left.")
+        section.figure(
+            features.feature_maps_figure(
+                image_uint8,
+                maps,
+                study.path(f"feature_maps_{method}"),
+                f"{method}: feature maps of one test image",
+            ),
+            "The first channels of each layer's output for the image on the left.",
+        )
         if not deconv.supports(encoder):
             section.note(f"{method}: the Deconvnet does not support this encoder.")
             continue
@@ -312,12 +364,17 @@ def _encoders(study: _Study) -> Any:
         entries = []
         for layer in _spread(net.layers, 3):
             channels = deconv.choose_channels(net, pool, layer, vis.deconv_channels)
-            entries += [(layer, patches) for patches in
-                        deconv.top_activations(net, pool, layer, channels, vis.deconv_top)]
-        section.figure(deconv.deconv_figure(entries, pool_uint8, study.path(f"deconv_{method}"),
-                                            f"{method}: Deconvnet"),
-                       "Per layer and channel: the projections of the top activations back to "
-                       "pixel space (left) and the test-image patches that caused them (right).")
+            entries += [
+                (layer, patches)
+                for patches in deconv.top_activations(net, pool, layer, channels, vis.deconv_top)
+            ]
+        section.figure(
+            deconv.deconv_figure(
+                entries, pool_uint8, study.path(f"deconv_{method}"), f"{method}: Deconvnet"
+            ),
+            "Per layer and channel: the projections of the top activations back to "
+            "pixel space (left) and the test-image patches that caused them (right).",
+        )
     return section
 
 
@@ -347,9 +404,12 @@ def _embeddings(study: _Study) -> Any:
         for kind in vis.embeddings:
             points = embedding.embed(feats.numpy(), kind, vis.seed)
             panels.append((f"{method} · {'t-SNE' if kind == 'tsne' else 'UMAP'}", points))
-    section.figure(embedding.embedding_figure(panels, labels, study.classes,
-                                              study.path("embeddings"), "Test-set embeddings"),
-                   "Each panel: one encoder and one embedding method.")  # fmt: skip
+    section.figure(
+        embedding.embedding_figure(
+            panels, labels, study.classes, study.path("embeddings"), "Test-set embeddings"
+        ),
+        "Each panel: one encoder and one embedding method.",
+    )
     return section
 
 
@@ -376,8 +436,10 @@ def _finetuning(study: _Study) -> Any:
             raise MissingInputError(f"{path} is missing; run the finetune stage for that cell")
         fraction_key = paths.fraction_name(fraction)
         curves.setdefault(fraction_key, {})[f"{init}-{mode}"] = plots.read_curve(path)
-    section.figure(plots.finetune_curves_figure(curves, study.path("finetune_curves")),
-                   "Validation accuracy per epoch (kNN cells: one point).")  # fmt: skip
+    section.figure(
+        plots.finetune_curves_figure(curves, study.path("finetune_curves")),
+        "Validation accuracy per epoch (kNN cells: one point).",
+    )
     section.paragraphs.append(
         f"The budget: every init gets the same one at a label fraction, and it grows with the "
         f"subset: at most max({ft.min_steps}, {ft.max_passes} passes) optimizer steps, stopping "
@@ -385,8 +447,9 @@ def _finetuning(study: _Study) -> Any:
         "that was still improving (its best epoch was its last) when it hit the cap: more "
         "budget might have helped it."
     )
-    section.table(_budget_table(study.config),
-                  "Why each seed stopped (metrics/finetune/<cell>.json)")  # fmt: skip
+    section.table(
+        _budget_table(study.config), "Why each seed stopped (metrics/finetune/<cell>.json)"
+    )
     return section
 
 
@@ -404,12 +467,18 @@ def _budget_table(config: Config) -> Any:
             f"{s['stopped'].replace('_', ' ')}{' †' if s.get('improving_at_cap') else ''}"
             for s in seeds
         )
-        rows.append([cell_name(init, mode, fraction), str(cell["budget"]["cap_steps"]),
-                     str(cell["budget"]["max_epochs"]),
-                     ", ".join(f"{s['best_epoch']}/{s['epochs_run']}" for s in seeds),
-                     stops])  # fmt: skip
-    return Table(["cell", "cap (steps)", "cap (epochs)", "best / run epochs per seed",
-                  "stopped"], rows)  # fmt: skip
+        rows.append(
+            [
+                cell_name(init, mode, fraction),
+                str(cell["budget"]["cap_steps"]),
+                str(cell["budget"]["max_epochs"]),
+                ", ".join(f"{s['best_epoch']}/{s['epochs_run']}" for s in seeds),
+                stops,
+            ]
+        )
+    return Table(
+        ["cell", "cap (steps)", "cap (epochs)", "best / run epochs per seed", "stopped"], rows
+    )
 
 
 # ------------------------------------------------------------------------------ evaluation
@@ -430,8 +499,10 @@ def _evaluation(study: _Study) -> Any:
         "nothing was chosen on it."
     )
     capped = _improving_at_cap(study.config)
-    section.table(_summary_table(summary, fractions, capped),
-                  "metrics/summary.json; † a seed of the cell was still improving at its cap")
+    section.table(
+        _summary_table(summary, fractions, capped),
+        "metrics/summary.json; † a seed of the cell was still improving at its cap",
+    )
     section.paragraphs.append(_answer(study.config, summary))
     if FIGURE.is_file():
         section.figure(FIGURE, "Test accuracy against the labeled fraction, 95 % intervals.")
@@ -444,9 +515,11 @@ def _evaluation(study: _Study) -> Any:
         first = sorted(cell["seeds"], key=int)[0]
         matrix = np.array(cell["seeds"][first]["confusion_matrix"])
         matrices.append((f"{name} (seed {first})", matrix))
-    section.figure(plots.confusion_figure(matrices, study.classes, study.path("confusion")),
-                   "Confusion matrices of the best classifier of each label fraction (chosen on "
-                   "validation); rows are true classes, shading the row-normalized rate.")
+    section.figure(
+        plots.confusion_figure(matrices, study.classes, study.path("confusion")),
+        "Confusion matrices of the best classifier of each label fraction (chosen on "
+        "validation); rows are true classes, shading the row-normalized rate.",
+    )
     return section
 
 
@@ -475,9 +548,11 @@ def _summary_table(summary: dict, fractions: list[str], capped: set = frozenset(
                 values.append(-math.inf)
                 continue
             mark = " †" if (model, fraction) in capped else ""
-            row.append(f"{100 * cell['mean']:.2f} ± {100 * cell['std']:.2f} "
-                       f"[{100 * cell['ci_low']:.1f}, {100 * cell['ci_high']:.1f}]"
-                       f"{mark}")  # fmt: skip
+            row.append(
+                f"{100 * cell['mean']:.2f} ± {100 * cell['std']:.2f} "
+                f"[{100 * cell['ci_low']:.1f}, {100 * cell['ci_high']:.1f}]"
+                f"{mark}"
+            )
             values.append(cell["mean"])
         rows.append(row)
         means.append(values)
@@ -496,15 +571,22 @@ def _answer(config: Config, summary: dict) -> str:
 
     rows = answer(config, summary)
     if not rows:
-        return ("Answer: no self-supervised init is in the study (finetune.inits), so there is "
-                "nothing to compare with the baselines.")  # fmt: skip
-    parts = [f"{float(r['fraction']) * 100:g} % of the labels {r['ssl']['cell']} "
-             f"{100 * r['ssl']['test']:.2f} % vs {r['baseline']['cell']} "
-             f"{100 * r['baseline']['test']:.2f} % ({100 * r['gain']:+.2f} points)"
-             for r in rows]  # fmt: skip
-    return ("Answer: self-supervised pretraining against the best baseline (from scratch, raw "
-            "pixels or PCA, any mode; both chosen on validation, scored on test): with "
-            + "; with ".join(parts) + ".")
+        return (
+            "Answer: no self-supervised init is in the study (finetune.inits), so there is "
+            "nothing to compare with the baselines."
+        )
+    parts = [
+        f"{float(r['fraction']) * 100:g} % of the labels {r['ssl']['cell']} "
+        f"{100 * r['ssl']['test']:.2f} % vs {r['baseline']['cell']} "
+        f"{100 * r['baseline']['test']:.2f} % ({100 * r['gain']:+.2f} points)"
+        for r in rows
+    ]
+    return (
+        "Answer: self-supervised pretraining against the best baseline (from scratch, raw "
+        "pixels or PCA, any mode; both chosen on validation, scored on test): with "
+        + "; with ".join(parts)
+        + "."
+    )
 
 
 # ------------------------------------------------------------------------------ interpretation
@@ -542,8 +624,11 @@ def _interpretation(study: _Study) -> Any:
         path = cam.cam_figure(rows, study.path(f"cam_{init}"), f"{name}: {explanation.method}")
         if explanation.method != "CAM":
             section.note(f"{name}: {explanation.reason}")
-        section.figure(path, f"{name} (the best mode of {init} at {float(fraction) * 100:g} % "
-                             f"labels on validation): {explanation.reason}")  # fmt: skip
+        section.figure(
+            path,
+            f"{name} (the best mode of {init} at {float(fraction) * 100:g} % "
+            f"labels on validation): {explanation.reason}",
+        )
     return section
 
 
@@ -556,16 +641,19 @@ def _cam_rows(study: _Study, model: Any, order: Any) -> tuple[list, Any]:
 
     test, truth = study.images["test"][order], study.labels["test"][order]
     with torch.no_grad():
-        predicted = torch.cat([model(study.normalized(chunk)).argmax(1).cpu()
-                               for chunk in test.split(_CHUNK)])  # fmt: skip
+        predicted = torch.cat(
+            [model(study.normalized(chunk)).argmax(1).cpu() for chunk in test.split(_CHUNK)]
+        )
     count = study.config.visualize.cam_examples
     chosen, captions = [], []
     for k, name in enumerate(study.classes):
         right = torch.nonzero((truth == k) & (predicted == k)).flatten()[:count]
         wrong = torch.nonzero((truth == k) & (predicted != k)).flatten()[:count]
         chosen.append(torch.cat([right, wrong]))
-        captions.append([f"✓ {name}" for _ in right]
-                        + [f"✗ as {study.classes[int(predicted[i])]}" for i in wrong])
+        captions.append(
+            [f"✓ {name}" for _ in right]
+            + [f"✗ as {study.classes[int(predicted[i])]}" for i in wrong]
+        )
     picks = torch.cat(chosen)
     images = test[picks]
     explanation = cam.explain(model, study.normalized(images), predicted[picks].to(study.device))
@@ -594,12 +682,23 @@ def _course(study: _Study) -> Any:
         "bend it, and more width and depth bend it more."
     )
     X, y = toy.make_toy(t["dataset"], t["samples"], t["noise"], study.config.visualize.seed)
-    results = toy.decision_boundary_grid(X, y, t["depths"], t["widths"], t["activation"],
-                                         t["steps"], t["lr"], study.config.visualize.seed)
-    section.figure(toy.decision_boundary_figure(results, X, y, study.path("decision_boundaries"),
-                                                f"MLPs on {t['dataset']}"),
-                   "Rows: depth (hidden layers); columns: width (units per layer). Titles: "
-                   "training accuracy and parameter count.")  # fmt: skip
+    results = toy.decision_boundary_grid(
+        X,
+        y,
+        t["depths"],
+        t["widths"],
+        t["activation"],
+        t["steps"],
+        t["lr"],
+        study.config.visualize.seed,
+    )
+    section.figure(
+        toy.decision_boundary_figure(
+            results, X, y, study.path("decision_boundaries"), f"MLPs on {t['dataset']}"
+        ),
+        "Rows: depth (hidden layers); columns: width (units per layer). Titles: "
+        "training accuracy and parameter count.",
+    )
     return section
 
 
@@ -637,8 +736,9 @@ def _mlflow_runs(study: _Study) -> list[list[str]]:
     runs = client.search_runs(
         [experiment.experiment_id],
         filter_string=f"tags.dataset = '{study.dataset}' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"], max_results=5000,
-    )  # fmt: skip
+        order_by=["attributes.start_time DESC"],
+        max_results=5000,
+    )
     stages = tuple(s for s in PIPELINE_ORDER if s != "visualize")  # the runs before this one
     latest: dict[tuple[str, str], Any] = {}
     for run in runs:
@@ -646,8 +746,10 @@ def _mlflow_runs(study: _Study) -> list[list[str]]:
         key = (tags.get("stage", "?"), tags.get("method") or tags.get("cell") or "")
         latest.setdefault(key, run)
     rows = []
-    for (stage, job), run in sorted(latest.items(), key=lambda item: (
-            stages.index(item[0][0]) if item[0][0] in stages else 99, item[0][1])):  # fmt: skip
+    for (stage, job), run in sorted(
+        latest.items(),
+        key=lambda item: (stages.index(item[0][0]) if item[0][0] in stages else 99, item[0][1]),
+    ):
         if stage not in stages:
             continue
         when = datetime.fromtimestamp((run.info.end_time or 0) / 1000, UTC)
@@ -678,9 +780,8 @@ def _kind(encoder: Any) -> str:
 
 def _filters_caption(encoder: Any) -> str:
     if not _is_backbone(encoder):
-        return "The principal components (\"eigen-images\"), each scaled to its own range."
-    return (f"The {encoder.config.name} encoder's first-layer weights, each scaled to its own "
-            "range.")  # fmt: skip
+        return 'The principal components ("eigen-images"), each scaled to its own range.'
+    return f"The {encoder.config.name} encoder's first-layer weights, each scaled to its own range."
 
 
 def _spread(items: list[str], count: int) -> list[str]:

@@ -95,8 +95,9 @@ def _upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
     """N x h x w -> N x H x W, bilinear, the way CAM is shown on the image."""
     if tuple(maps.shape[-2:]) == tuple(size):
         return maps
-    return F.interpolate(maps[:, None], size=tuple(size), mode="bilinear",
-                         align_corners=False)[:, 0]  # fmt: skip
+    return F.interpolate(maps[:, None], size=tuple(size), mode="bilinear", align_corners=False)[
+        :, 0
+    ]
 
 
 def normalize_maps(maps: Tensor) -> Tensor:
@@ -237,22 +238,35 @@ def _cam_applies(classifier: nn.Module, encoder: nn.Module | None) -> bool:
 def _reason(classifier: nn.Module, encoder: nn.Module | None, cam: bool) -> str:
     name = _encoder_name(encoder)
     if cam:
-        return (f"CAM: the {name} encoder ends in global average pooling followed by the linear "
-                "head.")  # fmt: skip
+        return (
+            f"CAM: the {name} encoder ends in global average pooling followed by the linear head."
+        )
     spatial = _spatial_body(encoder) is not None
-    where = (f"Grad-CAM on the {name} encoder's last feature maps" if spatial
-             else "Grad-CAM at the input image")  # fmt: skip
+    where = (
+        f"Grad-CAM on the {name} encoder's last feature maps"
+        if spatial
+        else "Grad-CAM at the input image"
+    )
     if not isinstance(getattr(classifier, "head", None), nn.Linear):
-        kind = "a kNN classifier" if "knn" in type(classifier).__name__.lower() \
-            else f"a {type(classifier).__name__}"  # fmt: skip
+        kind = (
+            "a kNN classifier"
+            if "knn" in type(classifier).__name__.lower()
+            else f"a {type(classifier).__name__}"
+        )
         pooling = "" if spatial else f" and the {name} encoder has no spatial maps"
-        return (f"Grad-CAM instead of CAM: {kind} has no linear head after the pooling{pooling}, "
-                f"so the map is {where}.")  # fmt: skip
+        return (
+            f"Grad-CAM instead of CAM: {kind} has no linear head after the pooling{pooling}, "
+            f"so the map is {where}."
+        )
     if spatial:
-        return (f"Grad-CAM instead of CAM: the linear head does not sit directly on the {name} "
-                f"encoder's pooled maps, so the map is {where}.")  # fmt: skip
-    return (f"Grad-CAM instead of CAM: the {name} encoder has no global average pooling (no "
-            f"spatial maps), so the map is {where}.")  # fmt: skip
+        return (
+            f"Grad-CAM instead of CAM: the linear head does not sit directly on the {name} "
+            f"encoder's pooled maps, so the map is {where}."
+        )
+    return (
+        f"Grad-CAM instead of CAM: the {name} encoder has no global average pooling (no "
+        f"spatial maps), so the map is {where}."
+    )
 
 
 def _score_fn(classifier: nn.Module) -> Callable[[Tensor], Tensor]:
@@ -291,11 +305,13 @@ def explain(
             if use_cam:
                 with torch.no_grad():
                     maps = encoder.feature_maps(batch).float()
-                    raw = class_activation_maps(maps, classifier.head.weight.float(),
-                                                batch_classes, size)  # fmt: skip
+                    raw = class_activation_maps(
+                        maps, classifier.head.weight.float(), batch_classes, size
+                    )
             else:
-                raw = grad_cam(_score_fn(classifier), batch, batch_classes, size,
-                               layer=_spatial_body(encoder))  # fmt: skip
+                raw = grad_cam(
+                    _score_fn(classifier), batch, batch_classes, size, layer=_spatial_body(encoder)
+                )
             chunks.append(normalize_maps(raw).cpu())
     maps = torch.cat(chunks) if chunks else torch.zeros(0, *size)
     return Explanation(maps=maps, method=method, reason=_reason(classifier, encoder, use_cam))
@@ -362,8 +378,9 @@ def cam_figure(
                     axes.imshow(overlays[c], interpolation="nearest")
                     if c < len(captions):
                         wrong = captions[c].startswith("✗")
-                        axes.set_title(captions[c], fontsize=6, pad=2,
-                                       color="tab:red" if wrong else "black")  # fmt: skip
+                        axes.set_title(
+                            captions[c], fontsize=6, pad=2, color="tab:red" if wrong else "black"
+                        )
                 if c == 0:
                     axes.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
         fig.suptitle(title, fontsize=10)

@@ -54,8 +54,16 @@ __all__ = [
 ]
 
 ACTIVATIONS: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.LeakyReLU, nn.ELU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.SiLU, nn.Softplus, nn.PReLU,
-)  # fmt: skip
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.GELU,
+    nn.SiLU,
+    nn.Softplus,
+    nn.PReLU,
+)
 # Modules that are the identity in eval mode.
 _PASS_THROUGH: tuple[type[nn.Module], ...] = (nn.Dropout, nn.Identity)
 # Top-level children of a non-chain body that are not worth a layer of their own.
@@ -164,8 +172,11 @@ def _chain_layers(leaves: list[tuple[str, nn.Module]]) -> list[_Layer]:
 def _block_layers(body: nn.Module) -> list[_Layer]:
     """One layer per top-level block of a body that is not a chain (pools left out: a pool's
     output is the previous block's, subsampled)."""
-    return [_Layer(name, name, None) for name, child in body.named_children()
-            if not isinstance(child, _NOT_LAYERS)]  # fmt: skip
+    return [
+        _Layer(name, name, None)
+        for name, child in body.named_children()
+        if not isinstance(child, _NOT_LAYERS)
+    ]
 
 
 # ------------------------------------------------------------------------------ autograd plumbing
@@ -230,9 +241,15 @@ def _keep_strongest(activations: Tensor, channel: int) -> tuple[Tensor, Tensor]:
 def _forward_step(module: nn.Module, x: Tensor) -> tuple[Tensor, object]:
     """One layer up, recording what the way back needs (switches, input sizes)."""
     if isinstance(module, nn.MaxPool2d):
-        out, switches = F.max_pool2d(x, module.kernel_size, module.stride, module.padding,
-                                     module.dilation, ceil_mode=module.ceil_mode,
-                                     return_indices=True)  # fmt: skip
+        out, switches = F.max_pool2d(
+            x,
+            module.kernel_size,
+            module.stride,
+            module.padding,
+            module.dilation,
+            ceil_mode=module.ceil_mode,
+            return_indices=True,
+        )
         return out, (switches, tuple(x.shape[-2:]))
     if isinstance(module, nn.Conv2d):
         return module(x), tuple(x.shape[-2:])
@@ -243,11 +260,23 @@ def _transposed_conv(conv: nn.Conv2d, signal: Tensor, input_size: tuple[int, int
     """The forward kernels transposed (flipped, in/out swapped), no bias, back to the input size."""
     extra = []
     for dim in range(2):
-        produced = ((signal.shape[2 + dim] - 1) * conv.stride[dim] - 2 * conv.padding[dim]
-                    + conv.dilation[dim] * (conv.kernel_size[dim] - 1) + 1)  # fmt: skip
+        produced = (
+            (signal.shape[2 + dim] - 1) * conv.stride[dim]
+            - 2 * conv.padding[dim]
+            + conv.dilation[dim] * (conv.kernel_size[dim] - 1)
+            + 1
+        )
         extra.append(input_size[dim] - produced)
-    return F.conv_transpose2d(signal, conv.weight, None, conv.stride, conv.padding,
-                              tuple(extra), conv.groups, conv.dilation)  # fmt: skip
+    return F.conv_transpose2d(
+        signal,
+        conv.weight,
+        None,
+        conv.stride,
+        conv.padding,
+        tuple(extra),
+        conv.groups,
+        conv.dilation,
+    )
 
 
 def _backward_step(module: nn.Module, signal: Tensor, info: object) -> Tensor:
@@ -283,8 +312,11 @@ def _receptive_field_probe(body: nn.Module) -> nn.Module:
                     if child.bias is not None:
                         child.bias.zero_()
             elif isinstance(child, nn.MaxPool2d):
-                setattr(parent, name, nn.AvgPool2d(child.kernel_size, child.stride,
-                                                   child.padding, child.ceil_mode))  # fmt: skip
+                setattr(
+                    parent,
+                    name,
+                    nn.AvgPool2d(child.kernel_size, child.stride, child.padding, child.ceil_mode),
+                )
             elif isinstance(child, (*ACTIVATIONS, *_PASS_THROUGH, nn.BatchNorm1d, nn.BatchNorm2d)):
                 setattr(parent, name, nn.Identity())
     return probe.requires_grad_(False)
@@ -324,8 +356,9 @@ class Deconvnet:
         self.encoder = encoder
         self.body: nn.Sequential = encoder.body
         self._leaves = _flatten(self.body)
-        specs = _chain_layers(self._leaves) if self._leaves is not None \
-            else _block_layers(self.body)  # fmt: skip
+        specs = (
+            _chain_layers(self._leaves) if self._leaves is not None else _block_layers(self.body)
+        )
         self._layers = {spec.name: spec for spec in specs}
         self._modules = dict(self.body.named_modules())
         self._probe: nn.Module | None = None
@@ -411,8 +444,11 @@ class Deconvnet:
 
     def _autograd(self, x: Tensor, spec: _Layer, channel: int) -> tuple[Tensor, Tensor]:
         """The same projection as the gradient with rectified activation backwards."""
-        handles = [m.register_forward_hook(_rectify_hook)
-                   for m in self.body.modules() if isinstance(m, ACTIVATIONS)]  # fmt: skip
+        handles = [
+            m.register_forward_hook(_rectify_hook)
+            for m in self.body.modules()
+            if isinstance(m, ACTIVATIONS)
+        ]
         try:
             with autograd_on():
                 x = x.clone().requires_grad_(True)
@@ -437,8 +473,14 @@ class Deconvnet:
             if self._probe is None:  # built here so its weights are never inference tensors
                 self._probe = _receptive_field_probe(self.body)
             target = dict(self._probe.named_modules())[spec.module]
-            x = torch.ones(k, channels, *image_size, dtype=torch.float64, device=self.device,
-                           requires_grad=True)  # fmt: skip
+            x = torch.ones(
+                k,
+                channels,
+                *image_size,
+                dtype=torch.float64,
+                device=self.device,
+                requires_grad=True,
+            )
             out = _run_to(self._probe, target, x)
             rows = torch.arange(k, device=out.device)
             positions = positions.to(out.device).clone()
@@ -476,8 +518,13 @@ def channel_maxima(
     deconvnet: Deconvnet, images: Tensor, layer: str, batch_size: int = 512
 ) -> Tensor:
     """N x C (CPU): each image's strongest activation of every channel of ``layer``."""
-    chunks = [deconvnet.activations(images[start : start + batch_size], layer).amax(dim=(2, 3))
-              .float().cpu() for start in range(0, images.shape[0], batch_size)]  # fmt: skip
+    chunks = [
+        deconvnet.activations(images[start : start + batch_size], layer)
+        .amax(dim=(2, 3))
+        .float()
+        .cpu()
+        for start in range(0, images.shape[0], batch_size)
+    ]
     if not chunks:
         raise DeconvnetError("no images: give at least one image to rank the channels on")
     return torch.cat(chunks)
@@ -520,13 +567,19 @@ def top_activations(
             positions.append(position.cpu())
         position = torch.cat(positions) if positions else torch.zeros(0, 2, dtype=torch.long)
         boxes = deconvnet.receptive_fields(layer, position, size) if len(order) else []
-        results.append(ChannelPatches(
-            layer=layer, channel=int(channel), indices=order.numpy(),
-            activations=maxima[order, channel].numpy(), positions=position.numpy(),
-            reconstructions=torch.cat(projections).numpy() if projections
-            else np.zeros((0, images.shape[1], *size), dtype=np.float32),
-            boxes=boxes,
-        ))  # fmt: skip
+        results.append(
+            ChannelPatches(
+                layer=layer,
+                channel=int(channel),
+                indices=order.numpy(),
+                activations=maxima[order, channel].numpy(),
+                positions=position.numpy(),
+                reconstructions=torch.cat(projections).numpy()
+                if projections
+                else np.zeros((0, images.shape[1], *size), dtype=np.float32),
+                boxes=boxes,
+            )
+        )
     return results
 
 

@@ -183,8 +183,15 @@ def embedding_figure(
             quality = embedding_quality(points, labels)
             for c, (colour, marker) in enumerate(styles):
                 mine = labels == c
-                ax.scatter(points[mine, 0], points[mine, 1], s=4, color=colour, marker=marker,
-                           linewidths=0, label=class_names[c])  # fmt: skip
+                ax.scatter(
+                    points[mine, 0],
+                    points[mine, 1],
+                    s=4,
+                    color=colour,
+                    marker=marker,
+                    linewidths=0,
+                    label=class_names[c],
+                )
             ax.set_title(f"{name}\n10-NN same class: {quality:.2f}", fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])
@@ -192,6 +199,14 @@ def embedding_figure(
         fig.tight_layout()
         # Below the axes: the tight bounding box that figures.save uses takes the legend in.
         handles, names = axes.flat[0].get_legend_handles_labels()
-        fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 0.0),
-                   ncol=min(len(names), 5), fontsize=8, markerscale=3, frameon=False)  # fmt: skip
+        fig.legend(
+            handles,
+            names,
+            loc="upper center",
+            bbox_to_anchor=(0.5, 0.0),
+            ncol=min(len(names), 5),
+            fontsize=8,
+            markerscale=3,
+            frameon=False,
+        )
         return figures.save(fig, path)

@@ -138,8 +138,10 @@ def _mlp_maps(encoder: nn.Module, image: Tensor) -> list[tuple[str, np.ndarray]]
     finally:
         for handle in handles:
             handle.remove()
-    return [(f"fc{i}", _as_grid(out[0].flatten().float().cpu().numpy()))
-            for i, out in enumerate(captured, start=1)]  # fmt: skip
+    return [
+        (f"fc{i}", _as_grid(out[0].flatten().float().cpu().numpy()))
+        for i, out in enumerate(captured, start=1)
+    ]
 
 
 def feature_maps(
@@ -160,8 +162,10 @@ def feature_maps(
         if not supports(encoder):
             return _mlp_maps(encoder, image)
         net = Deconvnet(encoder)
-        return [(layer, net.activations(image, layer)[0, :max_channels].float().cpu().numpy())
-                for layer in net.layers]  # fmt: skip
+        return [
+            (layer, net.activations(image, layer)[0, :max_channels].float().cpu().numpy())
+            for layer in net.layers
+        ]
 
 
 def feature_maps_figure(

@@ -44,13 +44,16 @@ def pretrain_curves_figure(curves: Mapping[str, dict[str, np.ndarray]], path: Pa
             axes = fig.add_subplot(rows, columns, i + 1)
             epochs = curve["epoch"]
             if np.isfinite(curve.get("train_loss", np.array([np.nan]))).any():
-                axes.plot(epochs, curve["train_loss"], color="tab:gray", marker=".",
-                          label="train loss")  # fmt: skip
+                axes.plot(
+                    epochs, curve["train_loss"], color="tab:gray", marker=".", label="train loss"
+                )
             axes.set_xlabel("epoch")
             axes.set_ylabel("train loss", color="tab:gray")
             right = axes.twinx()
-            monitors = (("val_knn_acc", "tab:blue", "val kNN acc"),
-                        ("val_probe_acc", "tab:orange", "val probe acc"))  # fmt: skip
+            monitors = (
+                ("val_knn_acc", "tab:blue", "val kNN acc"),
+                ("val_probe_acc", "tab:orange", "val probe acc"),
+            )
             for key, color, label in monitors:
                 values = curve.get(key)
                 if values is not None and np.isfinite(values).any():
@@ -61,14 +64,16 @@ def pretrain_curves_figure(curves: Mapping[str, dict[str, np.ndarray]], path: Pa
             if i == 0:
                 handles = axes.get_legend_handles_labels()
                 more = right.get_legend_handles_labels()
-                right.legend(handles[0] + more[0], handles[1] + more[1], fontsize=7,
-                             loc="lower right")  # fmt: skip
+                right.legend(
+                    handles[0] + more[0], handles[1] + more[1], fontsize=7, loc="lower right"
+                )
         fig.tight_layout()
         return figures.save(fig, path)
 
 
-def monitors_figure(curve: Mapping[str, np.ndarray], columns: Sequence[str], path: Path,
-                    title: str) -> Path:  # fmt: skip
+def monitors_figure(
+    curve: Mapping[str, np.ndarray], columns: Sequence[str], path: Path, title: str
+) -> Path:
     """A method's own per-epoch monitors (the GAN's D and G losses, D(x), D(G(z)), sample
     diversity): losses on the left axis, the quantities in [0, 1] on the right."""
     epochs = curve["epoch"]
@@ -107,8 +112,15 @@ def finetune_curves_figure(
             axes = fig.add_subplot(1, len(fractions), i + 1)
             for model, curve in sorted(curves[fraction].items()):
                 style = "-" if len(curve["epoch"]) > 1 else ""
-                axes.plot(curve["epoch"], curve["val_acc"], style, marker="o", markersize=3,
-                          color=colors[model], label=model)  # fmt: skip
+                axes.plot(
+                    curve["epoch"],
+                    curve["val_acc"],
+                    style,
+                    marker="o",
+                    markersize=3,
+                    color=colors[model],
+                    label=model,
+                )
             axes.set_title(f"{_percent(fraction)} of the labels")
             axes.set_xlabel("epoch")
             axes.set_ylabel("validation accuracy")
@@ -118,8 +130,14 @@ def finetune_curves_figure(
             found, names = axes.get_legend_handles_labels()
             handles.update(zip(names, found, strict=True))
         labels = sorted(handles)
-        fig.legend([handles[label] for label in labels], labels, loc="upper center",
-                   ncol=min(6, len(labels)), fontsize=7, bbox_to_anchor=(0.5, 0.0))  # fmt: skip
+        fig.legend(
+            [handles[label] for label in labels],
+            labels,
+            loc="upper center",
+            ncol=min(6, len(labels)),
+            fontsize=7,
+            bbox_to_anchor=(0.5, 0.0),
+        )
         fig.tight_layout()
         return figures.save(fig, path)
 
@@ -150,16 +168,25 @@ def confusion_figure(
             if len(class_names) <= 12:
                 for (r, c), count in np.ndenumerate(matrix):
                     if count:
-                        axes.text(c, r, f"{int(count)}", ha="center", va="center", fontsize=5,
-                                  color="white" if rates[r, c] > 0.5 else "black")  # fmt: skip
+                        axes.text(
+                            c,
+                            r,
+                            f"{int(count)}",
+                            ha="center",
+                            va="center",
+                            fontsize=5,
+                            color="white" if rates[r, c] > 0.5 else "black",
+                        )
         fig.tight_layout()
         return figures.save(fig, path)
 
 
 def image_grid_figure(
-    rows: Sequence[tuple[str, np.ndarray]], path: Path, title: str | None = None,
+    rows: Sequence[tuple[str, np.ndarray]],
+    path: Path,
+    title: str | None = None,
     scale: float = 0.6,
-) -> Path:  # fmt: skip
+) -> Path:
     """Rows of uint8 images (``label``, N x H x W x C), the label on the left of each row."""
     columns = max((len(images) for _, images in rows), default=1)
     with figures.figure(scale * columns + 1.2, scale * len(rows) + (0.4 if title else 0)) as fig:
@@ -181,8 +208,10 @@ def samples_per_class(
     images: np.ndarray, labels: np.ndarray, class_names: Sequence[str], per_class: int
 ) -> list[tuple[str, np.ndarray]]:
     """The first ``per_class`` images of every class (in split order), as image-grid rows."""
-    return [(name, images[np.flatnonzero(labels == k)[:per_class]])
-            for k, name in enumerate(class_names)]  # fmt: skip
+    return [
+        (name, images[np.flatnonzero(labels == k)[:per_class]])
+        for k, name in enumerate(class_names)
+    ]
 
 
 def _show(axes: object, image: np.ndarray) -> None:

@@ -141,8 +141,12 @@ class Section:
 def data_uri(path: Path) -> str:
     """The file as a ``data:`` URI, so the page needs nothing beside itself."""
     path = Path(path)
-    kinds = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
-             ".svg": "image/svg+xml"}  # fmt: skip
+    kinds = {
+        ".png": "image/png",
+        ".jpg": "image/jpeg",
+        ".jpeg": "image/jpeg",
+        ".svg": "image/svg+xml",
+    }
     kind = kinds.get(path.suffix.lower())
     if kind is None:
         raise ValueError(f"{path}: only PNG, JPEG and SVG figures can be embedded in the report")
@@ -153,8 +157,8 @@ def render(title: str, meta: list[tuple[str, str]], sections: list[Section]) -> 
     """The whole page as a string (write it with ``pipeline.io.write_text``)."""
     import jinja2
 
-    environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined,
-                                     trim_blocks=True, lstrip_blocks=True)  # fmt: skip
+    environment = jinja2.Environment(
+        autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True
+    )
     template = environment.from_string(_TEMPLATE)
     return template.render(title=title, meta=meta, sections=sections, style=_STYLE)
-

@@ -93,11 +93,15 @@ def make_toy(name: str, samples: int, noise: float, seed: int) -> tuple[np.ndarr
     """
     from sklearn.datasets import make_circles, make_moons
 
-    _require(name in TOY_DATASETS, f"toy data set {name!r} is unknown: use one of "
-             f"{', '.join(TOY_DATASETS)}")  # fmt: skip
+    _require(
+        name in TOY_DATASETS,
+        f"toy data set {name!r} is unknown: use one of {', '.join(TOY_DATASETS)}",
+    )
     _require(is_int(samples) and samples >= 4, f"samples must be an integer >= 4, got {samples!r}")
-    _require(isinstance(noise, int | float) and math.isfinite(noise) and noise >= 0,
-             f"noise must be a finite number >= 0, got {noise!r}")  # fmt: skip
+    _require(
+        isinstance(noise, int | float) and math.isfinite(noise) and noise >= 0,
+        f"noise must be a finite number >= 0, got {noise!r}",
+    )
     _require(is_int(seed) and seed >= 0, f"seed must be an integer >= 0, got {seed!r}")
     if name == "moons":
         X, y = make_moons(n_samples=samples, noise=noise, random_state=seed)
@@ -111,12 +115,15 @@ def make_toy(name: str, samples: int, noise: float, seed: int) -> tuple[np.ndarr
 
 def _check_xy(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     X, y = np.asarray(X), np.asarray(y)
-    _require(X.ndim == 2 and X.shape[1] == 2 and X.shape[0] >= 2,
-             f"X must be an N x 2 array of points, got shape {X.shape}")  # fmt: skip
+    _require(
+        X.ndim == 2 and X.shape[1] == 2 and X.shape[0] >= 2,
+        f"X must be an N x 2 array of points, got shape {X.shape}",
+    )
     _require(bool(np.isfinite(X).all()), "X contains NaN or inf; use make_toy's points")
-    _require(y.shape == (X.shape[0],) and np.isin(y, (0, 1)).all(),
-             f"y must hold one label in {{0, 1}} per point of X ({X.shape[0]}), got shape "
-             f"{y.shape}")  # fmt: skip
+    _require(
+        y.shape == (X.shape[0],) and np.isin(y, (0, 1)).all(),
+        f"y must hold one label in {{0, 1}} per point of X ({X.shape[0]}), got shape {y.shape}",
+    )
     return X.astype(np.float32), y.astype(np.int64)
 
 
@@ -130,15 +137,25 @@ class ToyMLP(L.LightningModule):
     nothing else. ``depth = 0`` is logistic regression (a linear boundary).
     """
 
-    def __init__(self, depth: int, width: int, activation: str = "relu", lr: float = 0.01,
-                 leaky_relu_slope: float = 0.01) -> None:  # fmt: skip
+    def __init__(
+        self,
+        depth: int,
+        width: int,
+        activation: str = "relu",
+        lr: float = 0.01,
+        leaky_relu_slope: float = 0.01,
+    ) -> None:
         super().__init__()
         _require(is_int(depth) and depth >= 0, f"depth must be an integer >= 0, got {depth!r}")
         _require(is_int(width) and width >= 1, f"width must be an integer >= 1, got {width!r}")
-        _require(activation in TOY_ACTIVATIONS, f"activation {activation!r} is unknown: use one "
-                 f"of {', '.join(TOY_ACTIVATIONS)}")  # fmt: skip
-        _require(isinstance(lr, int | float) and math.isfinite(lr) and lr > 0,
-                 f"lr must be a finite number > 0, got {lr!r}")  # fmt: skip
+        _require(
+            activation in TOY_ACTIVATIONS,
+            f"activation {activation!r} is unknown: use one of {', '.join(TOY_ACTIVATIONS)}",
+        )
+        _require(
+            isinstance(lr, int | float) and math.isfinite(lr) and lr > 0,
+            f"lr must be a finite number > 0, got {lr!r}",
+        )
         self.save_hyperparameters()
         layers: list[nn.Module] = []
         fan_in = 2
@@ -210,8 +227,16 @@ def _trainer() -> L.Trainer:
     )
 
 
-def fit_toy(X: np.ndarray, y: np.ndarray, depth: int, width: int, activation: str, steps: int,
-            lr: float, seed: int) -> tuple[ToyMLP, float]:  # fmt: skip
+def fit_toy(
+    X: np.ndarray,
+    y: np.ndarray,
+    depth: int,
+    width: int,
+    activation: str,
+    steps: int,
+    lr: float,
+    seed: int,
+) -> tuple[ToyMLP, float]:
     """Train one ToyMLP for ``steps`` full-batch Adam steps; return it and its train accuracy.
 
     The seed fixes the initial weights (the only randomness: full batch, no dropout); the
@@ -244,8 +269,18 @@ def _mesh(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.linspace(lo[0], hi[0], MESH_POINTS), np.linspace(lo[1], hi[1], MESH_POINTS)
 
 
-def _result(X: np.ndarray, y: np.ndarray, depth: int, width: int, activation: str, steps: int,
-            lr: float, seed: int, row: int, column: int) -> dict[str, Any]:  # fmt: skip
+def _result(
+    X: np.ndarray,
+    y: np.ndarray,
+    depth: int,
+    width: int,
+    activation: str,
+    steps: int,
+    lr: float,
+    seed: int,
+    row: int,
+    column: int,
+) -> dict[str, Any]:
     model, accuracy = fit_toy(X, y, depth, width, activation, steps, lr, seed)
     grid_x, grid_y = _mesh(np.asarray(X))
     xx, yy = np.meshgrid(grid_x, grid_y)
@@ -264,9 +299,17 @@ def _result(X: np.ndarray, y: np.ndarray, depth: int, width: int, activation: st
     }
 
 
-def decision_boundary_grid(X: np.ndarray, y: np.ndarray, depths: list[int], widths: list[int],
-                           activation: str, steps: int, lr: float, seed: int,
-                           contrast: bool = True) -> list[dict[str, Any]]:  # fmt: skip
+def decision_boundary_grid(
+    X: np.ndarray,
+    y: np.ndarray,
+    depths: list[int],
+    widths: list[int],
+    activation: str,
+    steps: int,
+    lr: float,
+    seed: int,
+    contrast: bool = True,
+) -> list[dict[str, Any]]:
     """Train one net per (depth, width) and return one dict per net, in figure order.
 
     Each dict: ``depth``, ``width``, ``activation``, ``parameters``, ``accuracy`` (train),
@@ -276,8 +319,11 @@ def decision_boundary_grid(X: np.ndarray, y: np.ndarray, depths: list[int], widt
     deepest net of the grid at the widest width with the identity activation (what depth gives
     without a non-linearity); the linear model is left out there when ``depths`` has 0 already.
     """
-    _require(len(depths) > 0 and len(widths) > 0, "depths and widths must each list at least one "
-             "value, e.g. depths [1, 2, 4] and widths [2, 8, 32]")  # fmt: skip
+    _require(
+        len(depths) > 0 and len(widths) > 0,
+        "depths and widths must each list at least one "
+        "value, e.g. depths [1, 2, 4] and widths [2, 8, 32]",
+    )
     results = []
     for row, depth in enumerate(depths):
         for column, width in enumerate(widths[:1] if depth == 0 else widths):
@@ -301,8 +347,9 @@ def _panel_title(result: dict[str, Any]) -> str:
     return f"{net}\nacc {result['accuracy']:.2f} · {result['parameters']} params"
 
 
-def decision_boundary_figure(results: list[dict[str, Any]], X: np.ndarray, y: np.ndarray,
-                             path: Path | str, title: str) -> Path:  # fmt: skip
+def decision_boundary_figure(
+    results: list[dict[str, Any]], X: np.ndarray, y: np.ndarray, path: Path | str, title: str
+) -> Path:
     """Save the panels of ``decision_boundary_grid``: P(class 1) as filled contours on a diverging
     colormap (white at 0.5), the boundary P = 0.5 as a line, and the training points on top.
 
@@ -322,13 +369,31 @@ def decision_boundary_figure(results: list[dict[str, Any]], X: np.ndarray, y: np
             ax = axes[result["row"], result["column"]]
             ax.set_axis_on()
             grid_x, grid_y, probability = result["grid_x"], result["grid_y"], result["probability"]
-            filled = ax.contourf(grid_x, grid_y, probability, levels=levels, cmap="RdBu_r",
-                                 vmin=0.0, vmax=1.0, alpha=0.8)  # fmt: skip
+            filled = ax.contourf(
+                grid_x,
+                grid_y,
+                probability,
+                levels=levels,
+                cmap="RdBu_r",
+                vmin=0.0,
+                vmax=1.0,
+                alpha=0.8,
+            )
             if probability.min() < 0.5 < probability.max():
-                ax.contour(grid_x, grid_y, probability, levels=[0.5], colors="black",
-                           linewidths=1.0)  # fmt: skip
-            ax.scatter(X[:, 0], X[:, 1], c=y, cmap="RdBu_r", vmin=0, vmax=1, s=8,
-                       edgecolors="black", linewidths=0.3)  # fmt: skip
+                ax.contour(
+                    grid_x, grid_y, probability, levels=[0.5], colors="black", linewidths=1.0
+                )
+            ax.scatter(
+                X[:, 0],
+                X[:, 1],
+                c=y,
+                cmap="RdBu_r",
+                vmin=0,
+                vmax=1,
+                s=8,
+                edgecolors="black",
+                linewidths=0.3,
+            )
             ax.set_title(_panel_title(result), fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
