@@ -74,7 +74,7 @@ def test_one_generator_step_raises_d_of_g_z_for_a_fixed_discriminator(form: str)
 
 
 def test_the_non_saturating_loss_keeps_its_gradient_where_d_rejects_the_samples():
-    """The reason for the default: at D(G(z)) ~ 0 the minimax gradient vanishes (SCIENCE.md)."""
+    """Why the default: at D(G(z)) ~ 0 the minimax gradient vanishes (docs/science.md §7.7)."""
     logits = torch.tensor([-8.0], requires_grad=True)  # D(G(z)) = 0.0003
     gan.generator_loss(logits, "minimax").backward()
     minimax = logits.grad.abs().item()

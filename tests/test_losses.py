@@ -1,8 +1,8 @@
 """Behaviour of pipeline.models.losses: NT-Xent (single process and real 2-process DDP) and the
 VAE objective.
 
-NT-Xent is checked against a brute-force double loop over SCIENCE.md's formula in float64, and
-the distributed path against the single-process loss and optimizer step on the concatenated
+NT-Xent is checked against a brute-force double loop over docs/science.md §7.2's formula in float64,
+and the distributed path against the single-process loss and optimizer step on the concatenated
 batch, with two gloo processes on the CPU.
 """
 
@@ -40,7 +40,7 @@ def cosine(a: list[float], b: list[float]) -> float:
 
 
 def brute_force_nt_xent(z1: torch.Tensor, z2: torch.Tensor, t: float, normalization: str) -> float:
-    """SCIENCE.md's l(x~, x^) with explicit loops over anchors and negatives, in Python floats.
+    """The l(x~, x^) of docs/science.md §7.2, looping over anchors and negatives, in Python floats.
 
     Views 0..N-1 are z1 (image i), views N..2N-1 are z2 (image i - N). The negatives of an anchor
     are the views of the other images, i.e. every view but the anchor and its positive.

@@ -4,7 +4,7 @@ The fixture stands up a single-node cluster from Debian's packages (munge, slurm
 a folder of its own, writes /etc/slurm/slurm.conf (never over one it did not write), and stops
 every daemon it started at the end. The cluster keeps no accounting, so the run passes
 ``--slurm-status-command squeue``: without it the plugin asks ``sacct`` for job states, every
-query fails and Snakemake waits for ever (shared/notes/slurm.md). The tests are skipped, with
+query fails and Snakemake waits for ever. The tests are skipped, with
 the reason, only where the packages are missing and cannot be installed.
 
 The main test is also the pipeline's determinism check: a SLURM run and a local run of two fresh

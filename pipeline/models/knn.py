@@ -1,6 +1,6 @@
 """Weighted k-nearest-neighbour classification on encoder features (cosine similarity).
 
-The monitor during pretraining and the kNN baseline of the study (SCIENCE.md: cosine similarity,
+The pretraining monitor and the kNN baseline of the study (docs/science.md §8.3: cosine similarity,
 k and temperature chosen on validation). Each of the k nearest training features votes for its
 class with weight ``exp(sim / temperature)``, as in Wu et al. 2018 (instance discrimination).
 """

@@ -1,6 +1,6 @@
 """Self-supervised and generative objectives: SimCLR's NT-Xent and the VAE's negative ELBO.
 
-The formulas are the ones in SCIENCE.md ("Self-supervised pretraining"); tests/test_losses.py
+The formulas are the ones in docs/science.md §7.2 and §7.6; tests/test_losses.py
 checks them against brute-force loops and torch.distributions.
 
 NT-Xent under DDP: the negatives of an anchor are the views of *every* image in the global batch,
@@ -138,7 +138,7 @@ def nt_xent(
     normalization: str = "simclr",
     gather: bool = True,
 ) -> Tensor:
-    """SimCLR's NT-Xent loss (Chen et al. 2020) as written in SCIENCE.md.
+    """SimCLR's NT-Xent loss (Chen et al. 2020) as written in docs/science.md §7.2.
 
     ``z1[i]`` and ``z2[i]`` are the projections (N x d, any scale) of two augmented views of
     image i. With ``sim(a, b) = a.b / (|a| |b|)`` and temperature t, the loss of anchor a with
@@ -209,9 +209,9 @@ def negative_elbo(
     beta: float = 1.0,
     decoder_std: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The VAE objective of SCIENCE.md, ``E_q[ln p(x|z)] - KL(q(z|x) || p(z))``, negated so that
-    it is minimized, averaged over the batch. Returns ``(loss, reconstruction_nll, kl)`` with
-    ``loss = reconstruction_nll + beta * kl``.
+    """The VAE objective of docs/science.md §7.6, ``E_q[ln p(x|z)] - KL(q(z|x) || p(z))``, negated
+    so that it is minimized, averaged over the batch. Returns ``(loss, reconstruction_nll, kl)``
+    with ``loss = reconstruction_nll + beta * kl``.
 
     The decoder is Gaussian, ``p(x|z) = N(reconstruction, decoder_std^2 I)``, so the NLL of a
     sample with D values is ``0.5 * sum((x - x_hat)^2) / decoder_std^2

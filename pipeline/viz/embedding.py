@@ -1,12 +1,12 @@
 """Embeddings of encoder features in 2-D (t-SNE, UMAP), a number for how well they separate the
-classes, and the figure that shows them (SCIENCE.md, "Interpretation").
+classes, and the figure that shows them (docs/science.md §11.5).
 
 Features are L2-normalized before either method: the contrastive encoders are trained on the
 cosine similarity ``aᵀb / (‖a‖ ‖b‖)``, so a feature's norm carries no meaning for them, and on
 unit vectors the Euclidean distance that t-SNE and UMAP use is a monotone function of that cosine
 (``‖a − b‖² = 2 − 2 cos``). The same normalization is applied to every method's features (also
 auto-encoder or supervised ones), so the panels of one figure are embedded the same way; the kNN
-evaluation (SCIENCE.md, "Transfer") uses the cosine too. Standardizing each dimension instead
+evaluation (docs/science.md §8.3) uses the cosine too. Standardizing each dimension instead
 would weigh near-constant dimensions as much as informative ones.
 
 A picture can flatter or hide structure (t-SNE's perplexity, UMAP's neighbours), so every panel
