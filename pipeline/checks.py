@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import math
 from numbers import Integral, Real
-from typing import Any
 
 
-def is_int(value: Any) -> bool:
+def is_int(value: object) -> bool:
     """An integer, not a bool."""
     return isinstance(value, Integral) and not isinstance(value, bool)
 
 
-def is_real(value: Any) -> bool:
+def is_real(value: object) -> bool:
     """A finite real number (an integer or a float), not a bool, NaN or infinity."""
     return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)

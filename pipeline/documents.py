@@ -12,11 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline import paths
 from pipeline.errors import MissingInputError
 from pipeline.io import read_json
+
+if TYPE_CHECKING:  # torch is imported only where a normalizer is built: the CLI reads documents
+    from pathlib import Path
+
+    from pipeline.augment import BatchAugment
 
 
 @dataclass(frozen=True)
@@ -71,7 +76,7 @@ class PolicyDocument:
             "std": self.std,
         }
 
-    def normalizer(self, policy: str | None = None) -> Any:
+    def normalizer(self, policy: str | None = None) -> BatchAugment:
         """A BatchAugment for ``policy`` (None: normalization only), on the CPU."""
         from pipeline.augment import from_policy_document
 
@@ -104,7 +109,7 @@ class EncoderDescription:
     input_dim: int | None = None
 
     @classmethod
-    def from_dict(cls, raw: Any, where: Any) -> EncoderDescription:
+    def from_dict(cls, raw: Any, where: Path) -> EncoderDescription:  # Any: parsed JSON, checked
         """The view of a parsed encoder.json; anything else is an error naming ``where``."""
         fields = [f.name for f in dataclasses.fields(cls)]
         required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
@@ -130,7 +135,7 @@ class EncoderDescription:
             del raw["input_dim"]
         return raw
 
-    def normalizer(self) -> Any:
+    def normalizer(self) -> BatchAugment:
         """Normalization with the statistics the encoder was trained on, on the CPU."""
         from pipeline.augment import BatchAugment
 

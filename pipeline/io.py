@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # numpy is imported where it is used, so the CLI starts without it
+    from _hashlib import HASH  # what hashlib.md5() and hashlib.sha256() return
+
     import numpy as np
 
 _CHUNK = 1 << 20
@@ -154,12 +156,12 @@ def write_text(path: Path, text: str) -> None:
     write_bytes(path, text.encode())
 
 
-def write_json(path: Path, obj: Any) -> None:
+def write_json(path: Path, obj: object) -> None:
     """Atomic, deterministic JSON (sorted keys, fixed indent): both runners see equal bytes."""
     write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:  # Any: parsed JSON, whose shape each caller checks
     """Parse a JSON file (OSError or ValueError when it is missing or not JSON)."""
     return json.loads(Path(path).read_text())
 
@@ -181,7 +183,7 @@ def sha256_file(path: Path) -> str:
     return _hash_file(path, hashlib.sha256())
 
 
-def _hash_file(path: Path, digest: Any) -> str:
+def _hash_file(path: Path, digest: HASH) -> str:
     with open(path, "rb") as handle:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)

@@ -13,10 +13,15 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.checks import is_int
 from pipeline.errors import PipelineError
+
+if TYPE_CHECKING:  # torch and numpy are imported only to predict, so --help answers at once
+    import numpy as np
+    import torch
+    from torch import nn
 
 #: Images converted and classified at once; bounds memory for long file lists.
 BATCH_SIZE = 256
@@ -94,7 +99,9 @@ def predict(
     return results
 
 
-def probabilities_of(module: Any, description: dict[str, Any], pixels: Any) -> Any:
+def probabilities_of(
+    module: nn.Module, description: dict[str, Any], pixels: np.ndarray
+) -> torch.Tensor:
     """Class probabilities (N x K float tensor) of N x H x W x C uint8 pixels: the training
     normalization, ``(x / 255 - mean) / std`` with the classifier's own statistics, then the
     classifier. ``predict`` and the MLflow model (pipeline/serving.py) both go through here."""

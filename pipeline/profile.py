@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import argparse
 import io
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import ConfigError, check, read_params
 from pipeline.io import write_text
+
+if TYPE_CHECKING:  # ruamel.yaml is imported only when a profile is applied
+    from ruamel.yaml import YAML
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,7 +44,7 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def apply(target: Path, overlay_path: Path) -> tuple[str, list[tuple[str, Any, Any]]]:
+def apply(target: Path, overlay_path: Path) -> tuple[str, list[tuple[str, object, object]]]:
     """The text of ``target`` with ``overlay_path`` merged in, and the (key, old, new) changes.
 
     Raises ConfigError, naming the key, when the overlay has a key params.yaml lacks (a typo
@@ -64,8 +67,12 @@ def apply(target: Path, overlay_path: Path) -> tuple[str, list[tuple[str, Any, A
 
 
 def _merge(
-    base: Any, overlay: dict, source: Path, target: Path, prefix: tuple[str, ...]
-) -> Iterator[tuple[str, Any, Any]]:
+    base: MutableMapping[str, Any],  # Any: ruamel's round-trip values, read and replaced
+    overlay: dict,
+    source: Path,
+    target: Path,
+    prefix: tuple[str, ...],
+) -> Iterator[tuple[str, object, object]]:
     """Write ``overlay`` into ``base`` in place, yielding each changed leaf."""
     for key, value in overlay.items():
         where = ".".join((*prefix, str(key)))
@@ -85,7 +92,7 @@ def _merge(
             yield where, before, value
 
 
-def _replace(mapping: Any, key: str, value: Any) -> None:
+def _replace(mapping: MutableMapping[str, Any], key: str, value: object) -> None:
     """Set a value; a list is refilled in place so the comment below it stays below it."""
     old = mapping[key]
     if isinstance(value, list) and isinstance(old, list) and old:
@@ -97,7 +104,7 @@ def _replace(mapping: Any, key: str, value: Any) -> None:
     mapping[key] = value
 
 
-def _plain(value: Any) -> Any:
+def _plain(value: object) -> object:
     """ruamel's commented containers as plain lists and dicts, for comparing and printing."""
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
@@ -106,7 +113,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _round_trip() -> Any:
+def _round_trip() -> YAML:
     """A ruamel.yaml round trip set to params.yaml's layout, so an unchanged file is unchanged."""
     from ruamel.yaml import YAML
 

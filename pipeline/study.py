@@ -7,6 +7,7 @@ choice is made in one place; no stage imports another stage for it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,16 +17,26 @@ from pipeline.errors import MissingInputError
 from pipeline.io import read_json
 from pipeline.paths import metrics_path
 
-#: The inits a self-supervised encoder has to beat to be worth its cost (SCIENCE.md, "Transfer"):
+#: The inits a self-supervised encoder has to beat to be worth its cost (docs/science.md §8.6):
 #: the same network from scratch, raw pixels and PCA.
 BASELINES = ("scratch", "pixels", "pca")
 SUMMARY = Path("metrics/summary")
 CURVE = Path("metrics/label_efficiency.csv")
 FIGURE = Path("reports/figures/label_efficiency.png")
+#: The params.yaml keys that decide the study's cells and seeds (``config.finetune.cells()``):
+#: every stage that reads all cells (evaluate, visualize) declares them.
+CELL_PARAMS = (
+    "finetune.inits",
+    "finetune.baselines",
+    "finetune.baseline_modes",
+    "finetune.modes",
+    "finetune.fractions",
+    "finetune.seeds",
+)
 
 
 def best_by_validation(
-    config: Config, keep: Any = None
+    config: Config, keep: Callable[[str, str], bool] | None = None
 ) -> dict[str, tuple[float, str, str, float]]:
     """Per label fraction (as named in files), ``(validation accuracy, init, mode, fraction)``
     of the cell with the best mean validation accuracy among the cells ``keep(init, mode)``

@@ -6,13 +6,16 @@ view plus Gaussian noise and the decoder has to reconstruct the clean view.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pipeline.models.backbones import build_decoder
+
+if TYPE_CHECKING:  # pipeline.models.pretrain imports every method: typed here, imported there
+    from pipeline.models.pretrain import PretrainModule
 
 NAME = "autoencoder"
 
@@ -24,7 +27,7 @@ def heads(
 
 
 def objective(
-    module: Any, images: torch.Tensor, view: torch.Tensor, generator: torch.Generator
+    module: PretrainModule, images: torch.Tensor, view: torch.Tensor, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     noisy = view
     if module.options["noise_std"] > 0:

@@ -6,8 +6,8 @@ classification. The generator maps ``z ~ N(0, I)`` through a transposed-convolut
 image. D and G take alternating steps under one Trainer (Lightning's manual optimization), each
 with its own Adam and its own settings (``pretrain.gan.discriminator``, ``.generator``).
 
-The game (SCIENCE.md): ``min_G max_D E_x[ln D(x)] + E_z[ln(1 − D(G(z)))]``. D ascends it, i.e.
-minimizes ``BCE(D(x), 1) + BCE(D(G(z)), 0)``. For G, ``generator_loss``:
+The game (docs/science.md §7.7): ``min_G max_D E_x[ln D(x)] + E_z[ln(1 − D(G(z)))]``. D ascends it,
+i.e. minimizes ``BCE(D(x), 1) + BCE(D(G(z)), 0)``. For G, ``generator_loss``:
 
 - ``non_saturating`` (the default) minimizes ``−ln D(G(z))``: the same fixed point, but a strong
   gradient when D confidently rejects the samples, which is where training starts;
@@ -26,11 +26,14 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:  # pipeline.models.pretrain imports every method: typed here, imported there
+    from pipeline.models.pretrain import PretrainModule
 
 NAME = "gan"
 #: The picture grids the report shows (pictures() also saves ``samples_by_epoch``).
@@ -104,13 +107,13 @@ def heads(
 # ------------------------------------------------------------------------------ the game
 
 
-def discriminate(module: Any, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def discriminate(module: PretrainModule, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(D's logits, the backbone's features) for normalized images."""
     features = module.backbone(module.to_model_layout(images))
     return module.head(features).float().squeeze(1), features
 
 
-def fake_images(module: Any, z: torch.Tensor) -> torch.Tensor:
+def fake_images(module: PretrainModule, z: torch.Tensor) -> torch.Tensor:
     """G(z), normalized like the real images D sees."""
     pixels = module.generator(z).float()
     return (pixels - module.normalize.mean.to(pixels)) / module.normalize.std.to(pixels)
@@ -132,7 +135,7 @@ def generator_loss(fake_logits: torch.Tensor, form: str = "non_saturating") -> t
     raise ValueError(f"unknown generator loss {form!r}; use non_saturating or minimax")
 
 
-def latent(module: Any, count: int, generator: torch.Generator) -> torch.Tensor:
+def latent(module: PretrainModule, count: int, generator: torch.Generator) -> torch.Tensor:
     return torch.randn(
         count, module.options["latent_dim"], generator=generator, device=module.device
     )
@@ -141,7 +144,7 @@ def latent(module: Any, count: int, generator: torch.Generator) -> torch.Tensor:
 # ------------------------------------------------------------------------------ training
 
 
-def configure_optimizers(module: Any) -> list[torch.optim.Optimizer]:
+def configure_optimizers(module: PretrainModule) -> list[torch.optim.Optimizer]:
     """Adam for D (the backbone and the real/fake head; the probe in a group of its own) and
     Adam for G, each with ``lr``, ``beta1``, ``beta2`` from its own section. No schedule: a
     constant rate, as in DCGAN; ``pretrain.optimizer`` and ``warmup_epochs`` do not apply."""
@@ -161,7 +164,7 @@ def configure_optimizers(module: Any) -> list[torch.optim.Optimizer]:
 
 
 def training_step(
-    module: Any, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
+    module: PretrainModule, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
 ) -> torch.Tensor:
     """One D step on a real batch and as many fakes, then one G step against the updated D.
 
@@ -194,7 +197,7 @@ def training_step(
 
 
 def objective(
-    module: Any, images: torch.Tensor, view: torch.Tensor, generator: torch.Generator
+    module: PretrainModule, images: torch.Tensor, view: torch.Tensor, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """D's loss against the generator's samples (detached: G does not learn from it).
 
@@ -220,7 +223,7 @@ def mean_pairwise_distance(images: torch.Tensor) -> float:
     return float(torch.cdist(flat, flat).sum() / (count * (count - 1)))
 
 
-def samples(module: Any, count: int, seed: int) -> torch.Tensor:
+def samples(module: PretrainModule, count: int, seed: int) -> torch.Tensor:
     """G's images (pixels in [0, 1]) for ``count`` latents drawn from ``seed``.
 
     Drawn by a copy of G in training mode: its batch statistics, as during training, and no
@@ -232,7 +235,7 @@ def samples(module: Any, count: int, seed: int) -> torch.Tensor:
         return copy.deepcopy(module.generator).train()(z).float().clamp(0, 1)
 
 
-def epoch_end(module: Any) -> dict[str, float]:
+def epoch_end(module: PretrainModule) -> dict[str, float]:
     """The diversity of the fixed-z samples relative to real images; a warning on collapse."""
     fixed = samples(module, _FIXED, module.hparams.seed)
     real = module.images["val"][:_FIXED].float() / 255
@@ -251,7 +254,9 @@ def epoch_end(module: Any) -> dict[str, float]:
     return {"sample_diversity": diversity}
 
 
-def pictures(module: Any, images: torch.Tensor, count: int, seed: int) -> dict[str, torch.Tensor]:
+def pictures(
+    module: PretrainModule, images: torch.Tensor, count: int, seed: int
+) -> dict[str, torch.Tensor]:
     """uint8 grids (N x C x H x W): the last epoch's fixed-z samples, and 8 per epoch."""
     last = (samples(module, count, seed) * 255).round().to(torch.uint8).cpu()
     by_epoch = torch.cat(module.epoch_pictures) if module.epoch_pictures else last[:0]

@@ -6,18 +6,21 @@ what it cannot see, not for copying what it can.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from pipeline.augment import mask_region
 from pipeline.methods.autoencoder import heads  # noqa: F401 (the same decoder)
 
+if TYPE_CHECKING:  # pipeline.models.pretrain imports every method: typed here, imported there
+    from pipeline.models.pretrain import PretrainModule
+
 NAME = "inpainting"
 
 
 def objective(
-    module: Any, images: torch.Tensor, view: torch.Tensor, generator: torch.Generator
+    module: PretrainModule, images: torch.Tensor, view: torch.Tensor, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     masked, hidden = mask_region(view, module.options["mask_size"], generator)
     features = module.backbone(module.to_model_layout(masked))

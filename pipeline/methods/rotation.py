@@ -6,13 +6,16 @@ learn where objects' tops and bottoms are. The online probe sees upright images 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pipeline.augment import rotate90
+
+if TYPE_CHECKING:  # pipeline.models.pretrain imports every method: typed here, imported there
+    from pipeline.models.pretrain import PretrainModule
 
 NAME = "rotation"
 
@@ -24,7 +27,7 @@ def heads(
 
 
 def objective(
-    module: Any, images: torch.Tensor, view: torch.Tensor, generator: torch.Generator
+    module: PretrainModule, images: torch.Tensor, view: torch.Tensor, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     rotated, quarter = rotate90(view, generator)
     features = module.backbone(module.to_model_layout(rotated))

@@ -1,18 +1,21 @@
 """SimCLR (Chen et al. 2020): two augmented views of each image, a projection head, NT-Xent.
 
-The views' features go through a two-layer projection (SCIENCE.md, "Contrastive learning"); the
+The views' features go through a two-layer projection (docs/science.md §7.2); the
 loss pulls the two views of one image together against the other 2N - 2 views of the batch.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from pipeline.models.losses import nt_xent, nt_xent_negatives
+
+if TYPE_CHECKING:  # pipeline.models.pretrain imports every method: typed here, imported there
+    from pipeline.models.pretrain import PretrainModule
 
 NAME = "simclr"
 log = logging.getLogger(__name__)
@@ -33,7 +36,7 @@ def heads(
 
 
 def objective(
-    module: Any, images: torch.Tensor, view: torch.Tensor, generator: torch.Generator
+    module: PretrainModule, images: torch.Tensor, view: torch.Tensor, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     second = module.to_model_layout(module.augment(images, generator))
     features = module.backbone(torch.cat([view, second]))

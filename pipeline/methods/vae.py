@@ -7,13 +7,16 @@ divergence to N(0, I). Its pictures: validation images, their reconstructions an
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from pipeline.models.backbones import build_decoder
 from pipeline.models.losses import negative_elbo, reparameterize
+
+if TYPE_CHECKING:  # pipeline.models.pretrain imports every method: typed here, imported there
+    from pipeline.models.pretrain import PretrainModule
 
 NAME = "vae"
 #: The picture grids it saves (pictures()) and the report shows, top to bottom.
@@ -37,7 +40,7 @@ def heads(
 
 
 def objective(
-    module: Any, images: torch.Tensor, view: torch.Tensor, generator: torch.Generator
+    module: PretrainModule, images: torch.Tensor, view: torch.Tensor, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     features = module.backbone(view)
     mu, logvar = module.head(features).float().chunk(2, dim=1)
@@ -46,7 +49,9 @@ def objective(
     return loss, features, module.every_row(images)
 
 
-def pictures(module: Any, images: torch.Tensor, count: int, seed: int) -> dict[str, torch.Tensor]:
+def pictures(
+    module: PretrainModule, images: torch.Tensor, count: int, seed: int
+) -> dict[str, torch.Tensor]:
     """uint8 grids (N x C x H x W): the images, their reconstructions, samples from the prior."""
     generator = torch.Generator(device=module.device).manual_seed(seed)
     latent = module.options["latent_dim"]

@@ -2,14 +2,14 @@
 
 - ``linear``: the encoder is frozen; its features of the (unaugmented) labeled and validation
   images are computed once per cell by the caller and a linear classifier is trained on them,
-  with no encoder forward pass per step (SCIENCE.md, "Transfer"). The augmentation policy does
+  with no encoder forward pass per step (docs/science.md §8.1). The augmentation policy does
   not apply: augmented features would need that forward pass every step.
 - ``finetune``: every layer trains on augmented batches (``finetune.policy``), the encoder at
   ``lr x encoder_lr_scale``.
 
 The budget (:func:`budget`): every init gets the same one at a given label fraction, and it
 scales with the subset, so that no cell stops because its budget was too small for its data
-(SCIENCE.md, "Transfer": a fixed number of steps for 540 and for 5,400 images under-trains the
+(docs/science.md §8.4: a fixed number of steps for 540 and for 5,400 images under-trains the
 larger set). Training stops early when validation accuracy has not improved for ``patience``
 epochs, or at the cap; the learning rate follows a cosine decay over the cap.
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -35,6 +35,11 @@ from torchmetrics.classification import MulticlassAccuracy
 from pipeline.augment import BatchAugment
 from pipeline.models.classifier import LinearClassifier
 from pipeline.models.optim import build_optimizer, warmup_cosine_scheduler
+
+if TYPE_CHECKING:  # the multi-task term's module; imported by the stage that builds it
+    from lightning.pytorch.utilities.types import OptimizerLRScheduler
+
+    from pipeline.models.pretrain import PretrainModule
 
 
 @dataclass(frozen=True)
@@ -118,7 +123,7 @@ class FinetuneModule(L.LightningModule):
         augment: BatchAugment,
         normalize: BatchAugment,
         recipe: Recipe,
-        ssl: Any = None,
+        ssl: PretrainModule | None = None,
         features: dict[str, torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
@@ -245,7 +250,7 @@ class FinetuneModule(L.LightningModule):
         self.history = list(saved["history"])
 
     # ------------------------------------------------------------------ optimization
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> OptimizerLRScheduler:
         opt = self.recipe.optimizer
         head = list(self.classifier.head.parameters())
         groups = [{"params": head}]

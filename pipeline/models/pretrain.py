@@ -1,6 +1,6 @@
 """Self-supervised pretraining as one generic LightningModule; each method is a plug-in.
 
-Methods (SCIENCE.md, "Self-supervised pretraining"), one module each under pipeline/methods/
+Methods (docs/science.md §7), one module each under pipeline/methods/
 (its heads, its objective, its optional pictures): ``simclr``, ``autoencoder``, ``rotation``,
 ``inpainting``, ``vae``, ``gan``. ``pca`` (not a network) is :class:`PCAEncoder`, fitted in
 closed form; ``pixels`` is :class:`PixelsEncoder`.
@@ -16,7 +16,7 @@ linear probe trained on detached features (labels never reach the encoder).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -32,6 +32,9 @@ from pipeline.models.backbones import BackboneConfig, build_backbone
 from pipeline.models.knn import best_knn
 from pipeline.models.optim import build_optimizer, warmup_cosine_scheduler
 
+if TYPE_CHECKING:  # a type alias, for the annotations only
+    from lightning.pytorch.utilities.types import OptimizerLRScheduler
+
 METHODS = TRAINED
 _FEATURE_CHUNK = 2048
 
@@ -42,6 +45,12 @@ class PretrainModule(L.LightningModule):
     The method's module (``IMPLEMENTATIONS[method]``) builds the heads and computes the loss;
     everything else (data on the device, views, monitors, optimization, checkpoints) is here.
     """
+
+    # The modules a method's heads() may add, registered under these names (annotations only,
+    # no class attributes): declared so the plug-ins that call them are type-checked.
+    head: nn.Module
+    decoder: nn.Module
+    generator: nn.Module
 
     def __init__(
         self,
@@ -204,7 +213,7 @@ class PretrainModule(L.LightningModule):
         self.log_dict({k: v for k, v in row.items() if k != "epoch"}, sync_dist=True)
 
     # ---------------------------------------------------------------- optimization
-    def configure_optimizers(self) -> Any:
+    def configure_optimizers(self) -> OptimizerLRScheduler:
         own = getattr(self.implementation, "configure_optimizers", None)
         if own is not None:  # a method with several optimizers (the GAN's D and G)
             return own(self)
@@ -288,8 +297,9 @@ class PCAEncoder(nn.Module):
 class PixelsEncoder(nn.Module):
     """The raw-pixel baseline: features = the normalized pixels, flattened; no parameters.
 
-    A self-supervised encoder is only worth its cost if its features beat these (SCIENCE.md,
-    "Transfer"): kNN and a linear classifier on pixels are the floor the study measures against.
+    A self-supervised encoder is only worth its cost if its features beat these
+    (docs/science.md §8.6): kNN and a linear classifier on pixels are the floor the study
+    measures against.
     """
 
     has_gap = False

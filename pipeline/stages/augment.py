@@ -21,7 +21,7 @@ import io
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,6 +30,9 @@ from pipeline.config import Config
 from pipeline.data import prepared
 from pipeline.data.split import load_indices
 from pipeline.io import atomic_dir, save_npy, write_bytes, write_json
+
+if TYPE_CHECKING:  # torch is imported where it is used: the CLI imports this module
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +97,7 @@ def _plain(options: dict[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
 
 
-def to_nchw(images: np.ndarray, device: Any = "cpu") -> Any:
+def to_nchw(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
     """uint8 N x H x W x C (the prepared layout) to a uint8 N x C x H x W tensor on ``device``."""
     import torch
 
@@ -103,13 +106,13 @@ def to_nchw(images: np.ndarray, device: Any = "cpu") -> Any:
     )
 
 
-def _device() -> Any:
+def _device() -> torch.device:
     import torch
 
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _generator(seed: int, device: Any) -> Any:
+def _generator(seed: int, device: torch.device) -> torch.Generator:
     import torch
 
     return torch.Generator(device=device).manual_seed(seed)

@@ -5,7 +5,7 @@
 temperature) made on the validation split. The test split is never loaded here: evaluation is
 the only stage that reads it.
 
-Budget (SCIENCE.md, "Transfer"): a cell trains until validation accuracy has not improved for
+Budget (docs/science.md §8.4): a cell trains until validation accuracy has not improved for
 ``finetune.patience`` epochs, under a cap of ``max(finetune.min_steps, finetune.max_passes x
 steps per pass)`` steps, the same for every init at one fraction and growing with the subset.
 The cell's JSON records, per seed, why it stopped (``early_stopping`` or ``cap``) and whether it
@@ -31,7 +31,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline import paths, training
 from pipeline.config import Config
@@ -39,6 +39,18 @@ from pipeline.documents import EncoderDescription, PolicyDocument
 from pipeline.errors import MissingInputError
 from pipeline.io import write_bytes, write_json, write_text
 from pipeline.stages import pretrain as pretrain_stage  # the multi-task term's settings
+
+if TYPE_CHECKING:  # torch and Lightning are imported only to train: the CLI imports this module
+    import argparse
+
+    import torch
+    from torch import nn
+
+    from pipeline.data.datamodule import SplitData
+    from pipeline.models.classifier import LinearClassifier
+    from pipeline.models.finetune import Budget
+    from pipeline.models.pretrain import PretrainModule
+    from pipeline.tracking import TrackedRun
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +80,7 @@ def params_for(cell: str | None = None) -> tuple[str, ...]:
     return COMMON_PARAMS
 
 
-def add_arguments(parser: Any) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--init", required=True, help="scratch, pca, pixels or a pretraining method"
     )
@@ -148,7 +160,7 @@ def _check_cell(config: Config, init: str, mode: str, fraction: str) -> float:
     return value
 
 
-def _encoder(init: str) -> tuple[Any, EncoderDescription]:
+def _encoder(init: str) -> tuple[nn.Module, EncoderDescription]:
     """A fresh copy of the init's encoder (scratch: the saved random initialization)."""
     from pipeline.models.encoders import load_encoder
 
@@ -161,13 +173,13 @@ class _Trained:
 
     states: dict[int, dict]
     per_seed: dict[str, dict]
-    description: dict[str, Any]
+    description: dict[str, Any]  # model.json: strings, numbers, lists and the encoder's dict
     ckpt_dir: Path
-    budget: Any
+    budget: Budget | None  # None for kNN, which does not train
 
 
 def _train_cell(
-    config: Config, dataset: str, cell: paths.Cell, document: PolicyDocument, tracked: Any
+    config: Config, dataset: str, cell: paths.Cell, document: PolicyDocument, tracked: TrackedRun
 ) -> _Trained:
     import lightning as L
 
@@ -246,7 +258,9 @@ def _train_cell(
     return _Trained(states, per_seed, description, ckpt_dir, cell_budget)
 
 
-def _features(encoder: Any, data: Any, document: PolicyDocument) -> dict[str, Any]:
+def _features(
+    encoder: nn.Module, data: SplitData, document: PolicyDocument
+) -> dict[str, torch.Tensor]:
     """The frozen encoder's features of the labeled subset and of validation (unaugmented)."""
     from pipeline.models.encoders import encode
 
@@ -279,17 +293,17 @@ class _Fit:
     """Everything one seed's training reads."""
 
     config: Config
-    data: Any
-    encoder: Any
+    data: SplitData
+    encoder: nn.Module
     encoder_description: EncoderDescription
     init: str
     mode: str
     document: PolicyDocument
     seed: int
-    tracked: Any
+    tracked: TrackedRun
     ckpt_dir: Path
-    budget: Any
-    features: dict | None
+    budget: Budget  # kNN, the one mode without a budget, builds no _Fit
+    features: dict[str, torch.Tensor] | None  # the frozen encoder's (linear); None to fine-tune
     cell: str
 
 
@@ -313,7 +327,9 @@ def _fit_seed(fit: _Fit) -> tuple[dict, dict]:
     return state, result
 
 
-def _fit_knn(config: Config, data: Any, encoder: Any, features: dict) -> tuple[dict, dict]:
+def _fit_knn(
+    config: Config, data: SplitData, encoder: nn.Module, features: dict[str, torch.Tensor]
+) -> tuple[dict, dict]:
     """k and temperature chosen by validation accuracy; the bank is the labeled subset."""
     from pipeline.models.classifier import KNNClassifier
     from pipeline.models.knn import best_knn
@@ -408,7 +424,9 @@ def _fit_linear(fit: _Fit, ckpt_dir: Path) -> tuple[dict, dict]:
     return state, result
 
 
-def standardized(features: dict[str, Any], train_set: str) -> tuple[dict[str, Any], Any, Any]:
+def standardized(
+    features: dict[str, torch.Tensor], train_set: str
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """Features centred per dimension and divided by one scale, their root-mean-square standard
     deviation (statistics of the labeled subset only); and that mean and scale (per dimension,
     for :func:`fold_standardization`).
@@ -427,7 +445,9 @@ def standardized(features: dict[str, Any], train_set: str) -> tuple[dict[str, An
     return {name: (f - mean) / std for name, f in features.items()}, mean, std
 
 
-def fold_standardization(state: dict[str, Any], mean: Any, std: Any) -> dict[str, Any]:
+def fold_standardization(
+    state: dict[str, torch.Tensor], mean: torch.Tensor, std: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """The head ``W (x - mean) / std + b`` as one linear layer on raw features ``x``."""
     weight = state["head.weight"] / std
     return {**state, "head.weight": weight, "head.bias": state["head.bias"] - weight @ mean}
@@ -453,7 +473,13 @@ def curve_csv(per_seed: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _multitask_module(config, init, document, classifier, data):
+def _multitask_module(
+    config: Config,
+    init: str,
+    document: PolicyDocument,
+    classifier: LinearClassifier,
+    data: SplitData,
+) -> PretrainModule:
     """A PretrainModule whose encoder is the classifier's, for the self-supervised term.
 
     The init's own objective when it has one; rotation prediction for scratch and pca.

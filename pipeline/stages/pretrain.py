@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import logging
 import shutil
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -26,6 +26,17 @@ from pipeline.config import Config
 from pipeline.documents import EncoderDescription, PolicyDocument
 from pipeline.errors import MissingInputError
 from pipeline.io import atomic_dir, save_npy, write_bytes, write_json, write_text
+
+if TYPE_CHECKING:  # torch and Lightning are imported only to train: the CLI imports this module
+    import argparse
+
+    from torch import nn
+
+    from pipeline.augment import BatchAugment
+    from pipeline.data.datamodule import SplitData
+    from pipeline.models.backbones import Backbone
+    from pipeline.models.pretrain import PCAEncoder, PixelsEncoder
+    from pipeline.tracking import TrackedRun
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +62,7 @@ def params_for(method: str) -> tuple[str, ...]:
     return (*COMMON_PARAMS, f"pretrain.{method}")
 
 
-def add_arguments(parser: Any) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--method", required=True, choices=methods.NAMES, help="which pretraining method to run"
     )
@@ -138,7 +149,7 @@ def _train(
     dataset: str,
     method: str,
     document: PolicyDocument,
-    tracked: Any,
+    tracked: TrackedRun,
     callbacks: tuple,
 ) -> dict:
     import lightning as L
@@ -189,7 +200,7 @@ def _train(
     return result
 
 
-def _check_image_shape(data: Any, document: PolicyDocument, dataset: str) -> None:
+def _check_image_shape(data: SplitData, document: PolicyDocument, dataset: str) -> None:
     """The policy was resolved for one image shape; other images are an error, never resized."""
     channels, height, width = data.images["train"].shape[1:]
     expected = document.shape
@@ -201,7 +212,11 @@ def _check_image_shape(data: Any, document: PolicyDocument, dataset: str) -> Non
 
 
 def _description(
-    dataset: str, method: str, hparams: dict, encoder: Any, **extra: Any
+    dataset: str,
+    method: str,
+    hparams: dict,
+    encoder: Backbone | PCAEncoder | PixelsEncoder,
+    **extra: int,
 ) -> EncoderDescription:
     return EncoderDescription(
         method=method,
@@ -218,7 +233,9 @@ def _description(
     )
 
 
-def _frozen_knn(config: Config, data: Any, encoder: Any, normalize: Any) -> float:
+def _frozen_knn(
+    config: Config, data: SplitData, encoder: nn.Module, normalize: BatchAugment
+) -> float:
     """The kNN monitor for an encoder that does not train (PCA, the random initialization)."""
     import torch
 
@@ -355,7 +372,7 @@ def _write_outputs(method: str, result: dict) -> None:
     write_text(curves_csv, "\n".join(lines) + "\n")
 
 
-def _round(value: Any) -> Any:
+def _round(value: object) -> object:
     """Six decimals; NaN (a monitor a method has not got, e.g. PCA's probe) becomes null."""
     if isinstance(value, float):
         return round(value, 6) if value == value else None

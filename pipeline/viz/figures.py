@@ -12,15 +12,19 @@ import contextlib
 import io
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from pipeline.io import write_bytes
+
+if TYPE_CHECKING:  # matplotlib is imported only to draw: the CLI imports the report's modules
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 DPI = 100
 
 
 @contextlib.contextmanager
-def figure(width: float, height: float) -> Iterator[Any]:
+def figure(width: float, height: float) -> Iterator[Figure]:
     """A fresh Agg figure of ``width`` x ``height`` inches under the default style."""
     import matplotlib.style
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -32,7 +36,7 @@ def figure(width: float, height: float) -> Iterator[Any]:
         yield fig
 
 
-def save(fig: Any, path: Path | str) -> Path:
+def save(fig: Figure, path: Path | str) -> Path:
     """Write ``fig`` as a PNG at ``path`` (atomically, reproducible bytes); returns the path."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight", metadata={"Software": None})
@@ -40,7 +44,7 @@ def save(fig: Any, path: Path | str) -> Path:
     return Path(path)
 
 
-def blank(axes: Any) -> None:
+def blank(axes: Axes) -> None:
     """An axes that only shows an image: no ticks, no frame."""
     axes.set_xticks([])
     axes.set_yticks([])

@@ -1,8 +1,8 @@
 """Decision boundaries of small MLPs on 2-D toy data: the course's picture of why depth and
-non-linearity matter (SCIENCE.md, "Interpretation").
+non-linearity matter (docs/science.md §11.6).
 
 A net with ``depth`` hidden layers computes ``h_l = σ(W_l h_{l-1} + b_l)`` and a linear output
-layer with two logits (softmax cross-entropy, SCIENCE.md "Losses"). ``depth = 0`` is logistic
+layer with two logits (softmax cross-entropy, docs/science.md §5.1). ``depth = 0`` is logistic
 regression, whose boundary is a line. With ``activation = "identity"`` every depth collapses to a
 product of matrices, i.e. again a linear model: depth buys nothing without a non-linearity.
 
