@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from pipeline.config import from_dict
-from pipeline.data.split import content_groups, disjointness, make_split
+from pipeline.data.split import (
+    ALL_LABELS,
+    LabelBudgetError,
+    content_groups,
+    deduplicate_pool,
+    disjointness,
+    label_rng,
+    make_split,
+)
+from pipeline.errors import DataError
 from pipeline.io import read_json
 from pipeline.stages import download, split
 from tests.conftest import needs_fashion_mnist, params_for, tiny_images
@@ -103,6 +113,154 @@ def test_same_seed_same_split_other_seed_other_split(data):
     # The official test set depends only on duplicates of training images, never on the seed.
     assert a.test_source == c.test_source == "test"
     np.testing.assert_array_equal(a.test, c.test)
+
+
+# Per-class label budgets (labels_per_class): the 40/250/4000-label convention of SSL benchmarks.
+
+
+def _budgets(train, labels, test, budgets=(4, 25, ALL_LABELS), seed=0, draw=0, classes=None):
+    options = {"draw": draw, "labels_per_class": budgets, "classes": classes}
+    return make_split(train, labels, test, 0.2, 0.25, (), seed, **options)
+
+
+def test_a_per_class_budget_gives_exactly_k_images_of_every_class(data):
+    train, labels, test = data
+    result = _budgets(train, labels, test)
+    assert np.bincount(labels[result.label_subsets[4]]).tolist() == [4] * 5
+    assert np.bincount(labels[result.label_subsets[25]]).tolist() == [25] * 5
+    np.testing.assert_array_equal(result.label_subsets[ALL_LABELS], result.train)
+    assert not np.isin(result.label_subsets[25], result.val).any()
+
+
+def test_per_class_budgets_are_nested_and_nest_with_fractions_of_the_same_draw(data):
+    train, labels, test = data
+    subsets = _budgets(train, labels, test, budgets=(100, 4, 25)).label_subsets
+    assert list(subsets) == [4, 25, 100]  # smallest first, whatever order they were given in
+    assert np.isin(subsets[4], subsets[25]).all() and np.isin(subsets[25], subsets[100]).all()
+    # Both are prefixes of one permutation per class: 4 per class lies inside 10 % (16 per class).
+    fractions = _split(train, labels, test, fractions=(0.1,)).label_subsets
+    assert np.isin(subsets[4], fractions[0.1]).all()
+    result = _budgets(train, labels, test)
+    assert disjointness(result, train, test)["label_subsets_nested_inside_train"]
+
+
+def test_a_budget_a_class_cannot_give_names_the_class_its_count_and_the_fix(data):
+    train, labels, test = data
+    labels = labels.copy()
+    labels[np.flatnonzero(labels == 4)[:150]] = 0  # class 4 keeps 50 images, about 40 in train
+    result = _split(train, labels, test, fractions=(1.0,))
+    have = int(np.sum(labels[result.train] == 4))
+    names = ["t-shirt", "trouser", "pullover", "dress", "boot"]
+    assert _budgets(train, labels, test, budgets=(have,)).label_subsets[have].size == 5 * have
+    with pytest.raises(LabelBudgetError) as err:
+        _budgets(train, labels, test, budgets=(4, have + 1), classes=names)
+    message = str(err.value)
+    assert f"{have + 1} labeled images per class" in message
+    assert f"class 4 ('boot') has only {have}" in message
+    assert f"at most {have}" in message and "label_fractions" in message
+    assert isinstance(err.value, ValueError)
+
+
+@pytest.mark.parametrize("budget", [0, -3, 2.5, True, "most"])
+def test_a_budget_must_be_a_positive_count_or_all(data, budget):
+    train, labels, test = data
+    with pytest.raises(LabelBudgetError, match="whole number of labeled images per class"):
+        _budgets(train, labels, test, budgets=(4, budget))
+
+
+def test_budgets_and_fractions_are_exclusive(data):
+    train, labels, test = data
+    with pytest.raises(LabelBudgetError, match="keep one"):
+        make_split(train, labels, test, 0.2, 0.25, (0.1,), 0, labels_per_class=(4,))
+
+
+# Draws: each draw its own nested family of labeled subsets; train, validation and test stay put.
+
+
+def test_draw_0_gives_exactly_the_subsets_the_split_always_gave(data):
+    train, labels, test = data
+    result = make_split(train, labels, test, 0.2, 0.25, (0.01, 0.1, 1.0), 0, draw=0)
+    # Output of make_split before draws existed, on this input (seed 0): must never change,
+    # or every recorded split and result would silently change with it.
+    assert result.label_subsets[0.01].tolist() == [44, 90, 106, 128, 210, 348, 518, 550, 559, 997]
+    digests = {
+        f: hashlib.sha256(result.label_subsets[f].astype("<i8").tobytes()).hexdigest()
+        for f in (0.1, 1.0)
+    }
+    assert digests == {
+        0.1: "8b596cce23b53a51962af1180c102bb61c67d42f0826afe194add52a6880ae49",
+        1.0: "425ca122500fc45c27d69855ca65a78fb83dced302d545de595060fefe69bb32",
+    }
+    default = _split(train, labels, test, fractions=(0.01, 0.1, 1.0))
+    for name in ("train", "val", "test"):
+        np.testing.assert_array_equal(getattr(result, name), getattr(default, name))
+    # Draw 0 is the third stream of the split seed, as it always was.
+    first = np.random.default_rng(np.random.SeedSequence(7).spawn(3)[2]).integers(0, 10**9, 8)
+    np.testing.assert_array_equal(label_rng(7, 0).integers(0, 10**9, 8), first)
+
+
+def test_draws_differ_but_keep_train_val_test_and_stay_budgets(data):
+    train, labels, test = data
+    draws = [_budgets(train, labels, test, draw=d) for d in (0, 1, 2)]
+    for other in draws[1:]:
+        for name in ("train", "val", "test"):
+            np.testing.assert_array_equal(getattr(other, name), getattr(draws[0], name))
+        assert np.bincount(labels[other.label_subsets[4]]).tolist() == [4] * 5
+        assert np.isin(other.label_subsets[4], other.label_subsets[25]).all()
+    subsets = [d.label_subsets[25].tolist() for d in draws]
+    assert subsets[0] != subsets[1] != subsets[2] != subsets[0]
+    fractions = [make_split(train, labels, test, 0.2, 0.25, (0.1,), 0, draw=d) for d in (0, 1)]
+    assert not np.array_equal(fractions[0].label_subsets[0.1], fractions[1].label_subsets[0.1])
+
+
+def test_a_draw_is_determined_by_seed_and_draw(data):
+    train, labels, test = data
+    a, b = (_budgets(train, labels, test, seed=1, draw=3) for _ in range(2))
+    np.testing.assert_array_equal(a.label_subsets[4], b.label_subsets[4])
+    other_seed = _budgets(train, labels, test, seed=2, draw=3)
+    assert not np.array_equal(a.label_subsets[ALL_LABELS], other_seed.label_subsets[ALL_LABELS])
+    with pytest.raises(LabelBudgetError, match=">= 0"):
+        label_rng(0, -1)
+
+
+# The unlabeled pool: exact copies of validation or test images are dropped and counted.
+
+
+def _colour_images(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 4, 4, 3), dtype=np.uint8)
+
+
+def test_pool_copies_of_validation_and_test_images_are_dropped_and_counted():
+    pool, val, test = _colour_images(50, 1), _colour_images(20, 2), _colour_images(30, 3)
+    val[0] = test[0]  # one image in both validation and test
+    pool[[3, 7, 11]] = val[[5, 6, 7]]  # copies of validation images
+    pool[[20, 21]] = test[[9, 9]]  # two copies of one test image
+    pool[40] = val[0]  # equal to a validation and a test image: dropped once, counted in both
+    dedup = deduplicate_pool(pool, val, test)
+    assert dedup.dropped.tolist() == [3, 7, 11, 20, 21, 40]
+    np.testing.assert_array_equal(dedup.kept, np.setdiff1d(np.arange(50), dedup.dropped))
+    assert (dedup.equal_to_val, dedup.equal_to_test) == (4, 3)
+    assert dedup.report()["dropped"] == 6 and dedup.report()["kept"] == 44
+    assert not dedup.mostly_dropped
+
+
+def test_a_pool_that_is_mostly_the_test_set_is_flagged():
+    test = _colour_images(30, 3)
+    no_val = np.empty((0, 4, 4, 3), np.uint8)
+    half = np.concatenate([test[:10], _colour_images(10, 4)])
+    assert not deduplicate_pool(half, no_val, test).mostly_dropped  # exactly half: not over
+    mostly = np.concatenate([test[:11], _colour_images(10, 4)])
+    dedup = deduplicate_pool(mostly, no_val, test)
+    assert dedup.mostly_dropped and dedup.report()["over_half_dropped"] is True
+    assert (dedup.equal_to_val, dedup.equal_to_test, len(dedup.kept)) == (0, 11, 10)
+
+
+def test_pool_deduplication_names_a_mismatched_array():
+    pool = _colour_images(5, 1)
+    with pytest.raises(DataError, match="test images have shape"):
+        deduplicate_pool(pool, pool[:0], pool[:, :2])
+    with pytest.raises(DataError, match="validation images are float32"):
+        deduplicate_pool(pool, pool.astype(np.float32), pool)
 
 
 def test_the_stage_writes_indices_and_a_report(workdir: Path, tiny_idx: Path):

@@ -13,7 +13,12 @@ Rules (documented in README and the split report):
    group's first image).
 5. Label-fraction subsets are per-class prefixes of one seeded permutation of the training set,
    hence stratified and nested (the 1 % subset lies inside the 10 % one), with at least one image
-   per class.
+   per class. Per-class budgets (``labels_per_class``, e.g. 4, 25, 400) are prefixes of the same
+   permutations: exactly k images of every class, nested, and an error when a class has fewer.
+6. Draw d of the labeled subsets permutes with its own random stream from (seed, d); draw 0 is
+   the stream the split has always used, so its subsets never change. Train, validation and
+   test do not depend on the draw.
+7. An unlabeled pool keeps no exact copy of a validation or test image; the copies are counted.
 """
 
 from __future__ import annotations
@@ -26,13 +31,17 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import paths
-from pipeline.errors import MissingInputError
+from pipeline.errors import DataError, MissingInputError, PipelineError
 from pipeline.io import sha256_file
 
 
 def content_groups(*image_sets: np.ndarray) -> list[np.ndarray]:
     """Group ids by exact content, shared across the given image arrays (same id = same bytes)."""
-    rows = [np.ascontiguousarray(images).reshape(len(images), -1) for images in image_sets]
+    # An explicit width, not -1: numpy cannot infer it for an empty array (an empty pool or split).
+    rows = [
+        np.ascontiguousarray(images).reshape(len(images), int(np.prod(images.shape[1:])))
+        for images in image_sets
+    ]
     width = rows[0].shape[1]
     if any(r.shape[1] != width for r in rows):
         raise ValueError("image arrays differ in image shape")
@@ -83,16 +92,102 @@ def group_holdout(
     return kept, held_arr
 
 
+#: The per-class budget that keeps every training label (``labels_per_class: [4, 25, "all"]``).
+ALL_LABELS = "all"
+
+#: A per-class label budget: a count of images per class, or ALL_LABELS.
+Budget = int | str
+
+
+class LabelBudgetError(PipelineError, ValueError):
+    """A per-class label budget the training split cannot give, or that is not a budget."""
+
+
+def label_rng(seed: int, draw: int = 0) -> np.random.Generator:
+    """The random stream that orders the labeled subsets of draw ``draw`` of split seed ``seed``.
+
+    Draw 0 is the third stream of ``SeedSequence(seed).spawn(3)``, the one the label subsets have
+    always used, so existing subsets stay byte-identical. Draw d >= 1 is that stream's child d
+    (spawn key ``(2, d)``): independent of the validation and test streams and of other draws.
+    """
+    if isinstance(draw, bool) or not isinstance(draw, int | np.integer) or draw < 0:
+        raise LabelBudgetError(f"label draw must be a whole number >= 0, got {draw!r}")
+    key = (2,) if draw == 0 else (2, int(draw))
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=key))
+
+
+def _class_permutations(
+    train: np.ndarray, labels: np.ndarray, rng: np.random.Generator
+) -> dict[int, np.ndarray]:
+    """One seeded permutation of each class's training indices, in class order.
+
+    Every labeled subset is a per-class prefix of these, which is what makes subsets stratified
+    and nested; fractions and budgets of one draw share them, so they nest with each other too.
+    """
+    return {int(c): rng.permutation(train[labels[train] == c]) for c in np.unique(labels[train])}
+
+
 def nested_label_fractions(
     train: np.ndarray, labels: np.ndarray, fractions: tuple[float, ...], rng: np.random.Generator
 ) -> dict[float, np.ndarray]:
     """Stratified subsets of ``train`` for each fraction, each inside the next larger one."""
-    order = {int(c): rng.permutation(train[labels[train] == c]) for c in np.unique(labels[train])}
+    order = _class_permutations(train, labels, rng)
     subsets = {}
     for fraction in sorted(fractions):
         parts = [perm[: max(1, int(round(fraction * len(perm))))] for perm in order.values()]
         subsets[fraction] = np.sort(np.concatenate(parts)).astype(np.int64)
     return subsets
+
+
+def nested_label_budgets(
+    train: np.ndarray,
+    labels: np.ndarray,
+    budgets: tuple[Budget, ...],
+    rng: np.random.Generator,
+    classes: list[str] | None = None,
+) -> dict[Budget, np.ndarray]:
+    """Subsets of ``train`` with exactly k images of every class for each budget k, nested.
+
+    ``ALL_LABELS`` in ``budgets`` gives the whole training split. Raises LabelBudgetError naming
+    the class when a budget is larger than what a class has: silently giving that class fewer
+    labels would make the subset unbalanced while its name promises k per class.
+    ``classes`` (class names by label) only makes that message readable.
+    """
+    order = _class_permutations(train, labels, rng)
+    counts = [int(size) for size in map(_checked_budget, budgets) if size != float("inf")]
+    if counts and order and max(counts) > min(len(p) for p in order.values()):
+        _raise_budget_too_large(max(counts), order, classes)
+    subsets: dict[Budget, np.ndarray] = {}
+    for budget in sorted(set(budgets), key=_checked_budget):
+        parts = [perm if budget == ALL_LABELS else perm[:budget] for perm in order.values()]
+        subsets[budget] = np.sort(np.concatenate(parts)).astype(np.int64)
+    return subsets
+
+
+def _checked_budget(budget: Budget) -> int | float:
+    """``budget`` as a sortable size (ALL_LABELS is infinite); LabelBudgetError if invalid."""
+    if budget == ALL_LABELS:
+        return float("inf")
+    if isinstance(budget, bool) or not isinstance(budget, int | np.integer) or budget < 1:
+        raise LabelBudgetError(
+            f"labels_per_class holds {budget!r}; each budget must be a whole number of labeled "
+            f"images per class >= 1, or {ALL_LABELS!r} for every training label"
+        )
+    return int(budget)
+
+
+def _raise_budget_too_large(
+    budget: int, order: dict[int, np.ndarray], classes: list[str] | None
+) -> None:
+    """Stop with the class that cannot give ``budget`` images and what to do about it."""
+    cls = min(order, key=lambda c: len(order[c]))
+    have = len(order[cls])
+    name = f" ({classes[cls]!r})" if classes is not None and cls < len(classes) else ""
+    raise LabelBudgetError(
+        f"labels_per_class asks for {budget} labeled images per class, but class {cls}{name} "
+        f"has only {have} in the training split (after the validation hold-out); lower the "
+        f"budget to at most {have}, or use split.label_fractions instead"
+    )
 
 
 @dataclass
@@ -101,7 +196,7 @@ class SplitResult:
     val: np.ndarray
     test: np.ndarray
     test_source: str  # "test" (official) or "train" (held out from the training pool)
-    label_subsets: dict[float, np.ndarray]
+    label_subsets: dict[float, np.ndarray] | dict[Budget, np.ndarray]
     duplicates: dict
 
 
@@ -113,11 +208,24 @@ def make_split(
     test_fraction: float,
     label_fractions: tuple[float, ...],
     seed: int,
+    *,
+    draw: int = 0,
+    labels_per_class: tuple[Budget, ...] | None = None,
+    classes: list[str] | None = None,
 ) -> SplitResult:
-    """Apply the rules in this module's docstring."""
-    val_rng, test_rng, fraction_rng = (
-        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3)
-    )
+    """Apply the rules in this module's docstring.
+
+    ``labels_per_class`` replaces ``label_fractions`` (give one of the two, the other empty);
+    ``draw`` picks the labeled subsets (label_rng) and changes nothing else.
+    """
+    if labels_per_class is not None and label_fractions:
+        raise LabelBudgetError(
+            "both label_fractions and labels_per_class are set; keep one (labels_per_class for "
+            "k labeled images per class, label_fractions for a share of each class)"
+        )
+    # Streams 0 and 1 of SeedSequence(seed).spawn(3); stream 2 is label_rng(seed, 0).
+    val_rng, test_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
+    fraction_rng = label_rng(seed, draw)
     train_labels = np.asarray(train_labels)
     if test_images is not None:
         train_groups, test_groups = content_groups(train_images, test_images)
@@ -136,7 +244,10 @@ def make_split(
         test_source = "train"
         removed = np.empty(0, np.int64)
     train, val = group_holdout(pool, train_labels, train_groups, val_fraction, val_rng)
-    subsets = nested_label_fractions(train, train_labels, label_fractions, fraction_rng)
+    if labels_per_class is not None:
+        subsets = nested_label_budgets(train, train_labels, labels_per_class, fraction_rng, classes)
+    else:
+        subsets = nested_label_fractions(train, train_labels, label_fractions, fraction_rng)
     duplicates = _duplicate_report(train_groups, test_groups, train_labels, removed)
     return SplitResult(train, val, test, test_source, subsets, duplicates)
 
@@ -186,17 +297,76 @@ def disjointness(
         ids_a = getattr(result, a)
         ids_b = getattr(result, b)
         index[f"{a}&{b}"] = int(len(np.intersect1d(ids_a, ids_b))) if same_source else 0
-    fractions = sorted(result.label_subsets)
+    # By size, not by key: fraction and budget keys ("all") do not sort together.
+    by_size = sorted(result.label_subsets.values(), key=len)
     nested = all(
-        np.isin(result.label_subsets[small], result.label_subsets[big]).all()
-        for small, big in zip(fractions, fractions[1:], strict=False)
-    ) and all(np.isin(s, result.train).all() for s in result.label_subsets.values())
+        np.isin(small, big).all() for small, big in zip(by_size, by_size[1:], strict=False)
+    ) and all(np.isin(s, result.train).all() for s in by_size)
     return {
         "shared_indices": index,
         "shared_content_groups": content,
         "label_subsets_nested_inside_train": bool(nested),
         "disjoint": not any(index.values()) and not any(content.values()) and bool(nested),
     }
+
+
+@dataclass(frozen=True)
+class PoolDeduplication:
+    """What de-duplicating an unlabeled pool against validation and test kept and dropped."""
+
+    kept: np.ndarray  # sorted int64 pool indices with no exact copy in validation or test
+    dropped: np.ndarray  # sorted int64 pool indices that equal a validation or test image
+    equal_to_val: int  # pool images equal to some validation image
+    equal_to_test: int  # pool images equal to some test image (one image may count in both)
+
+    @property
+    def mostly_dropped(self) -> bool:
+        """Over half the pool were copies: the pool looks like the test (or validation) folder."""
+        return 2 * len(self.dropped) > len(self.kept) + len(self.dropped)
+
+    def report(self) -> dict:
+        """JSON-ready summary for the split report."""
+        return {
+            "rule": "exact-content copies of a validation or test image leave the unlabeled pool",
+            "pool_size": int(len(self.kept) + len(self.dropped)),
+            "kept": int(len(self.kept)),
+            "dropped": int(len(self.dropped)),
+            "equal_to_a_val_image": self.equal_to_val,
+            "equal_to_a_test_image": self.equal_to_test,
+            "over_half_dropped": self.mostly_dropped,
+        }
+
+
+def deduplicate_pool(pool: np.ndarray, val: np.ndarray, test: np.ndarray) -> PoolDeduplication:
+    """Drop the pool images whose bytes equal a validation or test image, and count them.
+
+    Why: an unlabeled pool that holds test images lets pretraining see the test set, which
+    inflates test scores exactly as a shared labeled image would (§2.2 of docs/science.md).
+    All three are uint8 arrays of one image shape (N x H x W x C); exact equality uses the
+    content groups of the split itself.
+    """
+    for name, images in (("pool", pool), ("validation", val), ("test", test)):
+        if images.dtype != np.uint8:
+            raise DataError(
+                f"{name} images are {images.dtype}, expected uint8 pixels; pass the prepared "
+                f"arrays, before any normalization"
+            )
+        if images.shape[1:] != pool.shape[1:]:
+            raise DataError(
+                f"{name} images have shape {images.shape[1:]} but pool images {pool.shape[1:]}; "
+                f"de-duplicate against the same dataset's prepared arrays"
+            )
+    pool_groups, val_groups, test_groups = content_groups(pool, val, test)
+    as_val = np.isin(pool_groups, val_groups)
+    as_test = np.isin(pool_groups, test_groups)
+    dropped = as_val | as_test
+    every = np.arange(len(pool), dtype=np.int64)
+    return PoolDeduplication(
+        kept=every[~dropped],
+        dropped=every[dropped],
+        equal_to_val=int(as_val.sum()),
+        equal_to_test=int(as_test.sum()),
+    )
 
 
 #: The split's report, which also holds the sha256 of every other file of the split.
