@@ -9,13 +9,15 @@ what spans sections (the study's matrix, policy names).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pipeline import methods
+from pipeline.data import datasets
 
 # The YAML and error layer; check, read_params and SCHEMA_PATH are re-exported as this module's
 # public entry points (the Snakefile, the profile command and the tests use them from here).
@@ -29,8 +31,7 @@ from pipeline.params_yaml import (  # noqa: F401
     read_params,
 )
 
-#: Datasets that come from a local folder (data.local_path) instead of mirrors.
-LOCAL_DATASETS = ("idx", "imagefolder")
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -221,92 +222,93 @@ def load(path: str | Path = PARAMS_FILE) -> Config:
 def from_dict(params: Any, source: str = PARAMS_FILE) -> Config:
     """Validate a params mapping (as loaded from YAML, or Snakemake's ``config``) and type it."""
     params = check(params, source)
-    data = params["data"]
-    split = params["split"]
-    augment = params["augment"]
+    data, split = params["data"], params["split"]
     config = Config(
-        data=DataConfig(
-            dataset=data["dataset"],
-            local_path=data["local_path"],
-            image_size=data["image_size"],
-            channels=data["channels"],
-            on_bad_image=data["on_bad_image"],
+        data=_typed(
+            DataConfig,
+            data,
             mirrors={name: tuple(urls) for name, urls in data["mirrors"].items()},
         ),
-        split=SplitConfig(
-            seed=split["seed"],
+        split=_typed(
+            SplitConfig,
+            split,
             val_fraction=float(split["val_fraction"]),
             test_fraction=float(split["test_fraction"]),
-            label_fractions=tuple(sorted(float(f) for f in split["label_fractions"])),
+            label_fractions=_ascending(split["label_fractions"]),
         ),
-        augment=AugmentConfig(
-            seed=augment["seed"],
-            preview_images=augment["preview_images"],
-            preview_views=augment["preview_views"],
-            offline_copies=augment["offline_copies"],
-            offline_policy=augment["offline_policy"],
-            policies=augment["policies"],
-        ),
+        augment=AugmentConfig(**params["augment"]),
         model=ModelConfig(**params["model"]),
         trainer=TrainerConfig(**params["trainer"]),
         pretrain=_pretrain(params["pretrain"]),
         finetune=_finetune(params["finetune"]),
         evaluate=EvaluateConfig(**params["evaluate"]),
-        visualize=VisualizeConfig(
-            **{**params["visualize"], "embeddings": tuple(params["visualize"]["embeddings"])}
+        visualize=_typed(
+            VisualizeConfig,
+            params["visualize"],
+            embeddings=tuple(params["visualize"]["embeddings"]),
         ),
-        tracking=TrackingConfig(experiment=params["tracking"]["experiment"]),
+        tracking=TrackingConfig(**params["tracking"]),
         raw=params,
     )
     _check_policy_names(config, source)
     _check_matrix(config, source)
     _check_world(config, source)
-    if config.data.dataset in LOCAL_DATASETS and not config.data.local_path:
-        raise ConfigError(
-            f"{source}: data.local_path is empty but data.dataset is {config.data.dataset!r}: "
-            "set data.local_path to the folder that holds the data"
-        )
+    _check_local_path(config, source)
     return config
 
 
-_METHOD_SECTIONS = methods.NAMES
+def _typed(kind: type[_T], section: dict[str, Any], **converted: Any) -> _T:
+    """The dataclass ``kind`` from the keys of ``section`` that are its fields, with the
+    ``converted`` values (tuples, floats) in place of the raw ones.
+
+    The schema has already refused unknown keys and filled in defaults, so a field missing here
+    is a bug in the dataclass, and a section's other keys (the per-method sections of pretrain,
+    finetune's knn) are the caller's to convert.
+    """
+    names = {field.name for field in dataclasses.fields(kind)}
+    return kind(**{key: value for key, value in section.items() if key in names} | converted)
+
+
+def _ascending(fractions: list[Any]) -> tuple[float, ...]:
+    """Label fractions as floats, smallest first: the split draws its nested subsets in order."""
+    return tuple(sorted(float(f) for f in fractions))
 
 
 FEATURE_BASELINES = methods.FEATURE_BASELINES
 
 
 def _pretrain(section: dict[str, Any]) -> PretrainConfig:
-    return PretrainConfig(
+    return _typed(
+        PretrainConfig,
+        section,
         methods=tuple(section["methods"]),
-        seed=section["seed"],
-        epochs=section["epochs"],
-        batch_size=section["batch_size"],
-        max_images=section["max_images"],
-        policy=section["policy"],
         optimizer=OptimizerConfig(**section["optimizer"]),
         warmup_epochs=float(section["warmup_epochs"]),
-        monitor=section["monitor"],
-        options={name: section[name] for name in _METHOD_SECTIONS},
+        options={name: section[name] for name in methods.NAMES},
     )
 
 
 def _finetune(section: dict[str, Any]) -> FinetuneConfig:
     knn = section["knn"]
-    fields = {k: v for k, v in section.items() if k not in ("knn", "optimizer")}
-    return FinetuneConfig(
-        **{
-            **fields,
-            "inits": tuple(fields["inits"]),
-            "modes": tuple(fields["modes"]),
-            "baselines": tuple(fields["baselines"]),
-            "baseline_modes": tuple(fields["baseline_modes"]),
-            "fractions": tuple(sorted(float(f) for f in fields["fractions"])),
-            "seeds": tuple(fields["seeds"]),
-        },
+    return _typed(
+        FinetuneConfig,
+        section,
+        **{key: tuple(section[key]) for key in ("inits", "modes", "baselines", "baseline_modes")},
+        fractions=_ascending(section["fractions"]),
+        seeds=tuple(section["seeds"]),
         optimizer=OptimizerConfig(**section["optimizer"]),
         knn_ks=tuple(knn["ks"]),
         knn_temperatures=tuple(float(t) for t in knn["temperatures"]),
     )
+
+
+def _check_local_path(config: Config, source: str) -> None:
+    """A local dataset (one without published files, pipeline.data.datasets) needs its folder."""
+    if datasets.SPECS[config.data.dataset].local and not config.data.local_path:
+        raise ConfigError(
+            f"{source}: data.local_path is empty but data.dataset is {config.data.dataset!r}: "
+            "set data.local_path to the folder that holds the data"
+        )
 
 
 def _check_matrix(config: Config, source: str) -> None:

@@ -8,6 +8,8 @@ jsonschema error into a line that names the key, the value, the rule and the fix
 
 from __future__ import annotations
 
+import ast
+import copy
 import datetime as dt
 import functools
 import json
@@ -22,9 +24,12 @@ import yaml
 
 from pipeline import methods
 from pipeline.checks import is_int, is_real
+from pipeline.data import datasets
 from pipeline.errors import PipelineError
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "params.schema.yaml"
+#: The module whose BUILDERS table is the one list of backbones (model.backbone).
+BACKBONES_PATH = Path(__file__).resolve().parent / "models" / "backbones.py"
 
 
 PARAMS_FILE = "params.yaml"
@@ -175,8 +180,6 @@ def check(params: Any, source: str = PARAMS_FILE) -> dict[str, Any]:
     The Snakefile calls this on Snakemake's ``config`` so both runners reject the same mistakes
     with the same words.
     """
-    import copy
-
     from jsonschema.exceptions import best_match
 
     if not isinstance(params, dict):
@@ -274,18 +277,55 @@ def _kind(value: Any) -> str:
     return next((word for cls, word in kinds if isinstance(value, cls)), type(value).__name__)
 
 
+def schema() -> dict[str, Any]:
+    """The schema params are validated against, with its lists of names filled in (a copy)."""
+    return copy.deepcopy(_schema())
+
+
 @functools.cache
 def _schema() -> dict[str, Any]:
     """The parsed schema: read once per process (parsing it is most of a load's time).
 
-    The method names come from pipeline.methods, their one source: the schema's lists of them
-    are filled in here, so a new method needs only its own section in the schema.
+    Lists of names come from their one source, filled in here: the methods from
+    pipeline.methods (so a new method needs only its own section in the schema), the datasets
+    and the datasets with mirrors from pipeline.data.datasets, the backbones from the table in
+    pipeline/models/backbones.py.
     """
     schema = yaml.safe_load(SCHEMA_PATH.read_text())
     sections = schema["properties"]
     for section, key in (("pretrain", "methods"), ("finetune", "inits")):
         sections[section]["properties"][key]["items"] = {"enum": list(methods.NAMES)}
+    data = sections["data"]["properties"]
+    data["dataset"]["enum"] = list(datasets.NAMES)
+    data["mirrors"]["properties"] = {
+        name: {"$ref": "#/$defs/mirror_list"} for name in datasets.REMOTE
+    }
+    sections["model"]["properties"]["backbone"]["enum"] = backbone_names()
     return schema
+
+
+def backbone_names() -> list[str]:
+    """The keys of pipeline/models/backbones.py's BUILDERS table, read from its source.
+
+    Importing that module imports torch, seconds in every process that only validates params
+    (Snakemake's parse of the workflow, download, split, the CLI); the table is a dict display
+    with string keys, so its keys are read without running the module.
+    """
+    tables = [
+        node.value
+        for node in ast.parse(BACKBONES_PATH.read_text()).body
+        if isinstance(node, ast.AnnAssign)
+        and isinstance(node.target, ast.Name)
+        and node.target.id == "BUILDERS"
+    ]
+    keys = tables[0].keys if len(tables) == 1 and isinstance(tables[0], ast.Dict) else []
+    names = [key.value for key in keys if isinstance(key, ast.Constant)]
+    if keys and len(names) == len(keys) and all(isinstance(name, str) for name in names):
+        return names
+    raise RuntimeError(
+        f'{BACKBONES_PATH}: no annotated `BUILDERS: ... = {{"name": builder, ...}}` table with '
+        "string keys at module level; the params schema reads the backbone names from it"
+    )
 
 
 @functools.cache

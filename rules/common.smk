@@ -1,6 +1,7 @@
 # Shared helpers: params validation, the params each stage reads, the code each stage runs.
 from pipeline import dag, methods
 from pipeline.config import ConfigError, check
+from pipeline.data import datasets
 import os
 import sys
 
@@ -16,8 +17,9 @@ TRAINED_INITS = "|".join(m for m in methods.NAMES if m not in methods.FEATURE_BA
 BASELINE_INITS = "|".join(methods.FEATURE_BASELINES)
 
 
+# The names come from their registries (pipeline.data.datasets, pipeline.methods).
 wildcard_constraints:
-    dataset="fashion_mnist|mnist|cifar10|stl10|idx|imagefolder",
+    dataset="|".join(datasets.NAMES),
     method="|".join(methods.NAMES),
     mode="linear|finetune|knn",
     fraction="[0-9]+\\.[0-9]+",
@@ -116,7 +118,11 @@ onstart:
         problem = problem_with(config, nodes())
     if problem:
         sys.exit(f"error: {problem}")
-    parent = tracking.start_execution(settings, runner="snakemake")
+    # A store that cannot be written (full disk, read-only file, refusing server): one line.
+    try:
+        parent = tracking.start_execution(settings, runner="snakemake")
+    except tracking.StoreError as err:
+        sys.exit(f"error: {err}")
     execution = os.environ[tracking.EXECUTION_ENV]
     print(f"MLflow: execution {execution}, parent run {parent}", file=sys.stderr)
 

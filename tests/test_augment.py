@@ -66,21 +66,6 @@ def only(name: str, **options: Any) -> dict[str, dict[str, Any]]:
     return {name: {**SSL_POLICY[name], **options}}
 
 
-def test_transform_names_are_the_documented_order() -> None:
-    assert TRANSFORMS == (
-        "random_resized_crop",
-        "hflip",
-        "vflip",
-        "rotation",
-        "affine",
-        "color_jitter",
-        "grayscale",
-        "gaussian_blur",
-        "gaussian_noise",
-        "random_erasing",
-    )
-
-
 @pytest.mark.parametrize("spec", [FMNIST, CIFAR], ids=["fmnist", "cifar"])
 def test_output_is_normalized_float32_of_same_shape(spec: dict[str, Any]) -> None:
     size = spec["image_size"][0]

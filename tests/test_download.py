@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -10,8 +11,9 @@ import pytest
 from PIL import Image
 
 from pipeline.config import from_dict
-from pipeline.data import prepared, sources
+from pipeline.data import datasets, prepared, sources
 from pipeline.errors import ChecksumError, DataError, FetchError, MissingInputError
+from pipeline.io import read_json
 from pipeline.stages import download
 from tests.conftest import (
     FASHION_MNIST_DEBIAN,
@@ -20,6 +22,7 @@ from tests.conftest import (
     run,
     write_params,
 )
+from tests.test_formats import _tar
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -74,13 +77,13 @@ def test_a_changed_cached_raw_file_is_reported_not_silently_replaced(
     workdir: Path, tiny_idx: Path, monkeypatch: pytest.MonkeyPatch
 ):
     # The tiny IDX folder stands in for Fashion-MNIST, with its own checksums pinned.
-    real = sources.SPECS["fashion_mnist"]
+    real = datasets.SPECS["fashion_mnist"]
     tiny = tuple(
-        sources.RemoteFile(f.name, md5=sources.checksums(tiny_idx / f.name).decoded_md5)
+        datasets.RemoteFile(f.name, md5=sources.checksums(tiny_idx / f.name).decoded_md5)
         for f in real.files
     )
     monkeypatch.setitem(
-        sources.SPECS, "fashion_mnist", sources.DatasetSpec(real.name, "idx", tiny, real.classes)
+        datasets.SPECS, "fashion_mnist", datasets.DatasetSpec(real.name, "idx", tiny, real.classes)
     )
     params = params_for()
     params["data"]["mirrors"] = {"fashion_mnist": [str(tiny_idx)]}
@@ -93,6 +96,41 @@ def test_a_changed_cached_raw_file_is_reported_not_silently_replaced(
     with pytest.raises(ChecksumError, match=f"{cached}: .*delete it"):
         download.run(from_dict(params))
     assert snapshot(Path("data/prepared")) == before
+
+
+def test_a_published_archive_is_fetched_verified_and_decoded_by_its_registry_entry(
+    workdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # A tiny CIFAR-10 binary release without batches.meta.txt: the registry names the classes.
+    rng = np.random.default_rng(0)
+    labels = [3, 0, 9, 3]
+    records = b"".join(bytes([k]) + rng.integers(0, 256, 3072, np.uint8).tobytes() for k in labels)
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    real = datasets.SPECS["cifar10"]
+    archive = _tar(
+        mirror / real.files[0].name,
+        {
+            "cifar-10-batches-bin/data_batch_1.bin": records[: 3 * 3073],
+            "cifar-10-batches-bin/test_batch.bin": records[3 * 3073 :],
+        },
+    )
+    pinned = datasets.RemoteFile(
+        archive.name, archive_md5=hashlib.md5(archive.read_bytes()).hexdigest()
+    )
+    monkeypatch.setitem(
+        datasets.SPECS,
+        "cifar10",
+        datasets.DatasetSpec("cifar10", real.reader, (pinned,), real.classes),
+    )
+    params = params_for("cifar10")
+    params["data"]["mirrors"] = {"cifar10": [str(mirror)]}
+    manifest = download.run(from_dict(params))
+    assert manifest["arrays"]["train_images"]["shape"] == [3, 32, 32, 3]
+    data = prepared.load(Path("data/prepared/cifar10"))
+    assert data.test_labels.tolist() == [3] and data.classes == list(real.classes)
+    raw = read_json(Path("data/raw/cifar10/manifest.json"))
+    assert raw["files"][archive.name]["verified_by"] == "archive_md5"
 
 
 def test_a_local_idx_folder_is_copied_and_decoded(workdir: Path, tiny_idx: Path):

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data.sources import SPECS, RemoteFile, checksums, fetch
+from pipeline.data.datasets import SPECS, RemoteFile
+from pipeline.data.sources import checksums, fetch
 from pipeline.errors import ChecksumError, FetchError
 from tests.conftest import FASHION_MNIST_DEBIAN, needs_fashion_mnist
 

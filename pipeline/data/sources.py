@@ -1,4 +1,6 @@
-"""Where datasets come from and how a fetched file is proven to be the right one.
+"""How a dataset's published files are fetched and proven to be the right ones.
+
+Which files a dataset has, and their checksums, is its entry in pipeline.data.datasets.
 
 Each file is tried on every mirror in order (http/https URL, file:// URL or plain folder). The
 checksum is taken of the *decoded* content (gunzipped) wherever it is known: Debian recompressed
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.data.datasets import RemoteFile
 from pipeline.errors import ChecksumError, FetchError
 from pipeline.io import is_disk_error
 
@@ -35,82 +38,6 @@ log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
 _TIMEOUT_S = 60
-
-
-@dataclass(frozen=True)
-class RemoteFile:
-    """One file of a dataset as published.
-
-    ``md5`` is of the decoded content (authoritative when known); ``archive_md5`` is of the file as
-    the original publisher serves it, used only when the decoded checksum is unknown.
-    """
-
-    name: str
-    md5: str | None = None
-    archive_md5: str | None = None
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    name: str
-    format: str  # idx | cifar10_binary | stl10_binary
-    files: tuple[RemoteFile, ...]
-    classes: tuple[str, ...]
-
-
-_FASHION_CLASSES = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
-
-SPECS: dict[str, DatasetSpec] = {
-    "fashion_mnist": DatasetSpec(
-        "fashion_mnist",
-        "idx",
-        (
-            RemoteFile("train-images-idx3-ubyte.gz", md5="f4a8712d7a061bf5bd6d2ca38dc4d50a"),
-            RemoteFile("train-labels-idx1-ubyte.gz", md5="9018921c3c673c538a1fc5bad174d6f9"),
-            RemoteFile("t10k-images-idx3-ubyte.gz", md5="8181f5470baa50b63fa0f6fddb340f0a"),
-            RemoteFile("t10k-labels-idx1-ubyte.gz", md5="15d484375f8d13e6eb1aabb0c3f46965"),
-        ),
-        _FASHION_CLASSES,
-    ),
-    "mnist": DatasetSpec(
-        "mnist",
-        "idx",
-        (
-            RemoteFile(
-                "train-images-idx3-ubyte.gz", archive_md5="f68b3c2dcbeaaa9fbdd348bbdeb94873"
-            ),
-            RemoteFile(
-                "train-labels-idx1-ubyte.gz", archive_md5="d53e105ee54ea40749a09fcbcd1e9432"
-            ),
-            RemoteFile("t10k-images-idx3-ubyte.gz", archive_md5="9fb629c4189551a2d022fa330f9573f3"),
-            RemoteFile("t10k-labels-idx1-ubyte.gz", archive_md5="ec29112dd5afa0611ce80d1b7f02629c"),
-        ),
-        tuple(str(d) for d in range(10)),
-    ),
-    "cifar10": DatasetSpec(
-        "cifar10",
-        "cifar10_binary",
-        (RemoteFile("cifar-10-binary.tar.gz", archive_md5="c32a1d4ab5d03f1284b67883e8d87530"),),
-        ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
-    ),
-    "stl10": DatasetSpec(
-        "stl10",
-        "stl10_binary",
-        (RemoteFile("stl10_binary.tar.gz", archive_md5="91f7769df0f17e558f3565bffb0c7dfb"),),
-        ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"),
-    ),
-}
 
 
 @dataclass(frozen=True)

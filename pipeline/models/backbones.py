@@ -8,7 +8,7 @@ map ``M_c(x, y) = sum_k w_{c,k} h_k(x, y)`` (Zhou et al. 2016) needs exactly tho
 linear head that follows GAP. In eval mode ``forward(x) == feature_maps(x).mean((2, 3))``; in train
 mode dropout (``config.dropout``) is applied to that vector.
 
-The architectures follow the course (SCIENCE.md, "Networks"), adapted to 28x28 / 32x32 / 96x96
+The architectures follow the course (docs/science.md §4), adapted to 28x28 / 32x32 / 96x96
 images, and all end in GAP:
 
 * ``mlp``: flatten, then ``depth`` x [Linear(width) -> BatchNorm1d -> act -> dropout], i.e.
@@ -72,6 +72,7 @@ from pipeline.errors import PipelineError
 __all__ = [
     "ACTIVATIONS",
     "BACKBONES",
+    "BUILDERS",
     "INITS",
     "MIN_IMAGE_SIZE",
     "Backbone",
@@ -89,7 +90,6 @@ __all__ = [
     "make_activation",
 ]
 
-BACKBONES: tuple[str, ...] = ("mlp", "lenet5", "vgg", "inception", "resnet18")
 ACTIVATIONS: tuple[str, ...] = ("relu", "leaky_relu", "elu", "sigmoid", "tanh")
 INITS: tuple[str, ...] = ("he", "glorot")
 
@@ -400,14 +400,18 @@ def _vgg(config: BackboneConfig, in_channels: int, image_size: int) -> tuple[nn.
     return nn.Sequential(stages), channels
 
 
+def _stem(config: BackboneConfig, in_channels: int) -> OrderedDict[str, nn.Module]:
+    """The small-image stem of inception and resnet18: one 3x3 conv to ``width`` channels, no
+    stride or pooling, so 28 to 32 pixel images keep their resolution for the first stage."""
+    conv = _conv_bn_act(in_channels, config.width, 3, config, padding=1)
+    return OrderedDict(stem=nn.Sequential(*conv))
+
+
 def _inception(
     config: BackboneConfig, in_channels: int, image_size: int
 ) -> tuple[nn.Sequential, int]:
-    w = config.width
-    layers: OrderedDict[str, nn.Module] = OrderedDict(
-        stem=nn.Sequential(*_conv_bn_act(in_channels, w, 3, config, padding=1))
-    )
-    channels = w
+    w = channels = config.width
+    layers = _stem(config, in_channels)
     for i, base in enumerate((max(1, w // 2), w, 2 * w), start=1):
         if i > 1:
             layers[f"pool{i - 1}"] = nn.MaxPool2d(2, stride=2)
@@ -420,11 +424,8 @@ def _inception(
 def _resnet18(
     config: BackboneConfig, in_channels: int, image_size: int
 ) -> tuple[nn.Sequential, int]:
-    w = config.width
-    layers: OrderedDict[str, nn.Module] = OrderedDict(
-        stem=nn.Sequential(*_conv_bn_act(in_channels, w, 3, config, padding=1))
-    )
-    channels = w
+    w = channels = config.width
+    layers = _stem(config, in_channels)
     for i, (out, stride) in enumerate(((w, 1), (2 * w, 2), (4 * w, 2), (8 * w, 2)), start=1):
         layers[f"layer{i}"] = nn.Sequential(
             BasicBlock(channels, out, stride, config), BasicBlock(out, out, 1, config)
@@ -433,12 +434,33 @@ def _resnet18(
     return nn.Sequential(layers), channels
 
 
-_CONV_BODIES: dict[str, Callable[[BackboneConfig, int, int], tuple[nn.Sequential, int]]] = {
-    "lenet5": _lenet5,
-    "vgg": _vgg,
-    "inception": _inception,
-    "resnet18": _resnet18,
+#: Makes an encoder from (config, in_channels, image_size); build_backbone initializes it.
+Builder = Callable[[BackboneConfig, int, int], Backbone]
+
+
+def _conv(body: Callable[[BackboneConfig, int, int], tuple[nn.Sequential, int]]) -> Builder:
+    """The builder of a ConvBackbone around ``body``, which makes the maps before GAP and says
+    their channel count (the feature dimension)."""
+
+    def build(config: BackboneConfig, in_channels: int, image_size: int) -> Backbone:
+        maps, feature_dim = body(config, in_channels, image_size)
+        return ConvBackbone(config, in_channels, image_size, maps, feature_dim)
+
+    return build
+
+
+#: Every backbone, by its name in params.yaml (model.backbone): the one list of backbones. The
+#: params schema reads this table's keys from the source (pipeline.params_yaml.backbone_names,
+#: so validating params does not import torch): keep it a dict display with string keys. A new
+#: backbone is its builder and its line here; tests/test_registries.py ties the rest.
+BUILDERS: dict[str, Builder] = {
+    "mlp": MLPBackbone,
+    "lenet5": _conv(_lenet5),
+    "vgg": _conv(_vgg),
+    "inception": _conv(_inception),
+    "resnet18": _conv(_resnet18),
 }
+BACKBONES: tuple[str, ...] = tuple(BUILDERS)
 
 
 def _check_size(owner: str, field: str, value: object, minimum: int = 1) -> None:
@@ -457,11 +479,7 @@ def build_backbone(config: BackboneConfig, in_channels: int, image_size: int) ->
     config.validate()
     _check_size("backbone", "in_channels", in_channels)
     _check_size("backbone", "image_size", image_size, MIN_IMAGE_SIZE)
-    if config.name == "mlp":
-        backbone: Backbone = MLPBackbone(config, in_channels, image_size)
-    else:
-        body, feature_dim = _CONV_BODIES[config.name](config, in_channels, image_size)
-        backbone = ConvBackbone(config, in_channels, image_size, body, feature_dim)
+    backbone = BUILDERS[config.name](config, in_channels, image_size)
     init_weights(backbone, config.init, config.activation, config.leaky_relu_slope)
     return backbone
 

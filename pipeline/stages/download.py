@@ -14,14 +14,16 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from pipeline import paths
 from pipeline.config import Config
-from pipeline.data import formats, prepared
-from pipeline.data.sources import SPECS, Checksums, DatasetSpec, RemoteFile, checksums, fetch
+from pipeline.data import datasets, formats, prepared
+from pipeline.data.datasets import DatasetSpec, RemoteFile
+from pipeline.data.sources import Checksums, checksums, fetch
 from pipeline.errors import ChecksumError, DataError
 from pipeline.io import atomic_dir, write_json
 
@@ -36,25 +38,22 @@ PARAMS = (
     "data.on_bad_image",
 )
 
+#: Decodes a published release's fetched files in ``raw`` (see DECODERS).
+Decoder = Callable[[DatasetSpec, Path], formats.Arrays]
+#: Copies a local format from data.local_path into ``raw``: its raw manifest and its arrays.
+LocalReader = Callable[[Config, Path], tuple[dict, formats.Arrays]]
+
 
 def run(config: Config, dataset: str | None = None) -> dict:
     """Download (or copy) and decode ``dataset``; return the prepared manifest."""
     from pipeline import tracking
 
     dataset = dataset or config.data.dataset
+    spec = datasets.spec(dataset)
     raw_final = paths.raw_dir(dataset)
     with tracking.stage_run("download", config, dataset, PARAMS) as tracked:
         with atomic_dir(raw_final) as raw_tmp, atomic_dir(paths.prepared_dir(dataset)) as prep_tmp:
-            if dataset == "imagefolder":
-                raw_manifest, arrays = _imagefolder(config, raw_tmp)
-            elif dataset == "idx":
-                raw_manifest, arrays = _local_idx(config, raw_tmp)
-            else:
-                spec = SPECS[dataset]
-                raw_manifest = _fetch_all(
-                    spec, config.data.mirrors_for(dataset), raw_final, raw_tmp
-                )
-                arrays = _decode(spec, raw_tmp)
+            raw_manifest, arrays = _read(spec, config, raw_final, raw_tmp)
             write_json(raw_tmp / "manifest.json", {"dataset": dataset, **raw_manifest})
             manifest = prepared.write(arrays, prep_tmp, dataset)
         checksum = prepared.dataset_checksum(paths.prepared_dir(dataset))
@@ -71,6 +70,17 @@ def run(config: Config, dataset: str | None = None) -> dict:
     shapes = {k: v["shape"] for k, v in manifest["arrays"].items()}
     log.info("prepared %s: %s", dataset, shapes)
     return manifest
+
+
+def _read(spec: DatasetSpec, config: Config, cache: Path, raw: Path) -> tuple[dict, formats.Arrays]:
+    """The raw manifest and the arrays of ``spec``, by its registry entry: a local format is read
+    from data.local_path, a published one fetched (or taken from ``cache``) and decoded."""
+    if spec.local:
+        return LOCAL_READERS[spec.reader](config, raw)
+    raw_manifest = _fetch_all(spec, config.data.mirrors_for(spec.name), cache, raw)
+    arrays = DECODERS[spec.reader](spec, raw)
+    _check(arrays, spec.name)
+    return raw_manifest, arrays
 
 
 def _fetch_all(spec: DatasetSpec, mirrors: tuple[str, ...], cache: Path, dest: Path) -> dict:
@@ -115,20 +125,22 @@ def _link_or_copy(source: Path, dest: Path) -> None:
         shutil.copyfile(source, dest)
 
 
-def _decode(spec: DatasetSpec, raw: Path) -> formats.Arrays:
-    if spec.format == "idx":
-        train = formats.read_idx_pair(raw / spec.files[0].name, raw / spec.files[1].name)
-        test = formats.read_idx_pair(raw / spec.files[2].name, raw / spec.files[3].name)
-        arrays = formats.Arrays(train[0], train[1], list(spec.classes), test[0], test[1])
-    else:
-        reader = {
-            "cifar10_binary": formats.read_cifar10_binary,
-            "stl10_binary": formats.read_stl10_binary,
-        }[spec.format]
-        parts, classes = reader(raw / spec.files[0].name)
-        arrays = formats.Arrays(classes=classes or list(spec.classes), **parts)
-    _check(arrays, spec.name)
-    return arrays
+def _idx_release(spec: DatasetSpec, raw: Path) -> formats.Arrays:
+    """The four IDX files in the registry's order: training images, labels, test images, labels."""
+    train_images, train_labels, test_images, test_labels = (raw / f.name for f in spec.files)
+    images, labels = formats.read_idx_pair(train_images, train_labels)
+    test = formats.read_idx_pair(test_images, test_labels)
+    return formats.Arrays(images, labels, list(spec.classes), *test)
+
+
+def _archive(read: Callable[[Path], tuple[dict, list[str]]]) -> Decoder:
+    """A decoder for a one-archive release whose reader names its classes (else the registry)."""
+
+    def decode(spec: DatasetSpec, raw: Path) -> formats.Arrays:
+        parts, classes = read(raw / spec.files[0].name)
+        return formats.Arrays(classes=classes or list(spec.classes), **parts)
+
+    return decode
 
 
 def _check(arrays: formats.Arrays, where: str) -> None:
@@ -143,12 +155,14 @@ def _check(arrays: formats.Arrays, where: str) -> None:
             )
 
 
-_IDX_NAMES = {
-    "train_images": "train-images-idx3-ubyte",
-    "train_labels": "train-labels-idx1-ubyte",
-    "test_images": "t10k-images-idx3-ubyte",
-    "test_labels": "t10k-labels-idx1-ubyte",
-}
+#: A local IDX folder's file stems (gzipped or not), by the array each one holds.
+_IDX_NAMES = dict(
+    zip(
+        ("train_images", "train_labels", "test_images", "test_labels"),
+        datasets.IDX_STEMS,
+        strict=True,
+    )
+)
 
 
 def _local_idx(config: Config, raw: Path) -> tuple[dict, formats.Arrays]:
@@ -258,3 +272,13 @@ def _check_every_class_has_images(
             f"{root}: no usable images in class folder(s) {', '.join(empty)}{why}; add images "
             "there or remove the folder(s)"
         )
+
+
+#: The decoders of published releases, by the registry's ``reader`` (files already fetched).
+DECODERS: dict[str, Decoder] = {
+    "idx": _idx_release,
+    "cifar10_binary": _archive(formats.read_cifar10_binary),
+    "stl10_binary": _archive(formats.read_stl10_binary),
+}
+#: The readers of local formats (data.local_path), by the registry's ``reader``.
+LOCAL_READERS: dict[str, LocalReader] = {"idx_folder": _local_idx, "image_folder": _imagefolder}
