@@ -84,7 +84,7 @@ class PolicyError(PipelineError, ValueError):
 # Policy schema and validation
 # --------------------------------------------------------------------------------------------
 
-_Checker = Callable[[str, Any], Any]
+_Checker = Callable[[str, object], object]
 _REQUIRED = object()
 
 
@@ -93,17 +93,17 @@ class _Option:
     """One policy option: how to check/normalize its value, and its default when omitted."""
 
     check: _Checker
-    default: Any = _REQUIRED
+    default: object = _REQUIRED
 
 
-def _fail(key: str, value: Any, why: str) -> PolicyError:
+def _fail(key: str, value: object, why: str) -> PolicyError:
     return PolicyError(f"augment policy key {key!r} = {value!r}: {why}")
 
 
 def _number(low: float, high: float, what: str) -> _Checker:
     """Checker for a single number in the closed interval [low, high]."""
 
-    def check(key: str, value: Any) -> float:
+    def check(key: str, value: Any) -> float:  # Any: compared once is_real (no TypeGuard) passes it
         if not is_real(value) or not low <= value <= high:
             raise _fail(key, value, f"must be {what}")
         return float(value)
@@ -117,7 +117,7 @@ def _range(low: float, high: float, low_open: bool, what: str) -> _Checker:
     def in_bounds(v: float) -> bool:
         return (v > low if low_open else v >= low) and v <= high
 
-    def check(key: str, value: Any) -> tuple[float, float]:
+    def check(key: str, value: object) -> tuple[float, float]:
         if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 2:
             raise _fail(key, value, "must be a [min, max] pair of numbers")
         if not all(is_real(v) and in_bounds(v) for v in value):
@@ -129,7 +129,7 @@ def _range(low: float, high: float, low_open: bool, what: str) -> _Checker:
     return check
 
 
-def _fraction_pair(key: str, value: Any) -> tuple[float, float]:
+def _fraction_pair(key: str, value: object) -> tuple[float, float]:
     """Checker for ``affine.translate``: maximal shift as a fraction of (width, height)."""
     if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 2:
         raise _fail(key, value, "must be a [fraction_of_width, fraction_of_height] pair")
@@ -138,7 +138,7 @@ def _fraction_pair(key: str, value: Any) -> tuple[float, float]:
     return float(value[0]), float(value[1])
 
 
-def _odd_int(key: str, value: Any) -> int:
+def _odd_int(key: str, value: Any) -> int:  # Any: an int once is_int (no TypeGuard) passes it
     if not is_int(value) or value < 1 or value % 2 == 0:
         raise _fail(key, value, "must be an odd positive integer")
     return value
@@ -194,7 +194,7 @@ _SCHEMA: dict[str, dict[str, _Option]] = {
 assert tuple(_SCHEMA) == TRANSFORMS
 
 
-def _resolve_entry(name: str, entry: Any) -> dict[str, Any]:
+def _resolve_entry(name: str, entry: object) -> dict[str, Any]:
     if not isinstance(entry, Mapping):
         raise _fail(name, entry, "must be a mapping of options, e.g. {p: 0.5}")
     schema = _SCHEMA[name]
@@ -216,7 +216,7 @@ def _resolve_entry(name: str, entry: Any) -> dict[str, Any]:
     return resolved
 
 
-def resolve_policy(policy: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+def resolve_policy(policy: Mapping[str, object]) -> dict[str, dict[str, Any]]:
     """Validate ``policy`` and return it with defaults filled in and ranges as float tuples.
 
     Raises PolicyError naming the offending key (see ``validate_policy``).
@@ -231,7 +231,7 @@ def resolve_policy(policy: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[st
     return {name: _resolve_entry(name, policy[name]) for name in TRANSFORMS if name in policy}
 
 
-def validate_policy(policy: Mapping[str, Mapping[str, Any]]) -> None:
+def validate_policy(policy: Mapping[str, object]) -> None:
     """Check a policy before training starts, so a typo in params.yaml fails in one clear line.
 
     Raises PolicyError (a ValueError) naming the key for: an unknown transform or option, a
@@ -606,7 +606,7 @@ class BatchAugment(torch.nn.Module):
 
     def __init__(
         self,
-        policy: Mapping[str, Mapping[str, Any]],
+        policy: Mapping[str, object],
         image_size: tuple[int, int],
         channels: int,
         mean: Sequence[float],

@@ -97,7 +97,7 @@ def problem_with(params: dict[str, Any], cluster: list[Node]) -> str | None:
     return None
 
 
-def _describe(wanted: dict[str, Any]) -> str:
+def _describe(wanted: dict[str, int]) -> str:
     gpus = f", {wanted['gpus']} GPU(s)" if wanted.get("gpus") else ""
     return f"{wanted['cpus']} CPU(s), {wanted['mem_mb']} MB{gpus}"
 

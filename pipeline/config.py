@@ -14,7 +14,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pipeline import methods
 from pipeline.data import datasets
@@ -31,7 +31,10 @@ from pipeline.params_yaml import (  # noqa: F401
     read_params,
 )
 
-_T = TypeVar("_T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+_T = TypeVar("_T", bound="DataclassInstance")
 
 
 @dataclass(frozen=True)
@@ -198,9 +201,9 @@ class Config:
     tracking: TrackingConfig
     raw: dict[str, Any]  # the validated params with defaults filled in
 
-    def section(self, dotted: str) -> Any:
+    def section(self, dotted: str) -> object:
         """The raw value at a dotted key such as ``split`` or ``data.dataset``."""
-        value: Any = self.raw
+        value: Any = self.raw  # Any: indexed one dotted part at a time, section by section
         for part in dotted.split("."):
             value = value[part]
         return value
@@ -219,7 +222,7 @@ def load(path: str | Path = PARAMS_FILE) -> Config:
     return from_dict(params, source=str(path))
 
 
-def from_dict(params: Any, source: str = PARAMS_FILE) -> Config:
+def from_dict(params: object, source: str = PARAMS_FILE) -> Config:
     """Validate a params mapping (as loaded from YAML, or Snakemake's ``config``) and type it."""
     params = check(params, source)
     data, split = params["data"], params["split"]
@@ -257,7 +260,7 @@ def from_dict(params: Any, source: str = PARAMS_FILE) -> Config:
     return config
 
 
-def _typed(kind: type[_T], section: dict[str, Any], **converted: Any) -> _T:
+def _typed(kind: type[_T], section: dict[str, Any], **converted: object) -> _T:
     """The dataclass ``kind`` from the keys of ``section`` that are its fields, with the
     ``converted`` values (tuples, floats) in place of the raw ones.
 
@@ -269,7 +272,7 @@ def _typed(kind: type[_T], section: dict[str, Any], **converted: Any) -> _T:
     return kind(**{key: value for key, value in section.items() if key in names} | converted)
 
 
-def _ascending(fractions: list[Any]) -> tuple[float, ...]:
+def _ascending(fractions: list[float]) -> tuple[float, ...]:
     """Label fractions as floats, smallest first: the split draws its nested subsets in order."""
     return tuple(sorted(float(f) for f in fractions))
 

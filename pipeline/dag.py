@@ -25,7 +25,7 @@ import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = "schemas/params.schema.yaml"
@@ -33,6 +33,15 @@ DVC_FILE = "dvc.yaml"
 #: Modules that import a package's modules by name (importlib), which no import statement shows:
 #: importing one of them depends on every module of that package (plug-ins, such as methods).
 PLUGINS = {"pipeline.methods._registry": "pipeline.methods"}
+
+if TYPE_CHECKING:
+    from typing import Literal, TypeAlias
+
+    #: How DVC repeats a stage: ``foreach`` over one params list, or ``matrix`` over the
+    #: product of several, each a (placeholder field, params key) pair.
+    _Loop: TypeAlias = (
+        tuple[Literal["foreach"], str] | tuple[Literal["matrix"], tuple[tuple[str, str], ...]]
+    )
 
 
 @dataclass(frozen=True)
@@ -75,7 +84,7 @@ class Stage:
     outs: tuple[Out, ...]
     log: str
     args: str = ""
-    loop: tuple[str, Any] | None = None
+    loop: _Loop | None = None
     note: str = ""
 
     @property
@@ -329,11 +338,11 @@ def _for_snakemake(declared: Stage, path: str, dataset: str) -> str:
 
 def snakemake_inputs(
     name: str, dataset: str, methods: Iterable[str], cells: Iterable[str]
-) -> dict[str, Any]:
+) -> dict[str, str | list[str]]:
     """A rule's named inputs; its code is ``code(command)``, listed first by the rule."""
     declared = stage(name)
     loops = {"methods": ("method", list(methods)), "cells": ("cell", list(cells))}
-    inputs: dict[str, Any] = {}
+    inputs: dict[str, str | list[str]] = {}
     for dep in declared.deps:
         path = _for_snakemake(declared, dep.path, dataset)
         if dep.each is None:
@@ -347,9 +356,9 @@ def snakemake_inputs(
 def snakemake_outputs(
     name: str,
     dataset: str,
-    directory: Callable[[str], Any],
-    report: Callable[..., Any] | None = None,
-) -> dict[str, Any]:
+    directory: Callable[[str], str],
+    report: Callable[..., str] | None = None,
+) -> dict[str, str]:
     """A rule's named outputs; folders wrapped in Snakemake's ``directory``, and the outputs a
     reader of ``snakemake --report`` wants (the study's page, figure and tables) in ``report``."""
     declared = stage(name)
@@ -404,9 +413,9 @@ def dvc_params(declared: Stage) -> list[str]:
     return list(module.PARAMS)
 
 
-def dvc_stage(declared: Stage) -> dict[str, Any]:
+def dvc_stage(declared: Stage) -> dict[str, object]:
     """One stage of dvc.yaml."""
-    entry: dict[str, Any] = {}
+    entry: dict[str, object] = {}
     if declared.loop and declared.loop[0] == "foreach":
         entry["foreach"] = f"${{{declared.loop[1]}}}"
     if declared.loop and declared.loop[0] == "matrix":
@@ -429,9 +438,9 @@ def dvc_stage(declared: Stage) -> dict[str, Any]:
     return entry
 
 
-def _dvc_out(declared: Stage, out: Out) -> Any:
+def _dvc_out(declared: Stage, out: Out) -> str | dict[str, dict[str, str | bool]]:
     path = _for_dvc(declared, out.path)
-    options: dict[str, Any] = {} if out.cache else {"cache": False}
+    options: dict[str, str | bool] = {} if out.cache else {"cache": False}
     options |= {key: _for_dvc(declared, value) for key, value in out.plot}
     return {path: options} if options else path
 

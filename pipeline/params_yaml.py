@@ -15,10 +15,10 @@ import functools
 import json
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -26,6 +26,10 @@ from pipeline import methods
 from pipeline.checks import is_int, is_real
 from pipeline.data import datasets
 from pipeline.errors import PipelineError
+
+if TYPE_CHECKING:  # jsonschema is imported only to validate: the CLI imports this module
+    from jsonschema.exceptions import ValidationError
+    from jsonschema.protocols import Validator
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "params.schema.yaml"
 #: The module whose BUILDERS table is the one list of backbones (model.backbone).
@@ -39,7 +43,7 @@ class ConfigError(PipelineError, ValueError):
     """A problem with params.yaml, worded for the user in one line."""
 
 
-def read_params(path: str | Path) -> tuple[str, Any]:
+def read_params(path: str | Path) -> tuple[str, object]:
     """A params file's text and its plain data, every problem one ConfigError line."""
     path = Path(path)
     text = _read(path)
@@ -71,7 +75,7 @@ def _read(path: Path) -> str:
         ) from None
 
 
-def _parse(text: str, path: Path) -> Any:
+def _parse(text: str, path: Path) -> object:
     """YAML to Python objects; any problem is one line that names the line and column."""
     try:
         return yaml.load(text, Loader=_Loader)  # a SafeLoader: plain data only
@@ -133,7 +137,9 @@ class _Loader(yaml.SafeLoader):
 
     depth = 0
 
-    def compose_node(self, parent: Any, index: Any) -> Any:
+    def compose_node(
+        self, parent: yaml.Node | None, index: int | yaml.Node | None
+    ) -> yaml.Node | None:
         if self.depth >= MAX_DEPTH:
             raise yaml.composer.ComposerError(
                 None,
@@ -147,7 +153,7 @@ class _Loader(yaml.SafeLoader):
         finally:
             self.depth -= 1
 
-    def construct_object(self, node: Any, deep: bool = False) -> Any:
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> object:
         try:
             return super().construct_object(node, deep=deep)
         except (ValueError, KeyError, AttributeError, IndexError, OverflowError):
@@ -156,7 +162,7 @@ class _Loader(yaml.SafeLoader):
             ) from None
 
 
-def _unreadable(node: Any) -> str:
+def _unreadable(node: yaml.Node) -> str:
     """Why a scalar cannot be read as the type its tag (written, or implied) asks for."""
     tag = str(node.tag).rsplit(":", 1)[-1]
     text = node.value if isinstance(node.value, str) else ""
@@ -174,7 +180,7 @@ def _unreadable(node: Any) -> str:
     )
 
 
-def check(params: Any, source: str = PARAMS_FILE) -> dict[str, Any]:
+def check(params: object, source: str = PARAMS_FILE) -> dict[str, Any]:
     """Validate against the JSON schema and return a copy with defaults filled in.
 
     The Snakefile calls this on Snakemake's ``config`` so both runners reject the same mistakes
@@ -205,7 +211,11 @@ class _Walk:
     sizes: dict[int, int] = field(default_factory=dict)
 
 
-def _check_shape(value: Any, path: tuple[Any, ...], walk: _Walk) -> int:
+def _check_shape(
+    value: Any,  # Any: parsed YAML, compared once is_int (not a TypeGuard) passes it
+    path: tuple[str | int, ...],
+    walk: _Walk,
+) -> int:
     """Reject what would break validation itself; return the number of values in ``value``.
 
     YAML aliases can make a value contain itself or expand to billions of values, keys can be
@@ -250,7 +260,7 @@ def _check_shape(value: Any, path: tuple[Any, ...], walk: _Walk) -> int:
     return total
 
 
-def _non_string_key(path: tuple[Any, ...], key: Any) -> str:
+def _non_string_key(path: tuple[str | int, ...], key: object) -> str:
     """Keys are names; YAML turns some plain words into other types (``on:`` is True)."""
     where = f"{_dotted(path)} has" if path else "the top level has"
     return (
@@ -259,7 +269,7 @@ def _non_string_key(path: tuple[Any, ...], key: Any) -> str:
     )
 
 
-def _kind(value: Any) -> str:
+def _kind(value: object) -> str:
     """What a YAML value is, in words: for messages about a value of the wrong kind."""
     if value is None:
         return "null (nothing)"
@@ -329,7 +339,7 @@ def backbone_names() -> list[str]:
 
 
 @functools.cache
-def _validator_class() -> Any:
+def _validator_class() -> type[Validator]:
     """Draft 2020-12 with YAML's types, plus ``orderedRange`` and ``writtenAsFloat``.
 
     JSON Schema counts 256.0 as an integer and .nan or .inf as numbers; the stages would get a
@@ -338,7 +348,9 @@ def _validator_class() -> Any:
     """
     from jsonschema import Draft202012Validator, ValidationError, validators
 
-    def ordered_range(validator: Any, enabled: bool, instance: Any, schema: Any) -> Any:
+    def ordered_range(
+        validator: Validator, enabled: bool, instance: object, schema: Mapping[str, object]
+    ) -> Iterator[ValidationError]:
         if (
             enabled
             and isinstance(instance, list)
@@ -348,7 +360,9 @@ def _validator_class() -> Any:
         ):
             yield ValidationError(f"{instance} has min > max")
 
-    def written_as_float(validator: Any, enabled: bool, instance: Any, schema: Any) -> Any:
+    def written_as_float(
+        validator: Validator, enabled: bool, instance: object, schema: Mapping[str, object]
+    ) -> Iterator[ValidationError]:
         # YAML's 1 and 1.0 differ, and the spelling names files (DVC renders 1 as "1" but
         # Python's float as "1.0").
         if enabled and is_int(instance):
@@ -364,7 +378,9 @@ def _validator_class() -> Any:
     )
 
 
-def _fill_defaults(schema: dict[str, Any], instance: dict[str, Any], root: Any = None) -> None:
+def _fill_defaults(
+    schema: dict[str, Any], instance: dict[str, Any], root: dict[str, Any] | None = None
+) -> None:
     """Insert schema defaults for missing keys, recursively through nested objects.
 
     A missing section whose schema has properties is created, so its keys get their defaults too.
@@ -391,7 +407,7 @@ def _deref(sub: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
     return {**target, **{k: v for k, v in sub.items() if k != "$ref"}}
 
 
-def _describe(error: Any) -> str:
+def _describe(error: ValidationError) -> str:
     """One line for a jsonschema error: the dotted key, the value, what is allowed."""
     key = _dotted(error.absolute_path)
     value = error.instance
@@ -415,12 +431,12 @@ def _describe(error: Any) -> str:
     return f"{key} = {_show(value)} is not allowed: must be {_rule(error)}{_hint(error)}"
 
 
-def _rule(error: Any) -> str:
+def _rule(error: ValidationError) -> str:
     """What the failed schema keyword allows, in words."""
     return _rule_text(error.validator, error.validator_value) or _one_line(error.message)[:200]
 
 
-def _rule_text(rule: str, arg: Any) -> str | None:
+def _rule_text(rule: str, arg: Any) -> str | None:  # Any: its type depends on the keyword
     """What a schema keyword with argument ``arg`` allows, in words; None for other keywords."""
     allowed = {
         "enum": lambda: "one of " + ", ".join(json.dumps(v) for v in arg),
@@ -441,7 +457,7 @@ def _rule_text(rule: str, arg: Any) -> str | None:
     return allowed() if allowed else None
 
 
-def _hint(error: Any) -> str:
+def _hint(error: ValidationError) -> str:
     """Why YAML read the value as the wrong type, when it is one of its usual surprises."""
     if error.validator != "type":
         return ""
@@ -472,12 +488,12 @@ def _looks_numeric(text: str) -> bool:
 _SCIENTIFIC = re.compile(r"[-+]?[0-9]+[eE][-+]?[0-9]+")
 
 
-def _dotted(path: Any) -> str:
+def _dotted(path: Iterable[str | int]) -> str:
     """A key path as written in messages: ``finetune.optimizer.lr``, ``split.label_fractions.0``."""
     return ".".join(_key(part) for part in path) or "(top level)"
 
 
-def _key(part: Any) -> str:
+def _key(part: object) -> str:
     """One key of a path: plain names as they are, odd ones quoted so the line stays readable."""
     if is_int(part):
         return str(part)  # a list index
@@ -495,7 +511,7 @@ def listed(names: list[str], most: int = 5) -> str:
     return ", ".join(names[:most]) + more
 
 
-def _show(value: Any, limit: int = 60) -> str:
+def _show(value: object, limit: int = 60) -> str:
     """A value as JSON, cut to ``limit`` characters: a message stays one short line.
 
     Written piece by piece, so a huge value (an alias bomb, a long list) costs only the piece
@@ -509,7 +525,7 @@ def _show(value: Any, limit: int = 60) -> str:
     return text
 
 
-def _pieces(value: Any) -> Iterator[str]:
+def _pieces(value: object) -> Iterator[str]:
     if isinstance(value, dict):
         yield "{"
         for i, (key, sub) in enumerate(value.items()):
@@ -526,7 +542,7 @@ def _pieces(value: Any) -> Iterator[str]:
         yield _scalar(value)
 
 
-def _scalar(value: Any) -> str:
+def _scalar(value: Any) -> str:  # Any: parsed YAML, int methods used once is_int passes it
     """One scalar: JSON for JSON's types (strings quoted and escaped), words for YAML's others."""
     if isinstance(value, float) and not math.isfinite(value):
         return ".nan" if math.isnan(value) else (".inf" if value > 0 else "-.inf")

@@ -10,11 +10,14 @@ import gzip
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipeline.errors import DataError
+
+if TYPE_CHECKING:  # PIL is imported by load_image only: the binary formats need none of it
+    from PIL import Image
 
 _IDX_TYPES = {
     0x08: np.uint8,
@@ -229,7 +232,7 @@ def load_image(path: Path, size: int, channels: int) -> np.ndarray:
     return array[..., None] if array.ndim == 2 else array
 
 
-def _to_mode(image: Any, mode: str) -> Any:
+def _to_mode(image: Image.Image, mode: str) -> Image.Image:
     """``image`` in ``mode`` (L or RGB), alpha composited on black, wide samples scaled."""
     from PIL import Image
 

@@ -28,7 +28,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import BinaryIO
 
 from pipeline.data.datasets import RemoteFile
 from pipeline.errors import ChecksumError, FetchError
@@ -188,8 +188,8 @@ PROGRESS_MIN_BYTES = 4 << 20
 
 
 def _stream(
-    response: Any,
-    out: Any,
+    response: BinaryIO,
+    out: BinaryIO,
     location: str,
     total: int | None,
     clock: Callable[[], float] = time.monotonic,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,6 +21,9 @@ from pipeline.errors import PipelineError
 from pipeline.viz import figures
 from pipeline.viz.cam import eval_mode
 from pipeline.viz.deconv import ACTIVATIONS, Deconvnet, supports
+
+if TYPE_CHECKING:  # matplotlib is imported only to draw (pipeline.viz.figures)
+    from matplotlib.axes import Axes
 
 __all__ = [
     "FeaturesError",
@@ -88,7 +92,7 @@ def _image_shape(length: int) -> tuple[int, int, int]:
     raise FeaturesError(f"PCA components of length {length} are not a square 1- or 3-channel image")
 
 
-def _show_filter(axes: object, image: np.ndarray) -> None:
+def _show_filter(axes: Axes, image: np.ndarray) -> None:
     """One H x W x C filter in [0, 1]: RGB for 3 channels, grey otherwise (channels averaged)."""
     if image.shape[-1] == 3:
         axes.imshow(image, interpolation="nearest")

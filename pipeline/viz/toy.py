@@ -26,7 +26,7 @@ import logging
 import math
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 import lightning as L
 import numpy as np
@@ -40,6 +40,7 @@ from pipeline.models.backbones import init_weights, make_activation
 from pipeline.viz import figures
 
 __all__ = [
+    "BoundaryPanel",
     "TOY_ACTIVATIONS",
     "TOY_DATASETS",
     "ToyMLP",
@@ -269,6 +270,21 @@ def _mesh(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.linspace(lo[0], hi[0], MESH_POINTS), np.linspace(lo[1], hi[1], MESH_POINTS)
 
 
+class BoundaryPanel(TypedDict):
+    """One panel of the decision-boundary figure: a trained net and its probability map."""
+
+    depth: int
+    width: int  # 0 for the linear model
+    activation: str  # "none" for the linear model
+    parameters: int
+    accuracy: float  # on the training points
+    grid_x: np.ndarray
+    grid_y: np.ndarray
+    probability: np.ndarray  # P(class 1); [i, j] is at (grid_x[j], grid_y[i])
+    row: int
+    column: int
+
+
 def _result(
     X: np.ndarray,
     y: np.ndarray,
@@ -280,7 +296,7 @@ def _result(
     seed: int,
     row: int,
     column: int,
-) -> dict[str, Any]:
+) -> BoundaryPanel:
     model, accuracy = fit_toy(X, y, depth, width, activation, steps, lr, seed)
     grid_x, grid_y = _mesh(np.asarray(X))
     xx, yy = np.meshgrid(grid_x, grid_y)
@@ -309,7 +325,7 @@ def decision_boundary_grid(
     lr: float,
     seed: int,
     contrast: bool = True,
-) -> list[dict[str, Any]]:
+) -> list[BoundaryPanel]:
     """Train one net per (depth, width) and return one dict per net, in figure order.
 
     Each dict: ``depth``, ``width``, ``activation``, ``parameters``, ``accuracy`` (train),
@@ -339,7 +355,7 @@ def decision_boundary_grid(
     return results
 
 
-def _panel_title(result: dict[str, Any]) -> str:
+def _panel_title(result: BoundaryPanel) -> str:
     if result["depth"] == 0:
         net = "linear (depth 0)"
     else:
@@ -348,7 +364,7 @@ def _panel_title(result: dict[str, Any]) -> str:
 
 
 def decision_boundary_figure(
-    results: list[dict[str, Any]], X: np.ndarray, y: np.ndarray, path: Path | str, title: str
+    results: list[BoundaryPanel], X: np.ndarray, y: np.ndarray, path: Path | str, title: str
 ) -> Path:
     """Save the panels of ``decision_boundary_grid``: P(class 1) as filled contours on a diverging
     colormap (white at 0.5), the boundary P = 0.5 as a line, and the training points on top.
