@@ -1,6 +1,6 @@
 """Metrics of a classifier on the test split, with bootstrap confidence intervals.
 
-The test split is touched once, at the end (SCIENCE.md, "Data discipline"): everything here takes
+The test split is touched once, at the end (docs/science.md §2.1): everything here takes
 predicted class probabilities and true labels that are already computed and only measures them.
 Nothing in this module may be used to choose a hyper-parameter.
 
@@ -8,6 +8,11 @@ Point metrics come from torchmetrics where it has them, so they match what the t
 the bootstrap recomputes the same metrics for many resamples of the test images and therefore uses
 a vectorized reimplementation (checked against the point metrics in the tests): calling
 torchmetrics 1000 times on 10 000 images would take minutes.
+
+Each metric is defined once, in :data:`METRICS`: its name, how it is computed on the whole test
+set and on a bootstrap resample, whether higher is better, and how it is shown. The per-seed
+reports, the summaries (JSON, CSV, Markdown), the report's tables and the bootstrap all read that
+registry, so a new metric is one :class:`Metric` there (and its test).
 
 Conventions:
 - ``probabilities`` is an N x K array whose rows sum to 1 (softmax outputs, or normalized kNN vote
@@ -27,7 +32,9 @@ from __future__ import annotations
 import csv
 import io
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +47,9 @@ from torchmetrics.classification import (
     MulticlassF1Score,
 )
 
+from pipeline import paths
 from pipeline.checks import is_int
 from pipeline.io import write_bytes
-
-POINT_METRICS = ("accuracy", "error", "macro_f1", "nll", "ece")
 
 #: Probabilities below this are clamped before the log, so NLL stays finite.
 PROB_FLOOR = 1e-12
@@ -109,30 +115,247 @@ def _check_rows_are_distributions(probs: torch.Tensor) -> None:
         raise ValueError(f"probabilities rows must sum to 1, worst row is off by {worst:.3g}")
 
 
-# --- point metrics -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Predictions:
+    """One classifier's checked test predictions: what every metric definition is given.
+
+    One object instead of (probabilities, labels, classes, bins) lets each definition read only
+    what it needs and computes what several share (the predicted class, correctness) once.
+    """
+
+    probs: torch.Tensor  # float N x K, rows sum to 1
+    target: torch.Tensor  # int64 N
+    num_classes: int
+    ece_bins: int
+
+    @classmethod
+    def of(
+        cls, probabilities: ArrayLike, labels: ArrayLike, num_classes: int, ece_bins: int = 15
+    ) -> Predictions:
+        """Check the inputs (see ``_as_inputs``) and wrap them."""
+        probs, target = _as_inputs(probabilities, labels, num_classes)
+        return cls(probs, target, num_classes, ece_bins)
+
+    @cached_property
+    def predicted(self) -> torch.Tensor:
+        """The first arg-max of each row (``torch.argmax``'s tie rule)."""
+        return self.probs.argmax(dim=1)
+
+    @cached_property
+    def correct(self) -> torch.Tensor:
+        """1.0 where the prediction is right, else 0.0 (float64, N)."""
+        return (self.predicted == self.target).double()
 
 
-def point_metrics(
-    probabilities: ArrayLike, labels: ArrayLike, num_classes: int, ece_bins: int = 15
-) -> dict[str, float]:
-    """accuracy, error (= 1 - accuracy), macro_f1, nll and ece of the whole test set."""
-    probs, target = _as_inputs(probabilities, labels, num_classes)
-    accuracy = float(MulticlassAccuracy(num_classes, average="micro")(probs, target))
-    return {
-        "accuracy": accuracy,
-        "error": 1.0 - accuracy,
-        "macro_f1": float(MulticlassF1Score(num_classes, average="macro")(probs, target)),
-        "nll": float(_per_image_nll(probs, target).mean()),
-        "ece": float(
-            MulticlassCalibrationError(num_classes, n_bins=ece_bins, norm="l1")(probs, target)
-        ),
-    }
+# --- the metrics ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One test metric, defined once; everything that computes, summarizes or shows it reads this.
+
+    ``point`` computes it on the whole test set. The bootstrap needs it on 1000 resamples, so the
+    metric also says how: ``statistics`` gives per-image columns (N x c, float64) whose
+    count-weighted sums over a resample determine it, and ``from_sums`` turns those sums
+    (R x c, one row per resample) and N into the R values. A test checks the two agree.
+    """
+
+    name: str  # its key in every file: metrics/eval/<cell>.json, summary.json's test_<name>
+    title: str  # in captions and headings
+    meaning: str  # one sentence for a reader of the report
+    higher_is_better: bool
+    point: Callable[[Predictions], float]
+    statistics: Callable[[Predictions], torch.Tensor]
+    from_sums: Callable[[np.ndarray, int], np.ndarray]
+    unit: str = "%"
+    scale: float = 100.0  # shown as value x scale
+    digits: int = 2
+
+    @property
+    def key(self) -> str:
+        """Its key in metrics/summary.json and MLflow: ``test_accuracy``."""
+        return f"test_{self.name}"
+
+    def show(self, value: float) -> str:
+        """A value as the tables show it: ``92.00`` (a percentage) or ``0.254`` (NLL)."""
+        return f"{value * self.scale:.{self.digits}f}"
+
+    def best(self, values: Iterable[float]) -> float:
+        """The best of ``values``: the largest, or the smallest where lower is better."""
+        return max(values) if self.higher_is_better else min(values)
+
+
+def _accuracy(p: Predictions) -> float:
+    return float(MulticlassAccuracy(p.num_classes, average="micro")(p.probs, p.target))
+
+
+def _error(p: Predictions) -> float:
+    return 1.0 - _accuracy(p)
+
+
+def _correct_column(p: Predictions) -> torch.Tensor:
+    return p.correct[:, None]
+
+
+def _mean_of_sums(sums: np.ndarray, n: int) -> np.ndarray:
+    """A per-image quantity's mean over the resample (one column)."""
+    return sums[:, 0] / n
+
+
+def _error_from_sums(sums: np.ndarray, n: int) -> np.ndarray:
+    return 1.0 - _mean_of_sums(sums, n)
+
+
+def _macro_f1(p: Predictions) -> float:
+    return float(MulticlassF1Score(p.num_classes, average="macro")(p.probs, p.target))
+
+
+def _f1_columns(p: Predictions) -> torch.Tensor:
+    """K columns each: true class one-hot, predicted class one-hot, correct and true class."""
+    true_hot = torch.nn.functional.one_hot(p.target, p.num_classes).double()
+    pred_hot = torch.nn.functional.one_hot(p.predicted, p.num_classes).double()
+    return torch.cat([true_hot, pred_hot, true_hot * p.correct[:, None]], dim=1)
+
+
+def _macro_f1_from_sums(sums: np.ndarray, n: int) -> np.ndarray:
+    """Mean F1 over classes that occur among labels or predictions, as torchmetrics averages.
+
+    F1 = 2 tp / (2 tp + fp + fn) = 2 tp / (predicted + actual); a class with neither labels nor
+    predictions in a resample has no F1 and is left out of the mean.
+    """
+    k = sums.shape[1] // 3
+    actual, predicted, tp = sums[:, :k], sums[:, k : 2 * k], sums[:, 2 * k :]
+    denominator = predicted + actual
+    present = denominator > 0
+    f1 = np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=present)
+    return f1.sum(axis=1) / present.sum(axis=1)
 
 
 def _per_image_nll(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``-log p[y]`` per image in float64, probabilities clamped at ``PROB_FLOOR``."""
     picked = probs.double().gather(1, target[:, None]).squeeze(1)
     return -picked.clamp_min(PROB_FLOOR).log()
+
+
+def _nll(p: Predictions) -> float:
+    return float(_per_image_nll(p.probs, p.target).mean())
+
+
+def _nll_column(p: Predictions) -> torch.Tensor:
+    return _per_image_nll(p.probs, p.target)[:, None]
+
+
+def _ece(p: Predictions) -> float:
+    metric = MulticlassCalibrationError(p.num_classes, n_bins=p.ece_bins, norm="l1")
+    return float(metric(p.probs, p.target))
+
+
+def _confidence_bins(probs: torch.Tensor, ece_bins: int) -> torch.Tensor:
+    """Bin index of each image's top confidence, exactly as torchmetrics bins it.
+
+    Equal-width bins over [0, 1] on float32 confidences, left-closed; torchmetrics puts a
+    confidence of exactly 1.0 in an extra bin of its own (index ``ece_bins``), so there are
+    ``ece_bins + 1`` bins. Matching this keeps bootstrap ECE consistent with the point ECE.
+    """
+    confidence = probs.max(dim=1).values.float()
+    edges = torch.linspace(0, 1, ece_bins + 1, dtype=confidence.dtype)
+    return torch.bucketize(confidence, edges, right=True) - 1
+
+
+def _ece_columns(p: Predictions) -> torch.Tensor:
+    """B + 1 columns each: the top confidence if in the bin, correct if in the bin."""
+    confidence = p.probs.max(dim=1).values.float().double()
+    bins = torch.nn.functional.one_hot(_confidence_bins(p.probs, p.ece_bins), p.ece_bins + 1)
+    bins = bins.double()
+    return torch.cat([bins * confidence[:, None], bins * p.correct[:, None]], dim=1)
+
+
+def _ece_from_sums(sums: np.ndarray, n: int) -> np.ndarray:
+    # sum_b (n_b / n) |acc_b - conf_b| with acc_b, conf_b bin means = sum_b |sums' gap| / n
+    b = sums.shape[1] // 2
+    return np.abs(sums[:, b:] - sums[:, :b]).sum(axis=1) / n
+
+
+#: Every point metric of the study, in the order tables and reports show them.
+METRICS: dict[str, Metric] = {
+    metric.name: metric
+    for metric in (
+        Metric(
+            "accuracy",
+            "accuracy",
+            "the share of test images classified correctly",
+            higher_is_better=True,
+            point=_accuracy,
+            statistics=_correct_column,
+            from_sums=_mean_of_sums,
+        ),
+        Metric(
+            "error",
+            "error",
+            "1 - accuracy, the course's Cerr = mean(y_hat != y)",
+            higher_is_better=False,
+            point=_error,
+            statistics=_correct_column,
+            from_sums=_error_from_sums,
+        ),
+        Metric(
+            "macro_f1",
+            "macro-F1",
+            "the F1 score of each class, averaged with equal weight per class, so a class the "
+            "classifier neglects costs as much as a common one",
+            higher_is_better=True,
+            point=_macro_f1,
+            statistics=_f1_columns,
+            from_sums=_macro_f1_from_sums,
+        ),
+        Metric(
+            "nll",
+            "NLL",
+            "the mean negative log-probability of the true class, in nats: it punishes "
+            "confident mistakes, which accuracy does not see",
+            higher_is_better=False,
+            point=_nll,
+            statistics=_nll_column,
+            from_sums=_mean_of_sums,
+            unit="nats",
+            scale=1.0,
+            digits=3,
+        ),
+        Metric(
+            "ece",
+            "ECE",
+            "the expected calibration error: the gap between confidence and accuracy, "
+            "averaged over equal-width confidence bins (evaluate.ece_bins)",
+            higher_is_better=False,
+            point=_ece,
+            statistics=_ece_columns,
+            from_sums=_ece_from_sums,
+        ),
+    )
+}
+POINT_METRICS = tuple(METRICS)
+#: The study's headline metric: the report shows it first, the label-efficiency figure plots it,
+#: and its keys keep the names they had before the other metrics were summarized.
+HEADLINE = "accuracy"
+
+
+def _metric(name: str) -> Metric:
+    """The registered metric called ``name``; an unknown name says which exist."""
+    try:
+        return METRICS[name]
+    except KeyError:
+        raise ValueError(f"unknown metric {name!r}; known: {', '.join(METRICS)}") from None
+
+
+# --- point metrics -------------------------------------------------------------------------------
+
+
+def point_metrics(
+    probabilities: ArrayLike, labels: ArrayLike, num_classes: int, ece_bins: int = 15
+) -> dict[str, float]:
+    """Every metric of ``METRICS`` on the whole test set."""
+    predictions = Predictions.of(probabilities, labels, num_classes, ece_bins)
+    return {name: m.point(predictions) for name, m in METRICS.items()}
 
 
 def per_class_accuracy(
@@ -165,7 +388,7 @@ def bootstrap_intervals(
     level: float = 0.95,
     ece_bins: int = 15,
 ) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap interval of every metric in ``POINT_METRICS``.
+    """Percentile bootstrap interval of every metric in ``METRICS``.
 
     Each resample draws N test images with replacement (``numpy.random.Generator(PCG64(seed))``,
     so the same seed gives the same intervals). The interval is the ``(1 - level) / 2`` and
@@ -178,10 +401,23 @@ def bootstrap_intervals(
     then the ECE interval's lower bound is the point estimate itself). A reported interval that
     excludes the reported number would only confuse, so the bound is moved to the point.
     """
-    probs, target = _as_inputs(probabilities, labels, num_classes)
-    _check_bootstrap_options(samples, level, ece_bins)
-    point = point_metrics(probs, target, num_classes, ece_bins)
-    return _intervals(probs, target, num_classes, samples, seed, level, ece_bins, point)
+    predictions = Predictions.of(probabilities, labels, num_classes, ece_bins)
+    return _measure(predictions, samples, seed, level)[1]
+
+
+def _measure(
+    predictions: Predictions, samples: int, seed: int, level: float
+) -> tuple[dict[str, float], dict[str, tuple[float, float]]]:
+    """Point estimates and bootstrap intervals (clamped to contain them) of every metric."""
+    _check_bootstrap_options(samples, level, predictions.ece_bins)
+    point = {name: m.point(predictions) for name, m in METRICS.items()}
+    draws = _bootstrap_distributions(predictions, samples, seed)
+    quantiles = ((1 - level) / 2, (1 + level) / 2)
+    intervals = {}
+    for name in METRICS:
+        low, high = (float(q) for q in np.quantile(draws[name], quantiles))
+        intervals[name] = (min(low, point[name]), max(high, point[name]))
+    return point, intervals
 
 
 def _check_bootstrap_options(samples: int, level: float, ece_bins: int) -> None:
@@ -193,80 +429,30 @@ def _check_bootstrap_options(samples: int, level: float, ece_bins: int) -> None:
         raise ValueError(f"ece_bins must be an integer >= 1, got {ece_bins!r}")
 
 
-def _intervals(
-    probs: torch.Tensor,
-    target: torch.Tensor,
-    num_classes: int,
-    samples: int,
-    seed: int,
-    level: float,
-    ece_bins: int,
-    point: dict[str, float],
-) -> dict[str, tuple[float, float]]:
-    """Bootstrap distributions -> percentile intervals clamped to contain ``point``."""
-    features = _image_features(probs, target, num_classes, ece_bins)
-    draws = _bootstrap_distributions(features, num_classes, ece_bins, samples, seed)
-    quantiles = ((1 - level) / 2, (1 + level) / 2)
-    intervals = {}
-    for name in POINT_METRICS:
-        low, high = (float(q) for q in np.quantile(draws[name], quantiles))
-        intervals[name] = (min(low, point[name]), max(high, point[name]))
-    return intervals
-
-
-def _image_features(
-    probs: torch.Tensor, target: torch.Tensor, num_classes: int, ece_bins: int
-) -> np.ndarray:
-    """N x F matrix whose count-weighted column sums give every metric of a resample.
-
-    Columns: correct, -log p[y], then K columns each of (true class one-hot, predicted class
-    one-hot, correct and true class), then B + 1 columns each of (confidence if in bin, correct
-    if in bin). A resample is a vector of per-image counts w, and w @ features yields
-    all sufficient statistics at once: one matrix product per chunk of resamples.
-    """
-    predicted = probs.argmax(dim=1)
-    correct = (predicted == target).double()
-    bins = _confidence_bins(probs, ece_bins)
-    confidence = probs.max(dim=1).values.float().double()
-    true_hot = torch.nn.functional.one_hot(target, num_classes).double()
-    pred_hot = torch.nn.functional.one_hot(predicted, num_classes).double()
-    bin_hot = torch.nn.functional.one_hot(bins, ece_bins + 1).double()
-    columns = [
-        correct[:, None],
-        _per_image_nll(probs, target)[:, None],
-        true_hot,
-        pred_hot,
-        true_hot * correct[:, None],
-        bin_hot * confidence[:, None],
-        bin_hot * correct[:, None],
-    ]
-    return torch.cat(columns, dim=1).numpy()
-
-
-def _confidence_bins(probs: torch.Tensor, ece_bins: int) -> torch.Tensor:
-    """Bin index of each image's top confidence, exactly as torchmetrics bins it.
-
-    Equal-width bins over [0, 1] on float32 confidences, left-closed; torchmetrics puts a
-    confidence of exactly 1.0 in an extra bin of its own (index ``ece_bins``), so there are
-    ``ece_bins + 1`` bins. Matching this keeps bootstrap ECE consistent with the point ECE.
-    """
-    confidence = probs.max(dim=1).values.float()
-    edges = torch.linspace(0, 1, ece_bins + 1, dtype=confidence.dtype)
-    return torch.bucketize(confidence, edges, right=True) - 1
-
-
 def _bootstrap_distributions(
-    features: np.ndarray, num_classes: int, ece_bins: int, samples: int, seed: int
+    predictions: Predictions, samples: int, seed: int
 ) -> dict[str, np.ndarray]:
-    """``samples`` resampled values of every metric, computed chunk by chunk."""
+    """``samples`` resampled values of every metric, computed chunk by chunk.
+
+    Every metric's ``statistics`` are columns of one N x F matrix. A resample is a vector of
+    per-image counts w, and w @ features yields all the sums at once: one matrix product per
+    chunk of resamples, then each metric reads its own columns.
+    """
+    blocks = [m.statistics(predictions) for m in METRICS.values()]
+    features = torch.cat(blocks, dim=1).numpy()
     n = features.shape[0]
     rng = np.random.default_rng(seed)
-    stats = []
+    sums = []
     for start in range(0, samples, BOOTSTRAP_CHUNK):
         size = min(BOOTSTRAP_CHUNK, samples - start)
         indices = rng.integers(0, n, size=(size, n))
-        stats.append(_resample_counts(indices, n) @ features)
-    return _metrics_from_stats(np.concatenate(stats), n, num_classes, ece_bins)
+        sums.append(_resample_counts(indices, n) @ features)
+    stacked = np.concatenate(sums)
+    edges = np.cumsum([0] + [block.shape[1] for block in blocks])
+    return {
+        name: m.from_sums(stacked[:, edges[i] : edges[i + 1]], n)
+        for i, (name, m) in enumerate(METRICS.items())
+    }
 
 
 def _resample_counts(indices: np.ndarray, n: int) -> np.ndarray:
@@ -274,40 +460,6 @@ def _resample_counts(indices: np.ndarray, n: int) -> np.ndarray:
     rows = indices.shape[0]
     flat = (indices + n * np.arange(rows)[:, None]).ravel()
     return np.bincount(flat, minlength=rows * n).reshape(rows, n).astype(np.float64)
-
-
-def _metrics_from_stats(
-    stats: np.ndarray, n: int, num_classes: int, ece_bins: int
-) -> dict[str, np.ndarray]:
-    """Metric values from the summed feature columns of ``_image_features`` (one row each)."""
-    k, b = num_classes, ece_bins + 1
-    correct, nll = stats[:, 0], stats[:, 1]
-    true_count, pred_count, true_positive = (
-        stats[:, 2 + i * k : 2 + (i + 1) * k] for i in range(3)
-    )
-    offset = 2 + 3 * k
-    conf_sum, correct_sum = (stats[:, offset + i * b : offset + (i + 1) * b] for i in range(2))
-    accuracy = correct / n
-    return {
-        "accuracy": accuracy,
-        "error": 1.0 - accuracy,
-        "macro_f1": _macro_f1(true_positive, pred_count, true_count),
-        "nll": nll / n,
-        # sum_b (n_b / n) |acc_b - conf_b| with acc_b, conf_b bin means = sum_b |sums' gap| / n
-        "ece": np.abs(correct_sum - conf_sum).sum(axis=1) / n,
-    }
-
-
-def _macro_f1(tp: np.ndarray, predicted: np.ndarray, actual: np.ndarray) -> np.ndarray:
-    """Mean F1 over classes that occur among labels or predictions, as torchmetrics averages.
-
-    F1 = 2 tp / (2 tp + fp + fn) = 2 tp / (predicted + actual); a class with neither labels nor
-    predictions in a resample has no F1 and is left out of the mean.
-    """
-    denominator = predicted + actual
-    present = denominator > 0
-    f1 = np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=present)
-    return f1.sum(axis=1) / present.sum(axis=1)
 
 
 # --- one report ----------------------------------------------------------------------------------
@@ -326,14 +478,13 @@ def evaluate(
     Numbers are rounded to ``DECIMALS`` so the JSON is byte-stable across platforms; rounding
     is monotone, so every rounded point estimate still lies inside its rounded interval.
     """
-    probs, target = _as_inputs(probabilities, labels, num_classes)
-    _check_bootstrap_options(samples, 0.95, ece_bins)
-    point = point_metrics(probs, target, num_classes, ece_bins)
-    intervals = _intervals(probs, target, num_classes, samples, seed, 0.95, ece_bins, point)
+    predictions = Predictions.of(probabilities, labels, num_classes, ece_bins)
+    point, intervals = _measure(predictions, samples, seed, 0.95)
+    probs, target = predictions.probs, predictions.target
     return {
         "n": int(target.shape[0]),
-        "metrics": {name: _round(point[name]) for name in POINT_METRICS},
-        "ci95": {name: [_round(v) for v in intervals[name]] for name in POINT_METRICS},
+        "metrics": {name: _round(point[name]) for name in METRICS},
+        "ci95": {name: [_round(v) for v in intervals[name]] for name in METRICS},
         "per_class_accuracy": [_round(v) for v in per_class_accuracy(probs, target, num_classes)],
         "confusion_matrix": confusion_matrix(probs, target, num_classes),
     }
@@ -357,7 +508,16 @@ def summarize(rows: Sequence[dict[str, Any]], metric: str = "accuracy") -> list[
     for row in rows:
         groups[(str(row["init"]), str(row["mode"]), str(row["fraction"]))].append(row)
     summary = [_summarize_group(key, members, metric) for key, members in groups.items()]
-    return sorted(summary, key=lambda s: (s["init"], s["mode"], float(s["fraction"])))
+    return sorted(summary, key=_cell_order)
+
+
+def summarize_all(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """``summarize`` for every metric of ``METRICS``, in its order."""
+    return {name: summarize(rows, name) for name in METRICS}
+
+
+def _cell_order(entry: Mapping[str, Any]) -> tuple[str, str, float]:
+    return (entry["init"], entry["mode"], float(entry["fraction"]))
 
 
 def _summarize_group(
@@ -381,34 +541,105 @@ def _summarize_group(
     }
 
 
-_RATE_METRICS = ("accuracy", "error", "macro_f1", "ece")
+#: What the summaries hold per cell and metric, in the order of their columns.
+STATISTICS = ("mean", "std", "ci_low", "ci_high")
 
 
-def summary_markdown(
-    summary: Sequence[dict[str, Any]], fractions: Sequence[str], metric: str = "accuracy"
-) -> str:
-    """Table: one row per (init, mode), one column per label fraction.
+def summary_document(summaries: Mapping[str, Sequence[dict[str, Any]]]) -> dict[str, Any]:
+    """metrics/summary.json: ``test_<metric>`` -> ``<init>-<mode>`` -> fraction key (no dots,
+    ``0_01``) -> mean, std, ci_low, ci_high, n_seeds. DVC flattens it to one column per number,
+    ``test_accuracy.scratch-linear.0_01.mean``."""
+    document: dict[str, Any] = {}
+    for name, summary in summaries.items():
+        nested: dict[str, dict[str, Any]] = {}
+        for s in summary:
+            cell = {k: s[k] for k in (*STATISTICS, "n_seeds")}
+            nested.setdefault(f"{s['init']}-{s['mode']}", {})[paths.metric_key(s["fraction"])] = (
+                cell
+            )
+        document[_metric(name).key] = nested
+    return document
 
-    ``metric`` only labels the table and picks the scale (percent for rates, raw for nll); it
-    must name the metric the summary was made from.
-    """
-    percent = metric in _RATE_METRICS
-    unit = " (%)" if percent else ""
+
+def read_summary(
+    document: Mapping[str, Any], cells: Iterable[tuple[str, str, str | float]]
+) -> dict[str, list[dict[str, Any]]]:
+    """``summary_document``'s inverse for the study's ``cells`` (init, mode, fraction): per
+    metric, the entries ``summarize`` made. A cell the document lacks is left out (a table shows
+    it as not run); a metric it lacks is an error: the file predates that metric."""
+    cells = list(cells)
+    summaries = {}
+    for name, m in METRICS.items():
+        if m.key not in document:
+            raise ValueError(f"it has no {m.key!r}: it was written before {name} was summarized")
+        entries = []
+        for init, mode, fraction in cells:
+            found = document[m.key].get(f"{init}-{mode}", {}).get(paths.metric_key(fraction))
+            if found is not None:
+                entry = {"init": init, "mode": mode, "fraction": paths.fraction_name(fraction)}
+                entries.append({**entry, **found})
+        summaries[name] = sorted(entries, key=_cell_order)
+    return summaries
+
+
+# --- tables --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SummaryTable:
+    """One metric's summary laid out for reading, by Markdown (``table_markdown``) and by the
+    report alike: one row per (init, mode) of formatted strings (init, mode, then one cell per
+    label fraction), the (row, column) of the best mean of each fraction column, and a caption
+    that says how to read a cell."""
+
+    caption: str
+    header: list[str]
+    rows: list[list[str]]
+    best: set[tuple[int, int]]
+
+
+def summary_table(
+    summary: Sequence[dict[str, Any]],
+    fractions: Sequence[str],
+    metric: str = "accuracy",
+    marked: Collection[tuple[str, str, str]] = (),
+) -> SummaryTable:
+    """``summarize``'s output for ``metric`` as a table; ``marked`` (init, mode, fraction name)
+    cells get a † (the report marks the cells whose training was cut off while improving)."""
+    definition = _metric(metric)
+    cells = {(s["init"], s["mode"], float(s["fraction"])): s for s in summary}
+    models = sorted({(s["init"], s["mode"]) for s in summary})
+    rows = [
+        [init, mode]
+        + [
+            _cell(cells.get((init, mode, float(f))), definition, (init, mode, f) in marked)
+            for f in fractions
+        ]
+        for init, mode in models
+    ]
+    best = set()
+    for column, fraction in enumerate(fractions, start=2):
+        means = {
+            r: cells[(init, mode, float(fraction))]["mean"]
+            for r, (init, mode) in enumerate(models)
+            if (init, mode, float(fraction)) in cells
+        }
+        if means:
+            top = definition.best(means.values())
+            best |= {(r, column) for r, mean in means.items() if mean == top}
+    header = ["init", "mode", *(_fraction_label(f) for f in fractions)]
+    return SummaryTable(_caption(definition, summary), header, rows, best)
+
+
+def _caption(definition: Metric, summary: Sequence[dict[str, Any]]) -> str:
     seeds = sorted({int(s["n_seeds"]) for s in summary})
     seed_text = "/".join(str(n) for n in seeds) if seeds else "0"
-    lines = [
-        f"Test {metric}{unit} by label fraction. Cell: mean ± std over seeds "
-        f"[mean of the seeds' 95 % bootstrap CI bounds]; {seed_text} seeds per cell; "
-        "— = not run.",
-        "",
-        "| init | mode | " + " | ".join(_fraction_label(f) for f in fractions) + " |",
-        "|---|---|" + "---|" * len(fractions),
-    ]
-    cells = {(s["init"], s["mode"], float(s["fraction"])): s for s in summary}
-    for init, mode in dict.fromkeys((s["init"], s["mode"]) for s in summary):
-        row = [_cell(cells.get((init, mode, float(f))), percent) for f in fractions]
-        lines.append(f"| {init} | {mode} | " + " | ".join(row) + " |")
-    return "\n".join(lines) + "\n"
+    direction = "higher" if definition.higher_is_better else "lower"
+    return (
+        f"Test {definition.title} ({definition.unit}, {direction} is better) by label fraction. "
+        "Cell: mean ± std over seeds [mean of the seeds' 95 % bootstrap CI bounds]; "
+        f"{seed_text} seeds per cell; — = not run."
+    )
 
 
 def _fraction_label(fraction: str | float) -> str:
@@ -416,35 +647,89 @@ def _fraction_label(fraction: str | float) -> str:
     return f"{float(fraction) * 100:g} %"
 
 
-def _cell(entry: dict[str, Any] | None, percent: bool) -> str:
+def _cell(entry: Mapping[str, Any] | None, definition: Metric, marked: bool) -> str:
     if entry is None:
         return "—"
-    scale, digits = (100.0, 2) if percent else (1.0, 3)
-    mean, std, low, high = (entry[k] * scale for k in ("mean", "std", "ci_low", "ci_high"))
-    return f"{mean:.{digits}f} ± {std:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+    mean, std, low, high = (definition.show(entry[k]) for k in STATISTICS)
+    return f"{mean} ± {std} [{low}, {high}]" + (" †" if marked else "")
 
 
-SUMMARY_FIELDS = ("init", "mode", "fraction", "n_seeds", "mean", "std", "ci_low", "ci_high")
+def table_markdown(table: SummaryTable) -> str:
+    """One ``SummaryTable`` as its caption and a Markdown table."""
+    lines = [
+        table.caption,
+        "",
+        "| " + " | ".join(table.header) + " |",
+        "|" + "---|" * len(table.header),
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in table.rows]
+    return "\n".join(lines) + "\n"
 
 
-def summary_csv(summary: Sequence[dict[str, Any]]) -> str:
-    """CSV of ``summarize``'s output with fixed columns and number formats (stable bytes)."""
+def summary_markdown(
+    summaries: Mapping[str, Sequence[dict[str, Any]]], fractions: Sequence[str]
+) -> str:
+    """metrics/summary.md: one table per metric (``summarize_all``'s output), in its order."""
+    return "\n".join(
+        table_markdown(summary_table(summary, fractions, name))
+        for name, summary in summaries.items()
+    )
+
+
+def _columns(name: str, fields: Sequence[str]) -> list[str]:
+    """Column names of a metric's statistics in a wide CSV: the headline metric keeps its
+    original unprefixed names (``mean``), the others are prefixed (``nll_mean``)."""
+    return list(fields) if name == HEADLINE else [f"{name}_{field}" for field in fields]
+
+
+def _wide(
+    summaries: Mapping[str, Sequence[dict[str, Any]]],
+) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """Per cell of the headline summary, in its order: the cell and every metric's entry."""
+    by_cell = {name: {_cell_order(s): s for s in summary} for name, summary in summaries.items()}
+    return [
+        (entry, [by_cell[name][_cell_order(entry)] for name in summaries])
+        for entry in summaries[HEADLINE]
+    ]
+
+
+def summary_csv(summaries: Mapping[str, Sequence[dict[str, Any]]]) -> str:
+    """metrics/summary.csv: one row per cell, init, mode, fraction, n_seeds, then each metric's
+    mean, std, ci_low, ci_high (the headline's unprefixed, as before the other metrics were
+    summarized); fixed number formats, so stable bytes."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(SUMMARY_FIELDS)
-    for entry in summary:
+    header = ["init", "mode", "fraction", "n_seeds"]
+    writer.writerow(header + [c for name in summaries for c in _columns(name, STATISTICS)])
+    for cell, entries in _wide(summaries):
+        numbers = [f"{float(entry[k]):.6f}" for entry in entries for k in STATISTICS]
         writer.writerow(
-            [entry["init"], entry["mode"], entry["fraction"], int(entry["n_seeds"])]
-            + [f"{float(entry[k]):.6f}" for k in ("mean", "std", "ci_low", "ci_high")]
+            [cell["init"], cell["mode"], cell["fraction"], int(cell["n_seeds"])] + numbers
         )
     return buffer.getvalue()
+
+
+def curve_csv(summaries: Mapping[str, Sequence[dict[str, Any]]]) -> str:
+    """metrics/label_efficiency.csv, DVC's plot: fraction, model, then per metric its mean and
+    interval (``accuracy,ci_low,ci_high``, then ``nll,nll_ci_low,nll_ci_high``, ...)."""
+    header = ["fraction", "model"]
+    for name in summaries:
+        header += [name, *_columns(name, ("ci_low", "ci_high"))]
+    lines = [",".join(header)]
+    for cell, entries in _wide(summaries):
+        values = [f"{e[k]}" for e in entries for k in ("mean", "ci_low", "ci_high")]
+        lines.append(",".join([cell["fraction"], f"{cell['init']}-{cell['mode']}", *values]))
+    return "\n".join(lines) + "\n"
 
 
 # --- figure --------------------------------------------------------------------------------------
 
 
-def label_efficiency_figure(summary: Sequence[dict[str, Any]], path: Path | str) -> None:
-    """Test accuracy against label fraction (log x), one line per (init, mode), CI error bars.
+def label_efficiency_figure(
+    summary: Sequence[dict[str, Any]], path: Path | str, metric: str = HEADLINE
+) -> None:
+    """Test ``metric`` (``summarize``'s output for it) against label fraction (log x), one line
+    per (init, mode), CI error bars.
 
     Drawn on a standalone Agg figure under matplotlib's default style, so neither the caller's
     pyplot state nor a local matplotlibrc changes the picture, and saved without the version
@@ -452,6 +737,7 @@ def label_efficiency_figure(summary: Sequence[dict[str, Any]], path: Path | str)
     """
     if not summary:
         raise ValueError("summary is empty: nothing to plot")
+    definition = _metric(metric)
     import matplotlib.style
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -459,7 +745,7 @@ def label_efficiency_figure(summary: Sequence[dict[str, Any]], path: Path | str)
     with matplotlib.style.context("default"):
         figure = Figure(figsize=(6.4, 4.8))
         FigureCanvasAgg(figure)
-        _draw_label_efficiency(figure, summary)
+        _draw_label_efficiency(figure, summary, definition)
         buffer = io.BytesIO()
         figure.savefig(
             buffer, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None}
@@ -467,12 +753,14 @@ def label_efficiency_figure(summary: Sequence[dict[str, Any]], path: Path | str)
     write_bytes(Path(path), buffer.getvalue())
 
 
-def _draw_label_efficiency(figure: Any, summary: Sequence[dict[str, Any]]) -> None:
+def _draw_label_efficiency(
+    figure: Any, summary: Sequence[dict[str, Any]], definition: Metric
+) -> None:
     import matplotlib
 
     axes = figure.add_subplot()
     lines: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-    for entry in sorted(summary, key=lambda s: (s["init"], s["mode"], float(s["fraction"]))):
+    for entry in sorted(summary, key=_cell_order):
         lines[(entry["init"], entry["mode"])].append(entry)
     # Colour says the init, line style and marker the mode: 7 inits x 3 modes stay readable
     # where one colour per line would repeat after ten.
@@ -481,9 +769,9 @@ def _draw_label_efficiency(figure: Any, summary: Sequence[dict[str, Any]]) -> No
     styles = {"linear": ("-", "o"), "finetune": ("--", "s"), "knn": (":", "^")}
     for (init, mode), entries in lines.items():
         x = np.array([float(e["fraction"]) for e in entries])
-        mean = np.array([e["mean"] for e in entries]) * 100
-        low = np.array([e["ci_low"] for e in entries]) * 100
-        high = np.array([e["ci_high"] for e in entries]) * 100
+        mean = np.array([e["mean"] for e in entries]) * definition.scale
+        low = np.array([e["ci_low"] for e in entries]) * definition.scale
+        high = np.array([e["ci_high"] for e in entries]) * definition.scale
         yerr = np.clip(np.stack([mean - low, high - mean]), 0, None)
         linestyle, marker = styles.get(mode, ("-.", "d"))
         axes.errorbar(
@@ -501,7 +789,7 @@ def _draw_label_efficiency(figure: Any, summary: Sequence[dict[str, Any]]) -> No
     axes.set_xticks(fractions, [_fraction_label(f) for f in fractions])
     axes.minorticks_off()
     axes.set_xlabel("labeled fraction of the training set")
-    axes.set_ylabel("test accuracy (%)")
+    axes.set_ylabel(f"test {definition.title} ({definition.unit})")
     axes.set_title("Label efficiency")
     axes.grid(True, alpha=0.3)
     axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, fontsize="small")

@@ -21,16 +21,25 @@ from sklearn import metrics as skm
 
 from pipeline import evaluation
 from pipeline.evaluation import (
+    HEADLINE,
+    METRICS,
     POINT_METRICS,
+    Metric,
+    Predictions,
     bootstrap_intervals,
     confusion_matrix,
+    curve_csv,
     evaluate,
     label_efficiency_figure,
     per_class_accuracy,
     point_metrics,
+    read_summary,
     summarize,
+    summarize_all,
     summary_csv,
+    summary_document,
     summary_markdown,
+    summary_table,
 )
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -151,12 +160,11 @@ def test_vectorized_bootstrap_equals_recomputing_on_resamples(data: tuple) -> No
     probs, labels = data
     k = probs.shape[1]
     samples, seed, n = 5, 3, len(labels)
-    features = evaluation._image_features(*evaluation._as_inputs(probs, labels, k), k, 15)
-    draws = evaluation._bootstrap_distributions(features, k, 15, samples, seed)
+    draws = evaluation._bootstrap_distributions(Predictions.of(probs, labels, k), samples, seed)
     indices = np.random.default_rng(seed).integers(0, n, size=(samples, n))
     for row, index in enumerate(indices):
         expected = point_metrics(probs[index], labels[index], k)
-        for name in POINT_METRICS:
+        for name in METRICS:
             assert draws[name][row] == pytest.approx(expected[name], abs=1e-6), name
 
 
@@ -295,13 +303,14 @@ def test_bad_options_raise() -> None:
 
 
 def run_row(init: str, mode: str, fraction: str, seed: int, acc: float, ci: tuple) -> dict:
-    return {
-        "init": init,
-        "mode": mode,
-        "fraction": fraction,
-        "seed": seed,
-        "metrics": {"accuracy": acc, "nll": 1 - acc},
-        "ci95": {"accuracy": list(ci), "nll": [0.0, 1.0]},
+    """One seed's report as the evaluate stage collects it; every metric follows accuracy."""
+    metrics = {"accuracy": acc, "error": 1 - acc, "macro_f1": acc - 0.1, "nll": 1 - acc}
+    metrics["ece"] = 0.05
+    ci95 = {"accuracy": list(ci), "error": [1 - ci[1], 1 - ci[0]], "nll": [0.0, 1.0]}
+    ci95 |= {"macro_f1": [ci[0] - 0.1, ci[1] - 0.1], "ece": [0.04, 0.06]}
+    return {"init": init, "mode": mode, "fraction": fraction, "seed": seed} | {
+        "metrics": metrics,
+        "ci95": ci95,
     }
 
 
@@ -342,9 +351,14 @@ def test_summarize_rejects_a_repeated_seed() -> None:
         summarize(ROWS + [ROWS[0]])
 
 
-def test_summary_markdown_cells() -> None:
-    text = summary_markdown(summarize(ROWS), ["0.01", "0.1", "1.0"])
+def test_summary_markdown_has_one_table_per_metric_in_registry_order() -> None:
+    text = summary_markdown(summarize_all(ROWS), ["0.01", "0.1", "1.0"])
+    tables = text.split("\n\n")[::2]  # caption, blank line, table, blank line, caption, ...
+    titles = [t.split(" (")[0] for t in tables]
+    assert titles == [f"Test {m.title}" for m in METRICS.values()]
+    assert titles[0] == "Test accuracy" and HEADLINE == "accuracy"
     lines = text.splitlines()
+    assert lines[0].startswith("Test accuracy (%, higher is better) by label fraction.")
     assert "mean ± std over seeds" in lines[0]
     assert "| init | mode | 1 % | 10 % | 100 % |" in lines
     simclr = next(line for line in lines if line.startswith("| simclr | linear |"))
@@ -354,14 +368,141 @@ def test_summary_markdown_cells() -> None:
     )
     scratch = next(line for line in lines if line.startswith("| scratch | finetune |"))
     assert "55.00 ± 7.07 [53.00, 57.00]" in scratch and scratch.endswith("| — |")
+    # NLL is in nats with three decimals, lower is better.
+    nll = text[text.index("Test NLL") :]
+    assert nll.startswith("Test NLL (nats, lower is better)")
+    assert (
+        "| simclr | linear | 0.300 ± 0.000 [0.000, 1.000] | — | 0.080 ± 0.020 [0.000, 1.000] |"
+        in nll
+    )
 
 
-def test_summary_csv() -> None:
-    text = summary_csv(summarize(ROWS))
+def test_summary_table_marks_the_best_by_the_metrics_direction() -> None:
+    summaries = summarize_all(ROWS)
+    fractions = ["0.01", "0.1", "1.0"]
+    # rows: scratch-finetune, simclr-linear; 1 %: scratch 0.55 < simclr 0.70
+    accuracy = summary_table(
+        summaries["accuracy"], fractions, "accuracy", {("simclr", "linear", "1.0")}
+    )
+    assert accuracy.header == ["init", "mode", "1 %", "10 %", "100 %"]
+    assert [row[:2] for row in accuracy.rows] == [["scratch", "finetune"], ["simclr", "linear"]]
+    assert accuracy.best == {(1, 2), (0, 3), (1, 4)}
+    assert accuracy.rows[1][4].endswith(" †") and not accuracy.rows[0][2].endswith(" †")
+    assert accuracy.rows[0][4] == "—"
+    error = summary_table(summaries["error"], fractions, "error")
+    assert error.best == accuracy.best  # the lowest error is the highest accuracy
+    assert "lower is better" in error.caption
+    # A tie marks both cells.
+    tied = summarize(ROWS[3:4] + [run_row("pca", "linear", "0.01", 0, 0.70, (0.6, 0.8))])
+    assert summary_table(tied, ["0.01"]).best == {(0, 2), (1, 2)}
+    with pytest.raises(ValueError, match="unknown metric 'top5'; known: accuracy, error"):
+        summary_table(tied, ["0.01"], "top5")
+
+
+def test_summary_document_keys_and_reading_it_back() -> None:
+    summaries = summarize_all(ROWS)
+    document = summary_document(summaries)
+    assert list(document) == [m.key for m in METRICS.values()]
+    assert set(document) == {f"test_{name}" for name in POINT_METRICS}
+    # The accuracy keys DVC and the tests read: test_accuracy.<init>-<mode>.<fraction key>.mean
+    cell = document["test_accuracy"]["simclr-linear"]["1_0"]
+    assert cell == pytest.approx(
+        {"mean": 0.92, "std": 0.02, "ci_low": 0.903333, "ci_high": 0.936667, "n_seeds": 3}, abs=1e-6
+    )
+    assert document["test_nll"]["simclr-linear"]["1_0"]["mean"] == pytest.approx(0.08)
+    cells = [
+        (i, m, f)
+        for i in ("scratch", "simclr")
+        for m in ("finetune", "linear")
+        for f in ("0.01", "0.1", "1.0")
+    ]
+    assert read_summary(json.loads(json.dumps(document)), cells) == summaries
+    del document["test_ece"]
+    with pytest.raises(ValueError, match="no 'test_ece'"):
+        read_summary(document, cells)
+
+
+def test_summary_csv_keeps_the_accuracy_columns_and_adds_every_metric() -> None:
+    text = summary_csv(summarize_all(ROWS))
     lines = text.splitlines()
-    assert lines[0] == "init,mode,fraction,n_seeds,mean,std,ci_low,ci_high"
+    header = lines[0].split(",")
+    assert header[:8] == ["init", "mode", "fraction", "n_seeds", "mean", "std", "ci_low", "ci_high"]
+    others = [n for n in METRICS if n != HEADLINE]
+    assert header[8:] == [f"{n}_{s}" for n in others for s in ("mean", "std", "ci_low", "ci_high")]
     assert len(lines) == 1 + 4
-    assert lines[-1] == "simclr,linear,1.0,3,0.920000,0.020000,0.903333,0.936667"
+    assert lines[-1].startswith("simclr,linear,1.0,3,0.920000,0.020000,0.903333,0.936667,")
+    last = lines[-1].split(",")
+    assert dict(zip(header, last, strict=True))["nll_mean"] == "0.080000"
+
+
+def test_curve_csv_keeps_its_accuracy_columns_and_adds_every_metric() -> None:
+    lines = curve_csv(summarize_all(ROWS)).splitlines()
+    assert lines[0].startswith("fraction,model,accuracy,ci_low,ci_high,error,error_ci_low,")
+    assert lines[0].endswith(",ece,ece_ci_low,ece_ci_high")
+    row = dict(zip(lines[0].split(","), lines[-1].split(","), strict=True))
+    assert row["fraction"] == "1.0" and row["model"] == "simclr-linear"
+    assert float(row["accuracy"]) == pytest.approx(0.92)
+    assert float(row["macro_f1"]) == pytest.approx(0.82)
+    assert float(row["nll_ci_high"]) == 1.0
+
+
+# --- the registry --------------------------------------------------------------------------------
+
+
+def test_every_metric_is_defined_once_in_the_registry() -> None:
+    assert tuple(METRICS) == POINT_METRICS and next(iter(METRICS)) == HEADLINE
+    for name, definition in METRICS.items():
+        assert definition.name == name and definition.key == f"test_{name}"
+        assert definition.title and definition.meaning and definition.unit
+    assert METRICS["nll"].show(0.25) == "0.250" and METRICS["ece"].show(0.25) == "25.00"
+    assert METRICS["nll"].best([0.3, 0.2]) == 0.2 and METRICS["macro_f1"].best([0.3, 0.2]) == 0.3
+
+
+def _brier(p: Predictions) -> float:
+    return float(_brier_column(p).mean())
+
+
+def _brier_column(p: Predictions) -> torch.Tensor:
+    truth = torch.nn.functional.one_hot(p.target, p.num_classes).double()
+    return ((p.probs.double() - truth) ** 2).sum(dim=1, keepdim=True)
+
+
+def test_a_new_metric_is_one_definition(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The Brier score registered, and nothing else edited: it is measured with an interval,
+    bootstrapped consistently, summarized, tabled and plotted."""
+    brier = Metric(
+        "brier",
+        "Brier score",
+        "the mean squared distance between the probabilities and the one-hot truth",
+        higher_is_better=False,
+        point=_brier,
+        statistics=_brier_column,
+        from_sums=lambda sums, n: sums[:, 0] / n,
+        unit="squared probability",
+        scale=1.0,
+        digits=4,
+    )
+    monkeypatch.setitem(METRICS, "brier", brier)
+    probs, labels = problem(120, 3, seed=20)
+    expected = float(np.mean(np.sum((probs - np.eye(3)[labels]) ** 2, axis=1)))
+    assert point_metrics(probs, labels, 3)["brier"] == pytest.approx(expected)
+    report = evaluate(probs, labels, 3, samples=50)
+    low, high = report["ci95"]["brier"]
+    assert low <= report["metrics"]["brier"] <= high and low < high
+    draws = evaluation._bootstrap_distributions(Predictions.of(probs, labels, 3), 3, 1)
+    index = np.random.default_rng(1).integers(0, 120, size=(3, 120))[2]
+    assert draws["brier"][2] == pytest.approx(
+        point_metrics(probs[index], labels[index], 3)["brier"]
+    )
+    rows = [{"init": "a", "mode": "knn", "fraction": "1.0", "seed": 0, **report}]
+    summaries = summarize_all(rows)
+    assert "Test Brier score (squared probability, lower is better)" in summary_markdown(
+        summaries, ["1.0"]
+    )
+    assert "brier_mean" in summary_csv(summaries) and ",brier," in curve_csv(summaries)
+    assert "test_brier" in summary_document(summaries)
+    label_efficiency_figure(summaries["brier"], tmp_path / "brier.png", "brier")
+    assert (tmp_path / "brier.png").read_bytes()[:4] == b"\x89PNG"
 
 
 # --- figure --------------------------------------------------------------------------------------
@@ -384,3 +525,10 @@ def test_label_efficiency_figure_is_a_reproducible_png(tmp_path: Path) -> None:
 def test_label_efficiency_figure_needs_data(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="empty"):
         label_efficiency_figure([], tmp_path / "fig.png")
+
+
+def test_label_efficiency_figure_of_another_metric_differs(tmp_path: Path) -> None:
+    summaries = summarize_all(ROWS)
+    label_efficiency_figure(summaries["accuracy"], tmp_path / "accuracy.png")
+    label_efficiency_figure(summaries["nll"], tmp_path / "nll.png", "nll")
+    assert (tmp_path / "accuracy.png").read_bytes() != (tmp_path / "nll.png").read_bytes()

@@ -21,6 +21,7 @@ import torch
 from pipeline.config import from_dict
 from pipeline.documents import PolicyDocument
 from pipeline.errors import MissingInputError
+from pipeline.evaluation import METRICS
 from pipeline.models import classifier
 from pipeline.predict import probabilities_of
 from pipeline.stages import augment, download, finetune, pretrain, split
@@ -142,12 +143,15 @@ def test_evaluate_scores_every_cell_on_the_test_split_and_summarizes(
         audit.active = False
     assert any(p.endswith("test.npy") for p in audit.opened)  # evaluate is the one that reads it
 
-    summary = json.loads(Path("metrics/summary.json").read_text())["test_accuracy"]
-    assert set(summary) == {"scratch-linear", "scratch-knn", "rotation-linear", "rotation-knn"}
-    for cells in summary.values():
-        assert set(cells) == {"0_25", "1_0"}  # no dots: flattened names stay unambiguous
-        for cell in cells.values():
-            assert cell["ci_low"] <= cell["mean"] <= cell["ci_high"] and cell["n_seeds"] == 2
+    document = json.loads(Path("metrics/summary.json").read_text())
+    summary = document["test_accuracy"]  # the keys dvc exp show and the README name
+    assert set(document) == {f"test_{name}" for name in METRICS}  # every metric, its interval
+    for models in document.values():
+        assert set(models) == {"scratch-linear", "scratch-knn", "rotation-linear", "rotation-knn"}
+        for cells in models.values():
+            assert set(cells) == {"0_25", "1_0"}  # no dots: flattened names stay unambiguous
+            for cell in cells.values():
+                assert cell["ci_low"] <= cell["mean"] <= cell["ci_high"] and cell["n_seeds"] == 2
     per_cell = json.loads(Path("metrics/eval/rotation-knn-1.0.json").read_text())["seeds"]
     for scores in per_cell.values():
         for metric, (low, high) in scores["ci95"].items():
@@ -155,13 +159,24 @@ def test_evaluate_scores_every_cell_on_the_test_split_and_summarizes(
         assert len(scores["confusion_matrix"]) == 4
     table = Path("metrics/summary.md").read_text()
     assert "| rotation | knn |" in table
+    assert [line.split(" (")[0] for line in table.splitlines() if line.startswith("Test ")] == [
+        f"Test {m.title}" for m in METRICS.values()
+    ]
     assert Path("reports/figures/label_efficiency.png").read_bytes()[:4] == b"\x89PNG"
-    assert Path("metrics/label_efficiency.csv").read_text().startswith("fraction,model,accuracy")
+    curve = Path("metrics/label_efficiency.csv").read_text().splitlines()
+    assert curve[0].startswith("fraction,model,accuracy,ci_low,ci_high,")  # DVC's plot: y accuracy
+    assert "nll,nll_ci_low,nll_ci_high" in curve[0]
+    assert len(curve) == 1 + 8 and all(len(r.split(",")) == 2 + 3 * len(METRICS) for r in curve)
+    header = Path("metrics/summary.csv").read_text().splitlines()[0]
+    assert header.startswith("init,mode,fraction,n_seeds,mean,std,ci_low,ci_high,error_mean,")
     assert set(result["best_by_validation"]) == {"0.25", "1.0"}
 
     client = MlflowClient(tracking_uri())
     experiment = client.get_experiment_by_name("label-efficiency")
     (run,) = client.search_runs([experiment.experiment_id], "tags.stage = 'evaluate'")
+    for name in METRICS:  # every metric's mean per cell, in MLflow too
+        value = run.data.metrics[f"test_{name}.rotation-knn-1.0"]
+        assert value == pytest.approx(document[f"test_{name}"]["rotation-knn"]["1_0"]["mean"])
     assert run.data.tags["best.1.0"].split(" ")[0] in {c for c in summary}
     logged = {m.name: m for m in client.search_logged_models([experiment.experiment_id])}
     assert set(logged) >= {"best-0_25", "best-1_0"}
@@ -181,11 +196,22 @@ def test_evaluate_scores_every_cell_on_the_test_split_and_summarizes(
         version = client.get_model_version_by_alias(f"idx-best-{fraction}", "current")
         assert version.tags["cell"] == logged[f"best-{fraction}"].tags["cell"]
 
-    # mlflow models serve answers a prediction on 127.0.0.1, as `pipeline predict` computes it.
+    # The model's signature is its contract: N x H x W x C uint8, enforced by MLflow in a
+    # Python call (a float image is refused, not cast).
+    served_uri = "models:/idx-best-1_0@current"
+    (images,) = mlflow.models.get_model_info(served_uri).signature.inputs.inputs
+    assert (images.type, images.shape) == (np.dtype(np.uint8), (-1, 8, 8, 1))
     pixels = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 1), dtype=np.uint8)
+    pixels[0, 0, :2, 0] = 0, 255  # so that pixels / 255 spans [0, 1] exactly
+    with pytest.raises(mlflow.MlflowException, match="float64 does not match expected dtype uint8"):
+        mlflow.pyfunc.load_model(served_uri).predict(pixels / 255)
+
+    # mlflow models serve answers a prediction on 127.0.0.1, as `pipeline predict` computes it,
+    # and refuses every request that breaks the contract with a 400 naming what it expected.
     expected = probabilities_of(model, description, pixels).numpy()
-    with mlflow_serve("models:/idx-best-1_0@current", tracking_uri()) as url:
+    with mlflow_serve(served_uri, tracking_uri()) as url:
         answer = requests.post(f"{url}/invocations", json={"inputs": pixels.tolist()}, timeout=60)
+        refusals = served_refusals(url, pixels)
     assert answer.status_code == 200, answer.text
     predictions = answer.json()["predictions"]
     assert [p["class"] for p in predictions] == [
@@ -194,6 +220,71 @@ def test_evaluate_scores_every_cell_on_the_test_split_and_summarizes(
     for row, probabilities in zip(predictions, expected, strict=True):
         served = [row[f"p_{c}"] for c in description["classes"]]
         assert served == pytest.approx(probabilities.tolist(), abs=1e-6)
+    assert refusals == EXPECTED_REFUSALS
+
+
+#: What a served 8 x 8 x 1 classifier answers to each request of :func:`served_refusals`.
+CONTRACT = "expected uint8 images of shape N x 8 x 8 x 1 (integer pixel values 0..255)"
+EXPECTED_REFUSALS = {
+    # What most clients send, which MLflow alone casts to all zeros and answers with 200.
+    "float in [0, 1]": (
+        400,
+        f"{CONTRACT}, got float64 3 x 8 x 8 x 1 with values in [0, 1]: "
+        "scale [0, 1] images to round(255 * x)",
+    ),
+    "float in 0..255": (
+        400,
+        f"{CONTRACT}, got float64 3 x 8 x 8 x 1 with values in [0, 255]: send whole numbers 0..255",
+    ),
+    "wrong size": (400, f"{CONTRACT}, got int64 2 x 32 x 32 x 1"),
+    "wrong channel count": (400, f"{CONTRACT}, got int64 2 x 8 x 8 x 3"),
+    "wrong dtype": (400, f"{CONTRACT}, got strings 1 x 8 x 8 x 1"),
+    "out of range": (400, f"{CONTRACT}, got int64 3 x 8 x 8 x 1 with values in [-1, 254]"),
+    "one image unwrapped": (400, f"{CONTRACT}, got int64 8 x 8 x 1: wrap one image in a list"),
+    "a DataFrame": (
+        400,
+        "the request body has the keys ['dataframe_split']: "
+        f'send {{"inputs": [...]}} as application/json; {CONTRACT}',
+    ),
+}
+
+
+def served_refusals(url: str, pixels: np.ndarray) -> dict[str, tuple[int, str]]:
+    """Status and message of the served model's answer to each request that breaks its
+    contract, built from ``pixels`` (3 x 8 x 8 x 1 uint8 spanning 0..255)."""
+    rng = np.random.default_rng(1)
+    bad = {
+        "float in [0, 1]": {"inputs": (pixels / 255).tolist()},
+        "float in 0..255": {"inputs": pixels.astype(float).tolist()},
+        "wrong size": {"inputs": rng.integers(0, 256, (2, 32, 32, 1)).tolist()},
+        "wrong channel count": {"inputs": rng.integers(0, 256, (2, 8, 8, 3)).tolist()},
+        "wrong dtype": {"inputs": np.full((1, 8, 8, 1), "7").tolist()},
+        "out of range": {"inputs": (pixels.astype(int) - 1).tolist()},
+        "one image unwrapped": {"inputs": pixels[0].tolist()},
+        "a DataFrame": {"dataframe_split": {"columns": ["x"], "data": [[1]]}},
+    }
+    refusals = {}
+    for name, body in bad.items():
+        answer = requests.post(f"{url}/invocations", json=body, timeout=60)
+        refusals[name] = (answer.status_code, answer.json()["message"])
+    return refusals
+
+
+def test_the_request_check_leaves_other_models_to_mlflow():
+    from mlflow.types import ColSpec, Schema, TensorSpec
+
+    from pipeline.serving import ImageContract, signature
+
+    description = {"image_size": 28, "in_channels": 3, "classes": ["a", "b"]}
+    assert ImageContract.of_schema(signature(description).inputs) == ImageContract(28, 28, 3)
+    for other in (
+        None,
+        Schema([ColSpec("double", "x")]),
+        Schema([TensorSpec(np.dtype(np.float32), (-1, 28, 28, 3))]),
+        Schema([TensorSpec(np.dtype(np.uint8), (-1, 28, 28, 3), "images")]),
+        Schema([TensorSpec(np.dtype(np.uint8), (-1, 784))]),
+    ):
+        assert ImageContract.of_schema(other) is None
 
 
 @contextlib.contextmanager

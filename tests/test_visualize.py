@@ -11,6 +11,7 @@ import io
 import re
 import shutil
 import subprocess
+from html import unescape
 from pathlib import Path
 
 import numpy as np
@@ -228,22 +229,8 @@ def test_the_report_opens_in_headless_chromium_with_every_image_decoded(
 ):
     page = tmp_path / "probe.html"
     page.write_text(lenet_report.read_text().replace("</body>", PROBE + "</body>"))
-    profile = f"--user-data-dir={tmp_path / 'profile'}"
-    browser = [
-        CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        profile,
-        "--virtual-time-budget=20000",
-    ]
-    dom = subprocess.run(
-        [*browser, "--dump-dom", page.as_uri()],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    ).stdout
+    browser = _browser(tmp_path, 20000)
+    dom = _dump_dom(browser, page)
     found = re.search(r"images=(\d+) broken=(\d+)", dom)
     assert found, f"the page's load handler never ran: {dom[-300:]!r}"
     count, broken = map(int, found.groups())
@@ -266,18 +253,82 @@ def test_the_browser_probe_sees_a_broken_image(tmp_path: Path):
         f'<html><body><img src="data:image/png;base64,{good}">'
         f'<img src="data:image/png;base64,bm90IGEgcG5n">{PROBE}</body></html>'
     )
-    command = [
-        CHROMIUM,
+    assert "images=2 broken=1" in _dump_dom(_browser(tmp_path, 5000), page)
+
+
+def _browser(tmp_path: Path, budget_ms: int) -> list[str]:
+    """Headless chromium with a fresh profile and ``budget_ms`` of virtual time per page."""
+    return [
+        str(CHROMIUM),
         "--headless",
         "--no-sandbox",
         "--disable-gpu",
         f"--user-data-dir={tmp_path / 'profile'}",
-        "--virtual-time-budget=5000",
-        "--dump-dom",
-        page.as_uri(),
+        f"--virtual-time-budget={budget_ms}",
     ]
-    dom = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
-    assert "images=2 broken=1" in dom
+
+
+def _dump_dom(browser: list[str], page: Path) -> str:
+    """The page's DOM after its load handlers ran (where the probes write their outcome)."""
+    command = [*browser, "--dump-dom", page.as_uri()]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
+
+
+# Added to a copy of the report by the test only: once the page has loaded, counts the evaluation
+# section's tables the browser shows (checkVisibility: a closed <details> hides its content), then
+# opens every folded metric the way a reader does, by clicking its summary, and counts again.
+SELECTOR_PROBE = """<script>
+window.addEventListener("load", () => {
+  const section = document.getElementById("evaluate");
+  const shown = () => Array.from(section.querySelectorAll("table"))
+    .filter((table) => table.checkVisibility()).length;
+  const before = shown();
+  section.querySelectorAll("details > summary").forEach((summary) => summary.click());
+  const out = document.createElement("pre");
+  out.id = "selector";
+  out.textContent = `tables=${section.querySelectorAll("table").length} ` +
+    `shown=${before} opened=${shown()}`;
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def _evaluation_section(html: str) -> str:
+    return re.search(r'<section id="evaluate">(.*?)</section>', html, re.S).group(1)
+
+
+def test_the_report_shows_accuracy_and_folds_every_other_metric(lenet_study):
+    from pipeline.evaluation import HEADLINE, METRICS
+
+    work, _ = lenet_study
+    section = _evaluation_section((work / "reports/index.html").read_text())
+    captions = re.findall(r"<caption>Test ([^<(]+?) \(", section)
+    assert captions == [m.title for m in METRICS.values()]  # accuracy first, then the registry
+    # Only the headline table is outside a <details>; each other sits under its meaning.
+    unfolded = re.sub(r"<details>.*?</details>", "", section, flags=re.S)
+    assert re.findall(r"<caption>Test ([^<(]+?) \(", unfolded) == [METRICS[HEADLINE].title]
+    folded = re.findall(r"<details><summary>([^<]*)</summary>\s*<table>", section)
+    assert [unescape(text) for text in folded] == [
+        f"{m.title}: {m.meaning}" for n, m in METRICS.items() if n != HEADLINE
+    ]
+    # One formatter: the report's cells are summary.md's, metric by metric.
+    markdown = (work / "metrics/summary.md").read_text()
+    cells = re.findall(r"<td[^>]*>(\d+\.\d+ ± \d+\.\d+ \[[^<†]*\])( †)?</td>", section)
+    assert len(cells) == len(METRICS) * 4 * 2 * 2  # every metric: 4 inits x 2 modes x 2 fractions
+    for cell, _ in cells:
+        assert f"| {cell} |" in markdown, cell
+
+
+@needs_chromium
+def test_the_metric_selector_opens_in_headless_chromium(lenet_report: Path, tmp_path: Path):
+    page = tmp_path / "selector.html"
+    page.write_text(lenet_report.read_text().replace("</body>", SELECTOR_PROBE + "</body>"))
+    dom = _dump_dom(_browser(tmp_path, 5000), page)
+    found = re.search(r"tables=(\d+) shown=(\d+) opened=(\d+)", dom)
+    assert found, f"the page's load handler never ran: {dom[-300:]!r}"
+    from pipeline.evaluation import METRICS
+
+    assert tuple(map(int, found.groups())) == (len(METRICS), 1, len(METRICS))
 
 
 def _tiny_png() -> bytes:
@@ -303,7 +354,10 @@ def test_the_page_escapes_text_and_marks_the_best_cells(tmp_path: Path):
 
     section = report.Section("data", "Data <b>", ["a class named <script>alert(1)</script>"])
     section.table(report.Table(["model", "acc"], [["a", "0.5"], ["b", "0.9"]], {(1, 1)}))
+    section.table(report.Table(["model", "nll"], [["a", "0.3"]]), "NLL", folded="NLL: <i>nats</i>")
     html = report.render("T & T", [("commit", "abc")], [section])
+    assert "<details><summary>NLL: &lt;i&gt;nats&lt;/i&gt;</summary>\n<table>" in html
+    assert html.index("</table>\n</details>") > html.index("<caption>NLL</caption>")
     assert "<script>alert" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert "<title>T &amp; T</title>" in html
     assert re.findall(r'<td class="best">([^<]*)</td>', html) == ["0.9"]

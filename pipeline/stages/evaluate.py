@@ -1,11 +1,12 @@
 """evaluate stage: every classifier of the study on the test split, the only stage that reads it.
 
-Outputs: ``metrics/eval/<init>-<mode>-<fraction>.json`` (per seed: accuracy, error, macro-F1,
-NLL, ECE with bootstrap 95 % intervals, per-class accuracy, confusion matrix),
-``metrics/summary.{json,csv,md}`` (rows init x mode, columns label fractions, mean ± std over
-seeds with the mean interval), ``metrics/label_efficiency.csv`` and
-``reports/figures/label_efficiency.png`` (the study's figure). The best classifier of each label
-fraction, chosen by *validation* accuracy, is logged to MLflow as a model.
+Outputs: ``metrics/eval/<init>-<mode>-<fraction>.json`` (per seed: every metric of
+``pipeline.evaluation.METRICS`` (accuracy, error, macro-F1, NLL, ECE) with bootstrap 95 %
+intervals, per-class accuracy, confusion matrix), ``metrics/summary.{json,csv,md}`` (per metric:
+rows init x mode, columns label fractions, mean ± std over seeds with the mean interval),
+``metrics/label_efficiency.csv`` (every metric per cell) and
+``reports/figures/label_efficiency.png`` (the study's figure, test accuracy). The best classifier
+of each label fraction, chosen by *validation* accuracy, is logged to MLflow as a model.
 """
 
 from __future__ import annotations
@@ -20,19 +21,11 @@ from pipeline import paths
 from pipeline.config import Config
 from pipeline.io import write_json, write_text
 from pipeline.paths import model_dir
-from pipeline.study import CURVE, FIGURE, SUMMARY, best_by_validation
+from pipeline.study import CELL_PARAMS, CURVE, FIGURE, SUMMARY, best_by_validation
 
 log = logging.getLogger(__name__)
 
-PARAMS = (
-    "evaluate",
-    "finetune.inits",
-    "finetune.baselines",
-    "finetune.baseline_modes",
-    "finetune.modes",
-    "finetune.fractions",
-    "finetune.seeds",
-)
+PARAMS = ("evaluate", *CELL_PARAMS)
 _CHUNK = 2048
 
 
@@ -71,11 +64,16 @@ def run(config: Config, dataset: str | None = None) -> dict:
                     }
                 )
             write_json(Path("metrics/eval") / f"{name}.json", {"cell": name, "seeds": per_seed})
-        summary = evaluation.summarize(rows)
-        _write_summary(config, summary)
+        summaries = evaluation.summarize_all(rows)
+        _write_summary(config, summaries)
         tracked.log_metrics(
-            {f"test_accuracy.{s['init']}-{s['mode']}-{s['fraction']}": s["mean"] for s in summary}
+            {
+                f"{evaluation.METRICS[name].key}.{s['init']}-{s['mode']}-{s['fraction']}": s["mean"]
+                for name, summary in summaries.items()
+                for s in summary
+            }
         )
+        summary = summaries[evaluation.HEADLINE]
         for path in (SUMMARY.with_suffix(".md"), SUMMARY.with_suffix(".json"), FIGURE):
             tracked.log_artifact(path)
         _log_best_models(tracked, best, dataset)
@@ -112,25 +110,17 @@ def _weights_key(encoder: Any) -> str:
     return digest.hexdigest()
 
 
-def _write_summary(config: Config, summary: list[dict]) -> None:
+def _write_summary(config: Config, summaries: dict[str, list[dict]]) -> None:
+    """The summary of every metric (JSON, CSV, Markdown), the curve and the accuracy figure."""
     from pipeline import evaluation
 
     fractions = [paths.fraction_name(f) for f in config.finetune.fractions]
-    nested: dict[str, dict[str, dict]] = {}
-    for s in summary:
-        cell = {k: s[k] for k in ("mean", "std", "ci_low", "ci_high", "n_seeds")}
-        nested.setdefault(f"{s['init']}-{s['mode']}", {})[paths.metric_key(s["fraction"])] = cell
-    write_json(SUMMARY.with_suffix(".json"), {"test_accuracy": nested})
-    write_text(SUMMARY.with_suffix(".csv"), evaluation.summary_csv(summary))
-    write_text(SUMMARY.with_suffix(".md"), evaluation.summary_markdown(summary, fractions))
-    lines = ["fraction,model,accuracy,ci_low,ci_high"]
-    lines += [
-        f"{s['fraction']},{s['init']}-{s['mode']},{s['mean']},{s['ci_low']},{s['ci_high']}"
-        for s in summary
-    ]
-    write_text(CURVE, "\n".join(lines) + "\n")
+    write_json(SUMMARY.with_suffix(".json"), evaluation.summary_document(summaries))
+    write_text(SUMMARY.with_suffix(".csv"), evaluation.summary_csv(summaries))
+    write_text(SUMMARY.with_suffix(".md"), evaluation.summary_markdown(summaries, fractions))
+    write_text(CURVE, evaluation.curve_csv(summaries))
     FIGURE.parent.mkdir(parents=True, exist_ok=True)
-    evaluation.label_efficiency_figure(summary, FIGURE)
+    evaluation.label_efficiency_figure(summaries[evaluation.HEADLINE], FIGURE)
 
 
 #: The alias of the version the newest evaluation registered ("latest" is MLflow's, reserved).
@@ -153,9 +143,6 @@ def _log_best_models(tracked: Any, best: dict[str, tuple], dataset: str) -> None
     ``torch.load(weights_only=True)``.
     """
     import mlflow
-    import numpy as np
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema, TensorSpec
 
     from pipeline import serving, tracking
 
@@ -163,17 +150,7 @@ def _log_best_models(tracked: Any, best: dict[str, tuple], dataset: str) -> None
     mlflow.set_registry_uri(tracking.tracking_uri())
     # Every cell of one study has the same classes and image shape: the first one's say which.
     first = json.loads((model_dir(*next(iter(best.values()))[1:]) / "model.json").read_text())
-    classes, size = first["classes"], first["image_size"]
-    signature = ModelSignature(  # N x H x W x C uint8 in, as `pipeline predict` reads images
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, size, size, first["in_channels"]))]),
-        outputs=Schema(
-            [
-                ColSpec("string", "class"),
-                ColSpec("double", "probability"),
-                *(ColSpec("double", f"p_{c}") for c in classes),
-            ]
-        ),
-    )
+    signature = serving.signature(first)  # N x H x W x C uint8 in, as `pipeline predict` reads
     requirements = _requirements()
     with mlflow.start_run(run_id=tracked.run_id, log_system_metrics=False):
         for fraction, (validation, init, mode, value) in sorted(best.items()):

@@ -2,10 +2,10 @@
 
 Sections follow the pipeline: the data, the augmentations, pretraining (curves, VAE pictures),
 what each encoder learned (first-layer filters, feature maps, Deconvnet, 2-D embeddings),
-fine-tuning curves, the evaluation (summary table, label-efficiency figure with confidence
-intervals, confusion matrices), where the classifiers look (CAM, or Grad-CAM where CAM does not
-apply, said in the report), the course's toy decision boundaries, and the run (params, git commit,
-MLflow run ids).
+fine-tuning curves, the evaluation (the accuracy table, the other metrics' tables folded
+beneath it, label-efficiency figure with confidence intervals, confusion matrices), where the
+classifiers look (CAM, or Grad-CAM where CAM does not apply, said in the report), the course's
+toy decision boundaries, and the run (params, git commit, MLflow run ids).
 
 The stage reads the test split for pictures only: every choice it shows (best cell per fraction,
 best epoch, kNN k) was made on validation by the earlier stages, and it makes none of its own.
@@ -29,19 +29,11 @@ from pipeline.config import Config
 from pipeline.documents import PolicyDocument
 from pipeline.errors import MissingInputError
 from pipeline.io import atomic_dir, read_json, write_text
+from pipeline.study import CELL_PARAMS
 
 log = logging.getLogger(__name__)
 
-PARAMS = (
-    "visualize",
-    "pretrain.methods",
-    "finetune.inits",
-    "finetune.baselines",
-    "finetune.baseline_modes",
-    "finetune.modes",
-    "finetune.fractions",
-    "finetune.seeds",
-)
+PARAMS = ("visualize", "pretrain.methods", *CELL_PARAMS)
 REPORT = Path("reports/index.html")
 FIGURES = Path("reports/figures/visualize")
 _CHUNK = 1024
@@ -485,30 +477,29 @@ def _budget_table(config: Config) -> Any:
 
 
 def _evaluation(study: _Study) -> Any:
+    from pipeline import evaluation
     from pipeline.paths import cell_name
     from pipeline.study import FIGURE, SUMMARY, best_by_validation
     from pipeline.viz import plots
     from pipeline.viz.report import Section
 
     section = Section("evaluate", "Evaluation on the test split")
-    summary = _read(SUMMARY.with_suffix(".json"), "python -m pipeline evaluate")["test_accuracy"]
-    fractions = [paths.fraction_name(f) for f in study.config.finetune.fractions]
+    document = _read(SUMMARY.with_suffix(".json"), "python -m pipeline evaluate")
+    headline = evaluation.METRICS[evaluation.HEADLINE]
+    others = ", ".join(m.title for m in evaluation.METRICS.values() if m is not headline)
     section.paragraphs.append(
-        "Test accuracy, mean ± standard deviation over seeds, with the bootstrap 95 % interval "
-        "of the mean. The best of each column is marked. The test split is read once, here; "
-        "nothing was chosen on it."
+        f"Test {headline.title}, mean ± standard deviation over seeds, with the mean of the "
+        "seeds' bootstrap 95 % intervals. The best of each column is marked. The other metrics "
+        f"({others}) are folded beneath it: open one to see its table. The test split is read "
+        "once, here; nothing was chosen on it."
     )
-    capped = _improving_at_cap(study.config)
-    section.table(
-        _summary_table(summary, fractions, capped),
-        "metrics/summary.json; † a seed of the cell was still improving at its cap",
-    )
-    section.paragraphs.append(_answer(study.config, summary))
+    _metric_tables(study, section, document)
+    section.paragraphs.append(_answer(study.config, document[headline.key]))
     if FIGURE.is_file():
         section.figure(FIGURE, "Test accuracy against the labeled fraction, 95 % intervals.")
     best = best_by_validation(study.config)
     matrices = []
-    for fraction in fractions:
+    for fraction in (paths.fraction_name(f) for f in study.config.finetune.fractions):
         _, init, mode, value = best[fraction]
         name = cell_name(init, mode, value)
         cell = _read(Path("metrics/eval") / f"{name}.json", "python -m pipeline evaluate")
@@ -523,45 +514,43 @@ def _evaluation(study: _Study) -> Any:
     return section
 
 
-def _improving_at_cap(config: Config) -> set[tuple[str, str]]:
-    """(init-mode, fraction) of the cells with a seed still improving when it hit its cap."""
+def _metric_tables(study: _Study, section: Any, document: dict) -> None:
+    """One table per metric of the registry, formatted by ``evaluation.summary_table`` like
+    metrics/summary.md: the headline metric's shown, every other folded under its meaning."""
+    from pipeline import evaluation
+    from pipeline.study import SUMMARY
+    from pipeline.viz.report import Table
+
+    cells = [(i, m, paths.fraction_name(f)) for i, m, f in study.config.finetune.cells()]
+    try:
+        summaries = evaluation.read_summary(document, cells)
+    except ValueError as err:
+        raise MissingInputError(
+            f"{SUMMARY.with_suffix('.json')}: {err}; run python -m pipeline evaluate"
+        ) from None
+    fractions = [paths.fraction_name(f) for f in study.config.finetune.fractions]
+    capped = _improving_at_cap(study.config)
+    for name in sorted(summaries, key=lambda n: n != evaluation.HEADLINE):
+        table = evaluation.summary_table(summaries[name], fractions, name, capped)
+        metric = evaluation.METRICS[name]
+        section.table(
+            Table(table.header, table.rows, table.best),
+            f"{table.caption} From metrics/summary.json; † a seed of the cell was still "
+            "improving at its cap.",
+            folded="" if name == evaluation.HEADLINE else f"{metric.title}: {metric.meaning}",
+        )
+
+
+def _improving_at_cap(config: Config) -> set[tuple[str, str, str]]:
+    """(init, mode, fraction) of the cells with a seed still improving when it hit its cap."""
     from pipeline.paths import metrics_path
 
     marked = set()
     for init, mode, fraction in config.finetune.cells():
         cell = _read(metrics_path(init, mode, fraction), "python -m pipeline finetune")
         if any(s.get("improving_at_cap") for s in cell["seeds"].values()):
-            marked.add((f"{init}-{mode}", paths.fraction_name(fraction)))
+            marked.add((init, mode, paths.fraction_name(fraction)))
     return marked
-
-
-def _summary_table(summary: dict, fractions: list[str], capped: set = frozenset()) -> Any:
-    from pipeline.viz.report import Table
-
-    rows, means = [], []
-    for model, cells in sorted(summary.items()):
-        row, values = [model], []
-        for fraction in fractions:
-            cell = cells.get(paths.metric_key(fraction))
-            if cell is None:
-                row.append("–")
-                values.append(-math.inf)
-                continue
-            mark = " †" if (model, fraction) in capped else ""
-            row.append(
-                f"{100 * cell['mean']:.2f} ± {100 * cell['std']:.2f} "
-                f"[{100 * cell['ci_low']:.1f}, {100 * cell['ci_high']:.1f}]"
-                f"{mark}"
-            )
-            values.append(cell["mean"])
-        rows.append(row)
-        means.append(values)
-    best = set()
-    for c in range(len(fractions)):
-        top = max(m[c] for m in means)
-        best |= {(r, c + 1) for r, m in enumerate(means) if m[c] == top and top > -math.inf}
-    header = ["init-mode"] + [f"{float(f) * 100:g} % labels" for f in fractions]
-    return Table(header, rows, best)
 
 
 def _answer(config: Config, summary: dict) -> str:

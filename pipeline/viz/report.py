@@ -32,6 +32,8 @@ th:first-child, td:first-child { text-align: left; }
 thead th { background: #eef1f4; }
 td.best { font-weight: 700; background: #e6f3e6; }
 .note { border-left: 4px solid #e0a800; background: #fff8e1; padding: 6px 10px; margin: 10px 0; }
+details { margin: 6px 0; }
+summary { cursor: pointer; color: #24527a; }
 pre { background: #f1f3f5; padding: 10px; overflow-x: auto; font-size: 12px; }
 """
 
@@ -60,6 +62,8 @@ _TEMPLATE = """<!DOCTYPE html>
 {% for n in s.notes %}<p class="note">{{ n }}</p>
 {% endfor %}
 {% for block in s.blocks %}
+{% if block.folded %}<details><summary>{{ block.folded }}</summary>
+{% endif %}
 {% if block.kind == "heading" %}<h3>{{ block.text }}</h3>
 {% elif block.kind == "text" %}<p>{{ block.text }}</p>
 {% elif block.kind == "note" %}<p class="note">{{ block.text }}</p>
@@ -81,6 +85,8 @@ _TEMPLATE = """<!DOCTYPE html>
 {% endfor %}</tbody>
 </table>
 {% endif %}
+{% if block.folded %}</details>
+{% endif %}
 {% endfor %}
 </section>
 {% endfor %}
@@ -101,13 +107,16 @@ class Table:
 
 @dataclass
 class Block:
-    """One item of a section, in order: heading, text, note, pre, figure or table."""
+    """One item of a section, in order: heading, text, note, pre, figure or table. A block with
+    ``folded`` text is shown on request: closed under that one-line summary (``<details>``),
+    which needs no script, so the page stays one self-contained file."""
 
     kind: str
     text: str = ""
     src: str = ""
     alt: str = ""
     table: Table | None = None
+    folded: str = ""
 
 
 @dataclass
@@ -134,8 +143,9 @@ class Section:
         """Embed the PNG at ``path``; the caption says what to look at, the alt what it is."""
         self.blocks.append(Block("figure", caption, data_uri(path), alt or caption))
 
-    def table(self, table: Table, caption: str = "") -> None:
-        self.blocks.append(Block("table", caption, table=table))
+    def table(self, table: Table, caption: str = "", folded: str = "") -> None:
+        """A table; with ``folded``, closed under that summary until the reader opens it."""
+        self.blocks.append(Block("table", caption, table=table, folded=folded))
 
 
 def data_uri(path: Path) -> str:
