@@ -1,20 +1,28 @@
-"""compare: the MLflow runs of one pipeline execution as a table, or of two with B - A.
+"""compare: the study of one pipeline execution as a table, or of two with B - A.
 
 ``python -m pipeline compare [A [B]]`` is not a stage: it only reads the MLflow store the stages
 log to (``pipeline.tracking``), so the outcome of a ``make run`` can be read without the MLflow
-UI, and two executions (say, before and after a params change) compared metric by metric. An
+UI, and two executions (say, before and after a params change) compared cell by cell. An
 execution is named by its ``execution`` tag (one id per ``make run``) or by its ``pipeline_id``
 (code + params); with none named, the latest execution is shown.
+
+By default it prints the study: one row per cell (init, mode, label fraction) with its
+validation and test accuracy and what its pretraining and fine-tuning runs cost, then the
+stages that ran once for all cells. ``--metric`` picks any logged metric instead, one row per
+run; MLflow's system metrics (``system/*``) only with ``--system``. Every table fits
+:data:`WIDTH` columns: a wider one is printed in blocks of columns.
 """
 
 from __future__ import annotations
 
 import argparse
 import fnmatch
+import functools
 import math
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +34,28 @@ PAGE_SIZE = 1000
 #: Shown in a cell that has no value (metric not logged, or no run for this row).
 MISSING = "-"
 
+#: Under a study table with missing values: why a cell is empty.
+MISSING_NOTE = (
+    f"{MISSING}: not logged; a runner re-runs only the stages a change affects, so an execution "
+    "may have no run of a stage"
+)
+
+#: The widest line a table may print: a 120-column terminal shows it unwrapped.
+WIDTH = 120
+
+#: MLflow's system metrics (sampled every 10 s by tracking.stage_run) are named ``system/...``.
+SYSTEM = "system/"
+
+#: What the stages log that the study view reads (tracking.resource_metrics, the finetune and
+#: evaluate stages).
+SECONDS, PEAK_RSS, VALIDATION, TEST = "stage_seconds", "peak_rss_mb", "val_acc", "test_accuracy."
+
+#: MLflow's per-device GPU memory samples (NVIDIA in megabytes, ROCm in gigabytes).
+GPU_MEMORY = re.compile(r"system/gpu_\d+_memory_usage_(megabytes|gigabytes)")
+
+#: A metric's samples, by run id and metric name (MlflowClient.get_metric_history's values).
+History = Callable[[str, str], Sequence[float]]
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``compare``; ``--params`` is added by the CLI for every command."""
@@ -34,15 +64,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="*",
         metavar="EXECUTION",
         help="zero, one or two executions, each an `execution` tag value or a pipeline_id "
-        "(default: the latest execution); with two, B - A is shown for each metric",
+        "(default: the latest execution); with two, B - A is shown on the same rows",
     )
     parser.add_argument(
         "--metric",
         action="append",
         default=None,
         metavar="NAME",
-        help="a metric to show, or a pattern such as 'test_accuracy.*' (repeatable; "
-        "default: every metric the runs logged)",
+        help="one row per run with this metric, or a pattern such as 'n_*' (repeatable; "
+        "default: one row per study cell with its accuracies and costs)",
+    )
+    parser.add_argument(
+        "--system",
+        action="store_true",
+        help="one row per run with MLflow's system metrics (CPU, memory, disk, network, GPU; "
+        "each one's highest sample), and let --metric patterns match them",
     )
     parser.add_argument(
         "--experiment",
@@ -125,10 +161,12 @@ def runs_of(client: Any, experiment_id: str, execution: str | None) -> list[Any]
     return sorted(found.values(), key=lambda r: (r.info.start_time or 0, r.info.run_id))
 
 
-# --------------------------------------------------------------------------- the table
+# --------------------------------------------------------------------------- runs by key
+
+Key = tuple[str, str]
 
 
-def run_key(run: Any) -> tuple[str, str]:
+def run_key(run: Any) -> Key:
     """(stage, what distinguishes runs of one stage): ``method`` or ``init-mode-fraction``.
 
     A ``seed`` tag, where a stage sets one, is appended so that per-seed runs stay apart.
@@ -150,7 +188,7 @@ def _natural(text: str) -> tuple:
     return tuple((0, float(p), "") if i % 2 else (1, 0.0, p) for i, p in enumerate(parts))
 
 
-def _row_order(key: tuple[str, str]) -> tuple:
+def _row_order(key: Key) -> tuple:
     """Stages in pipeline order (unknown stages after, by name), then the key naturally."""
     from pipeline.cli import PIPELINE_ORDER  # here, not at the top: the CLI imports this module
 
@@ -159,40 +197,71 @@ def _row_order(key: tuple[str, str]) -> tuple:
     return rank, stage, _natural(name)
 
 
-def _by_key(runs: Iterable[Any]) -> tuple[dict[tuple[str, str], Any], dict[tuple[str, str], int]]:
-    """One run per key, the most recently started; and how many runs each key had.
+@dataclass(frozen=True)
+class Execution:
+    """One execution's runs, one per key (the latest started), and how many each key had.
 
     Several runs share a key when a stage was re-run in the same execution, or when the
     execution is a pipeline_id shared by several ``make run``s; the latest one is what the
     outputs on disk come from.
     """
-    chosen: dict[tuple[str, str], Any] = {}
-    counts: dict[tuple[str, str], int] = {}
-    for run in sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id)):
-        key = run_key(run)
-        chosen[key] = run
-        counts[key] = counts.get(key, 0) + 1
-    return chosen, counts
+
+    runs: Mapping[Key, Any]
+    counts: Mapping[Key, int]
+
+    @classmethod
+    def of(cls, runs: Iterable[Any]) -> Execution:
+        """The runs by :func:`run_key`, the latest started kept where a key has several."""
+        chosen: dict[Key, Any] = {}
+        counts: dict[Key, int] = {}
+        for run in sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id)):
+            key = run_key(run)
+            chosen[key] = run
+            counts[key] = counts.get(key, 0) + 1
+        return cls(chosen, counts)
+
+    def metric(self, key: Key, name: str) -> float | None:
+        """The last value of ``name`` logged by the run of ``key``; None when either is absent."""
+        run = self.runs.get(key)
+        return None if run is None else run.data.metrics.get(name)
 
 
-def _metric_columns(wanted: Sequence[str] | None, logged: set[str]) -> list[str]:
-    """The metric columns: every logged one by name, or those ``wanted`` in the order given.
+def _repeated(executions: Sequence[Execution]) -> list[str]:
+    """A line naming the keys with several runs, where there are any."""
+    repeated = {k for e in executions for k, n in e.counts.items() if n > 1}
+    if not repeated:
+        return []
+    listed = ", ".join(f"{s} {k}".strip() for s, k in sorted(repeated, key=_row_order))
+    return [f"several runs for {listed}: the latest started is shown"]
 
-    A wanted entry with ``*``, ``?`` or ``[`` is a pattern (``test_accuracy.*`` picks the
-    evaluate stage's per-cell columns) and adds the matching logged names, sorted; a plain name
-    always gets its column, so a metric missing from every run shows as ``-`` rather than
-    vanishing without a word.
-    """
-    if not wanted:
-        return sorted(logged)
-    columns: list[str] = []
-    for entry in wanted:
-        if any(c in entry for c in "*?["):
-            found = sorted(m for m in logged if fnmatch.fnmatchcase(m, entry))
-        else:
-            found = [entry]
-        columns.extend(m for m in found if m not in columns)
-    return columns
+
+def _unfinished(executions: Sequence[Execution]) -> list[str]:
+    """A line per execution naming its runs that did not finish: their values are what they
+    logged before they stopped, which the study view (no status column) must not hide."""
+    sides = ["A: ", "B: "] if len(executions) == 2 else [""]
+    lines = []
+    for side, execution in zip(sides, executions, strict=True):
+        unfinished = [
+            " ".join(p for p in (stage, key, execution.runs[(stage, key)].info.status) if p)
+            for stage, key in sorted(execution.runs, key=_row_order)
+            if execution.runs[(stage, key)].info.status != "FINISHED"
+        ]
+        if unfinished:
+            lines.append(f"{side}not finished: {', '.join(unfinished)}")
+    return lines
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+@dataclass(frozen=True)
+class Column:
+    """A table column: its header, the group header above it (a span of columns sharing one),
+    and whether it holds text (left-aligned, repeated in every block) or numbers."""
+
+    name: str
+    group: str = ""
+    text: bool = False
 
 
 def _number(value: float | None) -> str:
@@ -206,82 +275,371 @@ def _number(value: float | None) -> str:
     return f"{value:.4f}"
 
 
-def _difference(a: float | None, b: float | None) -> str:
-    """B - A with its sign, so an improvement reads ``+0.0500``; ``-`` when a side is missing."""
-    if a is None or b is None:
+def _difference(a: float | None, b: float | None, decimals: int | None = None) -> str:
+    """B - A with its sign, so an improvement reads ``+0.0500``; ``-`` when a side is missing.
+
+    ``decimals`` fixes the precision (else :func:`_number`'s); a difference that rounds to
+    zero reads ``0.0`` rather than ``+0.0`` or ``-0.0``."""
+    if a is None or b is None or math.isnan(b - a):
         return MISSING
     delta = b - a
-    if math.isnan(delta):
-        return MISSING
-    text = _number(delta)
+    text = _number(delta) if decimals is None else f"{delta:.{decimals}f}"
+    if float(text) == 0:
+        return text.lstrip("-")
     return f"+{text}" if delta > 0 else text
 
 
-def _render(header: Sequence[str], rows: Sequence[Sequence[str]], left: int) -> str:
-    """Fixed-width text: the first ``left`` (text) columns left-aligned, numbers right-aligned."""
-    widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(len(header))]
-    lines = []
-    for cells in (header, ["-" * w for w in widths], *rows):
-        parts = [
-            c.ljust(w) if i < left else c.rjust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+def _fixed(value: float | None, decimals: int) -> str:
+    """``value`` with ``decimals`` decimals, ``-`` when missing."""
+    return MISSING if value is None or math.isnan(value) else f"{value:.{decimals}f}"
+
+
+def _units(columns: Sequence[Column]) -> list[list[int]]:
+    """Indices of the number columns, in runs that stay together in a block (one group)."""
+    units: list[list[int]] = []
+    for i, column in enumerate(columns):
+        if column.text:
+            continue
+        if units and column.group and columns[units[-1][-1]].group == column.group:
+            units[-1].append(i)
+        else:
+            units.append([i])
+    return units
+
+
+def _widths(columns: Sequence[Column], rows: Sequence[Sequence[str]]) -> list[int]:
+    """Each column as wide as its header and cells; a group's columns widened evenly where the
+    group header is wider than their span."""
+    widths = [max([len(c.name), *(len(r[i]) for r in rows)]) for i, c in enumerate(columns)]
+    for unit in _units(columns):
+        label = columns[unit[0]].group
+        missing = len(label) - (sum(widths[i] for i in unit) + 2 * (len(unit) - 1))
+        for n, i in enumerate(unit):
+            widths[i] += max(0, missing) // len(unit) + (n < max(0, missing) % len(unit))
+    return widths
+
+
+def _blocks(columns: Sequence[Column], widths: Sequence[int], width: int) -> list[list[int]]:
+    """Column indices per block: the text columns, then as many number units as fit ``width``
+    (at least one, so a block is never empty)."""
+    labels = [i for i, c in enumerate(columns) if c.text]
+    used = sum(widths[i] + 2 for i in labels)
+    blocks: list[list[int]] = [[]]
+    size = used
+    for unit in _units(columns):
+        extra = sum(widths[i] + 2 for i in unit)
+        if blocks[-1] and size + extra - 2 > width:
+            blocks.append([])
+            size = used
+        blocks[-1].extend(unit)
+        size += extra
+    return [labels + block for block in blocks]
+
+
+def _render(columns: Sequence[Column], rows: Sequence[Sequence[str]], width: int = WIDTH) -> str:
+    """Fixed-width text: text columns left-aligned, numbers right-aligned, a group header line
+    where columns have groups. A table wider than ``width`` is printed as several blocks of
+    columns, each repeating the text columns, so no line wraps on a ``width``-column terminal."""
+    widths = _widths(columns, rows)
+    out = []
+    for block in _blocks(columns, widths, width):
+        lines = []
+        if any(columns[i].group for i in block):
+            lines.append(_group_line(columns, widths, block))
+        for cells in ([c.name for c in columns], ["-" * w for w in widths], *rows):
+            parts = [
+                cells[i].ljust(widths[i]) if columns[i].text else cells[i].rjust(widths[i])
+                for i in block
+            ]
+            lines.append("  ".join(parts).rstrip())
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
+
+
+def _group_line(columns: Sequence[Column], widths: Sequence[int], block: Sequence[int]) -> str:
+    """The group headers of ``block``, each centred over the columns of its span."""
+    line, position = "", 0
+    spans: list[tuple[str, int, int]] = []  # (group, start, end) of each run of one group
+    for i in block:
+        group = columns[i].group
+        if group and spans and spans[-1][0] == group and spans[-1][2] == position - 2:
+            spans[-1] = (group, spans[-1][1], position + widths[i])
+        elif group:
+            spans.append((group, position, position + widths[i]))
+        position += widths[i] + 2
+    for group, start, end in spans:
+        line = line.ljust(start) + group.center(end - start)
+    return line.rstrip()
+
+
+# --------------------------------------------------------------------------- the study view
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One cell of the study's matrix, as the finetune stage tags its run."""
+
+    init: str
+    mode: str
+    fraction: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.init}-{self.mode}-{self.fraction}"
+
+
+@dataclass(frozen=True)
+class Quantity:
+    """A number the study view shows per row: its header, its group, how it is read and its
+    precision. ``both``: with two executions, A and B are shown beside B - A (accuracies);
+    otherwise B - A alone (costs), which keeps the two-execution table within WIDTH."""
+
+    name: str
+    group: str
+    read: Callable[[Execution, Any], float | None]
+    decimals: int
+    both: bool = False
+
+
+def _cells(execution: Execution) -> dict[str, Cell]:
+    """The cells an execution logged: each fine-tuning run, and each test accuracy the evaluate
+    run logged (``test_accuracy.<init>-<mode>-<fraction>``: an execution that re-ran evaluate
+    alone has those rows too)."""
+    found: dict[str, Cell] = {}
+    for (stage, _), run in execution.runs.items():
+        tags = run.data.tags
+        if stage == "finetune" and all(tags.get(t) for t in ("init", "mode", "fraction")):
+            cell = Cell(tags["init"], tags["mode"], tags["fraction"])
+            found[cell.name] = cell
+        if stage == "evaluate":
+            for metric in run.data.metrics:
+                parts = metric[len(TEST) :].rsplit("-", 2)
+                if metric.startswith(TEST) and len(parts) == 3:
+                    found.setdefault(metric[len(TEST) :], Cell(*parts))
+    return found
+
+
+def _evaluate_key(execution: Execution) -> Key:
+    """The evaluate run's key (it has no method tag; a seed tag would add to it)."""
+    keys = [k for k in execution.runs if k[0] == "evaluate"]
+    return max(keys, key=_row_order) if keys else ("evaluate", "")
+
+
+def _gpu_peak(run: Any, history: History | None) -> float | None:
+    """The highest GPU memory use (MB) MLflow sampled during the run, over its devices; None
+    without GPU samples. Without ``history`` only the last sample is known."""
+    peaks = []
+    for name, last in run.data.metrics.items():
+        match = GPU_MEMORY.fullmatch(name)
+        if match:
+            values = list(history(run.info.run_id, name)) if history else [last]
+            scale = 1000.0 if match.group(1) == "gigabytes" else 1.0
+            peaks.append(max(values or [last]) * scale)
+    return max(peaks) if peaks else None
+
+
+def _study_quantities(gpu: bool, history: History | None) -> list[Quantity]:
+    """The cell table's numbers: accuracies, then each stage's seconds and peak memory (process
+    RSS, and GPU memory where MLflow sampled a GPU)."""
+
+    def cost(stage: str, key_of: Callable[[Cell], str]) -> list[Quantity]:
+        def read(name: str) -> Callable[[Execution, Cell], float | None]:
+            return lambda e, cell: e.metric((stage, key_of(cell)), name)
+
+        def gpu_read(e: Execution, cell: Cell) -> float | None:
+            run = e.runs.get((stage, key_of(cell)))
+            return None if run is None else _gpu_peak(run, history)
+
+        found = [
+            Quantity("seconds", stage, read(SECONDS), 1),
+            Quantity("peak MB", stage, read(PEAK_RSS), 0),
         ]
-        lines.append("  ".join(parts).rstrip())
-    return "\n".join(lines)
+        return found + ([Quantity("GPU MB", stage, gpu_read, 0)] if gpu else [])
+
+    return [
+        Quantity(
+            "validation",
+            "accuracy",
+            lambda e, cell: e.metric(("finetune", cell.name), VALIDATION),
+            4,
+            both=True,
+        ),
+        Quantity(
+            "test",
+            "accuracy",
+            lambda e, cell: e.metric(_evaluate_key(e), f"{TEST}{cell.name}"),
+            4,
+            both=True,
+        ),
+        *cost("pretrain", lambda cell: cell.init),
+        *cost("finetune", lambda cell: cell.name),
+    ]
+
+
+def _stage_quantities(gpu: bool, history: History | None) -> list[Quantity]:
+    """The numbers of the stages that run once for all cells: seconds and peak memory."""
+
+    def gpu_read(e: Execution, key: Key) -> float | None:
+        run = e.runs.get(key)
+        return None if run is None else _gpu_peak(run, history)
+
+    found = [
+        Quantity("seconds", "", lambda e, key: e.metric(key, SECONDS), 1, both=True),
+        Quantity("peak MB", "", lambda e, key: e.metric(key, PEAK_RSS), 0, both=True),
+    ]
+    return found + ([Quantity("GPU MB", "", gpu_read, 0, both=True)] if gpu else [])
+
+
+def _columns(labels: Sequence[str], quantities: Sequence[Quantity], pair: bool) -> list[Column]:
+    """Text columns, then each quantity's column(s): one for one execution; with two, A, B and
+    B - A (or B - A alone), grouped under the quantity's name."""
+    columns = [Column(label, text=True) for label in labels]
+    for q in quantities:
+        if not pair:
+            columns.append(Column(q.name, q.group))
+        elif q.both:
+            group = f"{q.name} {q.group}".strip()  # "validation accuracy", "seconds"
+            columns += [Column(side, group) for side in ("A", "B", "B-A")]
+        else:
+            columns.append(Column(q.name, f"{q.group} B-A"))
+    return columns
+
+
+def _cells_row(
+    quantities: Sequence[Quantity], executions: Sequence[Execution], item: Any
+) -> list[str]:
+    """One row's numbers for ``item`` (a cell or a run key) in one execution or two."""
+    cells: list[str] = []
+    for q in quantities:
+        values = [q.read(e, item) for e in executions]
+        if len(values) == 1:
+            cells.append(_fixed(values[0], q.decimals))
+            continue
+        if q.both:
+            cells += [_fixed(v, q.decimals) for v in values]
+        cells.append(_difference(*values, decimals=q.decimals))
+    return cells
+
+
+def study_table(
+    runs_a: Iterable[Any], runs_b: Iterable[Any] | None = None, history: History | None = None
+) -> str:
+    """The study: one row per cell (init, mode, label fraction) with its validation and test
+    accuracy and the seconds and peak memory of its pretraining and fine-tuning runs; then one
+    row per run of the other stages (download, split, augment, evaluate, visualize, and any
+    pretraining no cell used) with theirs. With ``runs_b``, B - A on the same rows.
+
+    ``history`` gives a metric's samples, for the GPU memory peak (MLflow keeps only the last
+    sample as the run's value); the column appears only where a run sampled a GPU.
+    """
+    executions = [Execution.of(runs_a)] + ([Execution.of(runs_b)] if runs_b is not None else [])
+    pair = len(executions) == 2
+    gpu = any(
+        GPU_MEMORY.fullmatch(m) for e in executions for r in e.runs.values() for m in r.data.metrics
+    )
+    cells = {k: c for e in executions for k, c in _cells(e).items()}
+    ordered = [cells[k] for k in sorted(cells, key=_natural)]
+    quantities = _study_quantities(gpu, history)
+    numbers = [_cells_row(quantities, executions, c) for c in ordered]
+    tables = [
+        _render(
+            _columns(("init", "mode", "fraction"), quantities, pair),
+            [[c.init, c.mode, c.fraction, *row] for c, row in zip(ordered, numbers, strict=True)],
+        )
+        if ordered
+        else "no study cells: no finetune or evaluate run in this execution"
+    ]
+    per_cell = {("finetune", c.name) for c in ordered} | {("pretrain", c.init) for c in ordered}
+    once = sorted({k for e in executions for k in e.runs if k not in per_cell}, key=_row_order)
+    if once:
+        quantities = _stage_quantities(gpu, history)
+        stage_numbers = [_cells_row(quantities, executions, key) for key in once]
+        numbers += stage_numbers
+        tables.append(
+            _render(
+                _columns(("stage", "run"), quantities, pair),
+                [[s, k or MISSING, *row] for (s, k), row in zip(once, stage_numbers, strict=True)],
+            )
+        )
+    notes = _repeated(executions) + _unfinished(executions)
+    if any(MISSING in row for row in numbers):
+        notes.append(MISSING_NOTE)
+    return "\n\n".join([*tables, *(["\n".join(notes)] if notes else [])])
+
+
+# --------------------------------------------------------------------------- the run view
+
+
+def _metric_columns(
+    wanted: Sequence[str] | None, logged: set[str], system: bool = False
+) -> list[str]:
+    """The metric columns: every logged one by name, or those ``wanted`` in the order given.
+
+    A wanted entry with ``*``, ``?`` or ``[`` is a pattern (``n_*`` picks the data stages'
+    counts) and adds the matching logged names, sorted; a plain name always gets its column,
+    so a metric missing from every run shows as ``-`` rather than vanishing without a word.
+    MLflow's system metrics (``system/...``) are left out of every pattern unless ``system``.
+    """
+    if not system:
+        logged = {m for m in logged if not m.startswith(SYSTEM)}
+    if not wanted:
+        return sorted(logged)
+    columns: list[str] = []
+    for entry in wanted:
+        if any(c in entry for c in "*?["):
+            found = sorted(m for m in logged if fnmatch.fnmatchcase(m, entry))
+        else:
+            found = [entry]
+        columns.extend(m for m in found if m not in columns)
+    return columns
 
 
 def table(
     runs_a: Iterable[Any],
     runs_b: Iterable[Any] | None = None,
     metrics: Sequence[str] | None = None,
+    system: bool = False,
+    history: History | None = None,
 ) -> str:
     """One row per (stage, key) with the run's status and metrics, as fixed-width text.
 
     With ``runs_b``, each metric gets columns A, B and B - A (rows present in only one
     execution show ``-`` on the other side). ``metrics`` picks the metric columns in the order
-    given; by default every metric any of the runs logged, sorted by name. Rows are in pipeline
-    stage order, then by key, so the same store always prints the same table.
+    given; by default every metric any of the runs logged, sorted by name, MLflow's system
+    metrics only with ``system`` (each shown as its highest sample where ``history`` gives the
+    samples). Rows are in pipeline stage order, then by key, so the same store always prints
+    the same table.
     """
-    chosen_a, counts_a = _by_key(runs_a)
-    chosen_b, counts_b = _by_key(runs_b) if runs_b is not None else ({}, {})
-    everything = [*chosen_a.values(), *chosen_b.values()]
-    names = _metric_columns(metrics, {m for r in everything for m in r.data.metrics})
-    keys = sorted(set(chosen_a) | set(chosen_b), key=_row_order)
+    executions = [Execution.of(runs_a)] + ([Execution.of(runs_b)] if runs_b is not None else [])
+    everything = [r for e in executions for r in e.runs.values()]
+    names = _metric_columns(metrics, {m for r in everything for m in r.data.metrics}, system)
+    keys = sorted({k for e in executions for k in e.runs}, key=_row_order)
 
-    def label(key: tuple[str, str]) -> list[str]:
-        return [key[0], key[1] or MISSING]
-
-    def status(run: Any | None) -> str:
+    def status(execution: Execution, key: Key) -> str:
+        run = execution.runs.get(key)
         return run.info.status if run is not None else MISSING
 
-    def metric(run: Any | None, name: str) -> float | None:
-        return run.data.metrics.get(name) if run is not None else None
+    def metric(execution: Execution, key: Key, name: str) -> float | None:
+        run = execution.runs.get(key)
+        if run is None or name not in run.data.metrics:
+            return None
+        if history is not None and name.startswith(SYSTEM):
+            return max(history(run.info.run_id, name), default=run.data.metrics[name])
+        return run.data.metrics[name]
 
+    pair = len(executions) == 2
+    columns = [Column("stage", text=True), Column("run", text=True)]
+    columns += [Column(f"status {s}" if pair else "status", text=True) for s in "AB"[: 1 + pair]]
+    for name in names:
+        columns += [Column(f"{name} {s}") for s in ("A", "B", "B-A")] if pair else [Column(name)]
     rows: list[list[str]] = []
-    if runs_b is None:
-        header = ["stage", "run", "status", *names]
-        for key in keys:
-            run = chosen_a[key]
-            rows.append([*label(key), status(run), *(_number(metric(run, n)) for n in names)])
-    else:
-        header = ["stage", "run", "status A", "status B"]
+    for key in keys:
+        row = [key[0], key[1] or MISSING, *(status(e, key) for e in executions)]
         for name in names:
-            header += [f"{name} A", f"{name} B", f"{name} B-A"]
-        for key in keys:
-            a, b = chosen_a.get(key), chosen_b.get(key)
-            row = [*label(key), status(a), status(b)]
-            for name in names:
-                va, vb = metric(a, name), metric(b, name)
-                row += [_number(va), _number(vb), _difference(va, vb)]
-            rows.append(row)
-    text = _render(header, rows, left=3 if runs_b is None else 4)
-    repeated = sorted(
-        {k for c in (counts_a, counts_b) for k, n in c.items() if n > 1}, key=_row_order
-    )
-    if repeated:
-        listed = ", ".join(f"{s} {k}".strip() for s, k in repeated)
-        text += f"\n\nseveral runs for {listed}: the latest started is shown"
-    return text
+            values = [metric(e, key, name) for e in executions]
+            row += [_number(v) for v in values] + ([_difference(*values)] if pair else [])
+        rows.append(row)
+    return "\n\n".join([_render(columns, rows), *_repeated(executions)])
 
 
 # --------------------------------------------------------------------------- command
@@ -304,7 +662,7 @@ def _no_runs(execution: str, experiment: str) -> PipelineError:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Print the table of the latest execution, of one, or of two side by side."""
+    """Print the study of the latest execution, of one, or of two side by side (B - A)."""
     from pipeline import tracking
 
     executions: list[str] = list(getattr(args, "executions", None) or [])
@@ -342,6 +700,22 @@ def main(args: argparse.Namespace) -> int:
         prefix = f"{label}: " if label else ""
         print(f"{prefix}execution {execution} ({len(runs)} runs) in experiment {experiment}")
     print()
-    runs_b = selected[1] if len(selected) == 2 else None
-    print(table(selected[0], runs_b, getattr(args, "metric", None)))
+    print(_view(args, client, selected[0], selected[1] if len(selected) == 2 else None))
     return 0
+
+
+def _view(
+    args: argparse.Namespace, client: Any, runs_a: list[Any], runs_b: list[Any] | None
+) -> str:
+    """The study by default; the run view with --metric, or with --system (then every system
+    metric unless --metric names others)."""
+
+    @functools.cache  # the cell table asks for a pretraining run's samples once per cell
+    def history(run_id: str, name: str) -> tuple[float, ...]:
+        return tuple(m.value for m in client.get_metric_history(run_id, name))
+
+    metrics, system = getattr(args, "metric", None), getattr(args, "system", False)
+    if not metrics and not system:
+        return study_table(runs_a, runs_b, history)
+    wanted = metrics or [f"{SYSTEM}*"]
+    return table(runs_a, runs_b, wanted, system, history)

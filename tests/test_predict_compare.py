@@ -7,6 +7,7 @@ runs written straight into the folder's own SQLite MLflow store.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import math
 import re
@@ -19,6 +20,7 @@ import torch
 from PIL import Image
 
 from pipeline import compare, predict, tracking
+from pipeline.config import from_dict
 from pipeline.data.formats import load_image
 from pipeline.errors import DataError, MissingInputError, PipelineError
 from pipeline.models import classifier
@@ -218,6 +220,7 @@ def test_the_cli_predicts_and_reports_bad_input_in_one_line(model_folder, images
 # --------------------------------------------------------------------------- compare
 
 EXPERIMENT = "label-efficiency"
+STUDY = "study"
 
 #: (execution, pipeline_id, stage, extra tags, metrics, status); e2 improves on e1.
 RUNS = [
@@ -246,9 +249,67 @@ RUNS = [
 ]
 
 
+#: The study's cells as the finetune stage tags them: autoencoder is the longest method name,
+#: so its rows are the widest; pixels is the baseline with no weights (kNN and linear only).
+CELLS = [
+    *(
+        (init, mode, fraction)
+        for init in ("scratch", "autoencoder")
+        for mode in ("linear", "finetune")
+        for fraction in ("0.01", "1.0")
+    ),
+    ("pixels", "knn", "0.01"),
+    ("pixels", "knn", "1.0"),
+]
+#: How much better execution s2 is than s1 on every cell's validation and test accuracy.
+GAIN = 0.05
+
+
+def _study_runs(gain: float) -> list[tuple[str, dict, dict]]:
+    """(stage, tags, metrics) of one execution of the study, as each stage logs them."""
+    runs: list[tuple[str, dict, dict]] = [
+        ("download", {}, {"n_train_images": 400.0, "n_test_images": 100.0}),
+        ("split", {}, {"n_train": 360.0, "n_val": 40.0, "n_test": 100.0}),
+        ("augment", {}, {}),
+    ]
+    for method in ("scratch", "autoencoder", "pixels"):
+        runs.append(("pretrain", {"method": method}, {"final_knn_acc": 0.4 + gain}))
+    tests = {}
+    for i, (init, mode, fraction) in enumerate(CELLS):
+        cell = f"{init}-{mode}-{fraction}"
+        tags = {"init": init, "mode": mode, "fraction": fraction, "cell": cell}
+        validation = 0.5 + i / 100 + gain
+        runs.append(("finetune", tags, {"val_acc_seed0": validation, "val_acc": validation}))
+        tests[f"test_accuracy.{cell}"] = validation - 0.02
+    runs += [("evaluate", {}, tests), ("visualize", {}, {"figures": 12.0})]
+    return runs
+
+
+def _log_study(execution: str, gain: float, failing: str | None = None) -> None:
+    """One execution of the study through tracking.start_execution and tracking.stage_run (so
+    with real seconds, peak memory and system metrics); the ``failing`` stage raises."""
+    config = from_dict(params_for(tracking={"experiment": STUDY}))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(tracking.EXECUTION_ENV, execution)
+        patch.setenv(tracking.PARENT_ENV, "")  # start_execution sets it; the patch undoes it
+        parent = tracking.start_execution(config, "test")
+        for stage, tags, metrics in _study_runs(gain):
+            stage_run = tracking.stage_run(stage, config, "idx", [])
+            with contextlib.suppress(RuntimeError), stage_run as tracked:
+                tracked.set_tags(tags)
+                if stage == "finetune":  # Lightning's per-epoch monitors, prefixed per seed
+                    tracked.log_metrics({"seed0-val_acc": 0.1}, step=5)
+                tracked.log_metrics(metrics)
+                if stage == failing:
+                    raise RuntimeError(f"{stage} failed")
+        tracking.end_execution("FINISHED", parent)
+
+
 @pytest.fixture(scope="module")
 def template_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An mlflow.db holding two executions, e2 started after e1 (its runs in another order).
+    """An mlflow.db holding two executions of hand-made runs (e2 started after e1, its runs in
+    another order), and in experiment STUDY two executions of the study logged the way the
+    stages log them (s2 after s1, GAIN better, its visualize stage failed).
 
     Built once: creating an MLflow SQLite store takes seconds, copying the file does not.
     """
@@ -271,6 +332,8 @@ def template_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
             )
             tracking.TrackedRun(client, created.info.run_id).log_metrics(metrics)
             client.set_terminated(created.info.run_id, status=status)
+        _log_study("s1", 0.0)
+        _log_study("s2", GAIN, failing="visualize")
     return folder / tracking.DEFAULT_DB
 
 
@@ -280,6 +343,14 @@ def store(workdir: Path, template_store: Path):
     shutil.copyfile(template_store, workdir / tracking.DEFAULT_DB)
     client = tracking.client()
     return client, client.get_experiment_by_name(EXPERIMENT).experiment_id
+
+
+@pytest.fixture
+def study(store):
+    """(client, experiment id, the runs of s1, the runs of s2) of the study executions."""
+    client, _ = store
+    experiment_id = client.get_experiment_by_name(STUDY).experiment_id
+    return client, experiment_id, *(compare.runs_of(client, experiment_id, e) for e in ("s1", "s2"))
 
 
 def _rows(text: str) -> dict[tuple[str, str], list[str]]:
@@ -398,6 +469,129 @@ def test_a_rerun_in_one_execution_shows_the_latest_run(store):
     text = compare.table(compare.runs_of(client, experiment_id, "e2"), metrics=["final_knn_acc"])
     assert _rows(text)[("pretrain", "simclr")] == ["FINISHED", "0.8000"]
     assert text.endswith("several runs for pretrain simclr: the latest started is shown")
+
+
+def _widest(text: str) -> int:
+    return max(len(line) for line in text.splitlines())
+
+
+def _table(text: str, labels: int) -> tuple[list[str], list[str], dict[tuple, list[str]]]:
+    """A grouped table's group headers, column headers and rows by their ``labels`` text cells;
+    cells are split on two or more spaces (a header such as ``peak MB`` has one)."""
+    groups, header, _, *lines = text.splitlines()
+    rows = {}
+    for line in lines:
+        cells = re.split(r"\s{2,}", line.strip())
+        rows[tuple(cells[:labels])] = cells[labels:]
+    return re.split(r"\s{2,}", groups.strip()), re.split(r"\s{2,}", header.strip()), rows
+
+
+def _run(runs: list, stage: str, key: str = ""):
+    (found,) = [r for r in runs if compare.run_key(r) == (stage, key)]
+    return found.data.metrics
+
+
+def test_the_default_is_the_study_one_row_per_cell_within_120_columns(study):
+    _, _, s1, _ = study
+    text = compare.study_table(s1)
+    assert _widest(text) <= compare.WIDTH
+    cells, stages = text.split("\n\n")  # no notes: every run finished, one run per key
+    groups, header, rows = _table(cells, labels=3)
+    assert groups == ["accuracy", "pretrain", "finetune"]
+    assert header == [
+        *("init", "mode", "fraction", "validation", "test"),
+        *("seconds", "peak MB", "seconds", "peak MB"),
+    ]
+    assert list(rows) == sorted(CELLS, key=lambda c: (c[0], c[1], float(c[2])))
+    pretrain, finetune = (
+        _run(s1, "pretrain", "autoencoder"),
+        _run(s1, "finetune", "autoencoder-finetune-1.0"),
+    )
+    assert rows[("autoencoder", "finetune", "1.0")] == [
+        "0.5700",  # the stage's mean, not Lightning's per-epoch seed0-val_acc
+        "0.5500",  # from the evaluate run
+        f"{pretrain['stage_seconds']:.1f}",
+        f"{pretrain['peak_rss_mb']:.0f}",
+        f"{finetune['stage_seconds']:.1f}",
+        f"{finetune['peak_rss_mb']:.0f}",
+    ]
+    assert "-" not in {v for row in rows.values() for v in row}
+    data_only = [r for r in s1 if r.data.tags["stage"] in ("download", "split")]
+    assert compare.study_table(data_only).startswith("no study cells: no finetune or evaluate")
+    groups, header, rows = _table("\n" + stages, labels=2)
+    assert header == ["stage", "run", "seconds", "peak MB"]
+    assert list(rows) == [
+        (s, "-") for s in ("download", "split", "augment", "evaluate", "visualize")
+    ]
+    assert rows[("split", "-")] == [
+        f"{_run(s1, 'split')['stage_seconds']:.1f}",
+        rows[("split", "-")][1],
+    ]
+
+
+def test_two_executions_show_b_minus_a_on_the_same_rows(study):
+    _, _, s1, s2 = study
+    text = compare.study_table(s1, s2)
+    assert _widest(text) <= compare.WIDTH
+    cells, stages, notes = text.split("\n\n")
+    groups, header, rows = _table(cells, labels=3)
+    assert groups == ["validation accuracy", "test accuracy", "pretrain B-A", "finetune B-A"]
+    assert header == [
+        *("init", "mode", "fraction", "A", "B", "B-A", "A", "B", "B-A"),
+        *("seconds", "peak MB", "seconds", "peak MB"),
+    ]
+    assert list(rows) == sorted(CELLS, key=lambda c: (c[0], c[1], float(c[2])))
+    row = rows[("scratch", "linear", "0.01")]
+    assert row[:6] == ["0.5000", "0.5500", "+0.0500", "0.4800", "0.5300", "+0.0500"]
+    a, b = _run(s1, "pretrain", "scratch"), _run(s2, "pretrain", "scratch")
+    assert float(row[6]) == pytest.approx(b["stage_seconds"] - a["stage_seconds"], abs=0.051)
+    a, b = (_run(s, "finetune", "scratch-linear-0.01") for s in (s1, s2))
+    assert float(row[8]) == pytest.approx(b["stage_seconds"] - a["stage_seconds"], abs=0.051)
+    groups, header, rows = _table(stages, labels=2)
+    assert groups == ["seconds", "peak MB"]
+    assert header == ["stage", "run", "A", "B", "B-A", "A", "B", "B-A"]
+    visualize = rows[("visualize", "-")]  # failed in s2 before it logged its cost
+    assert visualize[1:3] == ["-", "-"] and visualize[4:] == ["-", "-"]
+    assert notes.splitlines() == ["B: not finished: visualize FAILED", compare.MISSING_NOTE]
+
+
+def test_gpu_memory_is_the_highest_sample_where_mlflow_sampled_a_gpu(study):
+    client, experiment_id, _, _ = study
+    (run,) = [
+        r
+        for r in compare.runs_of(client, experiment_id, "s1")
+        if compare.run_key(r) == ("finetune", "pixels-knn-1.0")
+    ]
+    for step, used in enumerate((100.0, 900.0, 300.0)):  # as MLflow's sampler logs them
+        client.log_metric(run.info.run_id, "system/gpu_0_memory_usage_megabytes", used, step=step)
+
+    def history(run_id: str, name: str) -> list[float]:
+        return [m.value for m in client.get_metric_history(run_id, name)]
+
+    text = compare.study_table(compare.runs_of(client, experiment_id, "s1"), history=history)
+    assert _widest(text) <= compare.WIDTH
+    _, header, rows = _table(text.split("\n\n")[0], labels=3)
+    assert header.count("GPU MB") == 2 and header[-1] == "GPU MB"
+    assert rows[("pixels", "knn", "1.0")][-1] == "900"
+    assert rows[("pixels", "knn", "0.01")][-1] == "-"
+
+
+def test_main_shows_the_study_and_system_metrics_only_on_request(study, workdir, capsys):
+    def main(*argv: str) -> list[str]:
+        assert compare.main(_parse(compare.add_arguments, [*argv, "--experiment", STUDY])) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert max(len(line) for line in lines) <= compare.WIDTH
+        return lines
+
+    lines = main()
+    assert lines[0] == f"execution s2 ({len(_study_runs(0))} runs) in experiment {STUDY}"
+    assert lines[3].split()[:3] == ["init", "mode", "fraction"]
+    assert lines[5 + len(CELLS)] == "" and not any("system/" in line for line in lines)
+    everything = "\n".join(main("--metric", "*"))
+    assert "test_accuracy.pixels-knn-1.0" in everything and "system/" not in everything
+    system = "\n".join(main("--system"))
+    assert "system/cpu_utilization_percentage" in system and "val_acc" not in system
+    assert "system/cpu_utilization_percentage" in "\n".join(main("--system", "--metric", "*"))
 
 
 def test_main_prints_the_latest_by_default_and_a_pair_on_request(store, workdir, capsys):
