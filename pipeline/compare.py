@@ -24,9 +24,13 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from pipeline.errors import PipelineError
+
+if TYPE_CHECKING:  # mlflow is imported where a comparison runs, not at CLI start
+    from mlflow.entities import Run
+    from mlflow.tracking import MlflowClient
 
 #: How many runs one search request asks for (MLflow's maximum page is larger).
 PAGE_SIZE = 1000
@@ -90,9 +94,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------- finding runs
 
 
-def _search(client: Any, experiment_id: str, filter_string: str = "") -> list[Any]:
+def _search(client: MlflowClient, experiment_id: str, filter_string: str = "") -> list[Run]:
     """Every active run of the experiment matching ``filter_string``, across result pages."""
-    runs: list[Any] = []
+    runs: list[Run] = []
     token = None
     while True:
         page = client.search_runs(
@@ -108,7 +112,7 @@ def _search(client: Any, experiment_id: str, filter_string: str = "") -> list[An
             return runs
 
 
-def _tag_equals(client: Any, experiment_id: str, tag: str, value: str) -> list[Any]:
+def _tag_equals(client: MlflowClient, experiment_id: str, tag: str, value: str) -> list[Run]:
     """Runs whose ``tag`` is exactly ``value``.
 
     MLflow's filter language has no escape for quotes inside a literal, so a value with a quote
@@ -122,12 +126,12 @@ def _tag_equals(client: Any, experiment_id: str, tag: str, value: str) -> list[A
     return [r for r in found if not _is_parent(r)]
 
 
-def _is_parent(run: Any) -> bool:
+def _is_parent(run: Run) -> bool:
     """An execution's parent run (tracking.start_execution): it groups stage runs, it is none."""
     return run.data.tags.get("role") == "execution"
 
 
-def latest_execution(client: Any, experiment_id: str) -> str | None:
+def latest_execution(client: MlflowClient, experiment_id: str) -> str | None:
     """The ``execution`` tag of the most recently started run, else its ``pipeline_id``.
 
     None when the experiment has no runs, or its latest run carries neither tag (not a run of
@@ -143,7 +147,7 @@ def latest_execution(client: Any, experiment_id: str) -> str | None:
     return tags.get("execution") or tags.get("pipeline_id")
 
 
-def runs_of(client: Any, experiment_id: str, execution: str | None) -> list[Any]:
+def runs_of(client: MlflowClient, experiment_id: str, execution: str | None) -> list[Run]:
     """The runs whose tag ``execution`` or ``pipeline_id`` equals ``execution``, oldest first.
 
     ``None`` means the latest execution (:func:`latest_execution`). Both tags are tried because
@@ -154,7 +158,7 @@ def runs_of(client: Any, experiment_id: str, execution: str | None) -> list[Any]
         execution = latest_execution(client, experiment_id)
         if execution is None:
             return []
-    found: dict[str, Any] = {}
+    found: dict[str, Run] = {}
     for tag in ("execution", "pipeline_id"):
         for run in _tag_equals(client, experiment_id, tag, execution):
             found[run.info.run_id] = run
@@ -166,7 +170,7 @@ def runs_of(client: Any, experiment_id: str, execution: str | None) -> list[Any]
 Key = tuple[str, str]
 
 
-def run_key(run: Any) -> Key:
+def run_key(run: Run) -> Key:
     """(stage, what distinguishes runs of one stage): ``method`` or ``init-mode-fraction``.
 
     A ``seed`` tag, where a stage sets one, is appended so that per-seed runs stay apart.
@@ -206,13 +210,13 @@ class Execution:
     outputs on disk come from.
     """
 
-    runs: Mapping[Key, Any]
+    runs: Mapping[Key, Run]
     counts: Mapping[Key, int]
 
     @classmethod
-    def of(cls, runs: Iterable[Any]) -> Execution:
+    def of(cls, runs: Iterable[Run]) -> Execution:
         """The runs by :func:`run_key`, the latest started kept where a key has several."""
-        chosen: dict[Key, Any] = {}
+        chosen: dict[Key, Run] = {}
         counts: dict[Key, int] = {}
         for run in sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id)):
             key = run_key(run)
@@ -396,7 +400,7 @@ class Quantity:
 
     name: str
     group: str
-    read: Callable[[Execution, Any], float | None]
+    read: Callable[[Execution, Cell | Key], float | None]
     decimals: int
     both: bool = False
 
@@ -425,7 +429,7 @@ def _evaluate_key(execution: Execution) -> Key:
     return max(keys, key=_row_order) if keys else ("evaluate", "")
 
 
-def _gpu_peak(run: Any, history: History | None) -> float | None:
+def _gpu_peak(run: Run, history: History | None) -> float | None:
     """The highest GPU memory use (MB) MLflow sampled during the run, over its devices; None
     without GPU samples. Without ``history`` only the last sample is known."""
     peaks = []
@@ -506,7 +510,7 @@ def _columns(labels: Sequence[str], quantities: Sequence[Quantity], pair: bool) 
 
 
 def _cells_row(
-    quantities: Sequence[Quantity], executions: Sequence[Execution], item: Any
+    quantities: Sequence[Quantity], executions: Sequence[Execution], item: Cell | Key
 ) -> list[str]:
     """One row's numbers for ``item`` (a cell or a run key) in one execution or two."""
     cells: list[str] = []
@@ -522,7 +526,7 @@ def _cells_row(
 
 
 def study_table(
-    runs_a: Iterable[Any], runs_b: Iterable[Any] | None = None, history: History | None = None
+    runs_a: Iterable[Run], runs_b: Iterable[Run] | None = None, history: History | None = None
 ) -> str:
     """The study: one row per cell (init, mode, label fraction) with its validation and test
     accuracy and the seconds and peak memory of its pretraining and fine-tuning runs; then one
@@ -595,8 +599,8 @@ def _metric_columns(
 
 
 def table(
-    runs_a: Iterable[Any],
-    runs_b: Iterable[Any] | None = None,
+    runs_a: Iterable[Run],
+    runs_b: Iterable[Run] | None = None,
     metrics: Sequence[str] | None = None,
     system: bool = False,
     history: History | None = None,
@@ -705,7 +709,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _view(
-    args: argparse.Namespace, client: Any, runs_a: list[Any], runs_b: list[Any] | None
+    args: argparse.Namespace, client: MlflowClient, runs_a: list[Run], runs_b: list[Run] | None
 ) -> str:
     """The study by default; the run view with --metric, or with --system (then every system
     metric unless --metric names others)."""
