@@ -50,15 +50,19 @@ profile: setup
 	@if [ -n "$(PROFILE)" ]; then python -m pipeline profile "$(PROFILE)"; fi
 
 # `dvc commit` records what Snakemake made in dvc.lock, so `dvc repro`/`dvc status` agree afterwards.
+# QUIET keeps the console to one line per job start and end (the Snakefile's job messages), the
+# stages' own lines and the per-epoch progress: no header block, no reasons. Each job's detail is
+# in its log under logs/; `snakemake -n` lists every job's files and why it would run.
+QUIET := --quiet reason host
 run: setup profile
-	snakemake --cores all
+	snakemake --cores all $(QUIET)
 	dvc commit --force --quiet
 
 # The same pipeline on a SLURM cluster (README, "Past one machine"): every job through sbatch with
 # what params.yaml's resources section asks for. SLURM_ARGS adds Snakemake options, for example
 # SLURM_ARGS="--slurm-status-command squeue" where the cluster keeps no accounting.
 cluster: setup profile
-	snakemake --profile profiles/slurm $(SLURM_ARGS)
+	snakemake --profile profiles/slurm $(QUIET) $(SLURM_ARGS)
 	dvc commit --force --quiet
 
 # `snakemake --touch` records what DVC made in Snakemake's metadata, so `snakemake -n` agrees.

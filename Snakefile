@@ -19,3 +19,12 @@ rule all:
     default_target: True
     input:
         all_targets(),
+
+
+# A run prints one console line per job start, "Job 7: pretrain, log logs/pretrain/simclr.log",
+# where Snakemake would print a block listing every input (about 40 code files per job); the
+# job's log has its detail, and a failed job is still shown in full. A dry run (snakemake -n)
+# keeps the blocks: what would run, from which files, and why.
+if not getattr(workflow.output_settings, "dryrun", True):
+    for job_rule in workflow.rules:
+        job_rule.message = "{rule}, log {log}" if job_rule.log else "{rule}"

@@ -28,7 +28,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import numpy as np
@@ -36,18 +36,27 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-from mlflow.pyfunc import PythonModel
+from mlflow.pyfunc import PythonModel, PythonModelContext
 from mlflow.types import ColSpec, Schema, TensorSpec
 
 from pipeline.models import classifier
 from pipeline.predict import probabilities_of
+
+if TYPE_CHECKING:
+    from mlflow.pyfunc import PyFuncModel
+    from mlflow.pyfunc.scoring_server import InvocationsResponse
+
+    # MLflow's handler: (body, content type, model, input schema) -> response
+    Invocations = Callable[
+        [bytes | str, str | None, PyFuncModel, Schema | None], InvocationsResponse
+    ]
 
 #: The JSON keys of MLflow's scoring protocol that carry a tensor; the others are DataFrames
 #: (which MLflow reshapes and casts to the tensor's dtype without a check) or LLM formats.
 TENSOR_KEYS = ("inputs", "instances")
 
 
-def signature(description: dict[str, Any]) -> ModelSignature:
+def signature(description: dict[str, Any]) -> ModelSignature:  # Any: model.json as parsed
     """The served contract of a classifier described by ``model.json``: N x H x W x C uint8
     images in (as ``pipeline predict`` reads them), then ``class``, ``probability`` and one
     ``p_<class>`` per class out. MLflow stores it with the model and enforces it on every call."""
@@ -95,7 +104,7 @@ class ImageContract:
             " (integer pixel values 0..255)"
         )
 
-    def problem(self, images: Any) -> str | None:
+    def problem(self, images: object) -> str | None:
         """Why ``images`` (nested lists from JSON, or an array) break the contract, naming the
         expected and the received dtype and shape; None when they keep it. Never the values."""
         if isinstance(images, dict | str | int | float | bool) or images is None:
@@ -147,7 +156,7 @@ class ImageContract:
         return self.problem(payload[keys[0]])
 
 
-def _json_kind(value: Any) -> str:
+def _json_kind(value: object) -> str:
     """The JSON name of a decoded value's type, for messages."""
     if value is None:
         return "null"
@@ -165,7 +174,7 @@ def _dtype_words(dtype: np.dtype) -> str:
     )
 
 
-def checked_invocations(invocations: Callable[..., Any]) -> Callable[..., Any]:
+def checked_invocations(invocations: Invocations) -> Invocations:
     """MLflow's request handler with the image contract checked first, on the request body.
 
     MLflow's scoring server parses a JSON tensor with ``np.array(values, dtype=<signature's>)``
@@ -176,7 +185,9 @@ def checked_invocations(invocations: Callable[..., Any]) -> Callable[..., Any]:
     """
 
     @functools.wraps(invocations)
-    def checked(data: Any, content_type: str | None, model: Any, input_schema: Any) -> Any:
+    def checked(
+        data: bytes | str, content_type: str | None, model: PyFuncModel, input_schema: Schema | None
+    ) -> InvocationsResponse:
         contract = ImageContract.of_schema(input_schema)
         if contract is not None and (problem := contract.request_problem(data, content_type)):
             raise MlflowException(problem, error_code=INVALID_PARAMETER_VALUE)
@@ -208,7 +219,7 @@ def _guard_scoring_server() -> None:
 class Classifier(PythonModel):
     """A pipeline classifier behind MLflow's pyfunc interface."""
 
-    def load_context(self, context: Any) -> None:
+    def load_context(self, context: PythonModelContext) -> None:
         """Load the classifier (weights only) and check requests in front of MLflow's server."""
         self.module, self.description = classifier.load(Path(context.artifacts["classifier"]))
         self.classes = list(self.description["classes"])
@@ -216,7 +227,9 @@ class Classifier(PythonModel):
         self.contract = ImageContract(size, size, self.description["in_channels"])
         _guard_scoring_server()
 
-    def predict(self, context: Any, model_input: Any, params: dict | None = None) -> Any:
+    def predict(
+        self, context: PythonModelContext, model_input: np.ndarray, params: dict | None = None
+    ) -> pd.DataFrame:
         """Class and probabilities per image. MLflow has enforced the signature by now; checked
         again so that a direct call can never cast a float image to zeros either."""
         if problem := self.contract.problem(model_input):

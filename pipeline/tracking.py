@@ -12,6 +12,11 @@ Stages run side by side (``snakemake --cores N``) and whole pipelines run at onc
 SQLite store, so every client goes through :func:`prepare_store` (schema creation one process at a
 time, a generous SQLite busy timeout) and the calls a stage makes are retried while the store is
 locked (:func:`with_retry`).
+
+A store that cannot be written (a full disk, a file-size limit, a read-only file, a server that
+refuses) is the machine's state, not a bug: the stage stops with one line naming the store and
+the way out (:class:`StoreError`). The stage's run is created before it does any work, so such a
+store stops it before any output is touched.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import fcntl
 import functools
 import logging
 import os
+import sqlite3
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -29,6 +35,7 @@ from typing import Any, TypeVar
 
 from pipeline.config import Config
 from pipeline.errors import PipelineError
+from pipeline.io import is_disk_error
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +52,55 @@ INIT_LOCK_TIMEOUT_S = 300.0
 #: waited for the busy timeout), so a stage gives up with a clear error after about two minutes.
 RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 16.0)
 LOCKED = "database is locked"
+
+#: The experiment tag MLflow 3's UI reads to choose an experiment's landing page: without it an
+#: experiment may open on the GenAI overview of traces, empty for this pipeline;
+#: ``custom_model_development`` is the training view (its runs). MLflow 3.17's UI follows its
+#: own "GenAI | Model training" switch instead; README says how to open the training view there.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+#: SQLite's words for a store it cannot write: (text in the error, what it means, what to do).
+#: ``{path}`` is the database file. A file-size limit makes SQLite's write fail with EFBIG,
+#: which it reports as a disk I/O error.
+_SQLITE_PROBLEMS = (
+    ("database or disk is full", "the disk is full", "free space on the disk that holds {path}"),
+    (
+        "disk I/O error",
+        "disk I/O error (a full disk, a file-size limit or a failing disk)",
+        "free space on the disk that holds {path} or raise the file-size limit "
+        "(ulimit -f unlimited)",
+    ),
+    (
+        "attempt to write a readonly database",
+        "the database file is read-only",
+        "make {path} and its folder writable for you",
+    ),
+    (
+        "unable to open database file",
+        "the database file cannot be opened or created",
+        "make sure the folder of {path} exists and is writable for you",
+    ),
+)
+#: MLflow error codes of a server that refuses a request; any other code (a bad parameter, a
+#: name that exists) is a mistake in the request and keeps its traceback.
+_SERVER_REFUSALS = frozenset(
+    {
+        "PERMISSION_DENIED",
+        "UNAUTHENTICATED",
+        "CUSTOMER_UNAUTHORIZED",
+        "TEMPORARILY_UNAVAILABLE",
+        "INTERNAL_ERROR",
+        "ENDPOINT_NOT_FOUND",
+        "REQUEST_LIMIT_EXCEEDED",
+        "RESOURCE_EXHAUSTED",
+        "DEADLINE_EXCEEDED",
+    }
+)
+OTHER_STORE = (
+    "or send the runs to another store (MLFLOW_TRACKING_URI=sqlite:////abs/path/other.db, "
+    "or the http:// address of an mlflow server)"
+)
 
 T = TypeVar("T")
 _prepared: set[str] = set()
@@ -76,16 +132,106 @@ def artifacts_root(uri: str) -> Path | None:
     return None if path is None else path.parent / DEFAULT_ARTIFACTS
 
 
-def is_locked(error: BaseException) -> bool:
-    """Whether an error (or what caused it) is SQLite's SQLITE_BUSY, "database is locked".
-
-    MLflow wraps sqlite3.OperationalError in sqlalchemy's, then in an MlflowException."""
+def _chain(error: BaseException) -> Iterator[BaseException]:
+    """The error and what caused it, outermost first (MLflow wraps sqlite3.OperationalError in
+    sqlalchemy's, then in an MlflowException; Lightning's teardown can add a second error)."""
     seen: BaseException | None = error
     while seen is not None:
-        if LOCKED in str(seen):
-            return True
+        yield seen
         seen = seen.__cause__ or seen.__context__
-    return False
+
+
+def is_locked(error: BaseException) -> bool:
+    """Whether an error (or what caused it) is SQLite's SQLITE_BUSY, "database is locked"."""
+    return any(LOCKED in str(seen) for seen in _chain(error))
+
+
+class StoreError(PipelineError):
+    """The MLflow store refused a write: full disk, file-size limit, read-only file, a server
+    that refuses. The message names the store, what it said, and what to do."""
+
+
+def store_problem(error: BaseException, uri: str) -> tuple[str, str] | None:
+    """(what is wrong, what to do) when ``error`` says the store at ``uri`` cannot be written;
+    None for anything else (a bug keeps its traceback)."""
+    path = sqlite_path(uri)
+    for seen in _chain(error):
+        if isinstance(seen, sqlite3.Error):
+            text = str(seen)
+            for needle, problem, remedy in _SQLITE_PROBLEMS:
+                if needle in text:
+                    return problem, remedy.format(path=path)
+        written = _written(seen) if is_disk_error(seen) else None
+        if written is not None and _in_store(written, path):
+            assert isinstance(seen, OSError)
+            return f"{os.strerror(seen.errno)} while writing {written}", "free space on that disk"
+    if path is None and _refused_by_server(error):
+        return (
+            f"the server did not take the request: {_first_line(error)}",
+            f"check that the server at {uri} runs and lets you write (its log says why)",
+        )
+    return None
+
+
+def _written(error: BaseException) -> Path | None:
+    """The file a refused write went to (``filename2`` where an OSError has two: copy, rename)."""
+    if not isinstance(error, OSError):
+        return None
+    written = error.filename2 if error.filename2 is not None else error.filename
+    return None if written is None else Path(os.fsdecode(written))
+
+
+def _in_store(written: Path, database: Path | None) -> bool:
+    """Whether a refused write was the store's (its database or artifact folder), not one of the
+    stage's own outputs: those are the disk errors the CLI reports (pipeline.cli)."""
+    if database is None:
+        return False
+    target = written.resolve()
+    artifacts = database.parent / DEFAULT_ARTIFACTS
+    in_folder = target.parent == database.parent and target.name.startswith(database.name)
+    return in_folder or target.is_relative_to(artifacts)
+
+
+def _refused_by_server(error: BaseException) -> bool:
+    """Whether MLflow's REST client gave up on the server: no answer, or a refusal."""
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(error, MlflowException):
+        return False
+    return error.message.startswith("API request to") or error.error_code in _SERVER_REFUSALS
+
+
+def _first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of an error's message, cut to ``limit`` characters: MLflow's messages
+    carry the SQL statement and the server's whole response body."""
+    text = str(getattr(error, "message", error)).strip().splitlines()
+    line = text[0] if text else type(error).__name__
+    return line if len(line) <= limit else f"{line[: limit - 3]}..."
+
+
+def store_error(error: BaseException, what: str) -> StoreError | None:
+    """A one-line :class:`StoreError` for a store that cannot be written, else None."""
+    if isinstance(error, StoreError):
+        return error
+    uri = tracking_uri()
+    found = store_problem(error, uri)
+    if found is None:
+        return None
+    problem, remedy = found
+    return StoreError(
+        f"MLflow store {uri} cannot be written while {what}: {problem}; {remedy}, {OTHER_STORE}, "
+        "then run it again"
+    )
+
+
+class _HideReportedStoreErrors(logging.Filter):
+    """MLflow logs a database error with its whole traceback before it raises it. One that means
+    the store cannot be written is reported by the stage in one line (:func:`store_error`), so
+    the traceback is dropped here; every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return error is None or store_problem(error, tracking_uri()) is None
 
 
 def with_retry(call: Callable[[], T], what: str) -> T:
@@ -93,6 +239,7 @@ def with_retry(call: Callable[[], T], what: str) -> T:
 
     Every try already waited for SQLite's busy timeout, so a lock that outlasts all of them is
     held by something stuck: the stage stops with one line that names the store and the way out.
+    A store that cannot be written at all (:func:`store_error`) stops it at once, also in one line.
     A failed try was rolled back by MLflow's session, so trying again cannot record twice.
     """
     started = time.monotonic()
@@ -101,7 +248,10 @@ def with_retry(call: Callable[[], T], what: str) -> T:
             return call()
         except Exception as err:
             if not is_locked(err):
-                raise
+                refused = store_error(err, what)
+                if refused is None or refused is err:
+                    raise
+                raise refused from err
             if delay is None:
                 raise PipelineError(
                     f"MLflow store {tracking_uri()} stayed locked ({LOCKED}) while {what}, "
@@ -298,27 +448,52 @@ UNTRACKED = _Untracked()
 def client() -> Any:
     """An MlflowClient on :func:`tracking_uri` (store prepared for concurrent use), with MLflow's
     own chatter turned down."""
-    for name in ("alembic", "mlflow"):
-        logging.getLogger(name).setLevel(logging.WARNING)
     from mlflow.tracking import MlflowClient
 
+    quiet_mlflow_logs()
     uri = tracking_uri()
     prepare_store(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+def quiet_mlflow_logs() -> None:
+    """MLflow's INFO lines (schema migrations, the system-metrics sampler starting and stopping
+    in every job) to WARNING, and its tracebacks of store errors the stage reports in one line
+    dropped. After ``import mlflow``, which sets up its loggers (and would reset the levels)."""
+    import mlflow  # noqa: F401 - configures MLflow's loggers first
+
+    for name in ("alembic", "mlflow", "mlflow.system_metrics"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    store_log = logging.getLogger("mlflow.store.db.utils")
+    if not any(isinstance(f, _HideReportedStoreErrors) for f in store_log.filters):
+        store_log.addFilter(_HideReportedStoreErrors())
+
+
 def ensure_experiment(mlflow_client: Any, name: str) -> str:
-    """The experiment's id, creating it (artifacts beside the SQLite store) when missing."""
+    """The experiment's id, creating it (artifacts beside the SQLite store) when missing.
+
+    It carries ``mlflow.experimentKind`` (:data:`EXPERIMENT_KIND`), which tells MLflow's UI that
+    it is model training; an experiment made before (or by another tool) gets the tag when it
+    has none, and a kind someone chose is left alone.
+    """
     from mlflow.exceptions import MlflowException
 
     found = with_retry(lambda: mlflow_client.get_experiment_by_name(name), "finding the experiment")
     if found is not None:
+        if EXPERIMENT_KIND_TAG not in found.tags:
+            with_retry(
+                lambda: mlflow_client.set_experiment_tag(
+                    found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND
+                ),
+                "tagging the experiment",
+            )
         return found.experiment_id
     root = artifacts_root(tracking_uri())
     location = None if root is None else root.as_uri()
+    tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
     try:
         return with_retry(
-            lambda: mlflow_client.create_experiment(name, artifact_location=location),
+            lambda: mlflow_client.create_experiment(name, artifact_location=location, tags=tags),
             "creating the experiment",
         )
     except MlflowException:
@@ -418,10 +593,17 @@ def start_execution(config: Config, runner: str) -> str:
 
 
 def end_execution(status: str, run_id: str | None = None) -> None:
-    """End the parent run this process started (or ``run_id``) FINISHED or FAILED."""
+    """End the parent run this process started (or ``run_id``) FINISHED or FAILED.
+
+    A store that refuses is a warning here: the jobs' results stand, and each job that met the
+    refusal has already said so in its own error line."""
     run_id = run_id or _started_parent
-    if run_id:
+    if not run_id:
+        return
+    try:
         TrackedRun(client(), run_id).terminate(status)
+    except StoreError as err:
+        log.warning("the execution's parent run %s is not marked %s: %s", run_id, status, err)
 
 
 def _system_metrics(run_id: str) -> Any:
@@ -447,7 +629,37 @@ def stage_run(
 ) -> Iterator[TrackedRun]:
     """Open the MLflow run of one stage execution; it ends FINISHED, or FAILED on an exception.
 
-    It is nested under the pipeline invocation's parent run when there is one (PARENT_ENV)."""
+    It is nested under the pipeline invocation's parent run when there is one (PARENT_ENV).
+    The run is created, and its params written, before the stage does any work: a store that
+    cannot be written stops the stage there, with its outputs untouched. A store that fails
+    later (during training, or while the results are logged) also ends the stage in one line.
+    """
+    try:
+        tracked = _open_run(stage, config, dataset, param_keys)
+    except StoreError as err:
+        raise StoreError(f"{err}. The stage did no work: its outputs are as they were") from err
+    started = time.perf_counter()
+    monitor = _system_metrics(tracked.run_id)
+    try:
+        yield tracked
+    except BaseException as err:
+        refused = store_error(err, "the stage logged to it")
+        if refused is None:
+            _stop(monitor)
+            _mark_failed(tracked)
+            raise
+        # The store refuses writes: no last sample and no FAILED mark (the run stays RUNNING).
+        _abandon(monitor)
+        if refused is err:
+            raise
+        raise refused from err
+    _stop(monitor)
+    tracked.log_metrics(resource_metrics(started))  # a refusal here is a StoreError already
+    tracked.terminate("FINISHED")
+
+
+def _open_run(stage: str, config: Config, dataset: str, param_keys: Iterable[str]) -> TrackedRun:
+    """Create the stage's run with its tags and params (the store's first writes)."""
     mlflow_client = client()
     experiment_id = ensure_experiment(mlflow_client, config.tracking.experiment)
     tags = {
@@ -467,17 +679,7 @@ def stage_run(
         params.update(flatten(config.section(key), key))
     tracked.log_params(params)
     log.info("MLflow run %s (%s) in %s", run.info.run_id, stage, tracking_uri())
-    started = time.perf_counter()
-    monitor = _system_metrics(run.info.run_id)
-    try:
-        yield tracked
-    except BaseException:
-        _stop(monitor)
-        _mark_failed(tracked)
-        raise
-    _stop(monitor)
-    tracked.log_metrics(resource_metrics(started))
-    tracked.terminate("FINISHED")
+    return tracked
 
 
 def _stop(monitor: Any) -> None:
@@ -492,6 +694,20 @@ def _stop(monitor: Any) -> None:
         monitor.mlflow_logger.flush()
     except Exception as err:  # noqa: BLE001 - metrics about the run must not fail the run
         log.warning("could not record the last system metrics: %s", err)
+
+
+def _abandon(monitor: Any) -> None:
+    """Stop the sampler without its last write: the store has just refused one, and MLflow would
+    log the second refusal as an ERROR under the stage's one-line error."""
+    if monitor is None:
+        return
+    sampler_log = logging.getLogger("mlflow.system_metrics.system_metrics_monitor")
+    sampler_log.disabled = True
+    try:
+        with contextlib.suppress(Exception):  # the stage's own error is already on its way
+            monitor.finish()
+    finally:
+        sampler_log.disabled = False
 
 
 def _mark_failed(tracked: TrackedRun) -> None:

@@ -15,27 +15,38 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import Config, ConfigError
 from pipeline.errors import MissingInputError
 from pipeline.io import write_bytes
+
+if TYPE_CHECKING:  # Lightning and torch are imported only to train: the Snakefile imports this
+    import torch
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+    from lightning.pytorch import LightningModule, Trainer
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from pipeline.config import TrainerConfig
+    from pipeline.tracking import TrackedRun
 
 log = logging.getLogger(__name__)
 
 
 def make_trainer(
     config: Config,
-    tracked: Any,
+    tracked: TrackedRun,
     epochs: int,
     steps_per_epoch: int,
-    callbacks: list,
+    callbacks: list[Callback],
     prefix: str = "",
     label: str = "training",
-    **options: Any,
-) -> Any:
+    **options: Any,  # Any: passed on to lightning.Trainer, whose keywords each have their type
+) -> Trainer:
     """The Trainer every training stage uses: accelerator chosen by Lightning, the precision of
     ``trainer.precision`` (:func:`precision`), deterministic on the CPU, per-epoch metrics into
     the stage's own MLflow run, one progress line per epoch (``label`` names the job in it) and
@@ -47,6 +58,7 @@ def make_trainer(
     from pipeline import tracking
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no banner per process
+    ignore_known_warnings()
     cuda = torch.cuda.is_available()
     settings = config.trainer
     return L.Trainer(
@@ -81,7 +93,31 @@ def make_trainer(
     )
 
 
-def epoch_progress(label: str) -> Any:
+def ignore_known_warnings() -> None:
+    """Hide third-party warnings that every training job printed and that ask nothing of the
+    user, each matched by its message and the module that warns (anything else still shows).
+
+    - torch deprecates ``LeafSpec()``, which Lightning 2.6 still builds for every batch
+      (Lightning-AI/pytorch-lightning#21326); nothing to do on our side.
+    - Lightning suggests ``srun`` on any machine where SLURM is installed and a job was not
+      started by it (added in Lightning-AI/pytorch-lightning#15011; lightly-ai/lightly-train#148
+      filters it for the same reason). The pipeline's jobs are started by Snakemake or DVC, and
+      ``make cluster`` places them on the cluster itself.
+    """
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+        module=r"lightning\.pytorch\.utilities\._pytree",
+    )
+    warnings.filterwarnings(
+        "ignore",
+        message=r"The `srun` command is available on your system but is not used",
+        module=r"lightning\.fabric\.plugins\.environments\.slurm",
+    )
+
+
+def epoch_progress(label: str) -> Callback:
     """An :class:`EpochProgress` Lightning callback (Lightning is imported only to train: the
     Snakefile imports this module before any job starts)."""
     from lightning.pytorch.callbacks import Callback
@@ -106,18 +142,23 @@ class EpochProgress:
         self._images = 0
         self._epoch_seconds: list[float] = []
 
-    def on_train_epoch_start(self, trainer: Any, module: Any) -> None:
+    def on_train_epoch_start(self, trainer: Trainer, module: LightningModule) -> None:
         self._epoch_started = self._train_ended = time.perf_counter()
         self._images = 0
 
     def on_train_batch_end(
-        self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int
+        self,
+        trainer: Trainer,
+        module: LightningModule,
+        outputs: object,
+        batch: torch.Tensor | Sequence[torch.Tensor],
+        batch_idx: int,
     ) -> None:
         first = batch[0] if isinstance(batch, (tuple, list)) else batch
         self._images += len(first) * trainer.world_size
         self._train_ended = time.perf_counter()
 
-    def on_validation_end(self, trainer: Any, module: Any) -> None:
+    def on_validation_end(self, trainer: Trainer, module: LightningModule) -> None:
         if trainer.sanity_checking or not is_rank_zero():
             return
         seconds = time.perf_counter() - self._epoch_started
@@ -160,7 +201,7 @@ def require_devices(config: Config) -> None:
         raise ConfigError(f"params.yaml: {problem}")
 
 
-def device_problem(settings: Any, environ: Mapping[str, str] | None = None) -> str | None:
+def device_problem(settings: TrainerConfig, environ: Mapping[str, str] | None = None) -> str | None:
     """Why this machine cannot run the processes ``trainer`` asks for, or None.
 
     Both mistakes would otherwise surface late or never: Lightning refuses more GPUs than there
@@ -192,7 +233,7 @@ def device_problem(settings: Any, environ: Mapping[str, str] | None = None) -> s
     return None
 
 
-def _strategy(settings: Any) -> Any:
+def _strategy(settings: TrainerConfig) -> str | DDPStrategy:
     """Lightning's strategy: one device as before, else DDP over gloo on the CPU, NCCL on GPUs."""
     if not settings.distributed:
         return "auto"
@@ -216,7 +257,9 @@ def is_rank_zero() -> bool:
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, config: Config, dataset: str, param_keys: Any) -> Iterator[Any]:
+def stage_run(
+    stage: str, config: Config, dataset: str, param_keys: Iterable[str]
+) -> Iterator[TrackedRun]:
     """The stage's MLflow run on rank zero (:func:`pipeline.tracking.stage_run`); on every other
     rank a run that records nothing."""
     from pipeline import tracking
@@ -258,7 +301,7 @@ def cpu_has_bf16() -> bool:
     return False
 
 
-def atomic_checkpoint_io() -> Any:
+def atomic_checkpoint_io() -> TorchCheckpointIO:
     """Lightning's checkpoint writer, made atomic on the checkpoint's own file system.
 
     Lightning stages a checkpoint in the system temp folder and moves it into place, which is a
@@ -270,7 +313,9 @@ def atomic_checkpoint_io() -> Any:
     from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
     class AtomicCheckpointIO(TorchCheckpointIO):
-        def save_checkpoint(self, checkpoint: dict, path: Any, storage_options: Any = None) -> None:
+        def save_checkpoint(
+            self, checkpoint: dict[str, Any], path: str | Path, storage_options: object = None
+        ) -> None:
             buffer = io.BytesIO()
             torch.save(checkpoint, buffer)
             write_bytes(Path(path), buffer.getvalue())
@@ -278,7 +323,7 @@ def atomic_checkpoint_io() -> Any:
     return AtomicCheckpointIO()
 
 
-def checkpoint_dir(stage: str, name: str, *material: Any) -> Path:
+def checkpoint_dir(stage: str, name: str, *material: object) -> Path:
     """Where a run's checkpoints live: ``checkpoints/<stage>/<name>-<key>/``, one folder per
     (job, settings, data), the key a hash of ``material`` (everything that shapes the run), so
     an interrupted run resumes and a run with other settings starts afresh."""

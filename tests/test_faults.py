@@ -1,6 +1,7 @@
 """Faults with real processes, files, sockets and signals: cut-off and killed downloads, corrupted
-split and prepared files, a full disk. Each must end in a one-line error (or a clean restart), and
-no stage may ever see a half-written file or lose the outputs of an earlier run.
+split and prepared files, a full disk, an MLflow store that cannot be written. Each must end in
+a one-line error (or a clean restart), and no stage may ever see a half-written file or lose the
+outputs of an earlier run.
 
 Every stage runs as ``python -m pipeline ...`` in a subprocess. The tests share one MLflow store
 (creating one costs seconds) and copy data made once per module instead of re-making it.
@@ -509,3 +510,67 @@ def test_a_file_size_limit_is_one_line_and_keeps_the_previous_download(
     assert "ulimit -f" in line and "point the output elsewhere" in line
     assert digests(project / "data") == before  # raw and prepared both as they were
     assert temporaries(project / "data") == []
+
+
+# --- C: a tracking store that cannot be written -------------------------------------------------
+
+
+@pytest.fixture
+def read_only() -> Iterator[Callable[[Path], None]]:
+    """Make a file read-only for this process: chmod for a user, the immutable attribute for
+    root (whom file modes do not stop); undone at the end. Skips where neither is possible."""
+    made: list[Path] = []
+
+    def make(path: Path) -> None:
+        if os.geteuid() != 0:
+            path.chmod(0o444)
+            return
+        done = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot make a file read-only for root here: {done.stderr.strip()}")
+        made.append(path)
+
+    yield make
+    for path in made:
+        subprocess.run(["chattr", "-i", str(path)], check=False)
+
+
+@pytest.mark.parametrize(
+    ("fault", "expected"),
+    [
+        ("file-size limit", "disk I/O error"),
+        ("read-only file", "the database file is read-only"),
+    ],
+)
+def test_a_tracking_store_that_cannot_be_written_is_one_line_and_keeps_the_outputs(
+    tmp_path: Path,
+    env: dict[str, str],
+    tiny_project: Path,
+    read_only: Callable[[Path], None],
+    fault: str,
+    expected: str,
+):
+    project = copy_project(tiny_project, tmp_path / "project", "prepared", "splits")
+    # A copy of the module's store (its experiment exists and is tagged), so the stage's first
+    # write is its own run: the write a full disk refuses.
+    store = tmp_path / "store" / "mlflow.db"
+    store.parent.mkdir()
+    shutil.copy2(Path(env["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///")), store)
+    uri = f"sqlite:///{store}"
+    before, store_before = digests(project / "data"), store.read_bytes()
+
+    if fault == "read-only file":
+        read_only(store)
+        result = cli(project, env | {"MLFLOW_TRACKING_URI": uri}, "split")
+    else:  # 1 KiB: SQLite cannot write its rollback journal, as on a full disk (no mount needed)
+        limit = _limit_file_size(1 << 10)
+        result = cli(project, env | {"MLFLOW_TRACKING_URI": uri}, "split", preexec_fn=limit)
+
+    line = one_error_line(result)
+    assert f"MLflow store {uri} cannot be written while creating the run: {expected}" in line
+    assert "MLFLOW_TRACKING_URI=" in line and "then run it again" in line
+    assert "The stage did no work: its outputs are as they were" in line
+    assert "system metrics" not in result.stderr  # nothing more from MLflow under the line
+    assert digests(project / "data") == before
+    assert temporaries(project / "data") == []
+    assert store.read_bytes() == store_before  # SQLite refused before it changed a byte

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import http.server
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -162,3 +164,74 @@ def test_stages_log_to_a_real_mlflow_server(mlflow_server: str, tiny_idx: Path, 
     assert [r.data.tags["stage"] for r in runs] == ["download", "split"]
     artifacts = MlflowClient(mlflow_server).list_artifacts(runs[1].info.run_id)
     assert "report.json" in {a.path for a in artifacts}
+
+
+def test_the_experiment_opens_on_mlflows_training_view(workdir: Path, tiny_idx: Path):
+    """The experiment says it is model training (mlflow.experimentKind, which MLflow 3's UI reads
+    to open it on its runs, not on the GenAI traces overview), also when made without the tag."""
+    download.run(_idx_config(tiny_idx))
+    client = MlflowClient(tracking.tracking_uri())
+    made = client.get_experiment_by_name("label-efficiency")
+    assert made.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+
+    older = client.create_experiment("made-before-the-tag")
+    genai = client.create_experiment(
+        "chosen-by-a-user", tags={tracking.EXPERIMENT_KIND_TAG: "genai_development"}
+    )
+    assert tracking.ensure_experiment(client, "made-before-the-tag") == older
+    assert tracking.ensure_experiment(client, "chosen-by-a-user") == genai
+    assert client.get_experiment(older).tags[tracking.EXPERIMENT_KIND_TAG] == (
+        "custom_model_development"
+    )
+    assert client.get_experiment(genai).tags[tracking.EXPERIMENT_KIND_TAG] == "genai_development"
+
+
+class _Refusing(http.server.BaseHTTPRequestHandler):
+    """What an authenticating proxy in front of an MLflow server answers without a token."""
+
+    def refuse(self) -> None:
+        body = b"<html><body>403 Forbidden: sign in first</body></html>"
+        self.send_response(403)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_PATCH = do_DELETE = refuse
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def refusing_server() -> Iterator[str]:
+    """A real HTTP server on 127.0.0.1 that answers every request 403; yields its URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("server", ["refuses with 403", "is not listening"])
+def test_a_tracking_server_that_refuses_ends_the_stage_in_one_line(
+    server: str, refusing_server: str, tiny_idx: Path, tmp_path: Path
+):
+    uri = refusing_server if server == "refuses with 403" else f"http://127.0.0.1:{_free_port()}"
+    work = tmp_path / "work"
+    work.mkdir()
+    write_params(work, params_for("idx", data={"local_path": str(tiny_idx)}))
+    # No retries: MLflow's client would otherwise retry a silent port for about four minutes.
+    env = run_env() | {"MLFLOW_TRACKING_URI": uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    result = run(["python", "-m", "pipeline", "download"], work, env=env, check=False)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert f"MLflow store {uri} cannot be written while finding the experiment" in line
+    assert "the server did not take the request" in line
+    assert ("403" in line) == (server == "refuses with 403")
+    assert f"check that the server at {uri} runs" in line
+    assert "The stage did no work" in line
+    assert not (work / "data").exists()
