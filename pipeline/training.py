@@ -15,11 +15,11 @@ import logging
 import os
 import sys
 import time
-import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline import third_party
 from pipeline.config import Config, ConfigError
 from pipeline.errors import MissingInputError
 from pipeline.io import write_bytes
@@ -58,7 +58,7 @@ def make_trainer(
     from pipeline import tracking
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no banner per process
-    ignore_known_warnings()
+    third_party.ignore_known_warnings()
     cuda = torch.cuda.is_available()
     settings = config.trainer
     return L.Trainer(
@@ -90,30 +90,6 @@ def make_trainer(
         num_sanity_val_steps=0,
         log_every_n_steps=max(1, steps_per_epoch),
         **options,
-    )
-
-
-def ignore_known_warnings() -> None:
-    """Hide third-party warnings that every training job printed and that ask nothing of the
-    user, each matched by its message and the module that warns (anything else still shows).
-
-    - torch deprecates ``LeafSpec()``, which Lightning 2.6 still builds for every batch
-      (Lightning-AI/pytorch-lightning#21326); nothing to do on our side.
-    - Lightning suggests ``srun`` on any machine where SLURM is installed and a job was not
-      started by it (added in Lightning-AI/pytorch-lightning#15011; lightly-ai/lightly-train#148
-      filters it for the same reason). The pipeline's jobs are started by Snakemake or DVC, and
-      ``make cluster`` places them on the cluster itself.
-    """
-    warnings.filterwarnings(
-        "ignore",
-        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-        category=FutureWarning,
-        module=r"lightning\.pytorch\.utilities\._pytree",
-    )
-    warnings.filterwarnings(
-        "ignore",
-        message=r"The `srun` command is available on your system but is not used",
-        module=r"lightning\.fabric\.plugins\.environments\.slurm",
     )
 
 

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline import third_party
 from pipeline.checks import is_int
 from pipeline.models.backbones import init_weights, make_activation
 from pipeline.viz import figures
@@ -215,6 +216,7 @@ def count_parameters(model: nn.Module) -> int:
 
 def _trainer() -> L.Trainer:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no banner per net
+    third_party.ignore_known_warnings()
     return L.Trainer(
         accelerator="cpu",
         devices=1,
