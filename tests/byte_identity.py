@@ -18,10 +18,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+import yaml
+
 from tests.conftest import (
     PROJECT_FILES,
     REPO,
-    params_for,
     sync_matrix,
     write_params,
     write_tiny_idx,
@@ -49,7 +50,9 @@ def project(root: Path, source: Path, data: Path) -> Path:
             )
         elif (source / name).exists():
             shutil.copy2(source / name, root / name)
-    params = params_for("idx")
+    # Each tree with its own params.yaml: a newer one may hold keys the older schema refuses.
+    params = yaml.safe_load((source / "params.yaml").read_text())
+    params["data"]["dataset"] = "idx"
     params["data"]["local_path"] = str(data)
     params["model"].update(backbone="lenet5", width=8)
     params["pretrain"].update(methods=METHODS, epochs=1, batch_size=64)
