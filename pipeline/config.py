@@ -36,11 +36,21 @@ if TYPE_CHECKING:
 
 _T = TypeVar("_T", bound="DataclassInstance")
 
+#: The fine-tuning modes (docs/science.md §8, §9), the one list: the CLI's ``--mode`` and
+#: Snakemake's ``{mode}`` wildcard read it; the schema's ``finetune.modes`` enum is tied to it by
+#: tests/test_registries.py (the schema is YAML, read before any pipeline module).
+MODES: tuple[str, ...] = ("linear", "finetune", "knn", "semi")
+#: Modes on the frozen encoder's features, the only ones a feature baseline (raw pixels) can run.
+FROZEN_MODES: tuple[str, ...] = ("linear", "knn")
+#: Modes that also train on unlabeled images, and so need some (docs/science.md §9).
+SEMI_SUPERVISED_MODES: tuple[str, ...] = ("semi",)
+
 
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str
     local_path: str | None
+    unlabeled_path: str | None  # a folder of unlabeled images: the pool pretraining adds
     image_size: int
     channels: int
     on_bad_image: str
@@ -131,6 +141,17 @@ class TrainerConfig:
 
 
 @dataclass(frozen=True)
+class SemiConfig:
+    """Mode ``semi``, FixMatch (docs/science.md §9): params.yaml's ``finetune.semi``."""
+
+    threshold: float  # a weak view's confidence that makes its prediction a pseudo-label
+    unlabeled_ratio: int  # mu: unlabeled images per labeled image in every step
+    unlabeled_weight: float  # lambda_u
+    weak_policy: str  # the weak views (and the labeled batch, as in the paper)
+    strong_policy: str  # the strong views that learn from the pseudo-labels
+
+
+@dataclass(frozen=True)
 class FinetuneConfig:
     inits: tuple[str, ...]
     baselines: tuple[str, ...]
@@ -153,10 +174,14 @@ class FinetuneConfig:
     multitask_weight: float
     knn_ks: tuple[int, ...]
     knn_temperatures: tuple[float, ...]
+    semi: SemiConfig
 
     def cells(self) -> list[tuple[str, str, float]]:
         """Every (init, mode, fraction) job of the matrix: the inits in every mode, then the
-        feature baselines (raw pixels) in the frozen-encoder modes only."""
+        feature baselines (raw pixels) in the frozen-encoder modes only. Every mode runs at every
+        fraction: at all labels a semi-supervised cell with no pool learns from the labeled
+        images' views as its unlabeled ones, as FixMatch's own setup does (docs/science.md §9),
+        so DVC's matrix and Snakemake's expansion need no exception."""
         trained = [(i, m, f) for i in self.inits for m in self.modes for f in self.fractions]
         return trained + [
             (i, m, f) for i in self.baselines for m in self.baseline_modes for f in self.fractions
@@ -292,7 +317,7 @@ def _pretrain(section: dict[str, Any]) -> PretrainConfig:
 
 
 def _finetune(section: dict[str, Any]) -> FinetuneConfig:
-    knn = section["knn"]
+    knn, semi = section["knn"], section["semi"]
     return _typed(
         FinetuneConfig,
         section,
@@ -302,6 +327,12 @@ def _finetune(section: dict[str, Any]) -> FinetuneConfig:
         optimizer=OptimizerConfig(**section["optimizer"]),
         knn_ks=tuple(knn["ks"]),
         knn_temperatures=tuple(float(t) for t in knn["temperatures"]),
+        semi=_typed(
+            SemiConfig,
+            semi,
+            threshold=float(semi["threshold"]),
+            unlabeled_weight=float(semi["unlabeled_weight"]),
+        ),
     )
 
 
@@ -369,6 +400,9 @@ def _check_policy_names(config: Config, source: str) -> None:
         "pretrain.policy": config.pretrain.policy,
         "finetune.policy": config.finetune.policy,
     }
+    if set(config.finetune.modes) & set(SEMI_SUPERVISED_MODES):  # only semi reads its views
+        wanted["finetune.semi.weak_policy"] = config.finetune.semi.weak_policy
+        wanted["finetune.semi.strong_policy"] = config.finetune.semi.strong_policy
     wanted.update(
         {
             f"pretrain.{m}.policy": o["policy"]

@@ -14,6 +14,11 @@ set and on a bootstrap resample, whether higher is better, and how it is shown. 
 reports, the summaries (JSON, CSV, Markdown), the report's tables and the bootstrap all read that
 registry, so a new metric is one :class:`Metric` there (and its test).
 
+The study's answer compares two cells on the same test images: :func:`paired_difference` gives
+the difference of their accuracies with a paired bootstrap interval, drawn from the same
+resampling (``_resampled_sums``) as every cell's own intervals, and :func:`answer_sentence` says
+what it means, for summary.md and the report alike.
+
 Conventions:
 - ``probabilities`` is an N x K array whose rows sum to 1 (softmax outputs, or normalized kNN vote
   weights). The predicted class is the first arg-max of a row, as ``torch.argmax`` breaks ties, so
@@ -36,7 +41,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 import torch
@@ -51,6 +56,9 @@ from pipeline import paths
 from pipeline.checks import is_int
 from pipeline.io import write_bytes
 
+if TYPE_CHECKING:  # matplotlib is imported only to draw the figure
+    from matplotlib.figure import Figure
+
 #: Probabilities below this are clamped before the log, so NLL stays finite.
 PROB_FLOOR = 1e-12
 #: Rows of ``probabilities`` must sum to 1 within this (float32 softmax outputs are well inside).
@@ -61,7 +69,11 @@ BOOTSTRAP_CHUNK = 64
 #: Decimals kept in ``evaluate``'s JSON: far below any bootstrap uncertainty, and stable bytes.
 DECIMALS = 6
 
-ArrayLike = Any  # torch.Tensor, np.ndarray or nested sequences
+#: The level of every interval the study reports (per cell and paired).
+LEVEL = 0.95
+
+#: What the public functions accept as probabilities or labels: ``torch.as_tensor`` converts it.
+ArrayLike = torch.Tensor | np.ndarray | Sequence[float] | Sequence[Sequence[float]]
 
 
 # --- input checks --------------------------------------------------------------------------------
@@ -409,24 +421,28 @@ def _measure(
     predictions: Predictions, samples: int, seed: int, level: float
 ) -> tuple[dict[str, float], dict[str, tuple[float, float]]]:
     """Point estimates and bootstrap intervals (clamped to contain them) of every metric."""
-    _check_bootstrap_options(samples, level, predictions.ece_bins)
+    _check_bootstrap_options(samples, level)
+    if not is_int(predictions.ece_bins) or predictions.ece_bins < 1:
+        raise ValueError(f"ece_bins must be an integer >= 1, got {predictions.ece_bins!r}")
     point = {name: m.point(predictions) for name, m in METRICS.items()}
     draws = _bootstrap_distributions(predictions, samples, seed)
-    quantiles = ((1 - level) / 2, (1 + level) / 2)
-    intervals = {}
-    for name in METRICS:
-        low, high = (float(q) for q in np.quantile(draws[name], quantiles))
-        intervals[name] = (min(low, point[name]), max(high, point[name]))
+    intervals = {name: _percentile_interval(draws[name], point[name], level) for name in METRICS}
     return point, intervals
 
 
-def _check_bootstrap_options(samples: int, level: float, ece_bins: int) -> None:
+def _check_bootstrap_options(samples: int, level: float) -> None:
     if not is_int(samples) or samples < 2:
         raise ValueError(f"samples must be an integer >= 2, got {samples!r}")
     if not 0 < level < 1:
         raise ValueError(f"level must lie in (0, 1), got {level!r}")
-    if not is_int(ece_bins) or ece_bins < 1:
-        raise ValueError(f"ece_bins must be an integer >= 1, got {ece_bins!r}")
+
+
+def _percentile_interval(draws: np.ndarray, point: float, level: float) -> tuple[float, float]:
+    """The ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of ``draws``, widened where
+    needed to contain ``point`` (see ``bootstrap_intervals``): every interval of the study."""
+    quantiles = ((1 - level) / 2, (1 + level) / 2)
+    low, high = (float(q) for q in np.quantile(draws, quantiles))
+    return min(low, point), max(high, point)
 
 
 def _bootstrap_distributions(
@@ -441,18 +457,28 @@ def _bootstrap_distributions(
     blocks = [m.statistics(predictions) for m in METRICS.values()]
     features = torch.cat(blocks, dim=1).numpy()
     n = features.shape[0]
+    stacked = _resampled_sums(features, samples, seed)
+    edges = np.cumsum([0] + [block.shape[1] for block in blocks])
+    return {
+        name: m.from_sums(stacked[:, edges[i] : edges[i + 1]], n)
+        for i, (name, m) in enumerate(METRICS.items())
+    }
+
+
+def _resampled_sums(features: np.ndarray, samples: int, seed: int) -> np.ndarray:
+    """``samples`` x F: per resample of the N rows of ``features`` (N x F), the count-weighted
+    column sums. The one random stream of every interval: ``samples`` draws of N indices from
+    ``numpy.random.Generator(PCG64(seed))``, in chunks of ``BOOTSTRAP_CHUNK``. Because it
+    depends only on (N, samples, seed), every cell of a study, scored on the same test split
+    with the same settings, is resampled on the same index sets, which is what pairs them."""
+    n = features.shape[0]
     rng = np.random.default_rng(seed)
     sums = []
     for start in range(0, samples, BOOTSTRAP_CHUNK):
         size = min(BOOTSTRAP_CHUNK, samples - start)
         indices = rng.integers(0, n, size=(size, n))
         sums.append(_resample_counts(indices, n) @ features)
-    stacked = np.concatenate(sums)
-    edges = np.cumsum([0] + [block.shape[1] for block in blocks])
-    return {
-        name: m.from_sums(stacked[:, edges[i] : edges[i + 1]], n)
-        for i, (name, m) in enumerate(METRICS.items())
-    }
+    return np.concatenate(sums)
 
 
 def _resample_counts(indices: np.ndarray, n: int) -> np.ndarray:
@@ -462,7 +488,201 @@ def _resample_counts(indices: np.ndarray, n: int) -> np.ndarray:
     return np.bincount(flat, minlength=rows * n).reshape(rows, n).astype(np.float64)
 
 
+# --- paired differences --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Mean test accuracy of classifier a minus that of b (each averaged over its seeds), with
+    the paired bootstrap interval of the difference."""
+
+    accuracy_a: float
+    accuracy_b: float
+    difference: float
+    ci_low: float
+    ci_high: float
+
+    @property
+    def holds_zero(self) -> bool:
+        """Whether the interval holds 0: then the data cannot tell a from b."""
+        return holds_zero(self.ci_low, self.ci_high)
+
+
+def holds_zero(low: float, high: float) -> bool:
+    """Whether the interval [low, high] of a difference holds 0 (a closed interval: [0, 0] of
+    two identical classifiers holds it)."""
+    return low <= 0.0 <= high
+
+
+def per_image_correct(probabilities: ArrayLike, labels: ArrayLike, num_classes: int) -> np.ndarray:
+    """1.0 where the classifier is right, per test image (float64, N): what pairs two
+    classifiers, image by image, in ``paired_difference``."""
+    return Predictions.of(probabilities, labels, num_classes).correct.numpy()
+
+
+def paired_difference(
+    correct_a: Sequence[np.ndarray],
+    correct_b: Sequence[np.ndarray],
+    samples: int = 1000,
+    seed: int = 0,
+    level: float = LEVEL,
+) -> PairedDifference:
+    """Accuracy of a minus accuracy of b on the same test images, with a paired percentile
+    bootstrap interval (Efron & Tibshirani 1993; docs/science.md §10.7).
+
+    ``correct_a`` and ``correct_b`` hold one ``per_image_correct`` vector per seed. Each resample
+    draws N test indices once and applies them to both classifiers: a's accuracy averaged over
+    its seeds minus b's, on the same images. So an image both get right, or both get wrong,
+    moves neither side, and the interval measures only the images on which they disagree,
+    which makes it narrower than two independent intervals when the classifiers are correlated.
+    The difference of seed means equals the mean over images of ``d_i = mean_s a_si -
+    mean_s b_si``, so one column through the same resampling as ``bootstrap_intervals``
+    (``_resampled_sums``; the same stream for the same N, samples and seed) gives every
+    replicate. Seeds are averaged, not resampled: the interval is about the test images, for
+    these seeds (their spread is summary.json's ``std``).
+    """
+    _check_bootstrap_options(samples, level)
+    a, b = _seed_matrix(correct_a, "correct_a"), _seed_matrix(correct_b, "correct_b")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(
+            f"correct_a has {a.shape[1]} test images per seed but correct_b has {b.shape[1]}: "
+            "a paired difference needs both scored on the same test split"
+        )
+    per_image = a.mean(axis=0) - b.mean(axis=0)
+    n = per_image.shape[0]
+    point = float(per_image.mean())
+    draws = _resampled_sums(per_image[:, None], samples, seed)[:, 0] / n
+    low, high = _percentile_interval(draws, point, level)
+    return PairedDifference(float(a.mean()), float(b.mean()), point, low, high)
+
+
+def _seed_matrix(correct: Sequence[np.ndarray], name: str) -> np.ndarray:
+    """Seeds x N float64 from per-seed 0/1 vectors; empty, ragged or non-0/1 input is refused."""
+    if len(correct) == 0:
+        raise ValueError(f"{name} is empty: need the per-image correctness of at least one seed")
+    lengths = {np.shape(vector) for vector in correct}
+    if len(lengths) != 1 or len(next(iter(lengths))) != 1 or next(iter(lengths))[0] == 0:
+        raise ValueError(
+            f"{name} must hold one non-empty vector per seed, all of the same length N, got "
+            f"shapes {sorted(lengths)}"
+        )
+    matrix = np.stack([np.asarray(vector, dtype=np.float64) for vector in correct])
+    if not np.isin(matrix, (0.0, 1.0)).all():
+        raise ValueError(f"{name} must hold 0 or 1 per image (per_image_correct's output)")
+    return matrix
+
+
+class AnswerEntry(TypedDict):
+    """The study's answer at one label budget, as metrics/summary.json's ``answer.<budget>``
+    holds it: the best self-supervised (or semi-supervised) cell and the best baseline cell,
+    each chosen on validation, and the paired difference of their test accuracies."""
+
+    budget: str  # the label budget as named in files: "0.01"
+    ssl_cell: str  # "<init>-<mode>"
+    baseline_cell: str
+    ssl_accuracy: float  # mean over seeds
+    baseline_accuracy: float
+    difference: float  # ssl_accuracy - baseline_accuracy
+    ci_low: float  # the paired 95 % bootstrap interval of the difference
+    ci_high: float
+
+
+def answer_entry(
+    budget: str, ssl_cell: str, baseline_cell: str, paired: PairedDifference
+) -> AnswerEntry:
+    """One budget's answer, rounded like every number of the summary (``DECIMALS``)."""
+    return AnswerEntry(
+        budget=budget,
+        ssl_cell=ssl_cell,
+        baseline_cell=baseline_cell,
+        ssl_accuracy=_round(paired.accuracy_a),
+        baseline_accuracy=_round(paired.accuracy_b),
+        difference=_round(paired.difference),
+        ci_low=_round(paired.ci_low),
+        ci_high=_round(paired.ci_high),
+    )
+
+
+def answer_sentence(entries: Sequence[AnswerEntry]) -> str:
+    """The study's answer in one sentence, budget by budget in the order given: both cells'
+    accuracies, the difference with its paired interval, and what it means. Where the interval
+    holds zero the sentence says the two cannot be told apart; it never calls that a gain.
+    summary.md and the report both show this sentence."""
+    if not entries:
+        return (
+            "Answer: the study has no self-supervised cell or no baseline cell to compare "
+            "(finetune.inits, finetune.baselines), so there is no answer."
+        )
+    clauses = "; with ".join(_answer_clause(entry) for entry in entries)
+    return (
+        "Answer: self-supervision (a pretrained encoder, or mode semi) against the best baseline "
+        "(from scratch, raw pixels or PCA, labels only), both chosen on validation and scored on "
+        f"test, the difference in points with its paired {LEVEL * 100:g} % bootstrap interval "
+        f"over the test images (seeds averaged): with {clauses}."
+    )
+
+
+def _answer_clause(entry: AnswerEntry) -> str:
+    ssl, base = entry["ssl_cell"], entry["baseline_cell"]
+    low, high = entry["ci_low"], entry["ci_high"]
+    if holds_zero(low, high):
+        verdict = "the interval holds zero, so the two cannot be told apart at this budget"
+    elif entry["difference"] > 0:
+        verdict = f"{ssl} beats {base}"
+    else:
+        verdict = f"{base} beats {ssl}"
+    return (
+        f"{_fraction_label(entry['budget'])} of the labels {ssl} "
+        f"{100 * entry['ssl_accuracy']:.2f} % vs {base} {100 * entry['baseline_accuracy']:.2f} "
+        f"%: {100 * entry['difference']:+.2f} points [{100 * low:+.2f}, {100 * high:+.2f}], "
+        f"{verdict}"
+    )
+
+
 # --- one report ----------------------------------------------------------------------------------
+
+
+class SeedReport(TypedDict):
+    """One classifier (cell and seed) on the test split: metrics/eval/<cell>.json's per seed."""
+
+    n: int
+    metrics: dict[str, float]  # every metric of METRICS, by name
+    ci95: dict[str, list[float]]  # [low, high] per metric
+    per_class_accuracy: list[float]
+    confusion_matrix: list[list[int]]
+
+
+class SeedRow(SeedReport):
+    """A ``SeedReport`` with the cell and seed it belongs to: what ``summarize`` aggregates."""
+
+    init: str
+    mode: str
+    fraction: str  # as named in files: "0.01"
+    seed: int
+
+
+class SummaryCell(TypedDict):
+    """One cell's statistics of one metric, as metrics/summary.json holds them."""
+
+    mean: float
+    std: float
+    ci_low: float
+    ci_high: float
+    n_seeds: int
+
+
+class SummaryEntry(SummaryCell):
+    """``SummaryCell`` with its cell: one element of ``summarize``'s output."""
+
+    init: str
+    mode: str
+    fraction: str
+
+
+#: metrics/summary.json's metrics: ``test_<metric>`` -> ``<init>-<mode>`` -> fraction key -> cell.
+SummaryDocument = dict[str, dict[str, dict[str, SummaryCell]]]
+#: ``summarize_all``'s output: per metric name, its summary.
+Summaries = Mapping[str, Sequence[SummaryEntry]]
 
 
 def evaluate(
@@ -472,22 +692,22 @@ def evaluate(
     samples: int = 1000,
     seed: int = 0,
     ece_bins: int = 15,
-) -> dict[str, Any]:
+) -> SeedReport:
     """Everything reported for one model on the test split, as JSON-ready plain Python values.
 
     Numbers are rounded to ``DECIMALS`` so the JSON is byte-stable across platforms; rounding
     is monotone, so every rounded point estimate still lies inside its rounded interval.
     """
     predictions = Predictions.of(probabilities, labels, num_classes, ece_bins)
-    point, intervals = _measure(predictions, samples, seed, 0.95)
+    point, intervals = _measure(predictions, samples, seed, LEVEL)
     probs, target = predictions.probs, predictions.target
-    return {
-        "n": int(target.shape[0]),
-        "metrics": {name: _round(point[name]) for name in METRICS},
-        "ci95": {name: [_round(v) for v in intervals[name]] for name in METRICS},
-        "per_class_accuracy": [_round(v) for v in per_class_accuracy(probs, target, num_classes)],
-        "confusion_matrix": confusion_matrix(probs, target, num_classes),
-    }
+    return SeedReport(
+        n=int(target.shape[0]),
+        metrics={name: _round(point[name]) for name in METRICS},
+        ci95={name: [_round(v) for v in intervals[name]] for name in METRICS},
+        per_class_accuracy=[_round(v) for v in per_class_accuracy(probs, target, num_classes)],
+        confusion_matrix=confusion_matrix(probs, target, num_classes),
+    )
 
 
 def _round(value: float) -> float:
@@ -497,61 +717,61 @@ def _round(value: float) -> float:
 # --- across runs ---------------------------------------------------------------------------------
 
 
-def summarize(rows: Sequence[dict[str, Any]], metric: str = "accuracy") -> list[dict[str, Any]]:
+def summarize(rows: Sequence[SeedRow], metric: str = "accuracy") -> list[SummaryEntry]:
     """Aggregate one metric over seeds for every (init, mode, fraction).
 
     ``mean``/``std`` describe run-to-run variation (seeds: initialization, label subset, order);
     ``ci_low``/``ci_high`` average the seeds' bootstrap bounds and describe test-set sampling
     error. Both are reported because they answer different questions.
     """
-    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    groups: dict[tuple[str, str, str], list[SeedRow]] = defaultdict(list)
     for row in rows:
         groups[(str(row["init"]), str(row["mode"]), str(row["fraction"]))].append(row)
     summary = [_summarize_group(key, members, metric) for key, members in groups.items()]
     return sorted(summary, key=_cell_order)
 
 
-def summarize_all(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+def summarize_all(rows: Sequence[SeedRow]) -> dict[str, list[SummaryEntry]]:
     """``summarize`` for every metric of ``METRICS``, in its order."""
     return {name: summarize(rows, name) for name in METRICS}
 
 
-def _cell_order(entry: Mapping[str, Any]) -> tuple[str, str, float]:
+def _cell_order(entry: SummaryEntry) -> tuple[str, str, float]:
     return (entry["init"], entry["mode"], float(entry["fraction"]))
 
 
 def _summarize_group(
-    key: tuple[str, str, str], members: list[dict[str, Any]], metric: str
-) -> dict[str, Any]:
+    key: tuple[str, str, str], members: list[SeedRow], metric: str
+) -> SummaryEntry:
     seeds = [member["seed"] for member in members]
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"runs {key} (init, mode, fraction) repeat a seed: {sorted(seeds)}")
     values = np.array([float(member["metrics"][metric]) for member in members])
     bounds = np.array([[float(b) for b in member["ci95"][metric]] for member in members])
     init, mode, fraction = key
-    return {
-        "init": init,
-        "mode": mode,
-        "fraction": fraction,
-        "n_seeds": len(members),
-        "mean": float(values.mean()),
-        "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-        "ci_low": float(bounds[:, 0].mean()),
-        "ci_high": float(bounds[:, 1].mean()),
-    }
+    return SummaryEntry(
+        init=init,
+        mode=mode,
+        fraction=fraction,
+        n_seeds=len(members),
+        mean=float(values.mean()),
+        std=float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+        ci_low=float(bounds[:, 0].mean()),
+        ci_high=float(bounds[:, 1].mean()),
+    )
 
 
 #: What the summaries hold per cell and metric, in the order of their columns.
 STATISTICS = ("mean", "std", "ci_low", "ci_high")
 
 
-def summary_document(summaries: Mapping[str, Sequence[dict[str, Any]]]) -> dict[str, Any]:
+def summary_document(summaries: Summaries) -> SummaryDocument:
     """metrics/summary.json: ``test_<metric>`` -> ``<init>-<mode>`` -> fraction key (no dots,
     ``0_01``) -> mean, std, ci_low, ci_high, n_seeds. DVC flattens it to one column per number,
     ``test_accuracy.scratch-linear.0_01.mean``."""
-    document: dict[str, Any] = {}
+    document: SummaryDocument = {}
     for name, summary in summaries.items():
-        nested: dict[str, dict[str, Any]] = {}
+        nested: dict[str, dict[str, SummaryCell]] = {}
         for s in summary:
             cell = {k: s[k] for k in (*STATISTICS, "n_seeds")}
             nested.setdefault(f"{s['init']}-{s['mode']}", {})[paths.metric_key(s["fraction"])] = (
@@ -562,8 +782,9 @@ def summary_document(summaries: Mapping[str, Sequence[dict[str, Any]]]) -> dict[
 
 
 def read_summary(
-    document: Mapping[str, Any], cells: Iterable[tuple[str, str, str | float]]
-) -> dict[str, list[dict[str, Any]]]:
+    document: Mapping[str, Mapping[str, Mapping[str, SummaryCell]]],
+    cells: Iterable[tuple[str, str, str | float]],
+) -> dict[str, list[SummaryEntry]]:
     """``summary_document``'s inverse for the study's ``cells`` (init, mode, fraction): per
     metric, the entries ``summarize`` made. A cell the document lacks is left out (a table shows
     it as not run); a metric it lacks is an error: the file predates that metric."""
@@ -599,7 +820,7 @@ class SummaryTable:
 
 
 def summary_table(
-    summary: Sequence[dict[str, Any]],
+    summary: Sequence[SummaryEntry],
     fractions: Sequence[str],
     metric: str = "accuracy",
     marked: Collection[tuple[str, str, str]] = (),
@@ -631,7 +852,7 @@ def summary_table(
     return SummaryTable(_caption(definition, summary), header, rows, best)
 
 
-def _caption(definition: Metric, summary: Sequence[dict[str, Any]]) -> str:
+def _caption(definition: Metric, summary: Sequence[SummaryEntry]) -> str:
     seeds = sorted({int(s["n_seeds"]) for s in summary})
     seed_text = "/".join(str(n) for n in seeds) if seeds else "0"
     direction = "higher" if definition.higher_is_better else "lower"
@@ -647,7 +868,7 @@ def _fraction_label(fraction: str | float) -> str:
     return f"{float(fraction) * 100:g} %"
 
 
-def _cell(entry: Mapping[str, Any] | None, definition: Metric, marked: bool) -> str:
+def _cell(entry: SummaryCell | None, definition: Metric, marked: bool) -> str:
     if entry is None:
         return "—"
     mean, std, low, high = (definition.show(entry[k]) for k in STATISTICS)
@@ -667,13 +888,15 @@ def table_markdown(table: SummaryTable) -> str:
 
 
 def summary_markdown(
-    summaries: Mapping[str, Sequence[dict[str, Any]]], fractions: Sequence[str]
+    summaries: Summaries, fractions: Sequence[str], answer: str | None = None
 ) -> str:
-    """metrics/summary.md: one table per metric (``summarize_all``'s output), in its order."""
-    return "\n".join(
+    """metrics/summary.md: one table per metric (``summarize_all``'s output), in its order, then
+    the study's ``answer`` sentence (``answer_sentence``) when given."""
+    tables = "\n".join(
         table_markdown(summary_table(summary, fractions, name))
         for name, summary in summaries.items()
     )
+    return tables if answer is None else f"{tables}\n{answer}\n"
 
 
 def _columns(name: str, fields: Sequence[str]) -> list[str]:
@@ -683,8 +906,8 @@ def _columns(name: str, fields: Sequence[str]) -> list[str]:
 
 
 def _wide(
-    summaries: Mapping[str, Sequence[dict[str, Any]]],
-) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    summaries: Summaries,
+) -> list[tuple[SummaryEntry, list[SummaryEntry]]]:
     """Per cell of the headline summary, in its order: the cell and every metric's entry."""
     by_cell = {name: {_cell_order(s): s for s in summary} for name, summary in summaries.items()}
     return [
@@ -693,7 +916,7 @@ def _wide(
     ]
 
 
-def summary_csv(summaries: Mapping[str, Sequence[dict[str, Any]]]) -> str:
+def summary_csv(summaries: Summaries) -> str:
     """metrics/summary.csv: one row per cell, init, mode, fraction, n_seeds, then each metric's
     mean, std, ci_low, ci_high (the headline's unprefixed, as before the other metrics were
     summarized); fixed number formats, so stable bytes."""
@@ -709,7 +932,7 @@ def summary_csv(summaries: Mapping[str, Sequence[dict[str, Any]]]) -> str:
     return buffer.getvalue()
 
 
-def curve_csv(summaries: Mapping[str, Sequence[dict[str, Any]]]) -> str:
+def curve_csv(summaries: Summaries) -> str:
     """metrics/label_efficiency.csv, DVC's plot: fraction, model, then per metric its mean and
     interval (``accuracy,ci_low,ci_high``, then ``nll,nll_ci_low,nll_ci_high``, ...)."""
     header = ["fraction", "model"]
@@ -726,7 +949,7 @@ def curve_csv(summaries: Mapping[str, Sequence[dict[str, Any]]]) -> str:
 
 
 def label_efficiency_figure(
-    summary: Sequence[dict[str, Any]], path: Path | str, metric: str = HEADLINE
+    summary: Sequence[SummaryEntry], path: Path | str, metric: str = HEADLINE
 ) -> None:
     """Test ``metric`` (``summarize``'s output for it) against label fraction (log x), one line
     per (init, mode), CI error bars.
@@ -754,12 +977,12 @@ def label_efficiency_figure(
 
 
 def _draw_label_efficiency(
-    figure: Any, summary: Sequence[dict[str, Any]], definition: Metric
+    figure: Figure, summary: Sequence[SummaryEntry], definition: Metric
 ) -> None:
     import matplotlib
 
     axes = figure.add_subplot()
-    lines: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    lines: dict[tuple[str, str], list[SummaryEntry]] = defaultdict(list)
     for entry in sorted(summary, key=_cell_order):
         lines[(entry["init"], entry["mode"])].append(entry)
     # Colour says the init, line style and marker the mode: 7 inits x 3 modes stay readable

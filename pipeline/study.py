@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import paths
-from pipeline.config import Config
+from pipeline.config import SEMI_SUPERVISED_MODES, Config
 from pipeline.errors import MissingInputError
 from pipeline.io import read_json
 from pipeline.paths import metrics_path
@@ -53,12 +53,20 @@ def best_by_validation(
     return best
 
 
+def is_baseline(init: str, mode: str) -> bool:
+    """Whether a cell learns from its labels alone: a baseline init (BASELINES) in a supervised
+    mode. A semi-supervised cell learns from unlabeled images too, whatever its init, so it is
+    on the self-supervised side of the answer."""
+    return init in BASELINES and mode not in SEMI_SUPERVISED_MODES
+
+
 def answer(config: Config, summary: dict[str, dict[str, dict]]) -> list[dict[str, Any]]:
-    """The study's answer, per label fraction: the best self-supervised cell against the best
-    baseline cell (scratch, pixels or PCA, any mode), each chosen on validation, each scored by
-    its mean test accuracy from ``summary`` (metrics/summary.json's ``test_accuracy``)."""
-    ssl = best_by_validation(config, lambda init, mode: init not in BASELINES)
-    base = best_by_validation(config, lambda init, mode: init in BASELINES)
+    """The study's answer, per label fraction: the best self-supervised (or semi-supervised)
+    cell against the best baseline cell (scratch, pixels or PCA, not semi), each chosen on
+    validation, each scored by its mean test accuracy from ``summary`` (metrics/summary.json's
+    ``test_accuracy``). The evaluate stage adds the paired interval of the difference."""
+    ssl = best_by_validation(config, lambda init, mode: not is_baseline(init, mode))
+    base = best_by_validation(config, is_baseline)
     rows = []
     for fraction in (paths.fraction_name(f) for f in config.finetune.fractions):
         if fraction not in ssl or fraction not in base:

@@ -1,6 +1,6 @@
 # Shared helpers: params validation, the params each stage reads, the code each stage runs.
 from pipeline import dag, methods
-from pipeline.config import ConfigError, check
+from pipeline.config import MODES, ConfigError, check
 from pipeline.data import datasets
 import os
 import sys
@@ -21,7 +21,7 @@ BASELINE_INITS = "|".join(methods.FEATURE_BASELINES)
 wildcard_constraints:
     dataset="|".join(datasets.NAMES),
     method="|".join(methods.NAMES),
-    mode="linear|finetune|knn",
+    mode="|".join(MODES),
     fraction="[0-9]+\\.[0-9]+",
 
 

@@ -157,12 +157,12 @@ def test_science_sections_are_numbered_once_and_in_order():
         assert len(key) == 1 or key[:-1] in keys, f"§{'.'.join(map(str, key))} has no parent"
 
 
-def test_the_planned_fixmatch_section_is_there_with_its_paper():
+def test_the_fixmatch_section_names_its_params_and_its_paper():
     science = SCIENCE.read_text()
     heading = re.search(r"^## (\d+)\. Semi-supervised learning \(FixMatch\)$", science, re.M)
     assert heading is not None
     body = science[heading.end() :].split("\n## ", 1)[0]
-    assert "issue 25" in body and "Sohn" in body and "2020" in body and "2001.07685" in body
+    assert "finetune.semi" in body and "Sohn" in body and "2020" in body and "2001.07685" in body
 
 
 def test_readme_lists_the_science_document():

@@ -532,3 +532,189 @@ def test_label_efficiency_figure_of_another_metric_differs(tmp_path: Path) -> No
     label_efficiency_figure(summaries["accuracy"], tmp_path / "accuracy.png")
     label_efficiency_figure(summaries["nll"], tmp_path / "nll.png", "nll")
     assert (tmp_path / "accuracy.png").read_bytes() != (tmp_path / "nll.png").read_bytes()
+
+
+# --- the study's answer: paired differences ------------------------------------------------------
+
+
+def one_hot_predictions(correct: np.ndarray, k: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities (one-hot) and labels of a classifier right exactly where ``correct`` is."""
+    labels = np.arange(len(correct)) % k
+    predicted = np.where(correct.astype(bool), labels, (labels + 1) % k)
+    return np.eye(k)[predicted], labels
+
+
+def correlated_pair(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """b right on about 75 % of the images; a the same classifier but for 30 of b's mistakes
+    it gets right and 10 of b's successes it gets wrong: a is 2 points better, image by image
+    almost the same."""
+    rng = np.random.default_rng(seed)
+    b = (rng.random(n) < 0.75).astype(np.float64)
+    a = b.copy()
+    a[rng.choice(np.flatnonzero(b == 0), 30, replace=False)] = 1.0
+    a[rng.choice(np.flatnonzero(b == 1), 10, replace=False)] = 0.0
+    return a, b
+
+
+def test_two_identical_classifiers_differ_by_zero_with_interval_zero_zero() -> None:
+    correct = [(np.random.default_rng(s).random(300) < 0.7).astype(float) for s in (1, 2)]
+    paired = evaluation.paired_difference(correct, [c.copy() for c in correct], 500, 0)
+    assert (paired.difference, paired.ci_low, paired.ci_high) == (0.0, 0.0, 0.0)
+    assert paired.holds_zero and paired.accuracy_a == paired.accuracy_b
+
+
+@pytest.mark.parametrize("k, apart", [(1, False), (7, True), (40, True)])
+def test_right_on_exactly_k_more_images_is_a_difference_of_k_over_n(k: int, apart: bool) -> None:
+    n = 400
+    b = np.zeros(n)
+    b[::2] = 1.0  # right on every other image
+    a = b.copy()
+    a[np.flatnonzero(b == 0)[:k]] = 1.0
+    paired = evaluation.paired_difference([a], [b], 500, 0)
+    assert paired.difference == k / n
+    assert paired.accuracy_a - paired.accuracy_b == pytest.approx(k / n)
+    # a is never worse on any image, so no resample can make the difference negative
+    assert 0.0 <= paired.ci_low <= k / n <= paired.ci_high <= 1.0
+    # One image is left out of about 37 % of the resamples (e^-1): one image cannot tell the
+    # two apart; seven are all left out of 0.1 % of them (e^-7), well inside the 2.5 % tail.
+    assert paired.holds_zero is not apart and (paired.ci_low > 0.0) is apart
+
+
+def test_seeds_are_averaged_on_the_same_resampled_images() -> None:
+    n = 200
+    rng = np.random.default_rng(3)
+    a = [(rng.random(n) < p).astype(float) for p in (0.6, 0.8)]
+    b = [(rng.random(n) < 0.5).astype(float)]
+    paired = evaluation.paired_difference(a, b, 300, 5)
+    means = (a[0].mean() + a[1].mean()) / 2
+    assert paired.difference == pytest.approx(means - b[0].mean())
+    assert paired.accuracy_a == pytest.approx(means)
+
+
+def test_the_paired_interval_resamples_the_images_every_cell_interval_resamples() -> None:
+    # Against a classifier that is always wrong, the paired difference is the accuracy of the
+    # other one, and its interval must be that cell's own bootstrap interval: the same stream.
+    probs, labels = problem(500, 4, seed=21)
+    correct = evaluation.per_image_correct(probs, labels, 4)
+    own = bootstrap_intervals(probs, labels, 4, samples=300, seed=7)["accuracy"]
+    paired = evaluation.paired_difference([correct], [np.zeros(500)], 300, 7)
+    assert (paired.ci_low, paired.ci_high) == pytest.approx(own, abs=1e-12)
+    assert paired.difference == pytest.approx(point_metrics(probs, labels, 4)["accuracy"])
+
+
+def test_a_paired_interval_is_narrower_than_an_unpaired_one_on_correlated_classifiers() -> None:
+    n, samples = 1000, 1000
+    a, b = correlated_pair(n, seed=4)
+    paired = evaluation.paired_difference([a], [b], samples, 0)
+    assert paired.difference == pytest.approx(0.02)
+    # Unpaired: each classifier resampled on its own images, as two separate studies would.
+    draws_a = evaluation._resampled_sums(a[:, None], samples, 1)[:, 0] / n
+    draws_b = evaluation._resampled_sums(b[:, None], samples, 2)[:, 0] / n
+    low, high = evaluation._percentile_interval(draws_a - draws_b, 0.02, 0.95)
+    assert paired.ci_high - paired.ci_low < (high - low) / 2
+    # The difference is real; only the paired interval can say so.
+    assert low < 0.0 < high and not paired.holds_zero
+
+
+@pytest.mark.parametrize(
+    "a, b, message",
+    [
+        ([], [np.ones(3)], "correct_a is empty"),
+        ([np.ones(3)], [np.ones(4)], "correct_a has 3 test images per seed but correct_b has 4"),
+        ([np.ones(3), np.ones(2)], [np.ones(3)], "same length N"),
+        ([np.full(3, 0.5)], [np.ones(3)], "0 or 1 per image"),
+    ],
+)
+def test_paired_difference_refuses_what_cannot_be_paired(a: list, b: list, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        evaluation.paired_difference(a, b, 100, 0)
+
+
+def answer_of(difference: float, low: float, high: float) -> evaluation.AnswerEntry:
+    return evaluation.AnswerEntry(
+        budget="0.01",
+        ssl_cell="simclr-finetune",
+        baseline_cell="scratch-finetune",
+        ssl_accuracy=0.8 + difference,
+        baseline_accuracy=0.8,
+        difference=difference,
+        ci_low=low,
+        ci_high=high,
+    )
+
+
+def test_the_answer_sentence_says_beats_only_when_the_interval_leaves_out_zero() -> None:
+    beats = evaluation.answer_sentence([answer_of(0.016, 0.009, 0.023)])
+    assert beats.startswith("Answer: self-supervision")
+    assert "paired 95 % bootstrap interval" in beats
+    assert (
+        "with 1 % of the labels simclr-finetune 81.60 % vs scratch-finetune 80.00 %: "
+        "+1.60 points [+0.90, +2.30], simclr-finetune beats scratch-finetune." in beats
+    )
+    assert "cannot be told apart" not in beats
+    loses = evaluation.answer_sentence([answer_of(-0.02, -0.03, -0.01)])
+    assert "-2.00 points [-3.00, -1.00], scratch-finetune beats simclr-finetune." in loses
+    tie = evaluation.answer_sentence([answer_of(0.016, -0.003, 0.035)])
+    assert "+1.60 points [-0.30, +3.50], the interval holds zero, so the two cannot be told " in tie
+    assert "beats" not in tie
+    both = [answer_of(0.0, 0.0, 0.0), answer_of(0.05, 0.04, 0.06) | {"budget": "1.0"}]
+    sentence = evaluation.answer_sentence(both)
+    assert sentence.index("with 1 % of the labels") < sentence.index("; with 100 % of the labels")
+    assert sentence.count("cannot be told apart") == 1 and sentence.count("beats") == 1
+    assert "no answer" in evaluation.answer_sentence([])
+
+
+def test_summary_markdown_ends_with_the_answer_and_is_unchanged_without_it() -> None:
+    summaries = summarize_all(ROWS)
+    tables = summary_markdown(summaries, ["0.01", "0.1", "1.0"])
+    sentence = evaluation.answer_sentence([answer_of(0.016, 0.009, 0.023)])
+    with_answer = summary_markdown(summaries, ["0.01", "0.1", "1.0"], sentence)
+    assert with_answer == f"{tables}\n{sentence}\n"
+
+
+def test_the_answer_compares_the_cells_validation_chose_not_the_best_on_test(workdir: Path):
+    """rotation-linear is the best self-supervised cell on test and pixels-linear the best
+    baseline on test, but validation prefers simclr-linear and scratch-linear: those are
+    compared, and the files say so."""
+    from pipeline.config import from_dict
+    from pipeline.stages import evaluate
+    from tests.conftest import params_for, sync_matrix
+
+    params = params_for("fashion_mnist", split={"label_fractions": [0.5]})
+    params["pretrain"]["methods"] = ["scratch", "pixels", "pca", "simclr", "rotation"]
+    params["finetune"].update(modes=["linear"], baseline_modes=["linear"], seeds=[0, 1])
+    config = from_dict(sync_matrix(params))
+    validation = {"simclr": 0.80, "rotation": 0.75, "scratch": 0.70, "pca": 0.65, "pixels": 0.6}
+    test = {"simclr": 0.70, "rotation": 0.90, "scratch": 0.55, "pca": 0.50, "pixels": 0.85}
+    n, rows, correct = 400, [], {}
+    for init, mode, fraction in config.finetune.cells():
+        path = Path("metrics/finetune") / f"{init}-{mode}-{fraction!r}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"val_acc_mean": validation[init]}))
+        for seed in config.finetune.seeds:
+            right = np.zeros(n)
+            right[np.random.default_rng(seed).permutation(n)[: round(test[init] * n)]] = 1.0
+            probs, labels = one_hot_predictions(right)
+            report = evaluation.evaluate(probs, labels, 4, samples=50)
+            row = {"init": init, "mode": mode, "fraction": repr(fraction), "seed": seed}
+            rows.append(row | report)
+            correct.setdefault((f"{init}-{mode}", repr(fraction)), []).append(
+                evaluation.per_image_correct(probs, labels, 4)
+            )
+    summaries = summarize_all(rows)
+    answer = evaluate._answer(config, summaries, correct)
+    assert set(answer) == {"0_5"}
+    entry = answer["0_5"]
+    assert (entry["ssl_cell"], entry["baseline_cell"]) == ("simclr-linear", "scratch-linear")
+    assert entry["difference"] == pytest.approx(0.70 - 0.55)
+    assert entry["ci_low"] <= entry["difference"] <= entry["ci_high"]
+    assert entry["ci_low"] > 0  # 60 more images right out of 400, on every seed
+
+    evaluate._write_summary(config, summaries, answer)
+    document = json.loads(Path("metrics/summary.json").read_text())
+    assert document["answer"] == {"0_5": entry}
+    assert set(document) == {"answer"} | {m.key for m in METRICS.values()}
+    markdown = Path("metrics/summary.md").read_text()
+    assert markdown.endswith(evaluation.answer_sentence([entry]) + "\n")
+    sentence = markdown.splitlines()[-1]
+    assert "simclr-linear beats scratch-linear" in sentence and "rotation" not in sentence

@@ -145,6 +145,14 @@ def test_evaluate_scores_every_cell_on_the_test_split_and_summarizes(
 
     document = json.loads(Path("metrics/summary.json").read_text())
     summary = document["test_accuracy"]  # the keys dvc exp show and the README name
+    answer = document.pop("answer")  # the study's answer: rotation against scratch, paired
+    assert set(answer) == {"0_25", "1_0"} and answer == result["answer"]
+    for entry in answer.values():
+        assert entry["ssl_cell"].split("-")[0] == "rotation"
+        assert entry["baseline_cell"].split("-")[0] == "scratch"
+        assert entry["ci_low"] <= entry["difference"] <= entry["ci_high"]
+        gap = entry["ssl_accuracy"] - entry["baseline_accuracy"]
+        assert entry["difference"] == pytest.approx(gap, abs=2e-6)
     assert set(document) == {f"test_{name}" for name in METRICS}  # every metric, its interval
     for models in document.values():
         assert set(models) == {"scratch-linear", "scratch-knn", "rotation-linear", "rotation-knn"}
@@ -159,6 +167,7 @@ def test_evaluate_scores_every_cell_on_the_test_split_and_summarizes(
         assert len(scores["confusion_matrix"]) == 4
     table = Path("metrics/summary.md").read_text()
     assert "| rotation | knn |" in table
+    assert table.splitlines()[-1].startswith("Answer: ") and "paired 95 %" in table
     assert [line.split(" (")[0] for line in table.splitlines() if line.startswith("Test ")] == [
         f"Test {m.title}" for m in METRICS.values()
     ]

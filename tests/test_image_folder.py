@@ -16,7 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data import formats
+from pipeline.config import from_dict
+from pipeline.data import formats, prepared
+from pipeline.errors import DataError
+from pipeline.stages import download
 from tests.conftest import params_for, run, run_env, write_params
 
 SIZE = 16
@@ -182,3 +185,25 @@ def test_a_class_folder_left_without_images_is_named(tmp_path: Path, env):
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert "no usable images in class folder(s) square" in result.stderr
     assert "square/notes.txt: not an image file" in result.stderr
+
+
+def test_the_same_folder_as_an_unlabeled_pool_is_converted_to_the_datasets_shape(
+    workdir: Path, tiny_idx: Path, folder
+):
+    """Every mode and format the reader accepts serves as a pool, converted to the dataset's
+    own 8 x 8 grayscale; the bad files are named as an image folder's are."""
+    root, good = folder
+    params = params_for("idx")
+    params["data"].update(local_path=str(tiny_idx), unlabeled_path=str(root), on_bad_image="error")
+    with pytest.raises(DataError, match=f"{len(BAD)} file\\(s\\) could not be used") as caught:
+        download.run(from_dict(params))
+    for name, why in BAD.items():
+        assert f"{name}: {why}" in str(caught.value), name
+    params["data"]["on_bad_image"] = "skip"
+    manifest = download.run(from_dict(params))
+    pool = prepared.unlabeled_images(Path("data/prepared/idx"))
+    assert pool.shape == (len(good), 8, 8, 1) and pool.dtype == np.uint8
+    for row, name in zip(pool, sorted(good), strict=True):  # sorted paths: the pool's order
+        np.testing.assert_array_equal(row, formats.load_image(root / name, 8, 1), err_msg=name)
+    for name, why in BAD.items():
+        assert any(n.startswith(f"left out of the pool {name}: {why}") for n in manifest["notes"])

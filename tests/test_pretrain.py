@@ -162,6 +162,7 @@ def test_the_stage_writes_a_loadable_encoder_curves_and_metrics(prepared_tiny: P
     saved = strict_json(Path("metrics/pretrain/simclr.json"))
     assert saved["val_knn_acc"] == pytest.approx(metrics["val_knn_acc"], abs=1e-6)
     assert 0.0 <= saved["val_knn_acc"] <= 1.0
+    assert "images_seen" not in saved and "pool_images" not in saved  # no pool: as before
     assert not Path("checkpoints").exists() or not any(Path("checkpoints").rglob("*.ckpt"))
     # Per-epoch monitors reach the stage's MLflow run.
     from mlflow.tracking import MlflowClient

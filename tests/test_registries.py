@@ -4,11 +4,13 @@ the download stage's dispatch) is read from it or, where it cannot be, checked e
 Registries: datasets (pipeline/data/datasets.py), backbones (BUILDERS in
 pipeline/models/backbones.py), augment policies (pipeline/augment.py; its transforms and options
 are the schema's $defs/policy, which validates params.yaml before torch is imported), methods
-(pipeline/methods/__init__.py, tests/test_methods.py).
+(pipeline/methods/__init__.py, tests/test_methods.py), fine-tuning modes (MODES in
+pipeline/config.py).
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 import math
 import re
@@ -18,13 +20,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline import methods, params_yaml
+from pipeline import config, methods, params_yaml
 from pipeline.augment import TRANSFORMS, PolicyError, resolve_policy
 from pipeline.config import ConfigError, from_dict
 from pipeline.data import datasets
 from pipeline.errors import PipelineError
 from pipeline.models import backbones
-from pipeline.stages import download
+from pipeline.stages import download, finetune
 from tests.conftest import REPO, params_for
 
 
@@ -32,7 +34,7 @@ def wildcard_constraints() -> dict[str, str]:
     """rules/common.smk's wildcard constraints, evaluated as Snakemake evaluates them."""
     text = (REPO / "rules/common.smk").read_text()
     block = text.split("wildcard_constraints:\n", 1)[1].split("\n\n", 1)[0]
-    names = {"datasets": datasets, "methods": methods}
+    names = {"datasets": datasets, "methods": methods, "MODES": config.MODES}
     pairs = (line.strip().rstrip(",").split("=", 1) for line in block.splitlines())
     return {name: eval(expression, names) for name, expression in pairs}
 
@@ -49,7 +51,11 @@ def test_every_dataset_list_is_the_registry():
 
 @pytest.mark.parametrize(
     ("wildcard", "names", "outsider"),
-    [("dataset", datasets.NAMES, "imagenet"), ("method", methods.NAMES, "byol")],
+    [
+        ("dataset", datasets.NAMES, "imagenet"),
+        ("method", methods.NAMES, "byol"),
+        ("mode", config.MODES, "svm"),
+    ],
 )
 def test_snakemakes_wildcards_match_exactly_the_registry_names(
     wildcard: str, names: tuple[str, ...], outsider: str
@@ -90,6 +96,33 @@ def test_a_name_outside_the_registry_is_one_line_before_anything_runs(workdir: P
     with pytest.raises(PipelineError, match="unknown dataset 'imagenet': must be one of"):
         download.run(config, dataset="imagenet")
     assert not Path("data").exists()
+
+
+# -------------------------------------------------------------------------------------- modes
+
+
+def test_every_mode_list_is_config_modes():
+    finetune_schema = params_yaml.schema()["properties"]["finetune"]["properties"]
+    assert finetune_schema["modes"]["items"]["enum"] == list(config.MODES)
+    assert set(finetune_schema["modes"]["default"]) <= set(config.MODES)
+    assert finetune_schema["baseline_modes"]["items"]["enum"] == list(config.FROZEN_MODES)
+    assert set(config.FROZEN_MODES) | set(config.SEMI_SUPERVISED_MODES) <= set(config.MODES)
+    parser = argparse.ArgumentParser()
+    finetune.add_arguments(parser)
+    (mode,) = [action for action in parser._actions if action.dest == "mode"]
+    assert tuple(mode.choices) == config.MODES
+    # The baselines' own rule (rules/finetune.smk) allows exactly the frozen modes.
+    rule = (REPO / "rules/finetune.smk").read_text().split("use rule finetune as", 1)[1]
+    assert re.search(r'mode="([^"]*)"', rule).group(1).split("|") == list(config.FROZEN_MODES)
+
+
+def test_a_mode_outside_the_list_is_one_line_before_anything_runs():
+    params = params_for()
+    params["finetune"]["modes"] = ["linear", "svm"]
+    with pytest.raises(ConfigError, match='finetune.modes.1 = "svm" is not allowed: must be one'):
+        from_dict(params)
+    params["finetune"]["modes"] = list(config.MODES)
+    assert from_dict(params).finetune.modes == config.MODES
 
 
 # ---------------------------------------------------------------------------------- backbones

@@ -280,6 +280,7 @@ def test_the_stage_writes_indices_and_a_report(workdir: Path, tiny_idx: Path):
         "val.npy",
     ]
     assert read_json(folder / "report.json") == report
+    assert "pool" not in report  # no unlabeled pool: no pool.npy (above) and no pool counts
     assert report["disjointness"]["disjoint"] is True
     # tiny_idx plants one training copy of a test image (index 2) and one pair of copies (0, 1).
     assert report["duplicates"]["removed_train_indices"] == [2]

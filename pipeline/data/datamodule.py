@@ -5,6 +5,7 @@ Why indices: the images live on the training device as one tensor (Fashion-MNIST
 (pipeline.augment). Nothing per-sample runs in Python, and there are no worker processes.
 
 Only the sets asked for are loaded: a stage that must not see the test split never opens it.
+The unlabeled pool is loaded only for pretraining (``pool=True``), as the ``pretrain`` set.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline import paths
 from pipeline.data import prepared
+from pipeline.data.pool import pool_images
 from pipeline.data.split import load_indices, test_source
 from pipeline.errors import MissingInputError
 
@@ -79,11 +81,20 @@ class _Positions(Dataset):
         return index
 
 
+#: The set pretraining draws from when there is a pool: training images, then pool images.
+PRETRAIN_SET = "pretrain"
+#: The label of a pool image in PRETRAIN_SET: it has none (the online probe skips it).
+UNLABELED = -1
+
+
 class SplitData(L.LightningDataModule):
     """The sets of one dataset's split as uint8 N x C x H x W tensors plus int64 labels.
 
     ``sets`` names what to load: any of ``train``, ``val``, ``test``, ``labeled-<fraction>``.
-    The test set is loaded only when asked for by name.
+    The test set is loaded only when asked for by name. ``pool=True`` (pretraining) adds the
+    split's kept unlabeled pool, when the dataset has one, as the set ``pretrain``: the training
+    images followed by the pool images, labeled UNLABELED, and makes it the set the training
+    loader draws from. ``train`` stays the labeled training images (the kNN monitor's bank).
     """
 
     def __init__(
@@ -95,6 +106,7 @@ class SplitData(L.LightningDataModule):
         max_images: int | None = None,
         train_set: str = "train",
         min_steps: int = 0,
+        pool: bool = False,
     ) -> None:
         super().__init__()
         self.dataset = dataset
@@ -104,6 +116,8 @@ class SplitData(L.LightningDataModule):
         self.max_images = max_images
         self.train_set = train_set
         self.min_steps = min_steps
+        self.pool = pool
+        self.pool_size = 0  # pool images in PRETRAIN_SET; 0 without a pool
         self.images: dict[str, torch.Tensor] = {}
         self.labels: dict[str, torch.Tensor] = {}
         self.classes: list[str] = []
@@ -115,6 +129,8 @@ class SplitData(L.LightningDataModule):
         wanted = ("train_images", "train_labels")
         if "test" in self.sets and source == "test":
             wanted += ("test_images", "test_labels")
+        if self.pool:
+            wanted += ("unlabeled_images",)
         data = prepared.load(paths.prepared_dir(self.dataset), only=wanted)
         self.classes = list(data.classes)
         for name in self.sets:
@@ -125,6 +141,26 @@ class SplitData(L.LightningDataModule):
             batch = np.ascontiguousarray(np.asarray(images)[index])
             self.images[name] = torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()
             self.labels[name] = torch.from_numpy(np.asarray(labels)[index].astype(np.int64))
+        if self.pool:
+            self._add_pool(data)
+
+    def _add_pool(self, data: prepared.Prepared) -> None:
+        """Training images followed by the kept pool images, as PRETRAIN_SET (see the class)."""
+        if "train" not in self.images:
+            raise ValueError("the pool joins the training images: load 'train' with pool=True")
+        images = pool_images(data, self.dataset)
+        if images is None:
+            return
+        train = self.images["train"]
+        union = torch.empty((len(train) + len(images), *train.shape[1:]), dtype=torch.uint8)
+        union[: len(train)] = train
+        union[len(train) :] = torch.from_numpy(images).permute(0, 3, 1, 2)
+        self.images["train"] = union[: len(train)]  # a view: the training images are stored once
+        self.images[PRETRAIN_SET] = union
+        unlabeled = torch.full((len(images),), UNLABELED, dtype=torch.int64)
+        self.labels[PRETRAIN_SET] = torch.cat([self.labels["train"], unlabeled])
+        self.train_set = PRETRAIN_SET
+        self.pool_size = len(images)
 
     @property
     def num_classes(self) -> int:

@@ -179,14 +179,25 @@ def list_imagefolder(root: Path) -> tuple[list[str], list[tuple[Path, int]], lis
     samples: list[tuple[Path, int]] = []
     others: list[Path] = []
     for label, name in enumerate(classes):
-        for path in sorted((root / name).rglob("*")):
-            if not path.is_file() or path.name.startswith("."):
-                continue
-            if path.suffix.lower() in IMAGE_SUFFIXES:
-                samples.append((path, label))
-            else:
-                others.append(path)
+        images, rest = list_images(root / name)
+        samples += [(path, label) for path in images]
+        others += rest
     return classes, samples, others
+
+
+def list_images(root: Path) -> tuple[list[Path], list[Path]]:
+    """Image files under ``root`` at any depth, and the other files, both in sorted order.
+
+    Hidden files (``.DS_Store``, editors' ``.swp``) are neither: nobody means them as data. The
+    order is the sorted paths, so a folder always becomes the same array.
+    """
+    images: list[Path] = []
+    others: list[Path] = []
+    for path in sorted(Path(root).rglob("*")):
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        (images if path.suffix.lower() in IMAGE_SUFFIXES else others).append(path)
+    return images, others
 
 
 class BadImage(DataError):
@@ -203,24 +214,26 @@ class BadImage(DataError):
 _WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
-def load_image(path: Path, size: int, channels: int) -> np.ndarray:
+def load_image(path: Path, size: int | tuple[int, int], channels: int) -> np.ndarray:
     """Decode any image (size, mode) to ``size x size x channels`` uint8.
 
-    The EXIF orientation is applied (phones store pictures sideways and say so in EXIF); the
-    shorter side is resized to ``size`` and the centre is cropped, so the aspect ratio is kept;
-    transparency is composited on black; palette, bilevel and CMYK images are converted and 16-bit
-    ones scaled to 8 bits. A file that PIL cannot fully decode (empty, truncated, not an image,
-    absurdly large) raises BadImage naming it and why.
+    ``size`` may also be (height, width), for an unlabeled pool that must match a dataset's
+    non-square images. The EXIF orientation is applied (phones store pictures sideways and say so
+    in EXIF); the image is scaled to cover ``size`` and the centre is cropped, so the aspect ratio
+    is kept; transparency is composited on black; palette, bilevel and CMYK images are converted
+    and 16-bit ones scaled to 8 bits. A file that PIL cannot fully decode (empty, truncated, not
+    an image, absurdly large) raises BadImage naming it and why.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    height, width = (size, size) if isinstance(size, int) else size
     if Path(path).stat().st_size == 0:
         raise BadImage(path, "empty file (0 bytes)")
     try:
         with Image.open(path) as image:
             image.load()
             image = _to_mode(ImageOps.exif_transpose(image), "L" if channels == 1 else "RGB")
-            image = ImageOps.fit(image, (size, size), Image.Resampling.BILINEAR)
+            image = ImageOps.fit(image, (width, height), Image.Resampling.BILINEAR)
     except UnidentifiedImageError:
         raise BadImage(path, "unknown format (not an image, or one PIL cannot read)") from None
     except Image.DecompressionBombError as err:

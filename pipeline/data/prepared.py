@@ -3,6 +3,10 @@
 ``data/prepared/<dataset>/`` holds ``{train,test,unlabeled}_images.npy`` (uint8 N x H x W x C),
 ``{train,test}_labels.npy`` (int64), ``classes.json`` and ``manifest.json`` (shapes and sha256 of
 every array). The manifest's own hash is the dataset checksum that tags tracked runs.
+
+``unlabeled_images.npy`` is the unlabeled pool, present only when the dataset has one (STL-10's
+unlabeled split, the images of ``data.unlabeled_path``, or both): :func:`unlabeled_images` reads
+it. Which of its images a stage may train on is the split's business (``pipeline.data.pool``).
 """
 
 from __future__ import annotations
@@ -56,10 +60,16 @@ class Prepared:
     train_labels: np.ndarray
     test_images: np.ndarray | None
     test_labels: np.ndarray | None
+    unlabeled_images: np.ndarray | None = None  # the pool; None when absent or not asked for
 
     @property
     def has_test(self) -> bool:
         return self.test_images is not None
+
+    @property
+    def has_pool(self) -> bool:
+        """The dataset has an unlabeled pool (whether or not this load opened it)."""
+        return "unlabeled_images" in self.manifest["arrays"]
 
     @property
     def checksum(self) -> str:
@@ -120,7 +130,18 @@ def load(folder: Path, verify: bool = True, only: tuple[str, ...] | None = None)
         train_labels=arrays["train_labels"],
         test_images=arrays["test_images"],
         test_labels=arrays["test_labels"],
+        unlabeled_images=arrays["unlabeled_images"],
     )
+
+
+def unlabeled_images(folder: Path, verify: bool = True) -> np.ndarray | None:
+    """The unlabeled pool as prepared (uint8 N x H x W x C, memory-mapped), or None without one.
+
+    Checked against the manifest like every array. These are all of the pool's images: the ones a
+    stage may train on are ``pipeline.data.pool.pool_images`` (copies of validation and test
+    images removed by the split).
+    """
+    return load(folder, verify, only=("unlabeled_images",)).unlabeled_images
 
 
 def _read_document(path: Path, kind: type, hint: str) -> dict | list:

@@ -6,6 +6,10 @@
   not apply: augmented features would need that forward pass every step.
 - ``finetune``: every layer trains on augmented batches (``finetune.policy``), the encoder at
   ``lr x encoder_lr_scale``.
+- ``semi``: every layer trains as in ``finetune``, with FixMatch (docs/science.md §9): each step
+  also takes ``mu x B`` unlabeled images (:class:`Unlabeled`), forwards ``[labeled; weak;
+  strong]`` in one batch and minimizes :func:`pipeline.models.semi.fixmatch_loss`. The labeled
+  batch gets the weak policy, as in the paper.
 
 The budget (:func:`budget`): every init gets the same one at a given label fraction, and it
 scales with the subset, so that no cell stops because its budget was too small for its data
@@ -13,8 +17,9 @@ scales with the subset, so that no cell stops because its budget was too small f
 larger set). Training stops early when validation accuracy has not improved for ``patience``
 epochs, or at the cap; the learning rate follows a cosine decay over the cap.
 
-Both minimize cross-entropy (with optional label smoothing) + an L1 penalty ``λ Σ|w|`` (weight
-decay supplies L2) + optionally ``multitask_weight x`` a self-supervised loss on the same batch.
+The supervised modes minimize cross-entropy (with optional label smoothing) + an L1 penalty
+``λ Σ|w|`` (weight decay supplies L2) + optionally ``multitask_weight x`` a self-supervised loss
+on the same batch (``finetune`` only); ``semi`` minimizes FixMatch's loss + the L1 penalty.
 Validation accuracy is computed every epoch; the best epoch's weights are kept in memory and
 returned (early stopping is Lightning's EarlyStopping callback on the same number).
 """
@@ -22,6 +27,7 @@ returned (early stopping is Lightning's EarlyStopping callback on the same numbe
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -35,11 +41,15 @@ from torchmetrics.classification import MulticlassAccuracy
 from pipeline.augment import BatchAugment
 from pipeline.models.classifier import LinearClassifier
 from pipeline.models.optim import build_optimizer, warmup_cosine_scheduler
+from pipeline.models.semi import fixmatch_loss, split_logits
 
 if TYPE_CHECKING:  # the multi-task term's module; imported by the stage that builds it
     from lightning.pytorch.utilities.types import OptimizerLRScheduler
 
     from pipeline.models.pretrain import PretrainModule
+
+#: Modes that train every layer on augmented images (``linear`` trains the head on features).
+TRAINS_ENCODER = ("finetune", "semi")
 
 
 @dataclass(frozen=True)
@@ -106,14 +116,58 @@ class Recipe:
     l1: float = 0.0
     label_smoothing: float = 0.0
     multitask_weight: float = 0.0
+    threshold: float = 0.95  # semi: FixMatch's confidence threshold
+    unlabeled_ratio: int = 7  # semi: mu, unlabeled images per labeled image in a step
+    unlabeled_weight: float = 1.0  # semi: lambda_u
+
+
+@dataclass(frozen=True)
+class Unlabeled:
+    """Mode semi's unlabeled images (uint8 N x C x H x W, on the CPU until training starts) and
+    the two augmentations that make each one's weak and strong view."""
+
+    images: torch.Tensor
+    weak: BatchAugment
+    strong: BatchAugment
+
+
+def unlabeled_positions(size: int, count: int, seed: int, step: int) -> torch.Tensor:
+    """Positions ``[step x count, (step + 1) x count)`` of an endless stream of permutations of
+    ``range(size)``, permutation k seeded by (seed, k): the unlabeled images of one step.
+
+    Why a pure function of (seed, step) and not a sampler with state: a run resumed from a
+    checkpoint restores the global step, so its unlabeled batches are the uninterrupted run's
+    with nothing else to save; and every image is drawn once per pass over the unlabeled set,
+    as an epoch-wise sampler would.
+    """
+    if size < 1 or count < 0 or step < 0:
+        raise ValueError(
+            f"unlabeled_positions: need size >= 1, count and step >= 0, got "
+            f"{size=}, {count=}, {step=}"
+        )
+    chunks, position, end = [], step * count, (step + 1) * count
+    while position < end:
+        permutation, offset = divmod(position, size)
+        take = min(end - position, size - offset)
+        chunks.append(_permutation(size, seed, permutation)[offset : offset + take])
+        position += take
+    return torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.int64)
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(size: int, seed: int, index: int) -> torch.Tensor:
+    """Permutation ``index`` of the unlabeled stream (cached: a step reads one or two)."""
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + index) * 257 + 91)
+    return torch.randperm(size, generator=generator)
 
 
 class FinetuneModule(L.LightningModule):
     """Trains a LinearClassifier; keeps the weights of its best validation epoch.
 
-    ``augment`` makes the training batches of mode finetune (``normalize`` the validation
-    batches); mode linear trains the head on ``features``, the frozen encoder's cached features
-    per split. ``ssl`` is a PretrainModule sharing the encoder, for the multi-task term.
+    ``augment`` makes the training batches of modes finetune and semi (``normalize`` the
+    validation batches); mode linear trains the head on ``features``, the frozen encoder's cached
+    features per split. ``ssl`` is a PretrainModule sharing the encoder, for the multi-task term.
+    ``unlabeled`` holds mode semi's unlabeled images and their views.
     """
 
     def __init__(
@@ -125,12 +179,15 @@ class FinetuneModule(L.LightningModule):
         recipe: Recipe,
         ssl: PretrainModule | None = None,
         features: dict[str, torch.Tensor] | None = None,
+        unlabeled: Unlabeled | None = None,
     ) -> None:
         super().__init__()
-        if mode not in ("linear", "finetune"):
-            raise ValueError(f"unknown fine-tuning mode {mode!r}; use linear or finetune")
+        if mode not in ("linear", *TRAINS_ENCODER):
+            raise ValueError(f"unknown fine-tuning mode {mode!r}; use linear, finetune or semi")
         if mode == "linear" and features is None:
             raise ValueError("linear mode trains on cached features: pass features={set: N x D}")
+        if (mode == "semi") != (unlabeled is not None and len(unlabeled.images) > 0):
+            raise ValueError("mode semi, and only semi, trains on unlabeled images: pass them")
         self.save_hyperparameters({"mode": mode, **asdict(recipe)}, logger=False)
         self.classifier = classifier
         self.mode = mode
@@ -140,12 +197,17 @@ class FinetuneModule(L.LightningModule):
         self.normalize = normalize
         self.val_acc = MulticlassAccuracy(classifier.head.out_features, average="micro")
         self.train_loss = MeanMetric()
+        self.unlabeled = unlabeled
+        if unlabeled is not None:  # submodules: they move to the device with the module
+            self.weak, self.strong = unlabeled.weak, unlabeled.strong
+        self.mask_rate = MeanMetric()  # semi: share of unlabeled images with a pseudo-label
+        self.unsupervised_loss = MeanMetric()  # semi: L_u, before its weight
         if mode == "linear":
             for parameter in self.classifier.encoder.parameters():
                 parameter.requires_grad_(False)
         # Convolutions run 1.4-1.5x faster in channels-last layout on this CPU (BENCHMARKS.md);
         # an MLP or PCA encoder flattens its input, so layout does not matter there.
-        self.channels_last = mode == "finetune" and bool(
+        self.channels_last = mode in TRAINS_ENCODER and bool(
             getattr(classifier.encoder, "has_gap", False)
         )
         if self.channels_last:
@@ -166,6 +228,8 @@ class FinetuneModule(L.LightningModule):
             self.features = {k: v.to(self.device) for k, v in self.features.items()}
         else:
             self.images = {k: v.to(self.device) for k, v in data.images.items()}
+        if self.unlabeled is not None:
+            self.images["unlabeled"] = self.unlabeled.images.to(self.device)
 
     def on_train_epoch_start(self) -> None:
         torch.manual_seed(self.recipe.seed * 7919 + self.current_epoch)
@@ -175,32 +239,74 @@ class FinetuneModule(L.LightningModule):
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
+    def _generator(self, stream: int) -> torch.Generator:
+        """The random numbers of one augmentation stream at this step and rank, so that a
+        resumed run draws what the uninterrupted one drew."""
+        offset = self.recipe.seed * stream + self.global_step + (self.global_rank << 40)
+        return torch.Generator(device=self.device).manual_seed(offset)
+
     # ------------------------------------------------------------------ training
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         index = batch.to(self.device)
         labels = self.labels[self.train_set][index]
+        if self.mode == "semi":
+            loss = self._fixmatch_step(index, labels)
+            self.train_loss.update(loss.detach())
+            return loss
         if self.mode == "linear":
             features = self.features[self.train_set][index]
             logits = self.classifier.head(self.classifier.dropout(features))
             images = None
         else:
             images = self.images[self.train_set][index]
-            generator = torch.Generator(device=self.device).manual_seed(
-                self.recipe.seed * 1_000_003 + self.global_step + (self.global_rank << 40)
-            )
-            logits = self.classifier.logits(self._layout(self.augment(images, generator)))
+            augmented = self.augment(images, self._generator(1_000_003))
+            logits = self.classifier.logits(self._layout(augmented))
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.recipe.label_smoothing)
         if self.recipe.l1 > 0:
-            weights = [p for n, p in self.named_parameters() if p.requires_grad and p.dim() > 1]
-            loss = loss + self.recipe.l1 * sum(w.abs().sum() for w in weights)
+            loss = loss + self._l1()
         if self.ssl is not None and self.recipe.multitask_weight > 0 and images is not None:
-            generator = torch.Generator(device=self.device).manual_seed(
-                self.recipe.seed * 1_000_033 + self.global_step + (self.global_rank << 40)
-            )
-            ssl_loss = self.ssl.objective(images, generator)[0]
+            ssl_loss = self.ssl.objective(images, self._generator(1_000_033))[0]
             loss = loss + self.recipe.multitask_weight * ssl_loss
         self.train_loss.update(loss.detach())
         return loss
+
+    def _l1(self) -> torch.Tensor:
+        """``λ Σ|w|`` over the trained weight matrices and kernels (callers skip it at λ = 0)."""
+        weights = [p for n, p in self.named_parameters() if p.requires_grad and p.dim() > 1]
+        return self.recipe.l1 * sum(w.abs().sum() for w in weights)
+
+    def _fixmatch_step(self, index: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One FixMatch step (docs/science.md §9): B labeled images (weak policy) and mu x B
+        unlabeled ones, weak and strong views, in one forward pass (one set of batch-norm
+        statistics for all three, see ``split_logits``).
+
+        The unlabeled images of a step are positions of :func:`unlabeled_positions` at the
+        global step; under DDP each rank takes every world-th of the global step's, as the
+        labeled sampler deals its batches.
+        """
+        world, rank = self.trainer.world_size, self.global_rank
+        pool = self.images["unlabeled"]
+        count = self.recipe.unlabeled_ratio * len(index) * world
+        positions = unlabeled_positions(len(pool), count, self.recipe.seed, self.global_step)
+        unlabeled = pool[positions[rank::world].to(self.device)]
+        views = (
+            self.augment(self.images[self.train_set][index], self._generator(1_000_003)),
+            self.weak(unlabeled, self._generator(1_000_037)),
+            self.strong(unlabeled, self._generator(1_000_039)),
+        )
+        logits = self.classifier.logits(self._layout(torch.cat(views)))
+        labeled, weak, strong = (part.float() for part in split_logits(logits, len(index)))
+        loss, parts = fixmatch_loss(
+            labeled,
+            labels,
+            weak,
+            strong,
+            self.recipe.threshold,
+            self.recipe.unlabeled_weight,
+        )
+        self.mask_rate.update(parts.mask_rate)
+        self.unsupervised_loss.update(parts.unsupervised)
+        return loss + self._l1() if self.recipe.l1 > 0 else loss
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
@@ -218,9 +324,18 @@ class FinetuneModule(L.LightningModule):
         self.train_loss.reset()
         self.log("val_acc", accuracy)
         self.log("train_loss", train_loss)
-        self.history.append(
-            {"epoch": float(self.current_epoch + 1), "train_loss": train_loss, "val_acc": accuracy}
-        )
+        row = {
+            "epoch": float(self.current_epoch + 1),
+            "train_loss": train_loss,
+            "val_acc": accuracy,
+        }
+        if self.mode == "semi":  # how much of the unlabeled data taught, and how hard
+            for name in ("mask_rate", "unsupervised_loss"):
+                meter = getattr(self, name)
+                row[name] = float(meter.compute())
+                meter.reset()
+                self.log(name, row[name])
+        self.history.append(row)
         if accuracy > self.best_acc:  # strictly better: ties keep the earlier, cheaper epoch
             self.best_acc = accuracy
             self.best_epoch = self.current_epoch + 1
@@ -254,7 +369,7 @@ class FinetuneModule(L.LightningModule):
         opt = self.recipe.optimizer
         head = list(self.classifier.head.parameters())
         groups = [{"params": head}]
-        if self.mode == "finetune":
+        if self.mode in TRAINS_ENCODER:
             encoder = list(self.classifier.encoder.parameters())
             groups.append({"params": encoder, "lr": opt["lr"] * self.recipe.encoder_lr_scale})
             if self.ssl is not None:

@@ -102,12 +102,16 @@ class PretrainModule(L.LightningModule):
         self.images: dict[str, torch.Tensor] = {}
         self.labels: dict[str, torch.Tensor] = {}
         self._val_features: list[torch.Tensor] = []
+        self.train_set = "train"  # the set batches come from ("pretrain": training + pool)
+        self.has_unlabeled = False  # it holds pool images (label -1), which the probe skips
 
     # ---------------------------------------------------------------- data on the device
     def on_fit_start(self) -> None:
         data = self.trainer.datamodule
         self.images = {name: t.to(self.device) for name, t in data.images.items()}
         self.labels = {name: t.to(self.device) for name, t in data.labels.items()}
+        self.train_set = data.train_set
+        self.has_unlabeled = bool((self.labels[self.train_set] < 0).any())
 
     def to_model_layout(self, x: torch.Tensor) -> torch.Tensor:
         """Images in the memory layout the encoder is fastest with."""
@@ -125,7 +129,7 @@ class PretrainModule(L.LightningModule):
     # ---------------------------------------------------------------- objectives
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor | None:
         index = batch.to(self.device)
-        images, labels = self.images["train"][index], self.labels["train"][index]
+        images, labels = self.images[self.train_set][index], self.labels[self.train_set][index]
         own_step = getattr(self.implementation, "training_step", None)
         if own_step is not None:  # the method steps its optimizers itself; returns its loss
             self.train_loss.update(own_step(self, images, labels, self._generator()).detach())
@@ -139,7 +143,12 @@ class PretrainModule(L.LightningModule):
     ) -> torch.Tensor:
         """The online probe's loss on detached features: labels never reach the encoder."""
         rows = self.every_row(features) if rows is None else rows
-        return F.cross_entropy(self.probe(features.detach()[rows]), labels[rows])
+        features, labels = features.detach()[rows], labels[rows]
+        if self.has_unlabeled:  # pool images (label -1) have nothing to teach the probe
+            features, labels = features[labels >= 0], labels[labels >= 0]
+            if not len(labels):  # a batch of pool images only: no loss, and no NaN weights
+                return self.probe(features).sum()
+        return F.cross_entropy(self.probe(features), labels)
 
     def track(self, **values: torch.Tensor) -> None:
         """Add a method's own monitors to this epoch's row (their epoch means), by name."""

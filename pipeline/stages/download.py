@@ -4,6 +4,12 @@ Outputs (both replaced only when everything succeeded, see pipeline.io.atomic_di
 ``data/raw/<dataset>/`` the original files and ``manifest.json`` with their checksums, and
 ``data/prepared/<dataset>/`` (see pipeline.data.prepared).
 
+With ``data.unlabeled_path`` set, the images of that folder (any depth) become the unlabeled
+pool, ``unlabeled_images.npy``, converted to the dataset's own image size and channels as an
+image folder's are; STL-10's unlabeled split is its pool without it, and with it the folder's
+images follow STL-10's. Their checksums go into the raw manifest (``unlabeled``); the files are
+not copied, the checksummed array is their record.
+
 Files already in ``data/raw/<dataset>/`` serve as a local cache: they are verified and reused, and
 a cached file that fails verification stops the stage with an error that names it, because a file
 that changed on disk is news the user should hear about rather than have silently replaced.
@@ -33,6 +39,7 @@ log = logging.getLogger(__name__)
 PARAMS = (
     "data.dataset",
     "data.local_path",
+    "data.unlabeled_path",
     "data.image_size",
     "data.channels",
     "data.on_bad_image",
@@ -54,6 +61,9 @@ def run(config: Config, dataset: str | None = None) -> dict:
     with tracking.stage_run("download", config, dataset, PARAMS) as tracked:
         with atomic_dir(raw_final) as raw_tmp, atomic_dir(paths.prepared_dir(dataset)) as prep_tmp:
             raw_manifest, arrays = _read(spec, config, raw_final, raw_tmp)
+            pool = _add_pool(config, arrays)
+            if pool is not None:
+                raw_manifest["unlabeled"] = pool
             write_json(raw_tmp / "manifest.json", {"dataset": dataset, **raw_manifest})
             manifest = prepared.write(arrays, prep_tmp, dataset)
         checksum = prepared.dataset_checksum(paths.prepared_dir(dataset))
@@ -272,6 +282,85 @@ def _check_every_class_has_images(
             f"{root}: no usable images in class folder(s) {', '.join(empty)}{why}; add images "
             "there or remove the folder(s)"
         )
+
+
+def _add_pool(config: Config, arrays: formats.Arrays) -> dict | None:
+    """Put data.unlabeled_path's images into ``arrays`` as the pool; return their raw manifest.
+
+    They are converted to the training images' own height, width and channels (for imagefolder
+    that is data.image_size and data.channels), so every image pretraining sees has one shape. A
+    dataset with an unlabeled split of its own (STL-10) keeps it first, the folder's images after.
+    """
+    if not config.data.unlabeled_path:
+        return None
+    height, width, channels = arrays.train_images.shape[1:]
+    images, record = _read_pool(config, Path(config.data.unlabeled_path), (height, width), channels)
+    own = arrays.unlabeled_images
+    arrays.unlabeled_images = images if own is None else np.concatenate([own, images])
+    arrays.notes += [
+        f"left out of the pool {name}: {why}" for name, why in record["rejected"].items()
+    ]
+    log.info(
+        "unlabeled pool: %d image(s) from %s%s",
+        len(images),
+        config.data.unlabeled_path,
+        f" after {len(own)} of the dataset's own unlabeled split" if own is not None else "",
+    )
+    return record
+
+
+#: The pool is read in one pass; a progress line every so many images.
+_POOL_PROGRESS = 5000
+
+
+def _read_pool(
+    config: Config, root: Path, size: tuple[int, int], channels: int
+) -> tuple[np.ndarray, dict]:
+    """Every usable image under ``root`` (any depth, sorted paths), and the files' record.
+
+    A folder with no image file, or with none PIL can read, is an error whatever
+    data.on_bad_image says: pretraining on an empty pool is never what was meant.
+    """
+    where = f"{root} (data.unlabeled_path)"
+    if not root.is_dir():
+        raise DataError(
+            f"{where} is not a folder; set data.unlabeled_path to a folder of unlabeled images, "
+            "or to null for none"
+        )
+    paths_found, others = formats.list_images(root)
+    if not paths_found:
+        raise DataError(
+            f"{where} holds no image files ({', '.join(formats.IMAGE_SUFFIXES)}, at any depth; "
+            f"{len(others)} other file(s)); put the unlabeled images there, or set "
+            "data.unlabeled_path: null"
+        )
+    rejected = {str(p.relative_to(root)): "not an image file (unknown extension)" for p in others}
+    images, files = [], {}
+    for count, path in enumerate(paths_found, 1):
+        rel = str(path.relative_to(root))
+        try:
+            images.append(formats.load_image(path, size, channels))
+        except formats.BadImage as err:
+            rejected[rel] = err.reason
+        else:
+            files[rel] = _entry(checksums(path), "none (local files)")
+        if count % _POOL_PROGRESS == 0:
+            log.info("unlabeled pool: read %d of %d files", count, len(paths_found))
+    for name, why in sorted(rejected.items()):
+        verb = "cannot use" if _strict(config) else "left out"
+        log.warning("%s %s of data.unlabeled_path: %s", verb, name, why)
+    if not images:
+        raise DataError(
+            f"{where}: not one of its {len(paths_found)} image file(s) is readable "
+            f"({_listing(rejected)}); replace them with readable images, or set "
+            "data.unlabeled_path: null"
+        )
+    if rejected and _strict(config):
+        raise DataError(
+            f"{where}: {_listing(rejected)}. Remove or fix them, or set "
+            "data.on_bad_image: skip in params.yaml to leave them out"
+        )
+    return np.stack(images), {"files": files, "rejected": dict(sorted(rejected.items()))}
 
 
 #: The decoders of published releases, by the registry's ``reader`` (files already fetched).

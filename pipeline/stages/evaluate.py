@@ -7,6 +7,11 @@ rows init x mode, columns label fractions, mean ± std over seeds with the mean 
 ``metrics/label_efficiency.csv`` (every metric per cell) and
 ``reports/figures/label_efficiency.png`` (the study's figure, test accuracy). The best classifier
 of each label fraction, chosen by *validation* accuracy, is logged to MLflow as a model.
+
+The study's answer: per label fraction, the best self-supervised cell minus the best baseline
+cell (``pipeline.study.answer``, both chosen on validation) with a paired bootstrap interval over
+the same test images (``evaluation.paired_difference``), in summary.json's ``answer`` and as one
+sentence at the end of summary.md.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from pipeline import paths
 from pipeline.config import Config
@@ -23,13 +28,24 @@ from pipeline.io import write_json, write_text
 from pipeline.paths import model_dir
 from pipeline.study import CELL_PARAMS, CURVE, FIGURE, SUMMARY, best_by_validation
 
+if TYPE_CHECKING:  # torch, numpy and MLflow load inside run(), so --help answers at once
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from pipeline.evaluation import AnswerEntry, SeedReport, SeedRow, SummaryEntry
+    from pipeline.tracking import TrackedRun
+
+#: Per (``<init>-<mode>``, fraction name): each seed's per-image correctness on the test split.
+Correctness = dict[tuple[str, str], list["np.ndarray"]]
+
 log = logging.getLogger(__name__)
 
 PARAMS = ("evaluate", *CELL_PARAMS)
 _CHUNK = 2048
 
 
-def run(config: Config, dataset: str | None = None) -> dict:
+def run(config: Config, dataset: str | None = None) -> dict[str, object]:
     """Score every cell and seed on the test split; write the per-cell files and the summary."""
     from pipeline import evaluation, tracking
     from pipeline.data.datamodule import SplitData
@@ -42,10 +58,12 @@ def run(config: Config, dataset: str | None = None) -> dict:
         data.setup("test")
         images, labels = data.images["test"], data.labels["test"]
         best = best_by_validation(config)
-        rows, features = [], {}
+        rows: list[SeedRow] = []
+        features: dict[str, torch.Tensor] = {}
+        correct: Correctness = {}
         for init, mode, fraction in config.finetune.cells():
             name = cell_name(init, mode, fraction)
-            per_seed = {}
+            per_seed: dict[str, SeedReport] = {}
             for seed in config.finetune.seeds:
                 probabilities = _probabilities(
                     model_dir(init, mode, fraction), seed, images, features
@@ -55,32 +73,48 @@ def run(config: Config, dataset: str | None = None) -> dict:
                 )
                 per_seed[str(seed)] = result
                 rows.append(
-                    {
-                        "init": init,
-                        "mode": mode,
-                        "fraction": paths.fraction_name(fraction),
-                        "seed": seed,
+                    evaluation.SeedRow(
+                        init=init,
+                        mode=mode,
+                        fraction=paths.fraction_name(fraction),
+                        seed=seed,
                         **result,
-                    }
+                    )
+                )
+                key = (f"{init}-{mode}", paths.fraction_name(fraction))
+                correct.setdefault(key, []).append(
+                    evaluation.per_image_correct(probabilities, labels, data.num_classes)
                 )
             write_json(Path("metrics/eval") / f"{name}.json", {"cell": name, "seeds": per_seed})
         summaries = evaluation.summarize_all(rows)
-        _write_summary(config, summaries)
+        answer = _answer(config, summaries, correct)
+        _write_summary(config, summaries, answer)
         tracked.log_metrics(
             {
                 f"{evaluation.METRICS[name].key}.{s['init']}-{s['mode']}-{s['fraction']}": s["mean"]
                 for name, summary in summaries.items()
                 for s in summary
             }
+            | {
+                f"answer.{budget}.{field}": entry[field]
+                for budget, entry in answer.items()
+                for field in ("difference", "ci_low", "ci_high")
+            }
         )
         summary = summaries[evaluation.HEADLINE]
         for path in (SUMMARY.with_suffix(".md"), SUMMARY.with_suffix(".json"), FIGURE):
             tracked.log_artifact(path)
         _log_best_models(tracked, best, dataset)
-    return {"summary": summary, "best_by_validation": {k: v[1:3] for k, v in best.items()}}
+    return {
+        "summary": summary,
+        "best_by_validation": {k: v[1:3] for k, v in best.items()},
+        "answer": answer,
+    }
 
 
-def _probabilities(folder: Path, seed: int, images: Any, features: dict[str, Any]) -> Any:
+def _probabilities(
+    folder: Path, seed: int, images: torch.Tensor, features: dict[str, torch.Tensor]
+) -> torch.Tensor:
     """The classifier's test probabilities. Test features are computed once per distinct
     encoder (the linear and kNN cells of an init share its frozen encoder; ``features`` caches
     them by a hash of the weights), which cuts evaluation's forward passes by more than half."""
@@ -102,7 +136,7 @@ def _probabilities(folder: Path, seed: int, images: Any, features: dict[str, Any
         return model.from_features(features[key])
 
 
-def _weights_key(encoder: Any) -> str:
+def _weights_key(encoder: nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(encoder.state_dict().items()):
         digest.update(name.encode())
@@ -110,14 +144,46 @@ def _weights_key(encoder: Any) -> str:
     return digest.hexdigest()
 
 
-def _write_summary(config: Config, summaries: dict[str, list[dict]]) -> None:
-    """The summary of every metric (JSON, CSV, Markdown), the curve and the accuracy figure."""
+def _answer(
+    config: Config, summaries: dict[str, list[SummaryEntry]], correct: Correctness
+) -> dict[str, AnswerEntry]:
+    """Per label fraction (keyed as summary.json keys it, ``0_01``): the best self-supervised
+    cell minus the best baseline cell, both chosen on validation by ``pipeline.study.answer``
+    (never on test), with the paired bootstrap interval over the same test images, seeds
+    averaged, under the evaluate section's bootstrap settings."""
+    from pipeline import evaluation
+    from pipeline.study import answer
+
+    accuracy = evaluation.summary_document(summaries)[evaluation.METRICS["accuracy"].key]
+    entries = {}
+    for row in answer(config, accuracy):
+        fraction, ssl, base = row["fraction"], row["ssl"]["cell"], row["baseline"]["cell"]
+        paired = evaluation.paired_difference(
+            correct[(ssl, fraction)],
+            correct[(base, fraction)],
+            config.evaluate.bootstrap,
+            config.evaluate.seed,
+        )
+        entries[paths.metric_key(fraction)] = evaluation.answer_entry(fraction, ssl, base, paired)
+    return entries
+
+
+def _write_summary(
+    config: Config, summaries: dict[str, list[SummaryEntry]], answer: dict[str, AnswerEntry]
+) -> None:
+    """The summary of every metric (JSON, CSV, Markdown) with the study's answer (JSON and
+    Markdown), the curve and the accuracy figure."""
     from pipeline import evaluation
 
     fractions = [paths.fraction_name(f) for f in config.finetune.fractions]
-    write_json(SUMMARY.with_suffix(".json"), evaluation.summary_document(summaries))
+    document = {**evaluation.summary_document(summaries), "answer": answer}
+    write_json(SUMMARY.with_suffix(".json"), document)
     write_text(SUMMARY.with_suffix(".csv"), evaluation.summary_csv(summaries))
-    write_text(SUMMARY.with_suffix(".md"), evaluation.summary_markdown(summaries, fractions))
+    ordered = [answer[key] for key in map(paths.metric_key, fractions) if key in answer]
+    sentence = evaluation.answer_sentence(ordered)
+    write_text(
+        SUMMARY.with_suffix(".md"), evaluation.summary_markdown(summaries, fractions, sentence)
+    )
     write_text(CURVE, evaluation.curve_csv(summaries))
     FIGURE.parent.mkdir(parents=True, exist_ok=True)
     evaluation.label_efficiency_figure(summaries[evaluation.HEADLINE], FIGURE)
@@ -133,7 +199,9 @@ def registered_name(dataset: str, fraction: str) -> str:
     return f"{dataset}-best-{paths.metric_key(fraction)}"
 
 
-def _log_best_models(tracked: Any, best: dict[str, tuple], dataset: str) -> None:
+def _log_best_models(
+    tracked: TrackedRun, best: dict[str, tuple[float, str, str, float]], dataset: str
+) -> None:
     """Per label fraction, the cell with the best validation accuracy, as an MLflow pyfunc model
     registered under :func:`registered_name` with the alias ``current``.
 

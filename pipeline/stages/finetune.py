@@ -12,6 +12,12 @@ The cell's JSON records, per seed, why it stopped (``early_stopping`` or ``cap``
 was still improving at the cap. ``linear`` and ``knn`` compute the frozen encoder's features of
 the labeled subset and of validation once per cell; the linear head trains on those.
 
+Mode ``semi`` (FixMatch, docs/science.md §9) also reads the training split's images outside the
+labeled subset, without their labels, and the unlabeled pool's images that the split kept
+(:func:`unlabeled_images`); never validation or test images. Its budget counts labeled steps,
+as in every mode; a cell with no unlabeled image stops before training with one line saying
+what to set.
+
 Outputs: ``models/finetune/<I>-<M>-<F>/`` (``model.json`` + ``seed<k>.pt``),
 ``metrics/finetune/<I>-<M>-<F>.json`` (validation accuracy, the choices and the per-epoch history,
 per seed) and ``metrics/finetune/<I>-<M>-<F>.csv`` (the curve: per epoch, the mean over the seeds
@@ -34,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline import paths, training
-from pipeline.config import Config
+from pipeline.config import MODES, Config
 from pipeline.documents import EncoderDescription, PolicyDocument
 from pipeline.errors import MissingInputError
 from pipeline.io import write_bytes, write_json, write_text
@@ -43,12 +49,13 @@ from pipeline.stages import pretrain as pretrain_stage  # the multi-task term's 
 if TYPE_CHECKING:  # torch and Lightning are imported only to train: the CLI imports this module
     import argparse
 
+    import numpy as np
     import torch
     from torch import nn
 
     from pipeline.data.datamodule import SplitData
     from pipeline.models.classifier import LinearClassifier
-    from pipeline.models.finetune import Budget
+    from pipeline.models.finetune import Budget, Unlabeled
     from pipeline.models.pretrain import PretrainModule
     from pipeline.tracking import TrackedRun
 
@@ -72,6 +79,7 @@ COMMON_PARAMS = (
     "finetune.label_smoothing",
     "finetune.multitask_weight",
     "finetune.knn",
+    "finetune.semi",
 )
 PARAMS = COMMON_PARAMS
 
@@ -84,7 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--init", required=True, help="scratch, pca, pixels or a pretraining method"
     )
-    parser.add_argument("--mode", required=True, choices=("linear", "finetune", "knn"))
+    parser.add_argument("--mode", required=True, choices=MODES)
     parser.add_argument("--fraction", required=True, help="a label fraction the split made")
 
 
@@ -209,6 +217,8 @@ def _train_cell(
             ft.max_passes,
             ft.min_steps,
         )
+    # Before the encoder loads: a semi cell without unlabeled images stops here, in one line.
+    unlabeled = _unlabeled(config, document, dataset, cell) if mode == "semi" else None
     encoder, encoder_description = _encoder(init)
     # A frozen encoder's features never change: computed once, shared by every seed.
     features = _features(encoder, data, document) if mode in ("linear", "knn") else None
@@ -222,7 +232,7 @@ def _train_cell(
             knn = knn or _fit_knn(config, data, encoder, features)
             state, result = knn
         else:
-            if mode == "finetune" and seed != ft.seeds[0]:
+            if mode in ("finetune", "semi") and seed != ft.seeds[0]:
                 encoder, _ = _encoder(init)  # every seed starts from the init's own weights
             fit = _Fit(
                 config,
@@ -238,6 +248,7 @@ def _train_cell(
                 cell_budget,
                 features,
                 cell.name,
+                unlabeled,
             )
             state, result = _fit_seed(fit)
         states[seed], per_seed[str(seed)] = state, result
@@ -256,6 +267,68 @@ def _train_cell(
         "dataset": dataset,
     }
     return _Trained(states, per_seed, description, ckpt_dir, cell_budget)
+
+
+def unlabeled_indices(dataset: str, labeled_set: str) -> np.ndarray:
+    """Indices into the prepared training images of the training split's images outside the
+    labeled subset ``labeled_set`` (``labeled-0.01``), sorted: what mode semi may see of the
+    split without labels (issue 25's table of who sees which images). At all labels, where
+    none is outside, the whole training split.
+
+    Validation and test images are never among them by construction: the split makes ``train``
+    disjoint from both, by index and by content (pipeline/data/split.py, rules 2 and 3), and
+    the indices are read through their checksums.
+    """
+    import numpy as np
+
+    from pipeline.data.split import load_indices
+
+    train = load_indices(dataset, "train")
+    rest = np.setdiff1d(train, load_indices(dataset, labeled_set)).astype(np.int64)
+    # At all labels nothing of the split is left unlabeled: the labeled images' views serve as
+    # the unlabeled ones, as in FixMatch's own setup, whose unlabeled set holds every training
+    # image (docs/science.md §9); with a pool, the pool then adds what the labels do not cover.
+    return rest if len(rest) else np.sort(train).astype(np.int64)
+
+
+def unlabeled_images(dataset: str, labeled_set: str) -> np.ndarray:
+    """Mode semi's unlabeled images, uint8 N x H x W x C, the one place its unlabeled stream is
+    assembled: the training split outside the labeled subset, then the pool's images that the
+    split kept (no copy of a validation or test image, pipeline.data.pool)."""
+    import numpy as np
+
+    from pipeline.data import prepared
+    from pipeline.data.pool import pool_images
+
+    data = prepared.load(paths.prepared_dir(dataset), only=("train_images",))
+    rest = np.asarray(data.train_images)[unlabeled_indices(dataset, labeled_set)]
+    pool = pool_images(data, dataset)
+    return rest if pool is None or not len(pool) else np.concatenate([rest, pool])
+
+
+def _unlabeled(
+    config: Config, document: PolicyDocument, dataset: str, cell: paths.Cell
+) -> Unlabeled:
+    """Mode semi's unlabeled images as a CPU tensor, with their weak and strong views (never
+    empty: at all labels the training split's own images serve, :func:`unlabeled_indices`)."""
+    import torch
+
+    from pipeline.models.finetune import Unlabeled
+
+    subset = f"labeled-{cell.fraction_name}"
+    images = unlabeled_images(dataset, subset)
+    semi = config.finetune.semi
+    log.info(
+        "%s: %d unlabeled images (training split outside %s, and the pool)",
+        cell.name,
+        len(images),
+        subset,
+    )
+    return Unlabeled(
+        torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),  # a fresh, writable copy
+        document.normalizer(semi.weak_policy),
+        document.normalizer(semi.strong_policy),
+    )
 
 
 def _features(
@@ -305,6 +378,7 @@ class _Fit:
     budget: Budget  # kNN, the one mode without a budget, builds no _Fit
     features: dict[str, torch.Tensor] | None  # the frozen encoder's (linear); None to fine-tune
     cell: str
+    unlabeled: Unlabeled | None = None  # mode semi's images and views
 
 
 def _fit_seed(fit: _Fit) -> tuple[dict, dict]:
@@ -375,15 +449,21 @@ def _fit_linear(fit: _Fit, ckpt_dir: Path) -> tuple[dict, dict]:
         ft.l1,
         ft.label_smoothing,
         ft.multitask_weight,
+        ft.semi.threshold,
+        ft.semi.unlabeled_ratio,
+        ft.semi.unlabeled_weight,
     )
+    # FixMatch's labeled batch gets the weak view (docs/science.md §9); the others finetune.policy.
+    policy = ft.semi.weak_policy if fit.mode == "semi" else ft.policy
     module = FinetuneModule(
         classifier,
         fit.mode,
-        document.normalizer(ft.policy),
+        document.normalizer(policy),
         document.normalizer(),
         recipe,
         ssl=ssl,
         features=scaled,
+        unlabeled=fit.unlabeled,
     )
     max_epochs = fit.budget.max_epochs
     last = ckpt_dir / "last.ckpt"

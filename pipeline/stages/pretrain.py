@@ -6,6 +6,11 @@ also ``samples.npy`` and ``reconstructions.npy`` (uint8 N x H x W x C);
 ``metrics/pretrain/<method>.json`` (final monitors) and ``metrics/pretrain/<method>.csv`` (one
 row per epoch).
 
+With an unlabeled pool (``data.unlabeled_path``, STL-10's unlabeled split), every trained method
+and PCA learn from the training images followed by the split's kept pool images; the monitors
+still compare labeled training images with validation. The metrics JSON then records
+``images_seen`` (training + pool images) and ``pool_images``.
+
 Training checkpoints go to ``checkpoints/pretrain/<method>-<key>/`` outside the declared outputs
 (the runners delete outputs before a re-run), keyed by everything that shapes the run, so a re-run
 after an interruption resumes from the last epoch and a re-run with other settings starts afresh.
@@ -159,9 +164,10 @@ def _train(
     from pipeline.models.pretrain import PretrainModule
 
     pre = config.pretrain
-    data = SplitData(dataset, ("train", "val"), pre.batch_size, pre.seed, pre.max_images)
+    data = SplitData(dataset, ("train", "val"), pre.batch_size, pre.seed, pre.max_images, pool=True)
     data.setup("fit")
     _check_image_shape(data, document, dataset)
+    _log_images(method, data)
     steps = len(data.train_dataloader())
     hparams = hparams_for(config, method, document, data.num_classes, steps)
     ckpt_dir = training.checkpoint_dir("pretrain", method, hparams, _checksum(dataset))
@@ -187,7 +193,7 @@ def _train(
         "encoder": module.backbone.state_dict(),
         "description": _description(dataset, method, hparams, module.backbone),
         "history": module.history,
-        "metrics": {"method": method, **module.history[-1]},
+        "metrics": {"method": method, **module.history[-1], **_images_seen(data)},
         "pictures": {},
     }
     images = data.images["val"][:_PICTURES].to(module.device)
@@ -198,6 +204,26 @@ def _train(
     if training.is_rank_zero():
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     return result
+
+
+def _log_images(method: str, data: SplitData) -> None:
+    """Say what the encoder learns from: the training split, and the pool when there is one."""
+    log.info(
+        "%s: pretraining on %d training images + %d pool images",
+        method,
+        len(data.images["train"]),
+        data.pool_size,
+    )
+
+
+def _images_seen(data: SplitData) -> dict[str, int]:
+    """The metrics JSON's record of the images an encoder learned from; nothing without a pool,
+    so a run without one writes what it always wrote."""
+    from pipeline.data.datamodule import PRETRAIN_SET
+
+    if PRETRAIN_SET not in data.images:
+        return {}
+    return {"images_seen": len(data.images[PRETRAIN_SET]), "pool_images": data.pool_size}
 
 
 def _check_image_shape(data: SplitData, document: PolicyDocument, dataset: str) -> None:
@@ -320,11 +346,12 @@ def _fit_pca(config: Config, dataset: str, document: PolicyDocument) -> dict:
     from pipeline.data.datamodule import SplitData
     from pipeline.models.pretrain import PCAEncoder
 
-    data = SplitData(dataset, ("train", "val"))
+    data = SplitData(dataset, ("train", "val"), pool=True)
     data.setup("fit")
     _check_image_shape(data, document, dataset)
+    _log_images("pca", data)
     normalize = document.normalizer()
-    train = normalize(data.images["train"]).flatten(1)
+    train = normalize(data.images[data.train_set]).flatten(1)  # training images + pool
     components = min(config.pretrain.options["pca"]["components"], train.shape[1])
     encoder = PCAEncoder(train.shape[1], components).fit(train)
     knn = _frozen_knn(config, data, encoder, normalize)
@@ -342,7 +369,12 @@ def _fit_pca(config: Config, dataset: str, document: PolicyDocument) -> dict:
             dataset, "pca", hparams, encoder, input_dim=int(train.shape[1])
         ),
         "history": [row],
-        "metrics": {"method": "pca", **row, "explained_variance": round(explained, 6)},
+        "metrics": {
+            "method": "pca",
+            **row,
+            "explained_variance": round(explained, 6),
+            **_images_seen(data),
+        },
         "pictures": {},
     }
 

@@ -3,6 +3,9 @@
 Output ``data/splits/<dataset>/``: ``train.npy``, ``val.npy``, ``test.npy`` (sorted int64 indices;
 train and val index the prepared training arrays, test indexes the set named by ``test_source``
 in the report), ``labeled-<fraction>.npy`` per label fraction, ``report.json`` and ``report.md``.
+With an unlabeled pool also ``pool.npy``: the indices into ``unlabeled_images.npy`` of the pool
+images kept after removing exact copies of validation and test images (counted in the report's
+``pool``), so that pretraining never sees an image that will be scored.
 The report holds the sha256 of every other file and of itself (pipeline.data.split.seal_report),
 so the stages that read the split notice a truncated or edited file and name it.
 """
@@ -16,7 +19,16 @@ import numpy as np
 from pipeline import paths
 from pipeline.config import Config
 from pipeline.data import prepared
-from pipeline.data.split import REPORT, SplitResult, disjointness, make_split, seal_report
+from pipeline.data.pool import POOL
+from pipeline.data.split import (
+    REPORT,
+    PoolDeduplication,
+    SplitResult,
+    deduplicate_pool,
+    disjointness,
+    make_split,
+    seal_report,
+)
 from pipeline.errors import DataError
 from pipeline.io import atomic_dir, save_npy, write_json, write_text
 
@@ -48,6 +60,9 @@ def run(config: Config, dataset: str | None = None) -> dict:
             train_labels if result.test_source == "train" else np.asarray(data.test_labels)
         )
         report = _report(config, dataset, data, result, train_labels, test_labels)
+        pool = _deduplicated_pool(data, result)
+        if pool is not None:
+            report["pool"] = {"file": f"{POOL}.npy", **pool.report()}
         if not report["disjointness"]["disjoint"]:  # a bug, never a data problem
             raise AssertionError(f"split is not disjoint: {report['disjointness']}")
         _check_each_class_labeled(result, train_labels, data.classes)
@@ -57,6 +72,8 @@ def run(config: Config, dataset: str | None = None) -> dict:
                 save_npy(tmp / f"{name}.npy", getattr(result, name))
             for fraction, subset in result.label_subsets.items():
                 save_npy(tmp / f"labeled-{paths.fraction_name(fraction)}.npy", subset)
+            if pool is not None:
+                save_npy(tmp / f"{POOL}.npy", pool.kept)
             write_text(tmp / "report.md", _markdown(report))
             report = seal_report(report, tmp)  # checksums of the files above and of itself
             write_json(tmp / REPORT, report)
@@ -71,10 +88,45 @@ def run(config: Config, dataset: str | None = None) -> dict:
                 "duplicate_groups_train": float(result.duplicates["train_groups_with_copies"]),
             }
         )
+        if pool is not None:
+            tracked.log_metrics(
+                {"pool_kept": float(len(pool.kept)), "pool_dropped": float(len(pool.dropped))}
+            )
         tracked.log_artifact(out / "report.json")
         tracked.log_artifact(out / "report.md")
     log.info("split %s: %s", dataset, {k: v["size"] for k, v in report["sets"].items()})
     return report
+
+
+def _deduplicated_pool(data: prepared.Prepared, result: SplitResult) -> PoolDeduplication | None:
+    """The pool without exact copies of validation or test images; None when there is no pool.
+
+    Logs a warning when over half the pool went: that is no pool of new images but most likely
+    the validation or test folder given as data.unlabeled_path.
+    """
+    if data.unlabeled_images is None:
+        return None
+    train = np.asarray(data.train_images)
+    test = train if result.test_source == "train" else np.asarray(data.test_images)
+    pool = deduplicate_pool(np.asarray(data.unlabeled_images), train[result.val], test[result.test])
+    if pool.mostly_dropped:
+        log.warning(
+            "the pool looks like the validation/test folder: %d of its %d images are exact copies "
+            "of validation or test images (%d of validation, %d of test) and were dropped; "
+            "pretraining uses the %d others. Check data.unlabeled_path",
+            len(pool.dropped),
+            len(pool.kept) + len(pool.dropped),
+            pool.equal_to_val,
+            pool.equal_to_test,
+            len(pool.kept),
+        )
+    elif len(pool.dropped):
+        log.info(
+            "pool: dropped %d exact copies of validation or test images, kept %d",
+            len(pool.dropped),
+            len(pool.kept),
+        )
+    return pool
 
 
 def _check_each_class_labeled(result: SplitResult, labels: np.ndarray, classes: list[str]) -> None:
@@ -158,6 +210,8 @@ def _markdown(report: dict) -> str:
         )
     dup = report["duplicates"]
     proof = report["disjointness"]
+    if "pool" in report:
+        lines += _pool_markdown(report["pool"])
     lines += [
         "",
         "## Duplicates",
@@ -177,3 +231,19 @@ def _markdown(report: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _pool_markdown(pool: dict) -> list[str]:
+    """The report's section on the unlabeled pool: what was kept for pretraining, what dropped."""
+    lines = [
+        "",
+        "## Unlabeled pool",
+        f"Rule: {pool['rule']}.",
+        f"- pool images: {pool['pool_size']}; kept for pretraining ({pool['file']}): "
+        f"{pool['kept']}",
+        f"- dropped: {pool['dropped']} ({pool['equal_to_a_val_image']} equal to a validation "
+        f"image, {pool['equal_to_a_test_image']} equal to a test image)",
+    ]
+    if pool["over_half_dropped"]:
+        lines.append("- over half dropped: the pool looks like the validation/test folder")
+    return lines

@@ -20,7 +20,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -31,6 +31,16 @@ from pipeline.errors import MissingInputError
 from pipeline.io import atomic_dir, read_json, write_text
 from pipeline.study import CELL_PARAMS
 
+if TYPE_CHECKING:  # torch, MLflow and the figure modules load inside the stage, not at --help
+    import torch
+    from mlflow.entities import Run
+    from torch import nn
+
+    from pipeline.evaluation import AnswerEntry
+    from pipeline.tracking import TrackedRun
+    from pipeline.viz.cam import Explanation
+    from pipeline.viz.report import Section, Table
+
 log = logging.getLogger(__name__)
 
 PARAMS = ("visualize", "pretrain.methods", *CELL_PARAMS)
@@ -38,6 +48,9 @@ REPORT = Path("reports/index.html")
 FIGURES = Path("reports/figures/visualize")
 _CHUNK = 1024
 _SIDE_BY_SIDE = 16  # samples per generative model in the side-by-side figure
+#: metrics/summary.json as parsed: ``test_<metric>`` -> cell -> fraction key -> statistics, and
+#: ``answer`` -> fraction key -> the answer's entry (``evaluation.AnswerEntry``).
+SummaryJSON = dict[str, dict[str, dict[str, object]]]
 
 
 @dataclass
@@ -47,26 +60,26 @@ class _Study:
     config: Config
     dataset: str
     out: Path
-    device: Any
+    device: torch.device
     classes: list[str]
     document: PolicyDocument
-    images: dict[str, Any]  # uint8 N x C x H x W tensors (CPU) by split
-    labels: dict[str, Any]
-    tracked: Any
+    images: dict[str, torch.Tensor]  # uint8 N x C x H x W tensors (CPU) by split
+    labels: dict[str, torch.Tensor]  # int64 N by split
+    tracked: TrackedRun
     figures: list[Path] = field(default_factory=list)
-    encoders: dict[str, Any] = field(default_factory=dict)
+    encoders: dict[str, nn.Module] = field(default_factory=dict)
 
     def path(self, name: str) -> Path:
         path = self.out / f"{name}.png"
         self.figures.append(path)
         return path
 
-    def normalized(self, images: Any) -> Any:
+    def normalized(self, images: torch.Tensor) -> torch.Tensor:
         """Float images on the device, normalized with the training split's statistics."""
         normalize = self.document.normalizer().to(self.device)
         return normalize(images.to(self.device))
 
-    def encoder(self, method: str) -> Any:
+    def encoder(self, method: str) -> nn.Module:
         """The method's pretrained encoder on the device, in eval mode, loaded once per run
         (the encoder figures and the embeddings both need it)."""
         from pipeline.models.encoders import load_encoder
@@ -146,7 +159,7 @@ def _meta(config: Config, dataset: str) -> list[tuple[str, str]]:
 # ------------------------------------------------------------------------------ data
 
 
-def _data(study: _Study) -> Any:
+def _data(study: _Study) -> Section:
     from pipeline.data.split import verified_report
     from pipeline.viz import plots
     from pipeline.viz.report import Section, Table
@@ -171,7 +184,7 @@ def _data(study: _Study) -> Any:
     return section
 
 
-def _count(info: Any) -> str:
+def _count(info: object) -> str:
     if isinstance(info, dict):
         for key in ("size", "count", "n", "images"):
             if key in info:
@@ -179,7 +192,7 @@ def _count(info: Any) -> str:
     return str(info)
 
 
-def _augmentation(study: _Study) -> Any:
+def _augmentation(study: _Study) -> Section:
     from pipeline.viz.report import Section
 
     section = Section("augment", "Augmentation")
@@ -199,7 +212,7 @@ def _augmentation(study: _Study) -> Any:
 # ------------------------------------------------------------------------------ pretraining
 
 
-def _pretraining(study: _Study) -> Any:
+def _pretraining(study: _Study) -> Section:
     from pipeline.viz import plots
     from pipeline.viz.report import Section, Table
 
@@ -243,7 +256,10 @@ def _pretraining(study: _Study) -> Any:
 
 
 def _generative_models(
-    study: _Study, section: Any, methods: list[str], curves: dict[str, dict]
+    study: _Study,
+    section: Section,
+    methods: tuple[str, ...],
+    curves: dict[str, dict[str, np.ndarray]],
 ) -> None:
     """The pictures each method saved (the VAE's and the GAN's), its own monitors (the GAN's
     D and G), and the generative models' samples side by side."""
@@ -301,7 +317,7 @@ def _picture_rows(
     return rows
 
 
-def _encoders(study: _Study) -> Any:
+def _encoders(study: _Study) -> Section:
     """Per encoder: first-layer filters, feature maps of one image, Deconvnet patches."""
     from pipeline.viz import deconv, features
     from pipeline.viz.report import Section
@@ -370,7 +386,7 @@ def _encoders(study: _Study) -> Any:
     return section
 
 
-def _embeddings(study: _Study) -> Any:
+def _embeddings(study: _Study) -> Section:
     import torch
 
     from pipeline.models.encoders import encode
@@ -408,7 +424,7 @@ def _embeddings(study: _Study) -> Any:
 # ------------------------------------------------------------------------------ fine-tuning
 
 
-def _finetuning(study: _Study) -> Any:
+def _finetuning(study: _Study) -> Section:
     from pipeline.paths import curve_path
     from pipeline.viz import plots
     from pipeline.viz.report import Section
@@ -421,7 +437,7 @@ def _finetuning(study: _Study) -> Any:
         "rate) and knn (weighted kNN on frozen features). The epoch, and kNN's k and "
         "temperature, are chosen on validation accuracy. Lines are the mean over seeds."
     )
-    curves: dict[str, dict[str, dict]] = {}
+    curves: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     for init, mode, fraction in ft.cells():
         path = curve_path(init, mode, fraction)
         if not path.is_file():
@@ -445,7 +461,7 @@ def _finetuning(study: _Study) -> Any:
     return section
 
 
-def _budget_table(config: Config) -> Any:
+def _budget_table(config: Config) -> Table:
     from pipeline.paths import cell_name, metrics_path
     from pipeline.viz.report import Table
 
@@ -476,7 +492,7 @@ def _budget_table(config: Config) -> Any:
 # ------------------------------------------------------------------------------ evaluation
 
 
-def _evaluation(study: _Study) -> Any:
+def _evaluation(study: _Study) -> Section:
     from pipeline import evaluation
     from pipeline.paths import cell_name
     from pipeline.study import FIGURE, SUMMARY, best_by_validation
@@ -494,7 +510,7 @@ def _evaluation(study: _Study) -> Any:
         "once, here; nothing was chosen on it."
     )
     _metric_tables(study, section, document)
-    section.paragraphs.append(_answer(study.config, document[headline.key]))
+    section.paragraphs.append(_answer(study.config, document))
     if FIGURE.is_file():
         section.figure(FIGURE, "Test accuracy against the labeled fraction, 95 % intervals.")
     best = best_by_validation(study.config)
@@ -514,7 +530,7 @@ def _evaluation(study: _Study) -> Any:
     return section
 
 
-def _metric_tables(study: _Study, section: Any, document: dict) -> None:
+def _metric_tables(study: _Study, section: Section, document: SummaryJSON) -> None:
     """One table per metric of the registry, formatted by ``evaluation.summary_table`` like
     metrics/summary.md: the headline metric's shown, every other folded under its meaning."""
     from pipeline import evaluation
@@ -553,35 +569,28 @@ def _improving_at_cap(config: Config) -> set[tuple[str, str, str]]:
     return marked
 
 
-def _answer(config: Config, summary: dict) -> str:
-    """The study's answer in one sentence: per label fraction, the best self-supervised cell
-    against the best baseline (scratch, pixels or PCA), both chosen on validation."""
-    from pipeline.study import answer
+def _answer(config: Config, document: SummaryJSON) -> str:
+    """The study's answer in one sentence, as summary.md ends with it: per label fraction, the
+    best self-supervised cell against the best baseline (scratch, pixels or PCA), both chosen on
+    validation, with the paired interval the evaluate stage computed (this stage sees no
+    per-image predictions of the cells, so it reads the interval, it does not make one)."""
+    from pipeline import evaluation
+    from pipeline.study import SUMMARY
 
-    rows = answer(config, summary)
-    if not rows:
-        return (
-            "Answer: no self-supervised init is in the study (finetune.inits), so there is "
-            "nothing to compare with the baselines."
+    if "answer" not in document:
+        raise MissingInputError(
+            f"{SUMMARY.with_suffix('.json')} has no 'answer': it was written before the paired "
+            "interval of the study's answer; run python -m pipeline evaluate"
         )
-    parts = [
-        f"{float(r['fraction']) * 100:g} % of the labels {r['ssl']['cell']} "
-        f"{100 * r['ssl']['test']:.2f} % vs {r['baseline']['cell']} "
-        f"{100 * r['baseline']['test']:.2f} % ({100 * r['gain']:+.2f} points)"
-        for r in rows
-    ]
-    return (
-        "Answer: self-supervised pretraining against the best baseline (from scratch, raw "
-        "pixels or PCA, any mode; both chosen on validation, scored on test): with "
-        + "; with ".join(parts)
-        + "."
-    )
+    answer: dict[str, AnswerEntry] = document["answer"]
+    keys = [paths.metric_key(f) for f in config.finetune.fractions]
+    return evaluation.answer_sentence([answer[key] for key in keys if key in answer])
 
 
 # ------------------------------------------------------------------------------ interpretation
 
 
-def _interpretation(study: _Study) -> Any:
+def _interpretation(study: _Study) -> Section:
     """Per init: where its best classifier (largest fraction, chosen on validation) looks."""
     import torch
 
@@ -621,7 +630,9 @@ def _interpretation(study: _Study) -> Any:
     return section
 
 
-def _cam_rows(study: _Study, model: Any, order: Any) -> tuple[list, Any]:
+def _cam_rows(
+    study: _Study, model: nn.Module, order: torch.Tensor
+) -> tuple[list[tuple[str, np.ndarray, list[str]]], Explanation]:
     """Per class, the first correct and the first wrong test predictions (in a seeded order),
     overlaid with the map of the predicted class: (class name, overlays, captions) rows."""
     import torch
@@ -657,7 +668,7 @@ def _cam_rows(study: _Study, model: Any, order: Any) -> tuple[list, Any]:
 # ------------------------------------------------------------------------------ the course
 
 
-def _course(study: _Study) -> Any:
+def _course(study: _Study) -> Section:
     from pipeline.viz import toy
     from pipeline.viz.report import Section
 
@@ -694,7 +705,7 @@ def _course(study: _Study) -> Any:
 # ------------------------------------------------------------------------------ the run
 
 
-def _run(study: _Study) -> Any:
+def _run(study: _Study) -> Section:
     import yaml
 
     from pipeline import tracking
@@ -729,7 +740,7 @@ def _mlflow_runs(study: _Study) -> list[list[str]]:
         max_results=5000,
     )
     stages = tuple(s for s in PIPELINE_ORDER if s != "visualize")  # the runs before this one
-    latest: dict[tuple[str, str], Any] = {}
+    latest: dict[tuple[str, str], Run] = {}
     for run in runs:
         tags = run.data.tags
         key = (tags.get("stage", "?"), tags.get("method") or tags.get("cell") or "")
@@ -757,17 +768,17 @@ def _read(path: Path, command: str) -> dict:
         raise MissingInputError(f"{path} is missing or unreadable ({err}); run {command}") from None
 
 
-def _is_backbone(encoder: Any) -> bool:
+def _is_backbone(encoder: nn.Module) -> bool:
     from pipeline.models.backbones import Backbone
 
     return isinstance(encoder, Backbone)
 
 
-def _kind(encoder: Any) -> str:
+def _kind(encoder: nn.Module) -> str:
     return encoder.config.name if _is_backbone(encoder) else type(encoder).__name__
 
 
-def _filters_caption(encoder: Any) -> str:
+def _filters_caption(encoder: nn.Module) -> str:
     if not _is_backbone(encoder):
         return 'The principal components ("eigen-images"), each scaled to its own range.'
     return f"The {encoder.config.name} encoder's first-layer weights, each scaled to its own range."
@@ -780,7 +791,7 @@ def _spread(items: list[str], count: int) -> list[str]:
     return [items[round(i * (len(items) - 1) / (count - 1))] for i in range(count)]
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
+def _fmt(value: float | str | None, digits: int = 3) -> str:
     """A number for a table; missing or NaN (a monitor the method has not got) is a dash."""
     if value is None or not math.isfinite(float(value)):
         return "–"
