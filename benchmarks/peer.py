@@ -115,6 +115,15 @@ def _optimizer(recipe: dict[str, Any], parameters: Any) -> torch.optim.Optimizer
     )
 
 
+def _fresh_model(recipe: dict[str, Any], data: dict[str, Any]) -> tuple[Any, torch.optim.Optimizer]:
+    """Both sides' start: the same seeded module, and the optimizer over all of it but the
+    linear probe (the monitor's probe is not part of what either side trains)."""
+    torch.manual_seed(0)
+    module = _module(recipe, data)
+    parameters = [p for n, p in module.named_parameters() if not n.startswith("probe")]
+    return module, _optimizer(recipe, parameters)
+
+
 def knn_validation(module: Any, data: dict[str, Any], monitor: dict[str, Any]) -> float:
     """The pretraining monitor's number: kNN on a 10,000-image bank, best k and temperature."""
     from pipeline.models.knn import best_knn
@@ -165,10 +174,7 @@ def run_ours(
     recipe: dict[str, Any], data: dict[str, Any], seconds: float, every: float
 ) -> dict[str, Any]:
     """The pipeline's path: uint8 data in memory, index batches, BatchAugment views."""
-    torch.manual_seed(0)
-    module = _module(recipe, data)
-    parameters = [p for n, p in module.named_parameters() if not n.startswith("probe")]
-    optimizer = _optimizer(recipe, parameters)
+    module, optimizer = _fresh_model(recipe, data)
     generator = torch.Generator().manual_seed(0)
     batch = recipe["batch_size"]
     n = len(data["train"])
@@ -231,10 +237,7 @@ def run_lightly(
     """lightly's loss and transform, a DataLoader with worker processes, our network."""
     from lightly.loss import NTXentLoss
 
-    torch.manual_seed(0)
-    module = _module(recipe, data)
-    parameters = [p for n, p in module.named_parameters() if not n.startswith("probe")]
-    optimizer = _optimizer(recipe, parameters)
+    module, optimizer = _fresh_model(recipe, data)
     criterion = NTXentLoss(temperature=recipe["simclr"]["temperature"])
     batch = recipe["batch_size"]
     loader = torch.utils.data.DataLoader(

@@ -41,7 +41,8 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -244,12 +245,26 @@ def _index_batches(
             yield order[start : start + batch_size].to(device)
 
 
-# ------------------------------------------------------------------------------------------
-# The two contenders
-# ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Bench:
+    """What every contender starts from: a fresh module and its optimizer (same seed, same
+    initial weights), the source images, the module's arguments, the batch size, the device."""
+
+    module: Any
+    optimizer: torch.optim.Optimizer
+    images: torch.Tensor
+    kwargs: dict[str, Any]
+    batch_size: int
+    device: torch.device
 
 
-def measure_ours(
+#: A contender: from a Bench, a context that yields its training step (which returns how many
+#: source images it consumed) and releases what the step holds (workers) when timing ends.
+Contender = Callable[[Bench], AbstractContextManager[Callable[[], int]]]
+
+
+def measure(
+    contender: Contender,
     images: torch.Tensor,
     kwargs: dict[str, Any],
     batch_size: int,
@@ -258,27 +273,44 @@ def measure_ours(
     warmup: int = WARMUP,
     device: torch.device | None = None,
 ) -> dict[str, Any]:
-    """The pipeline's path: uint8 data on the device, ``PretrainModule.objective`` per step."""
+    """Time ``contender``'s step on a fresh module (see :func:`time_steps` for the numbers).
+
+    Why one function: every contender must start from the same module, optimizer and timing
+    loop, so the numbers differ only in how the views reach the model.
+    """
     device = device or torch.device("cpu")
     module, optimizer = _build(kwargs, device)
-    data = images.to(device)
-    indices = _index_batches(data.shape[0], batch_size, device, kwargs["seed"])
+    with contender(Bench(module, optimizer, images, kwargs, batch_size, device)) as step:
+        return time_steps(step, steps, rounds, warmup, device)
+
+
+# ------------------------------------------------------------------------------------------
+# The two contenders
+# ------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def ours(bench: Bench) -> Iterator[Callable[[], int]]:
+    """The pipeline's path: uint8 data on the device, ``PretrainModule.objective`` per step."""
+    device, seed = bench.device, bench.kwargs["seed"]
+    data = bench.images.to(device)
+    indices = _index_batches(data.shape[0], bench.batch_size, device, seed)
     count = 0
 
     def step() -> int:
         nonlocal count
         # A generator per step seeded by (seed, step), like PretrainModule._generator.
-        generator = torch.Generator(device=device).manual_seed(kwargs["seed"] * 1_000_003 + count)
+        generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + count)
         count += 1
         batch = data[next(indices)]
         with _autocast(device):
-            loss, _, _ = module.objective(batch, generator)
-        optimizer.zero_grad(set_to_none=True)
+            loss, _, _ = bench.module.objective(batch, generator)
+        bench.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        bench.optimizer.step()
         return batch.shape[0]
 
-    return time_steps(step, steps, rounds, warmup, device)
+    yield step
 
 
 def _train_on_views(
@@ -300,32 +332,24 @@ def _train_on_views(
     optimizer.step()
 
 
-def measure_model_only(
-    images: torch.Tensor,
-    kwargs: dict[str, Any],
-    batch_size: int,
-    steps: int,
-    rounds: int = ROUNDS,
-    warmup: int = WARMUP,
-    device: torch.device | None = None,
-) -> dict[str, Any]:
+@contextmanager
+def model_only(bench: Bench) -> Iterator[Callable[[], int]]:
     """The same training step on one fixed pair of views: no data loading, no augmentation.
 
     Why: it is the ceiling both contenders share. If the model step alone is not 3x faster
     than the per-sample pipeline, no input pipeline can make ours 3x faster (Amdahl).
     """
-    device = device or torch.device("cpu")
-    module, optimizer = _build(kwargs, device)
-    batch = images[:batch_size].to(device)
-    generator = torch.Generator(device=device).manual_seed(kwargs["seed"])
+    module = bench.module
+    batch = bench.images[: bench.batch_size].to(bench.device)
+    generator = torch.Generator(device=bench.device).manual_seed(bench.kwargs["seed"])
     with torch.no_grad():
         views = torch.cat([module.augment(batch, generator), module.augment(batch, generator)])
 
     def step() -> int:
-        _train_on_views(module, optimizer, views, kwargs["options"])
+        _train_on_views(module, bench.optimizer, views, bench.kwargs["options"])
         return batch.shape[0]
 
-    return time_steps(step, steps, rounds, warmup, device)
+    yield step
 
 
 class TwoViewDataset(Dataset):
@@ -362,27 +386,18 @@ def torchvision_views(
         augment_bench.SSL_POLICY.update(saved)
 
 
-def measure_per_sample(
-    images: torch.Tensor,
-    kwargs: dict[str, Any],
-    batch_size: int,
-    steps: int,
-    rounds: int = ROUNDS,
-    warmup: int = WARMUP,
-    device: torch.device | None = None,
-    workers: int = WORKERS,
-) -> dict[str, Any]:
+@contextmanager
+def per_sample(bench: Bench) -> Iterator[Callable[[], int]]:
     """Per-sample torchvision views in DataLoader workers; model, loss, optimizer as ours."""
-    device = device or torch.device("cpu")
-    module, optimizer = _build(kwargs, device)
+    images, kwargs, device = bench.images, bench.kwargs, bench.device
     transform = torchvision_views(kwargs["policy"], images.shape[1], images.shape[-1])
     loader = DataLoader(
         TwoViewDataset(images, transform),
-        batch_size=batch_size,
+        batch_size=bench.batch_size,
         shuffle=True,
         drop_last=True,
-        num_workers=workers,
-        persistent_workers=workers > 0,
+        num_workers=WORKERS,
+        persistent_workers=WORKERS > 0,
         pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(kwargs["seed"]),
     )
@@ -395,11 +410,12 @@ def measure_per_sample(
 
     def step() -> int:
         first, second = (v.to(device, non_blocking=True) for v in next(source))
-        _train_on_views(module, optimizer, torch.cat([first, second]), kwargs["options"])
+        views = torch.cat([first, second])
+        _train_on_views(bench.module, bench.optimizer, views, kwargs["options"])
         return first.shape[0]
 
     try:
-        return time_steps(step, steps, rounds, warmup, device)
+        yield step
     finally:
         source.close()  # the loader and its persistent workers go away with this frame
 
@@ -444,15 +460,20 @@ def run(
         images, data = augment_bench.load_images()
     batch = batch_size or _default_batch(params)
     kwargs = module_kwargs(params, batch_size=batch, n_images=len(images))
-    ours = measure_ours(images, kwargs, batch, steps, rounds, warmup, device)
-    per_sample = measure_per_sample(images, kwargs, batch, steps, rounds, warmup, device)
-    model_only = measure_model_only(images, kwargs, batch, steps, rounds, warmup, device)
+    timed = {
+        name: measure(contender, images, kwargs, batch, steps, rounds, warmup, device)
+        for name, contender in (
+            ("ours", ours),
+            ("per_sample", per_sample),
+            ("model_only", model_only),
+        )
+    }
     result: dict[str, Any] = {
-        "ours_img_s": ours["img_s"],
-        "per_sample_img_s": per_sample["img_s"],
-        "ratio": ours["img_s"] / per_sample["img_s"],
+        "ours_img_s": timed["ours"]["img_s"],
+        "per_sample_img_s": timed["per_sample"]["img_s"],
+        "ratio": timed["ours"]["img_s"] / timed["per_sample"]["img_s"],
         "target_ratio": TARGET,
-        "model_only_img_s": model_only["img_s"],
+        "model_only_img_s": timed["model_only"]["img_s"],
         "backbone": kwargs["backbone"]["name"],
         "width": kwargs["backbone"]["width"],
         "batch_size": batch,
@@ -463,8 +484,8 @@ def run(
         "workers": WORKERS,
         "device": _device_name(device),
         "precision": "bf16-mixed" if device.type == "cuda" else "32-true",
-        "gpu_util_ours_pct": ours["gpu_util_pct"],
-        "gpu_util_per_sample_pct": per_sample["gpu_util_pct"],
+        "gpu_util_ours_pct": timed["ours"]["gpu_util_pct"],
+        "gpu_util_per_sample_pct": timed["per_sample"]["gpu_util_pct"],
         "optimizer": kwargs["optimizer"]["name"],
         "lr": kwargs["optimizer"]["lr"],
         "simclr": kwargs["options"],
@@ -478,7 +499,8 @@ def run(
         resnets = [RESNET_CPU, RESNET_GPU] if device.type == "cuda" else [RESNET_CPU]
     for config in resnets:
         width, size = config["width"], config["batch_size"]
-        measured = measure_ours(
+        measured = measure(
+            ours,
             images,
             module_kwargs(params, "resnet18", width, size, n_images=len(images)),
             size,

@@ -32,3 +32,17 @@ def ignore_known_warnings() -> None:
         message=r"The `srun` command is available on your system but is not used",
         module=r"lightning\.fabric\.plugins\.environments\.slurm",
     )
+
+
+def expect_frozen_modules() -> None:
+    """Hide Lightning's "Found N module(s) in eval mode at the start of training" for a run that
+    freezes its encoder on purpose: the linear probe keeps the pretrained encoder in eval mode so
+    that its batch-norm statistics stay the pretrained ones (docs/science.md §8.1). Lightning
+    2.6 warns about any module in eval mode (Lightning-AI/pytorch-lightning#21146, which says
+    that some runs want it); called only for such runs, so an encoder left in eval mode by
+    mistake elsewhere still warns.
+    """
+    warnings.filterwarnings(
+        "ignore",
+        message=r"Found \d+ module\(s\) in eval mode at the start of training",
+    )

@@ -23,7 +23,7 @@ import yaml
 from tests.conftest import (
     PROJECT_FILES,
     REPO,
-    sync_matrix,
+    tiny_run_params,
     write_params,
     write_tiny_idx,
 )
@@ -53,32 +53,11 @@ def project(root: Path, source: Path, data: Path) -> Path:
     # Each tree with its own params.yaml: a newer one may hold keys the older schema refuses.
     params = yaml.safe_load((source / "params.yaml").read_text())
     params["data"]["dataset"] = "idx"
-    params["data"]["local_path"] = str(data)
-    params["model"].update(backbone="lenet5", width=8)
-    params["pretrain"].update(methods=METHODS, epochs=1, batch_size=64)
-    params["pretrain"]["monitor"]["knn_max_train"] = 200
     params["pretrain"]["inpainting"]["mask_size"] = 4
-    params["finetune"].update(
-        inits=[m for m in METHODS if m != "pixels"],
-        modes=["linear", "knn", "finetune"],
-        seeds=[0],
-        max_passes=1,
-        min_steps=1,
-        batch_size=64,
-        min_steps_per_epoch=1,
-    )
-    params["split"]["label_fractions"] = [1.0]
-    params["evaluate"]["bootstrap"] = 50
-    params["visualize"].update(
-        embedding_images=50,
-        embeddings=["tsne"],
-        deconv_images=16,
-        deconv_channels=2,
-        deconv_top=2,
-        cam_examples=1,
-    )
-    params["visualize"]["toy"].update(samples=40, depths=[0, 1], widths=[4], steps=20)
-    write_params(root, sync_matrix(params))
+    # finetune.inits follow the methods (every one but the pixels baseline): tiny_run_params
+    # sets them with the rest of the matrix.
+    modes = ["linear", "knn", "finetune"]
+    write_params(root, tiny_run_params(params, data, METHODS, modes))
     return root
 
 

@@ -101,6 +101,37 @@ def write_params(folder: Path, params: dict) -> Path:
     return path
 
 
+def tiny_run_params(params: dict, data: Path, methods: list[str], modes: list[str]) -> dict:
+    """``params`` (changed in place and returned) for a whole-pipeline run on the tiny IDX data
+    in ``data`` that takes minutes: ``methods`` for one epoch, ``modes`` with one seed at 100 %
+    labels, and every figure small. Shared by the ``project`` fixture and tests/byte_identity.py,
+    so both run the pipeline the same way."""
+    params["data"]["local_path"] = str(data)
+    params["model"].update(backbone="lenet5", width=8)
+    params["pretrain"].update(methods=methods, epochs=1, batch_size=64)
+    params["pretrain"]["monitor"]["knn_max_train"] = 200
+    params["finetune"].update(
+        modes=modes,
+        seeds=[0],
+        max_passes=1,
+        min_steps=1,
+        batch_size=64,
+        min_steps_per_epoch=1,
+    )
+    params["split"]["label_fractions"] = [1.0]
+    params["evaluate"]["bootstrap"] = 50
+    params["visualize"].update(
+        embedding_images=50,
+        embeddings=["tsne"],
+        deconv_images=16,
+        deconv_channels=2,
+        deconv_top=2,
+        cam_examples=1,
+    )
+    params["visualize"]["toy"].update(samples=40, depths=[0, 1], widths=[4], steps=20)
+    return sync_matrix(params)
+
+
 @pytest.fixture
 def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Run in an empty folder with its own MLflow store, as the stages run in the repo root."""
@@ -152,33 +183,9 @@ def project(tmp_path: Path, tiny_idx: Path) -> Path:
             shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(source, root / name)
-    params = params_for("idx")
-    params["data"]["local_path"] = str(tiny_idx)
-    params["model"].update(backbone="lenet5", width=8)
     # gan: the method that steps its own optimizers goes through both runners too.
-    params["pretrain"].update(methods=["scratch", "simclr", "gan"], epochs=1, batch_size=64)
-    params["pretrain"]["monitor"]["knn_max_train"] = 200
-    params["finetune"].update(
-        modes=["linear", "knn"],
-        seeds=[0],
-        max_passes=1,
-        min_steps=1,
-        batch_size=64,
-        min_steps_per_epoch=1,
-    )
-    params["split"]["label_fractions"] = [1.0]
-    params["evaluate"]["bootstrap"] = 50
-    params["visualize"].update(
-        embedding_images=50,
-        embeddings=["tsne"],
-        deconv_images=16,
-        deconv_channels=2,
-        deconv_top=2,
-        cam_examples=1,
-    )
-    params["visualize"]["toy"].update(samples=40, depths=[0, 1], widths=[4], steps=20)
-    sync_matrix(params)
-    write_params(root, params)
+    methods = ["scratch", "simclr", "gan"]
+    write_params(root, tiny_run_params(params_for("idx"), tiny_idx, methods, ["linear", "knn"]))
     shutil.copy2(REPO / ".gitignore", root / ".gitignore")
     run(["git", "init", "-q"], root)
     run(["git", "config", "user.email", "test@example.com"], root)

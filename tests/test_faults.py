@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipeline.data.sources import RemoteFile, fetch
@@ -154,18 +155,28 @@ def mirror(folder: Path) -> Iterator[str]:
 def tiny_project(tmp_path_factory: pytest.TempPathFactory, env: dict[str, str]) -> Path:
     """A folder where download and split of a tiny IDX dataset ran through the CLI."""
     root = tmp_path_factory.mktemp("tiny")
+    project = idx_project(root, tiny_images(400, 4, 8, seed=1), tiny_images(100, 4, 8, seed=2))
+    ok(cli(project, env, "download"))
+    ok(cli(project, env, "split"))
+    return project
+
+
+def idx_project(
+    root: Path,
+    train: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray] | None = None,
+) -> Path:
+    """``root/project``, whose params.yaml downloads ``root/source``: the IDX files of the
+    ``train`` (and ``test``) images and labels. Nothing has run in it yet."""
     source = root / "source"
-    train, train_labels = tiny_images(400, 4, 8, seed=1)
-    test, test_labels = tiny_images(100, 4, 8, seed=2)
-    write_idx(source / "train-images-idx3-ubyte.gz", train)
-    write_idx(source / "train-labels-idx1-ubyte.gz", train_labels)
-    write_idx(source / "t10k-images-idx3-ubyte.gz", test)
-    write_idx(source / "t10k-labels-idx1-ubyte.gz", test_labels)
+    for prefix, images_and_labels in (("train", train), ("t10k", test)):
+        if images_and_labels is not None:
+            images, labels = images_and_labels
+            write_idx(source / f"{prefix}-images-idx3-ubyte.gz", images)
+            write_idx(source / f"{prefix}-labels-idx1-ubyte.gz", labels)
     project = root / "project"
     project.mkdir()
     write_params(project, tiny_params(source))
-    ok(cli(project, env, "download"))
-    ok(cli(project, env, "split"))
     return project
 
 
@@ -362,55 +373,53 @@ def test_a_corrupted_cached_raw_file_is_one_line_naming_it(
     assert digests(project / "data") == before
 
 
+# What a damaged file of each stage's output must make the next stage say: the folder, the stage
+# that reads it, and the advice that names the stage to re-run.
+_PREPARED = ("data/prepared/idx", "split", "python -m pipeline download")
+_SPLITS = (
+    "data/splits/idx",
+    "augment",
+    "re-run the split stage (python -m pipeline split --dataset idx)",
+)
+
+
 @pytest.mark.parametrize(
-    ("name", "damage", "expected"),
+    ("written_by", "name", "damage", "expected"),
     [
-        ("train_labels.npy", flip_last_byte, "does not match its checksum"),
-        ("train_images.npy", truncate, "does not match its checksum"),
-        ("manifest.json", truncate, "is not readable JSON"),
-        ("classes.json", truncate, "is not readable JSON"),
+        (_PREPARED, "train_labels.npy", flip_last_byte, "does not match its checksum"),
+        (_PREPARED, "train_images.npy", truncate, "does not match its checksum"),
+        (_PREPARED, "manifest.json", truncate, "is not readable JSON"),
+        (_PREPARED, "classes.json", truncate, "is not readable JSON"),
+        (
+            _SPLITS,
+            "train.npy",
+            truncate,
+            "does not match its checksum in data/splits/idx/report.json",
+        ),
+        (_SPLITS, "train.npy", shift_last_index, "does not match its checksum"),
+        (_SPLITS, "report.json", truncate, "is missing or unreadable"),
+        (_SPLITS, "report.json", edit_report, "does not match its own checksum"),
     ],
 )
-def test_a_corrupted_prepared_file_stops_the_next_stage_in_one_line(
+def test_a_corrupted_prepared_or_split_file_stops_the_next_stage_in_one_line(
     tmp_path: Path,
     env: dict[str, str],
     tiny_project: Path,
+    written_by: tuple[str, str, str],
     name: str,
     damage: Callable[[Path], None],
     expected: str,
 ):
+    folder, next_stage, advice = written_by
     project = copy_project(tiny_project, tmp_path / "project", "prepared", "splits")
-    damage(project / "data/prepared/idx" / name)
+    damage(project / folder / name)
     before = digests(project / "data")
-    line = one_error_line(cli(project, env, "split"))
-    assert f"data/prepared/idx/{name} {expected}" in line
-    assert "python -m pipeline download" in line
-    assert digests(project / "data") == before
-
-
-@pytest.mark.parametrize(
-    ("name", "damage", "expected"),
-    [
-        ("train.npy", truncate, "does not match its checksum in data/splits/idx/report.json"),
-        ("train.npy", shift_last_index, "does not match its checksum"),
-        ("report.json", truncate, "is missing or unreadable"),
-        ("report.json", edit_report, "does not match its own checksum"),
-    ],
-)
-def test_a_corrupted_split_file_stops_the_next_stage_in_one_line(
-    tmp_path: Path,
-    env: dict[str, str],
-    tiny_project: Path,
-    name: str,
-    damage: Callable[[Path], None],
-    expected: str,
-):
-    project = copy_project(tiny_project, tmp_path / "project", "prepared", "splits")
-    damage(project / "data/splits/idx" / name)
-    line = one_error_line(cli(project, env, "augment"))
-    assert f"data/splits/idx/{name} {expected}" in line
-    assert "re-run the split stage (python -m pipeline split --dataset idx)" in line
+    line = one_error_line(cli(project, env, next_stage))
+    assert f"{folder}/{name} {expected}" in line
+    assert advice in line
+    # The refusing stage wrote nothing: no output folder of its own, no file of the inputs changed.
     assert not (project / "data/augment").exists()
+    assert digests(project / "data") == before
 
 
 # --- B: a full disk -----------------------------------------------------------------------------
@@ -490,13 +499,8 @@ def test_a_file_size_limit_is_one_line_and_keeps_the_previous_download(
     tmp_path: Path, env: dict[str, str]
 ):
     # Enough images that the raw files outgrow the MLflow store, which the stage also writes.
+    project = idx_project(tmp_path, tiny_images(40_000, 4, 8, seed=5))
     source = tmp_path / "source"
-    images, labels = tiny_images(40_000, 4, 8, seed=5)
-    write_idx(source / "train-images-idx3-ubyte.gz", images)
-    write_idx(source / "train-labels-idx1-ubyte.gz", labels)
-    project = tmp_path / "project"
-    project.mkdir()
-    write_params(project, tiny_params(source))
     ok(cli(project, env, "download"))
     before = digests(project / "data")
     store = Path(env["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///"))

@@ -222,27 +222,15 @@ def test_the_cli_predicts_and_reports_bad_input_in_one_line(model_folder, images
 EXPERIMENT = "label-efficiency"
 STUDY = "study"
 
+#: The one fine-tuning cell both executions ran.
+CELL = {"init": "simclr", "mode": "linear", "fraction": "0.1"}
 #: (execution, pipeline_id, stage, extra tags, metrics, status); e2 improves on e1.
 RUNS = [
     ("e1", "p1", "download", {}, {"n_train": 400}, "FINISHED"),
     ("e1", "p1", "split", {}, {"n_val": 40}, "FINISHED"),
     ("e1", "p1", "pretrain", {"method": "simclr"}, {"final_knn_acc": 0.5}, "FINISHED"),
-    (
-        "e1",
-        "p1",
-        "finetune",
-        {"init": "simclr", "mode": "linear", "fraction": "0.1"},
-        {"val_acc": 0.6, "test_accuracy": 0.55},
-        "FINISHED",
-    ),
-    (
-        "e2",
-        "p2",
-        "finetune",
-        {"init": "simclr", "mode": "linear", "fraction": "0.1"},
-        {"val_acc": 0.7, "test_accuracy": 0.625},
-        "FINISHED",
-    ),
+    ("e1", "p1", "finetune", CELL, {"val_acc": 0.6, "test_accuracy": 0.55}, "FINISHED"),
+    ("e2", "p2", "finetune", CELL, {"val_acc": 0.7, "test_accuracy": 0.625}, "FINISHED"),
     ("e2", "p2", "pretrain", {"method": "simclr"}, {"final_knn_acc": 0.75}, "FAILED"),
     ("e2", "p2", "split", {}, {"n_val": 40}, "FINISHED"),
     ("e2", "p2", "download", {}, {"n_train": 400}, "FINISHED"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,14 @@ def overlay(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "profile.yaml"
     path.write_text(text)
     return path
+
+
+def profile_cli(
+    profile: Path, params: Path, *flags: str, check: bool = True
+) -> subprocess.CompletedProcess:
+    """``python -m pipeline profile PROFILE [FLAGS] --params PARAMS``, as a user types it."""
+    command = ["python", "-m", "pipeline", "profile", str(profile), *flags, "--params", str(params)]
+    return run(command, REPO, check=check)
 
 
 def leaves(value: dict, prefix: str = "") -> dict[str, object]:
@@ -61,49 +70,15 @@ def test_applying_the_gpu_profile_gives_a_valid_gpu_study(params: Path, tmp_path
 
 def test_the_command_keeps_comments_and_a_second_application_changes_nothing(params: Path):
     before = params.read_text()
-    dry = run(
-        [
-            "python",
-            "-m",
-            "pipeline",
-            "profile",
-            str(REPO / "params.gpu.yaml"),
-            "--dry-run",
-            "--params",
-            str(params),
-        ],
-        REPO,
-    ).stdout
+    dry = profile_cli(REPO / "params.gpu.yaml", params, "--dry-run").stdout
     assert "model.width: 32 -> 64" in dry and params.read_text() == before
-    out = run(
-        [
-            "python",
-            "-m",
-            "pipeline",
-            "profile",
-            str(REPO / "params.gpu.yaml"),
-            "--params",
-            str(params),
-        ],
-        REPO,
-    ).stdout
+    out = profile_cli(REPO / "params.gpu.yaml", params).stdout
     assert "model.width: 32 -> 64" in out
     after = params.read_text()
     comments = [line for line in before.splitlines() if line.lstrip().startswith("#")]
     assert comments == [line for line in after.splitlines() if line.lstrip().startswith("#")]
     assert load(params).model.width == 64
-    again = run(
-        [
-            "python",
-            "-m",
-            "pipeline",
-            "profile",
-            str(REPO / "params.gpu.yaml"),
-            "--params",
-            str(params),
-        ],
-        REPO,
-    ).stdout
+    again = profile_cli(REPO / "params.gpu.yaml", params).stdout
     assert "already has every value" in again and params.read_text() == after
 
 
@@ -135,18 +110,6 @@ def test_a_bad_profile_is_one_line_naming_the_key_and_nothing_is_written(
     before = params.read_text()
     with pytest.raises(ConfigError, match=message):
         apply(params, overlay(tmp_path, text))
-    result = run(
-        [
-            "python",
-            "-m",
-            "pipeline",
-            "profile",
-            str(tmp_path / "profile.yaml"),
-            "--params",
-            str(params),
-        ],
-        REPO,
-        check=False,
-    )
+    result = profile_cli(tmp_path / "profile.yaml", params, check=False)
     assert result.returncode == 2 and message.split()[0] in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and params.read_text() == before

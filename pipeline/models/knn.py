@@ -11,6 +11,16 @@ import torch
 import torch.nn.functional as F
 
 
+def _vote(
+    similarity: torch.Tensor, labels: torch.Tensor, temperature: float, num_classes: int
+) -> torch.Tensor:
+    """Class scores of each query row: every neighbour (``labels``, its ``similarity``) votes for
+    its class with weight ``exp(similarity / temperature)``."""
+    weights = (similarity / temperature).exp()
+    votes = torch.zeros(similarity.shape[0], num_classes, device=similarity.device)
+    return votes.scatter_add_(1, labels, weights)
+
+
 def knn_scores(
     bank: torch.Tensor,
     bank_labels: torch.Tensor,
@@ -32,10 +42,7 @@ def knn_scores(
     for start in range(0, queries.shape[0], chunk):
         query = F.normalize(queries[start : start + chunk].float(), dim=1)
         similarity, index = (query @ bank.T).topk(k, dim=1)
-        weights = (similarity / temperature).exp()
-        votes = torch.zeros(query.shape[0], num_classes, device=query.device)
-        votes.scatter_add_(1, bank_labels[index], weights)
-        scores.append(votes)
+        scores.append(_vote(similarity, bank_labels[index], temperature, num_classes))
     return torch.cat(scores) if scores else torch.zeros(0, num_classes)
 
 
@@ -84,9 +91,7 @@ def knn_sweep(
         for k in ks:
             kk = min(k, deepest)
             for t in temperatures:
-                weights = (similarity[:, :kk] / t).exp()
-                votes = torch.zeros(query.shape[0], num_classes, device=query.device)
-                votes.scatter_add_(1, neighbours[:, :kk], weights)
+                votes = _vote(similarity[:, :kk], neighbours[:, :kk], t, num_classes)
                 correct[(k, t)] += int((votes.argmax(1) == truth).sum())
     total = max(1, queries.shape[0])
     return {pair: hits / total for pair, hits in correct.items()}

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline import paths, training
+from pipeline import paths, third_party, training
 from pipeline.config import MODES, Config
 from pipeline.documents import EncoderDescription, PolicyDocument
 from pipeline.errors import MissingInputError
@@ -489,6 +489,8 @@ def _fit_linear(fit: _Fit, ckpt_dir: Path) -> tuple[dict, dict]:
             label=f"finetune {fit.cell} seed {fit.seed}",
         )
         resume = str(last) if saved is not None else None
+        if fit.mode == "linear":
+            third_party.expect_frozen_modules()
         trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
     history = [{k: round(v, 6) for k, v in row.items()} for row in module.history]
     result = {

@@ -26,7 +26,7 @@ import logging
 import math
 import warnings
 from pathlib import Path
-from typing import TypedDict
+from typing import NamedTuple, TypedDict
 
 import lightning as L
 import numpy as np
@@ -287,33 +287,50 @@ class BoundaryPanel(TypedDict):
     column: int
 
 
-def _result(
-    X: np.ndarray,
-    y: np.ndarray,
-    depth: int,
-    width: int,
-    activation: str,
-    steps: int,
-    lr: float,
-    seed: int,
-    row: int,
-    column: int,
-) -> BoundaryPanel:
-    model, accuracy = fit_toy(X, y, depth, width, activation, steps, lr, seed)
+class _Cell(NamedTuple):
+    """One net of the grid: what it is and where its panel goes."""
+
+    depth: int
+    width: int
+    activation: str
+    row: int
+    column: int
+
+
+def _cells(depths: list[int], widths: list[int], activation: str, contrast: bool) -> list[_Cell]:
+    """The nets of ``decision_boundary_grid``, in figure order (see its docstring)."""
+    cells = [
+        _Cell(depth, width, activation, row, column)
+        for row, depth in enumerate(depths)
+        for column, width in enumerate(widths[:1] if depth == 0 else widths)
+    ]
+    if contrast:
+        row, column = len(depths), 0
+        if 0 not in depths:
+            cells.append(_Cell(0, 1, activation, row, column))
+            column += 1
+        deepest, widest = max(depths), max(widths)
+        if deepest > 0:
+            cells.append(_Cell(deepest, widest, "identity", row, column))
+    return cells
+
+
+def _panel(X: np.ndarray, model: ToyMLP, accuracy: float, cell: _Cell) -> BoundaryPanel:
+    """The trained net of ``cell`` as a panel: its probability map over the data's range."""
     grid_x, grid_y = _mesh(np.asarray(X))
     xx, yy = np.meshgrid(grid_x, grid_y)
     probability = model.probability(np.stack([xx.ravel(), yy.ravel()], axis=1))
     return {
-        "depth": depth,
-        "width": width if depth > 0 else 0,
-        "activation": activation if depth > 0 else "none",
+        "depth": cell.depth,
+        "width": cell.width if cell.depth > 0 else 0,
+        "activation": cell.activation if cell.depth > 0 else "none",
         "parameters": count_parameters(model),
         "accuracy": accuracy,
         "grid_x": grid_x,
         "grid_y": grid_y,
         "probability": probability.reshape(xx.shape),  # [i, j] is at (grid_x[j], grid_y[i])
-        "row": row,
-        "column": column,
+        "row": cell.row,
+        "column": cell.column,
     }
 
 
@@ -342,19 +359,11 @@ def decision_boundary_grid(
         "depths and widths must each list at least one "
         "value, e.g. depths [1, 2, 4] and widths [2, 8, 32]",
     )
-    results = []
-    for row, depth in enumerate(depths):
-        for column, width in enumerate(widths[:1] if depth == 0 else widths):
-            results.append(_result(X, y, depth, width, activation, steps, lr, seed, row, column))
-    if contrast:
-        row, column = len(depths), 0
-        if 0 not in depths:
-            results.append(_result(X, y, 0, 1, activation, steps, lr, seed, row, column))
-            column += 1
-        deepest, widest = max(depths), max(widths)
-        if deepest > 0:
-            results.append(_result(X, y, deepest, widest, "identity", steps, lr, seed, row, column))
-    return results
+    panels = []
+    for cell in _cells(depths, widths, activation, contrast):
+        model, accuracy = fit_toy(X, y, cell.depth, cell.width, cell.activation, steps, lr, seed)
+        panels.append(_panel(X, model, accuracy, cell))
+    return panels
 
 
 def _panel_title(result: BoundaryPanel) -> str:
