@@ -301,19 +301,7 @@ def _untrained(config: Config, dataset: str, document: PolicyDocument) -> dict:
     encoder = build_backbone(BackboneConfig(**fields), document.channels, document.image_size)
     knn = _frozen_knn(config, data, encoder, document.normalizer())
     hparams = {"backbone": fields, **document.image_fields()}
-    row = {
-        "epoch": 0.0,
-        "train_loss": float("nan"),
-        "val_knn_acc": knn,
-        "val_probe_acc": float("nan"),
-    }
-    return {
-        "encoder": encoder.state_dict(),
-        "description": _description(dataset, "scratch", hparams, encoder),
-        "history": [row],
-        "metrics": {"method": "scratch", **row},
-        "pictures": {},
-    }
+    return _reference(dataset, "scratch", hparams, encoder, epoch=0.0, knn=knn)
 
 
 def _pixels(config: Config, dataset: str, document: PolicyDocument) -> dict:
@@ -326,20 +314,7 @@ def _pixels(config: Config, dataset: str, document: PolicyDocument) -> dict:
     _check_image_shape(data, document, dataset)
     encoder = PixelsEncoder(int(data.images["train"][0].numel()))
     knn = _frozen_knn(config, data, encoder, document.normalizer())
-    hparams = document.image_fields()
-    row = {
-        "epoch": 0.0,
-        "train_loss": float("nan"),
-        "val_knn_acc": knn,
-        "val_probe_acc": float("nan"),
-    }
-    return {
-        "encoder": encoder.state_dict(),
-        "description": _description(dataset, "pixels", hparams, encoder),
-        "history": [row],
-        "metrics": {"method": "pixels", **row},
-        "pictures": {},
-    }
+    return _reference(dataset, "pixels", document.image_fields(), encoder, epoch=0.0, knn=knn)
 
 
 def _fit_pca(config: Config, dataset: str, document: PolicyDocument) -> dict:
@@ -356,25 +331,41 @@ def _fit_pca(config: Config, dataset: str, document: PolicyDocument) -> dict:
     encoder = PCAEncoder(train.shape[1], components).fit(train)
     knn = _frozen_knn(config, data, encoder, normalize)
     explained = float(encoder.explained_variance.sum() / train.double().var(0).sum())
-    hparams = document.image_fields()
+    return _reference(
+        dataset,
+        "pca",
+        document.image_fields(),
+        encoder,
+        epoch=1.0,
+        knn=knn,
+        metrics={"explained_variance": round(explained, 6), **_images_seen(data)},
+        input_dim=int(train.shape[1]),
+    )
+
+
+def _reference(
+    dataset: str,
+    method: str,
+    hparams: dict,
+    encoder: Backbone | PCAEncoder | PixelsEncoder,
+    epoch: float,
+    knn: float,
+    metrics: dict[str, float | int] | None = None,
+    **extra: int,
+) -> dict:
+    """What a reference encoder's maker returns: the encoder, its description and its one
+    history row (no training loss or probe: nothing was trained by gradient)."""
     row = {
-        "epoch": 1.0,
+        "epoch": epoch,
         "train_loss": float("nan"),
         "val_knn_acc": knn,
         "val_probe_acc": float("nan"),
     }
     return {
         "encoder": encoder.state_dict(),
-        "description": _description(
-            dataset, "pca", hparams, encoder, input_dim=int(train.shape[1])
-        ),
+        "description": _description(dataset, method, hparams, encoder, **extra),
         "history": [row],
-        "metrics": {
-            "method": "pca",
-            **row,
-            "explained_variance": round(explained, 6),
-            **_images_seen(data),
-        },
+        "metrics": {"method": method, **row, **(metrics or {})},
         "pictures": {},
     }
 
