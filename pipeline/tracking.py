@@ -31,11 +31,15 @@ import subprocess
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.io import is_disk_error
+
+if TYPE_CHECKING:  # mlflow is imported when a stage opens its run, not at CLI start
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    from mlflow.tracking import MlflowClient
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +270,7 @@ def with_retry(call: Callable[[], T], what: str) -> T:
     raise AssertionError("unreachable")
 
 
-def _set_busy_timeout(dbapi_connection: Any, _record: Any) -> None:
+def _set_busy_timeout(dbapi_connection: sqlite3.Connection, _record: object) -> None:
     """SQLAlchemy "connect" hook: a generous busy timeout on every new SQLite connection."""
     import sqlite3
 
@@ -365,7 +369,7 @@ def pipeline_id(config: Config, commit: str | None = None) -> str:
     return f"{commit[:12]}-{config.params_hash[:12]}"
 
 
-def flatten(value: Any, prefix: str) -> dict[str, str]:
+def flatten(value: object, prefix: str) -> dict[str, str]:
     """Nested params as MLflow params: ``{"split.seed": "42", ...}``."""
     if isinstance(value, Mapping):
         out: dict[str, str] = {}
@@ -378,7 +382,7 @@ def flatten(value: Any, prefix: str) -> dict[str, str]:
 class TrackedRun:
     """The MLflow run of one stage execution."""
 
-    def __init__(self, client: Any, run_id: str) -> None:
+    def __init__(self, client: MlflowClient, run_id: str) -> None:
         self.client = client
         self.run_id = run_id
 
@@ -445,7 +449,7 @@ class _Untracked(TrackedRun):
 UNTRACKED = _Untracked()
 
 
-def client() -> Any:
+def client() -> MlflowClient:
     """An MlflowClient on :func:`tracking_uri` (store prepared for concurrent use), with MLflow's
     own chatter turned down."""
     from mlflow.tracking import MlflowClient
@@ -469,7 +473,7 @@ def quiet_mlflow_logs() -> None:
         store_log.addFilter(_HideReportedStoreErrors())
 
 
-def ensure_experiment(mlflow_client: Any, name: str) -> str:
+def ensure_experiment(mlflow_client: MlflowClient, name: str) -> str:
     """The experiment's id, creating it (artifacts beside the SQLite store) when missing.
 
     It carries ``mlflow.experimentKind`` (:data:`EXPERIMENT_KIND`), which tells MLflow's UI that
@@ -606,7 +610,7 @@ def end_execution(status: str, run_id: str | None = None) -> None:
         log.warning("the execution's parent run %s is not marked %s: %s", run_id, status, err)
 
 
-def _system_metrics(run_id: str) -> Any:
+def _system_metrics(run_id: str) -> SystemMetricsMonitor | None:
     """MLflow's system-metrics sampler on the run, started; None where it cannot run (psutil
     missing). It samples every SYSTEM_METRICS_INTERVAL_S, and once more when the stage ends
     (:func:`_stop`)."""
@@ -682,7 +686,7 @@ def _open_run(stage: str, config: Config, dataset: str, param_keys: Iterable[str
     return tracked
 
 
-def _stop(monitor: Any) -> None:
+def _stop(monitor: SystemMetricsMonitor | None) -> None:
     """Stop the sampler, then record one last sample: MLflow's sampler publishes only after a
     full interval, so a stage shorter than that would otherwise have no system metrics."""
     if monitor is None:
@@ -696,7 +700,7 @@ def _stop(monitor: Any) -> None:
         log.warning("could not record the last system metrics: %s", err)
 
 
-def _abandon(monitor: Any) -> None:
+def _abandon(monitor: SystemMetricsMonitor | None) -> None:
     """Stop the sampler without its last write: the store has just refused one, and MLflow would
     log the second refusal as an ERROR under the stage's one-line error."""
     if monitor is None:
