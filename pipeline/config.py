@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from pipeline import methods
+from pipeline import methods, paths
 from pipeline.data import datasets
 
 # The YAML and error layer; check, read_params and SCHEMA_PATH are re-exported as this module's
@@ -71,7 +71,22 @@ class SplitConfig:
     seed: int
     val_fraction: float
     test_fraction: float
-    label_fractions: tuple[float, ...]  # ascending
+    label_fractions: tuple[float, ...]  # ascending; empty when labels_per_class is set
+    labels_per_class: tuple[int | str, ...] | None = None  # ascending, "all" last; or None
+    label_draws: int = 1  # draws of the labeled subsets; seed i of finetune.seeds uses draw i
+    val_labels_per_class: int | None = None  # None: the whole validation split makes choices
+
+    @property
+    def budgets(self) -> tuple[float | str, ...]:
+        """What the split makes, smallest first: label fractions, or per-class keys (4pc, all)."""
+        if self.labels_per_class is None:
+            return self.label_fractions
+        return tuple(paths.budget_key(b) for b in self.labels_per_class)
+
+    def draw_of(self, seeds: tuple[int, ...], seed: int) -> int:
+        """The draw of the labeled subsets that fine-tuning seed ``seed`` trains on: the seed's
+        position in ``seeds`` when each seed draws its own (label_draws > 1), else draw 0."""
+        return seeds.index(seed) if self.label_draws > 1 else 0
 
 
 @dataclass(frozen=True)
@@ -157,7 +172,7 @@ class FinetuneConfig:
     baselines: tuple[str, ...]
     baseline_modes: tuple[str, ...]
     modes: tuple[str, ...]
-    fractions: tuple[float, ...]
+    fractions: tuple[float | str, ...]  # label fractions, or per-class budget keys (4pc, all)
     seeds: tuple[int, ...]
     max_passes: int
     min_steps: int
@@ -176,7 +191,7 @@ class FinetuneConfig:
     knn_temperatures: tuple[float, ...]
     semi: SemiConfig
 
-    def cells(self) -> list[tuple[str, str, float]]:
+    def cells(self) -> list[tuple[str, str, float | str]]:
         """Every (init, mode, fraction) job of the matrix: the inits in every mode, then the
         feature baselines (raw pixels) in the frozen-encoder modes only. Every mode runs at every
         fraction: at all labels a semi-supervised cell with no pool learns from the labeled
@@ -249,8 +264,10 @@ def load(path: str | Path = PARAMS_FILE) -> Config:
 
 def from_dict(params: object, source: str = PARAMS_FILE) -> Config:
     """Validate a params mapping (as loaded from YAML, or Snakemake's ``config``) and type it."""
+    _check_one_label_grid(params, source)
     params = check(params, source)
     data, split = params["data"], params["split"]
+    per_class = split.get("labels_per_class")
     config = Config(
         data=_typed(
             DataConfig,
@@ -262,7 +279,8 @@ def from_dict(params: object, source: str = PARAMS_FILE) -> Config:
             split,
             val_fraction=float(split["val_fraction"]),
             test_fraction=float(split["test_fraction"]),
-            label_fractions=_ascending(split["label_fractions"]),
+            label_fractions=() if per_class else _ascending(split["label_fractions"]),
+            labels_per_class=None if per_class is None else _per_class(per_class),
         ),
         augment=AugmentConfig(**params["augment"]),
         model=ModelConfig(**params["model"]),
@@ -302,6 +320,31 @@ def _ascending(fractions: list[float]) -> tuple[float, ...]:
     return tuple(sorted(float(f) for f in fractions))
 
 
+def _per_class(budgets: list[int | str]) -> tuple[int | str, ...]:
+    """Per-class budgets smallest first, ``all`` last (the nesting order)."""
+    return tuple(sorted(budgets, key=paths.budget_size))
+
+
+def _budgets(fractions: list[float | str]) -> tuple[float | str, ...]:
+    """finetune.fractions smallest first: floats for fractions, keys (4pc, all) for budgets."""
+    typed = [f if paths.is_per_class(f) else float(f) for f in fractions]
+    return tuple(sorted(typed, key=paths.budget_size))
+
+
+def _check_one_label_grid(params: object, source: str) -> None:
+    """split.label_fractions and split.labels_per_class are two ways to say one thing: the
+    subsets would have two names each, so only one of them may be set (before defaults fill)."""
+    split = params.get("split") if isinstance(params, dict) else None
+    if not isinstance(split, dict):
+        return
+    if split.get("labels_per_class") is not None and split.get("label_fractions") is not None:
+        raise ConfigError(
+            f"{source}: split.label_fractions and split.labels_per_class are both set; keep "
+            "one (labels_per_class for k labeled images per class, label_fractions for a share "
+            "of each class) and remove or null the other"
+        )
+
+
 FEATURE_BASELINES = methods.FEATURE_BASELINES
 
 
@@ -322,7 +365,7 @@ def _finetune(section: dict[str, Any]) -> FinetuneConfig:
         FinetuneConfig,
         section,
         **{key: tuple(section[key]) for key in ("inits", "modes", "baselines", "baseline_modes")},
-        fractions=_ascending(section["fractions"]),
+        fractions=_budgets(section["fractions"]),
         seeds=tuple(section["seeds"]),
         optimizer=OptimizerConfig(**section["optimizer"]),
         knn_ks=tuple(knn["ks"]),
@@ -346,15 +389,27 @@ def _check_local_path(config: Config, source: str) -> None:
 
 
 def _check_matrix(config: Config, source: str) -> None:
-    """Fine-tuning asks only for label fractions the split makes and encoders pretraining makes."""
-    made = set(config.split.label_fractions)
-    allowed = listed([f"{f:g}" for f in sorted(made)], most=10)
+    """Fine-tuning asks only for label budgets the split makes (and draws of them for every
+    seed) and encoders pretraining makes."""
+    made = [paths.fraction_name(b) for b in config.split.budgets]
+    per_class = config.split.labels_per_class is not None
+    key = "split.labels_per_class" if per_class else "split.label_fractions"
+    allowed = listed([b if per_class else f"{float(b):g}" for b in made], most=10)
     for fraction in config.finetune.fractions:
-        if fraction not in made:
+        name = paths.fraction_name(fraction)
+        if name not in made:
+            shown = name if paths.is_per_class(name) else f"{float(name):g}"
             raise ConfigError(
-                f"{source}: finetune.fractions has {fraction:g}, which the split stage does not "
-                f"make; allowed: {allowed} (split.label_fractions)"
+                f"{source}: finetune.fractions has {shown}, which the split stage does not "
+                f"make; allowed: {allowed} ({key})"
             )
+    draws, seeds = config.split.label_draws, len(config.finetune.seeds)
+    if 1 < draws < seeds:
+        raise ConfigError(
+            f"{source}: split.label_draws is {draws} but finetune.seeds has {seeds} seeds, and "
+            f"each seed trains on its own draw; set split.label_draws to {seeds} (or 1: every "
+            "seed on the same labeled images)"
+        )
     for init in config.finetune.inits:
         if init in FEATURE_BASELINES:
             raise ConfigError(

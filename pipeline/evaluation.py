@@ -632,7 +632,7 @@ def _answer_clause(entry: AnswerEntry) -> str:
     else:
         verdict = f"{base} beats {ssl}"
     return (
-        f"{_fraction_label(entry['budget'])} of the labels {ssl} "
+        f"{_budget_phrase(entry['budget'])} {ssl} "
         f"{100 * entry['ssl_accuracy']:.2f} % vs {base} {100 * entry['baseline_accuracy']:.2f} "
         f"%: {100 * entry['difference']:+.2f} points [{100 * low:+.2f}, {100 * high:+.2f}], "
         f"{verdict}"
@@ -737,7 +737,7 @@ def summarize_all(rows: Sequence[SeedRow]) -> dict[str, list[SummaryEntry]]:
 
 
 def _cell_order(entry: SummaryEntry) -> tuple[str, str, float]:
-    return (entry["init"], entry["mode"], float(entry["fraction"]))
+    return (entry["init"], entry["mode"], paths.budget_size(entry["fraction"]))
 
 
 def _summarize_group(
@@ -828,12 +828,13 @@ def summary_table(
     """``summarize``'s output for ``metric`` as a table; ``marked`` (init, mode, fraction name)
     cells get a † (the report marks the cells whose training was cut off while improving)."""
     definition = _metric(metric)
-    cells = {(s["init"], s["mode"], float(s["fraction"])): s for s in summary}
+    key = paths.fraction_name  # one spelling per budget: "0.01" or 0.01, "4pc"
+    cells = {(s["init"], s["mode"], key(s["fraction"])): s for s in summary}
     models = sorted({(s["init"], s["mode"]) for s in summary})
     rows = [
         [init, mode]
         + [
-            _cell(cells.get((init, mode, float(f))), definition, (init, mode, f) in marked)
+            _cell(cells.get((init, mode, key(f))), definition, (init, mode, f) in marked)
             for f in fractions
         ]
         for init, mode in models
@@ -841,9 +842,9 @@ def summary_table(
     best = set()
     for column, fraction in enumerate(fractions, start=2):
         means = {
-            r: cells[(init, mode, float(fraction))]["mean"]
+            r: cells[(init, mode, key(fraction))]["mean"]
             for r, (init, mode) in enumerate(models)
-            if (init, mode, float(fraction)) in cells
+            if (init, mode, key(fraction)) in cells
         }
         if means:
             top = definition.best(means.values())
@@ -864,8 +865,26 @@ def _caption(definition: Metric, summary: Sequence[SummaryEntry]) -> str:
 
 
 def _fraction_label(fraction: str | float) -> str:
-    """'0.01' -> '1 %': fractions read more easily as percentages of the training labels."""
-    return f"{float(fraction) * 100:g} %"
+    """'0.01' -> '1 %': fractions read more easily as percentages of the training labels;
+    '4pc' -> '4 per class', 'all' -> 'all'."""
+    return paths.budget_label(fraction)
+
+
+def _budget_phrase(fraction: str | float) -> str:
+    """A budget inside the answer's sentence: '1 % of the labels', '4 labels per class'."""
+    label = _fraction_label(fraction)
+    if paths.is_per_class(paths.fraction_name(fraction)):
+        return "all labels" if label == "all" else label.replace(" per", " labels per")
+    return f"{label} of the labels"
+
+
+def _x_positions(names: Sequence[str | float]) -> dict[str, float]:
+    """Where each budget sits on the figure's log x axis: a fraction at itself, k per class at
+    k, and ``all`` (no finite k) one step past the largest k, four times it."""
+    sizes = {paths.fraction_name(n): paths.budget_size(n) for n in names}
+    finite = [v for v in sizes.values() if v != float("inf")]
+    beyond = 4 * max(finite) if finite else 1.0
+    return {name: (beyond if v == float("inf") else v) for name, v in sizes.items()}
 
 
 def _cell(entry: SummaryCell | None, definition: Metric, marked: bool) -> str:
@@ -982,6 +1001,7 @@ def _draw_label_efficiency(
     import matplotlib
 
     axes = figure.add_subplot()
+    where = _x_positions([e["fraction"] for e in summary])
     lines: dict[tuple[str, str], list[SummaryEntry]] = defaultdict(list)
     for entry in sorted(summary, key=_cell_order):
         lines[(entry["init"], entry["mode"])].append(entry)
@@ -991,7 +1011,7 @@ def _draw_label_efficiency(
     palette = matplotlib.colormaps["tab10" if len(inits) <= 10 else "tab20"]
     styles = {"linear": ("-", "o"), "finetune": ("--", "s"), "knn": (":", "^")}
     for (init, mode), entries in lines.items():
-        x = np.array([float(e["fraction"]) for e in entries])
+        x = np.array([where[paths.fraction_name(e["fraction"])] for e in entries])
         mean = np.array([e["mean"] for e in entries]) * definition.scale
         low = np.array([e["ci_low"] for e in entries]) * definition.scale
         high = np.array([e["ci_high"] for e in entries]) * definition.scale
@@ -1007,11 +1027,14 @@ def _draw_label_efficiency(
             color=palette(inits.index(init) % palette.N),
             label=f"{init} / {mode}",
         )
-    fractions = sorted({float(e["fraction"]) for e in summary})
+    fractions = sorted(where, key=where.__getitem__)
     axes.set_xscale("log")
-    axes.set_xticks(fractions, [_fraction_label(f) for f in fractions])
+    axes.set_xticks([where[f] for f in fractions], [_fraction_label(f) for f in fractions])
     axes.minorticks_off()
-    axes.set_xlabel("labeled fraction of the training set")
+    per_class = any(paths.is_per_class(f) for f in fractions)
+    axes.set_xlabel(
+        "labeled images per class" if per_class else "labeled fraction of the training set"
+    )
     axes.set_ylabel(f"test {definition.title} ({definition.unit})")
     axes.set_title("Label efficiency")
     axes.grid(True, alpha=0.3)

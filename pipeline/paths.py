@@ -25,6 +25,17 @@ def splits_dir(dataset: str) -> Path:
     return DATA / "splits" / dataset
 
 
+def labeled_set(fraction: float | str, draw: int = 0) -> str:
+    """The split's file (without ``.npy``) of one labeled subset: ``labeled-0.01`` for draw 0,
+    ``labeled-4pc-draw2`` for another draw of the labeled images (split.label_draws)."""
+    base = f"labeled-{fraction_name(fraction)}"
+    return base if draw == 0 else f"{base}-draw{draw}"
+
+
+#: The split's stratified validation subset (split.val_labels_per_class), without ``.npy``.
+VAL_LABELED = "val-labeled"
+
+
 def augment_dir(dataset: str) -> Path:
     """Resolved augmentation policies, the preview grid and the optional offline pool."""
     return DATA / "augment" / dataset
@@ -36,18 +47,61 @@ def pretrain_dir(method: str) -> Path:
 
 
 def metric_key(fraction: float | str) -> str:
-    """A label fraction as a key of a metrics file: ``0_01``. Flattened metric names join keys
-    with dots (DVC's ``test_accuracy.scratch-linear.0_01.mean``), so a key must hold none."""
+    """A label budget as a key of a metrics file: ``0_01``, ``4pc``. Flattened metric names join
+    keys with dots (DVC's ``test_accuracy.scratch-linear.0_01.mean``), so a key must hold none."""
     return fraction_name(fraction).replace(".", "_")
 
 
-def fraction_name(fraction: float | str) -> str:
-    """The spelling of a label fraction in file names and wildcards: 0.01, 0.1, 1.0.
+#: The budget key of every training label when budgets are per class (split.labels_per_class).
+ALL_LABELS = "all"
+#: A per-class budget's key ends with this: ``4pc`` is 4 labeled images per class.
+PER_CLASS = "pc"
 
-    Python's shortest round-trip form of the float, which is also how DVC renders the YAML
-    floats of params.yaml in ``${...}``, so both runners name the same files.
+
+def is_per_class(budget: float | str) -> bool:
+    """Whether ``budget`` is a per-class budget key (``4pc``, ``all``), not a label fraction."""
+    if not isinstance(budget, str):
+        return False
+    count = budget.removesuffix(PER_CLASS)
+    return budget == ALL_LABELS or (count != budget and count.isdigit() and int(count) > 0)
+
+
+def budget_key(labels_per_class: int | str) -> str:
+    """The key of one ``split.labels_per_class`` budget: 4 -> ``4pc``, ``all`` -> ``all``."""
+    if labels_per_class == ALL_LABELS:
+        return ALL_LABELS
+    return f"{int(labels_per_class)}{PER_CLASS}"
+
+
+def fraction_name(fraction: float | str) -> str:
+    """The spelling of a label budget in file names and wildcards: 0.01, 0.1, 1.0, 4pc, all.
+
+    A fraction is Python's shortest round-trip form of the float, which is also how DVC renders
+    the YAML floats of params.yaml in ``${...}``, so both runners name the same files; a per-class
+    key (``4pc``, ``all``) is a YAML string that DVC renders as written.
     """
+    if is_per_class(fraction):
+        return str(fraction)
     return repr(float(fraction))
+
+
+def budget_size(fraction: float | str) -> float:
+    """A number that orders budgets of one kind, smallest first (the figure's x position): the
+    fraction itself, or the images per class, ``all`` last."""
+    name = fraction_name(fraction)
+    if name == ALL_LABELS:
+        return float("inf")
+    return float(name.removesuffix(PER_CLASS))
+
+
+def budget_label(fraction: float | str) -> str:
+    """How a budget reads in tables, titles and the figure: 1 %, 4 per class, all."""
+    name = fraction_name(fraction)
+    if name == ALL_LABELS:
+        return "all"
+    if is_per_class(name):
+        return f"{name.removesuffix(PER_CLASS)} per class"
+    return f"{float(name) * 100:g} %"
 
 
 def pretrain_metrics(method: str) -> tuple[Path, Path]:
@@ -58,7 +112,7 @@ def pretrain_metrics(method: str) -> tuple[Path, Path]:
 
 def cell_name(init: str, mode: str, fraction: str | float) -> str:
     """One cell of the study's matrix, as named in files and in DVC's matrix: init-mode-fraction."""
-    return f"{init}-{mode}-{fraction_name(float(fraction))}"
+    return f"{init}-{mode}-{fraction_name(fraction)}"
 
 
 def model_dir(init: str, mode: str, fraction: str | float) -> Path:
@@ -78,11 +132,11 @@ def curve_path(init: str, mode: str, fraction: str | float) -> Path:
 
 @dataclass(frozen=True)
 class Cell:
-    """One cell of the study's matrix (init, mode, label fraction), and the files it writes."""
+    """One cell of the study's matrix (init, mode, label budget), and the files it writes."""
 
     init: str
     mode: str
-    fraction: float
+    fraction: float | str  # a label fraction, or a per-class budget key (4pc, all)
 
     @property
     def name(self) -> str:

@@ -22,7 +22,7 @@ wildcard_constraints:
     dataset="|".join(datasets.NAMES),
     method="|".join(methods.NAMES),
     mode="|".join(MODES),
-    fraction="[0-9]+\\.[0-9]+",
+    fraction="[0-9]+\\.[0-9]+|[1-9][0-9]*pc|all",
 
 
 # Every rule's inputs, outputs, log and command come from the one declaration of the stages,

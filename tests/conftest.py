@@ -87,7 +87,12 @@ def params_for(dataset: str = "fashion_mnist", **overrides: dict) -> dict:
 
 def sync_matrix(params: dict) -> dict:
     """Keep fine-tuning's matrix inside what split and pretraining make (config checks this)."""
-    params["finetune"]["fractions"] = list(params["split"]["label_fractions"])
+    per_class = params["split"].get("labels_per_class")
+    if per_class is not None:  # fine-tuning names per-class budgets by key: 4pc, all
+        params["split"]["label_fractions"] = None
+        params["finetune"]["fractions"] = [b if b == "all" else f"{b}pc" for b in per_class]
+    else:
+        params["finetune"]["fractions"] = list(params["split"]["label_fractions"])
     made = params["pretrain"]["methods"]
     order = ("scratch", "pca", "simclr", "autoencoder", "rotation", "inpainting", "vae", "gan")
     params["finetune"]["inits"] = [i for i in order if i in made]
@@ -102,10 +107,11 @@ def write_params(folder: Path, params: dict) -> Path:
 
 
 def tiny_run_params(params: dict, data: Path, methods: list[str], modes: list[str]) -> dict:
-    """``params`` (changed in place and returned) for a whole-pipeline run on the tiny IDX data
-    in ``data`` that takes minutes: ``methods`` for one epoch, ``modes`` with one seed at 100 %
-    labels, and every figure small. Shared by the ``project`` fixture and tests/byte_identity.py,
-    so both run the pipeline the same way."""
+    """``params`` (changed in place and returned) for a whole-pipeline run on the tiny data in
+    ``data`` (IDX files, or the image folder of the ``project`` fixture) that takes minutes:
+    ``methods`` for one epoch, ``modes`` with one seed at 100 % labels, and every figure small.
+    Shared by the ``project`` fixture and tests/byte_identity.py, so both run the pipeline the
+    same way."""
     params["data"]["local_path"] = str(data)
     params["model"].update(backbone="lenet5", width=8)
     params["pretrain"].update(methods=methods, epochs=1, batch_size=64)
@@ -172,9 +178,44 @@ def run(cmd: list[str] | str, cwd: Path, check: bool = True, **kw) -> subprocess
 PROJECT_FILES = ("Snakefile", "rules", "dvc.yaml", "schemas", "pipeline", "envs", ".dvcignore")
 
 
+#: Files in the project's unlabeled pool (:func:`write_tiny_pool`); none is a copy of a labeled
+#: image, so pretraining learns from every one of them.
+TINY_POOL_FILES = 36
+
+
+def write_tiny_image_folder(folder: Path) -> Path:
+    """An image folder of the tiny data: 500 8 x 8 grayscale PNGs in 4 class folders (named so
+    that their sorted order is the label order), with one planted duplicate (image 1 is a copy of
+    image 0, same class) so that the split's duplicate rule has work to do."""
+    from PIL import Image
+
+    images, labels = tiny_images(500, 4, 8, seed=1)
+    images[1], labels[1] = images[0], labels[0]
+    names = ("c0_dark", "c1_dim", "c2_bright", "c3_brightest")
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        (folder / names[label]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image, "L").save(folder / names[label] / f"{i:03d}.png")
+    return folder
+
+
+def write_tiny_pool(folder: Path) -> Path:
+    """An unlabeled pool as people have one: TINY_POOL_FILES RGB PNGs of 12 x 10 pixels (another
+    size and mode than the 8 x 8 grayscale labeled images), two folders deep."""
+    from PIL import Image
+
+    rng = np.random.default_rng(11)
+    for i in range(TINY_POOL_FILES):
+        where = folder / f"camera{i % 3}" / "day1"
+        where.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)
+        Image.fromarray(pixels, "RGB").save(where / f"{i:02d}.png")
+    return folder
+
+
 @pytest.fixture
-def project(tmp_path: Path, tiny_idx: Path) -> Path:
-    """A copy of the pipeline project as a git + DVC repository, configured for the tiny data."""
+def project(tmp_path: Path) -> Path:
+    """A copy of the pipeline project as a git + DVC repository, configured for a tiny image
+    folder plus an unlabeled pool (data.unlabeled_path), both outside the project."""
     root = tmp_path / "project"
     root.mkdir()
     for name in PROJECT_FILES:
@@ -185,7 +226,12 @@ def project(tmp_path: Path, tiny_idx: Path) -> Path:
             shutil.copy2(source, root / name)
     # gan: the method that steps its own optimizers goes through both runners too.
     methods = ["scratch", "simclr", "gan"]
-    write_params(root, tiny_run_params(params_for("idx"), tiny_idx, methods, ["linear", "knn"]))
+    labeled = write_tiny_image_folder(tmp_path / "tiny_images")
+    params = tiny_run_params(params_for("imagefolder"), labeled, methods, ["linear", "knn"])
+    params["data"].update(
+        image_size=8, channels=1, unlabeled_path=str(write_tiny_pool(tmp_path / "tiny_pool"))
+    )
+    write_params(root, params)
     shutil.copy2(REPO / ".gitignore", root / ".gitignore")
     run(["git", "init", "-q"], root)
     run(["git", "config", "user.email", "test@example.com"], root)

@@ -1,6 +1,8 @@
 """Snakemake and DVC run the same stages with the same commands, and agree on what is up to date.
 
-These tests run both tools for real on a copy of the project configured for tiny IDX data.
+These tests run both tools for real on a copy of the project configured for a tiny image folder
+plus an unlabeled pool (tests/conftest.py's ``project``), so both runners also carry the pool from
+data.unlabeled_path through download and split into pretraining (issue 25).
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import REPO, run, run_env
+from tests.conftest import REPO, TINY_POOL_FILES, run, run_env
 from tests.test_visualize import CHROMIUM, assert_opens_as_a_page
 
 # Imported by each `python -m pipeline <stage>` process; it records the modules the stage loaded.
@@ -164,6 +167,29 @@ def dvc_changed(project: Path) -> set[str]:
     return set(re.findall(r"^([\w@.\-]+):$", out, re.M))
 
 
+def assert_pretrained_on_training_and_pool(project: Path) -> None:
+    """The trained methods learned from the training split and every pool image (none is a copy
+    of a validation or test image), and the log, the metrics and the report all say so."""
+    training = len(np.load(project / "data/splits/imagefolder/train.npy"))
+    split = json.loads((project / "data/splits/imagefolder/report.json").read_text())
+    assert split["pool"]["kept"] == TINY_POOL_FILES, split["pool"]
+    report = (project / "reports/index.html").read_text()
+    for method in ("simclr", "gan"):
+        log = (project / f"logs/pretrain/{method}.log").read_text()
+        line = (
+            f"{method}: pretraining on {training} training images + {TINY_POOL_FILES} pool images"
+        )
+        assert line in log, log
+        final = json.loads((project / f"metrics/pretrain/{method}.json").read_text())
+        assert final["images_seen"] == training + TINY_POOL_FILES, final
+        assert final["pool_images"] == TINY_POOL_FILES, final
+        said = f"{method} learned from {training} training + {TINY_POOL_FILES} pool images."
+        assert said in report, method
+    # scratch is the untrained initialization: a pool changes nothing it saw.
+    assert "scratch learned from no images" in report
+    assert "pool images" not in (project / "logs/pretrain/scratch.log").read_text()
+
+
 def test_both_runners_declare_the_same_stages_commands_deps_and_outs(project: Path):
     snakemake = snakemake_jobs(project)
     dvc = dvc_stages(project)
@@ -189,8 +215,9 @@ def test_snakemake_runs_the_pipeline_and_dvc_then_sees_it_up_to_date(project: Pa
     (trace / "sitecustomize.py").write_text(TRACE_HOOK)
     env = run_env() | {"PYTHONPATH": str(trace), "PIPELINE_IMPORT_TRACE": str(trace)}
     run(["snakemake", "--cores", "2"], project, env=env)
-    report = yaml.safe_load((project / "data/splits/idx/report.json").read_text())
+    report = yaml.safe_load((project / "data/splits/imagefolder/report.json").read_text())
     assert report["disjointness"]["disjoint"] is True
+    assert_pretrained_on_training_and_pool(project)
     # The GAN (its own optimizers, its own monitors) trained and fine-tuned like any method.
     assert "d_fake" in (project / "metrics/pretrain/gan.csv").read_text().splitlines()[0]
     assert (project / "models/pretrain/gan/samples.npy").is_file()
@@ -281,6 +308,7 @@ def test_snakemake_runs_the_pipeline_and_dvc_then_sees_it_up_to_date(project: Pa
 def test_dvc_repro_and_exp_run_then_snakemake_agrees_and_a_change_reruns_only_it(project: Path):
     """One DVC-made pipeline serves every DVC-direction check (each full run costs a minute)."""
     run(["dvc", "repro", "--quiet"], project)
+    assert_pretrained_on_training_and_pool(project)
     assert nothing_to_do(project)
     # Sharing the run: without a remote, make says how to add one; with one, a fresh clone
     # pulls the results, and neither runner has anything left to do there.

@@ -200,6 +200,23 @@ def test_the_report_has_every_section_in_pipeline_order_and_its_figures(lenet_re
     )
 
 
+def test_the_report_says_how_many_images_each_encoder_learned_from(lenet_study):
+    """Without a pool every trained encoder (and PCA) saw the training split, nothing more;
+    scratch saw nothing. (With a pool, tests/test_runners.py reads "+ M pool images" in a report
+    made by both runners; here the pool's wording is checked on a pretraining record.)"""
+    work, _ = lenet_study
+    html = unescape((work / "reports/index.html").read_text())
+    encoders = html[html.index('<section id="encoders">') : html.index('<section id="embeddings">')]
+    training = len(np.load(work / "data/splits/idx/train.npy"))
+    for method in ("vae", "gan", "pca"):
+        assert f"{method} learned from {training} training images." in encoders, method
+    assert "scratch learned from no images" in encoders
+    assert "pool images" not in encoders
+    record = {"images_seen": training + 36, "pool_images": 36}
+    said = visualize._learned_from("simclr", record, training)
+    assert said == f"simclr learned from {training} training + 36 pool images."
+
+
 def test_the_figures_and_the_page_are_logged_to_the_stage_mlflow_run(lenet_study):
     from mlflow.tracking import MlflowClient
 

@@ -95,6 +95,9 @@ class SplitData(L.LightningDataModule):
     split's kept unlabeled pool, when the dataset has one, as the set ``pretrain``: the training
     images followed by the pool images, labeled UNLABELED, and makes it the set the training
     loader draws from. ``train`` stays the labeled training images (the kNN monitor's bank).
+    ``val_file`` is the split file the ``val`` set is read from: ``val``, or ``val-labeled`` (the
+    scarce validation subset of split.val_labels_per_class), so every choice that reads ``val``
+    sees only what the user's validation budget allows.
     """
 
     def __init__(
@@ -107,6 +110,7 @@ class SplitData(L.LightningDataModule):
         train_set: str = "train",
         min_steps: int = 0,
         pool: bool = False,
+        val_file: str = "val",
     ) -> None:
         super().__init__()
         self.dataset = dataset
@@ -117,6 +121,7 @@ class SplitData(L.LightningDataModule):
         self.train_set = train_set
         self.min_steps = min_steps
         self.pool = pool
+        self.val_file = val_file
         self.pool_size = 0  # pool images in PRETRAIN_SET; 0 without a pool
         self.images: dict[str, torch.Tensor] = {}
         self.labels: dict[str, torch.Tensor] = {}
@@ -134,7 +139,7 @@ class SplitData(L.LightningDataModule):
         data = prepared.load(paths.prepared_dir(self.dataset), only=wanted)
         self.classes = list(data.classes)
         for name in self.sets:
-            index = load_indices(self.dataset, name)
+            index = load_indices(self.dataset, self.val_file if name == "val" else name)
             from_test = name == "test" and source == "test"
             images = data.test_images if from_test else data.train_images
             labels = data.test_labels if from_test else data.train_labels

@@ -1,9 +1,12 @@
 """finetune stage: one cell of the study, a classifier from one init, mode and label fraction.
 
 ``python -m pipeline finetune --init I --mode M --fraction F`` trains on the labeled subset
-``labeled-F`` of the split, once per seed in ``finetune.seeds``, every choice (epoch, kNN k and
-temperature) made on the validation split. The test split is never loaded here: evaluation is
-the only stage that reads it.
+``labeled-F`` of the split (F a label fraction, ``0.01``, or a per-class budget, ``4pc``, ``all``),
+once per seed in ``finetune.seeds``, every choice (epoch, kNN k and temperature) made on the
+validation split, or only on its subset ``val-labeled`` when ``split.val_labels_per_class`` is
+set. With ``split.label_draws`` > 1 the i-th seed trains on draw i of the labeled subsets
+(``labeled-F-draw<i>``; draw 0 is ``labeled-F``). The test split is never loaded here: evaluation
+is the only stage that reads it.
 
 Budget (docs/science.md §8.4): a cell trains until validation accuracy has not improved for
 ``finetune.patience`` epochs, under a cap of ``max(finetune.min_steps, finetune.max_passes x
@@ -93,7 +96,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--init", required=True, help="scratch, pca, pixels or a pretraining method"
     )
     parser.add_argument("--mode", required=True, choices=MODES)
-    parser.add_argument("--fraction", required=True, help="a label fraction the split made")
+    parser.add_argument(
+        "--fraction", required=True, help="a label budget the split made (0.01, 4pc, all)"
+    )
 
 
 def run(
@@ -125,6 +130,7 @@ def run(
             "fraction": cell.fraction_name,
             "val_acc_mean": round(sum(accuracies) / len(accuracies), 6),
             **({"budget": trained.budget.as_dict()} if trained.budget else {}),
+            **_validation_record(config, trained.validation_size),
             "seeds": trained.per_seed,
         }
         write_json(cell.metrics_path, summary)
@@ -137,15 +143,15 @@ def run(
     return summary
 
 
-def _check_cell(config: Config, init: str, mode: str, fraction: str) -> float:
+def _check_cell(config: Config, init: str, mode: str, fraction: str) -> float | str:
+    names = {paths.fraction_name(f): f for f in config.finetune.fractions}
     try:
-        value = float(fraction)
-    except ValueError:
-        value = -1.0
-    if value not in config.finetune.fractions:
-        allowed = ", ".join(paths.fraction_name(f) for f in config.finetune.fractions)
+        value = names.get(paths.fraction_name(fraction))
+    except ValueError:  # neither a number nor a per-class key
+        value = None
+    if value is None:
         raise MissingInputError(
-            f"label fraction {fraction!r} is not in finetune.fractions; allowed: {allowed}"
+            f"label budget {fraction!r} is not in finetune.fractions; allowed: {', '.join(names)}"
         )
     ft = config.finetune
     if init in ft.baselines:
@@ -184,6 +190,7 @@ class _Trained:
     description: dict[str, Any]  # model.json: strings, numbers, lists and the encoder's dict
     ckpt_dir: Path
     budget: Budget | None  # None for kNN, which does not train
+    validation_size: int = 0  # labeled validation images every choice was made on
 
 
 def _train_cell(
@@ -196,15 +203,19 @@ def _train_cell(
 
     ft = config.finetune
     init, mode = cell.init, cell.mode
-    subset = f"labeled-{cell.fraction_name}"
+    labeled = {
+        s: paths.labeled_set(cell.fraction, config.split.draw_of(ft.seeds, s)) for s in ft.seeds
+    }
+    subset = labeled[ft.seeds[0]]
     data = SplitData(
         dataset,
-        (subset, "val"),
+        (*dict.fromkeys(labeled.values()), "val"),
         ft.batch_size,
         seed=0,
         max_images=ft.max_images,
         train_set=subset,
         min_steps=ft.min_steps_per_epoch,
+        val_file=_validation_file(config),
     )
     data.setup("fit")
     ckpt_dir = _checkpoint_dir(config, dataset, cell, document)
@@ -218,19 +229,25 @@ def _train_cell(
             ft.min_steps,
         )
     # Before the encoder loads: a semi cell without unlabeled images stops here, in one line.
-    unlabeled = _unlabeled(config, document, dataset, cell) if mode == "semi" else None
+    unlabeled = (
+        {subset: _unlabeled(config, document, dataset, cell, subset)} if mode == "semi" else {}
+    )
     encoder, encoder_description = _encoder(init)
     # A frozen encoder's features never change: computed once, shared by every seed.
     features = _features(encoder, data, document) if mode in ("linear", "knn") else None
     states, per_seed = {}, {}
-    knn: tuple[dict, dict] | None = None
+    knn: dict[str, tuple[dict, dict]] = {}
     for seed in ft.seeds:
         L.seed_everything(seed, workers=True, verbose=False)
         data.seed = seed
+        data.train_set = labeled[seed]
+        if mode == "semi" and data.train_set not in unlabeled:
+            unlabeled[data.train_set] = _unlabeled(config, document, dataset, cell, data.train_set)
         if mode == "knn":
-            # kNN on a frozen encoder has no randomness: one fit serves every seed.
-            knn = knn or _fit_knn(config, data, encoder, features)
-            state, result = knn
+            # kNN on a frozen encoder has no randomness: one fit serves every seed of a draw.
+            if data.train_set not in knn:
+                knn[data.train_set] = _fit_knn(config, data, encoder, features)
+            state, result = knn[data.train_set]
         else:
             if mode in ("finetune", "semi") and seed != ft.seeds[0]:
                 encoder, _ = _encoder(init)  # every seed starts from the init's own weights
@@ -248,9 +265,11 @@ def _train_cell(
                 cell_budget,
                 features,
                 cell.name,
-                unlabeled,
+                unlabeled.get(data.train_set),
             )
             state, result = _fit_seed(fit)
+        if config.split.label_draws > 1:  # which labeled images this seed saw
+            result = {**result, "labeled_set": data.train_set}
         states[seed], per_seed[str(seed)] = state, result
         tracked.log_metrics({f"val_acc_seed{seed}": result["val_acc"]})
     description = {
@@ -266,7 +285,7 @@ def _train_cell(
         "encoder": encoder_description.as_dict(),
         "dataset": dataset,
     }
-    return _Trained(states, per_seed, description, ckpt_dir, cell_budget)
+    return _Trained(states, per_seed, description, ckpt_dir, cell_budget, len(data.labels["val"]))
 
 
 def unlabeled_indices(dataset: str, labeled_set: str) -> np.ndarray:
@@ -306,8 +325,23 @@ def unlabeled_images(dataset: str, labeled_set: str) -> np.ndarray:
     return rest if pool is None or not len(pool) else np.concatenate([rest, pool])
 
 
+def _validation_record(config: Config, size: int) -> dict[str, dict[str, object]]:
+    """The cell JSON's ``validation`` entry when choices use a scarce validation subset (the
+    report states it beside the answer); nothing otherwise, so default outputs keep their bytes."""
+    per_class = config.split.val_labels_per_class
+    if per_class is None:
+        return {}
+    return {"validation": {"file": paths.VAL_LABELED, "labels_per_class": per_class, "size": size}}
+
+
+def _validation_file(config: Config) -> str:
+    """The split file every choice made on validation reads: the scarce subset when
+    split.val_labels_per_class is set, else the whole validation split."""
+    return "val" if config.split.val_labels_per_class is None else paths.VAL_LABELED
+
+
 def _unlabeled(
-    config: Config, document: PolicyDocument, dataset: str, cell: paths.Cell
+    config: Config, document: PolicyDocument, dataset: str, cell: paths.Cell, subset: str
 ) -> Unlabeled:
     """Mode semi's unlabeled images as a CPU tensor, with their weak and strong views (never
     empty: at all labels the training split's own images serve, :func:`unlabeled_indices`)."""
@@ -315,7 +349,6 @@ def _unlabeled(
 
     from pipeline.models.finetune import Unlabeled
 
-    subset = f"labeled-{cell.fraction_name}"
     images = unlabeled_images(dataset, subset)
     semi = config.finetune.semi
     log.info(
@@ -334,12 +367,13 @@ def _unlabeled(
 def _features(
     encoder: nn.Module, data: SplitData, document: PolicyDocument
 ) -> dict[str, torch.Tensor]:
-    """The frozen encoder's features of the labeled subset and of validation (unaugmented)."""
+    """The frozen encoder's features of every loaded set (unaugmented): the labeled subset (of
+    each draw the seeds use) and validation."""
     from pipeline.models.encoders import encode
 
     normalize = document.normalizer()
     encoder.eval()
-    return {name: encode(encoder, normalize, data.images[name]) for name in (data.train_set, "val")}
+    return {name: encode(encoder, normalize, images) for name, images in data.images.items()}
 
 
 def _checkpoint_dir(
@@ -354,7 +388,8 @@ def _checkpoint_dir(
     return training.checkpoint_dir(
         "finetune",
         cell.name,
-        {key: config.section(key) for key in COMMON_PARAMS},
+        # split: its draws and validation subset change what a seed trains and chooses on
+        {key: config.section(key) for key in (*COMMON_PARAMS, "split")},
         sha256_file(weights) if weights.is_file() else None,
         dataset_checksum(paths.prepared_dir(dataset)),
         document.raw,

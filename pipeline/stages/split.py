@@ -2,7 +2,11 @@
 
 Output ``data/splits/<dataset>/``: ``train.npy``, ``val.npy``, ``test.npy`` (sorted int64 indices;
 train and val index the prepared training arrays, test indexes the set named by ``test_source``
-in the report), ``labeled-<fraction>.npy`` per label fraction, ``report.json`` and ``report.md``.
+in the report), ``labeled-<budget>.npy`` per label budget (``labeled-0.01``, or with
+``split.labels_per_class`` ``labeled-4pc`` ... ``labeled-all``), ``report.json`` and ``report.md``.
+With ``split.label_draws`` = n > 1 also ``labeled-<budget>-draw<d>.npy`` for d = 1..n-1 (draw 0 is
+the plain file; each draw's subsets are nested), and with ``split.val_labels_per_class``
+``val-labeled.npy``: the stratified validation subset that every choice made on validation uses.
 With an unlabeled pool also ``pool.npy``: the indices into ``unlabeled_images.npy`` of the pool
 images kept after removing exact copies of validation and test images (counted in the report's
 ``pool``), so that pretraining never sees an image that will be scored.
@@ -22,11 +26,15 @@ from pipeline.data import prepared
 from pipeline.data.pool import POOL
 from pipeline.data.split import (
     REPORT,
+    LabelBudgetError,
     PoolDeduplication,
     SplitResult,
     deduplicate_pool,
     disjointness,
+    label_rng,
     make_split,
+    nested_label_budgets,
+    nested_label_fractions,
     seal_report,
 )
 from pipeline.errors import DataError
@@ -55,11 +63,22 @@ def run(config: Config, dataset: str | None = None) -> dict:
             config.split.test_fraction,
             config.split.label_fractions,
             config.split.seed,
+            labels_per_class=config.split.labels_per_class,
+            classes=list(data.classes),
         )
+        subsets = _labeled_files(config, result, train_labels, list(data.classes))
+        val_labeled = _validation_subset(config, result.val, train_labels, list(data.classes))
         test_labels = (
             train_labels if result.test_source == "train" else np.asarray(data.test_labels)
         )
-        report = _report(config, dataset, data, result, train_labels, test_labels)
+        report = _report(config, dataset, data, result, train_labels, test_labels, subsets)
+        if val_labeled is not None:
+            report["val_labeled"] = {
+                "file": f"{paths.VAL_LABELED}.npy",
+                "labels_per_class": config.split.val_labels_per_class,
+                "size": int(len(val_labeled)),
+                "per_class": _per_class(val_labeled, train_labels, len(data.classes)),
+            }
         pool = _deduplicated_pool(data, result)
         if pool is not None:
             report["pool"] = {"file": f"{POOL}.npy", **pool.report()}
@@ -70,8 +89,10 @@ def run(config: Config, dataset: str | None = None) -> dict:
         with atomic_dir(out) as tmp:
             for name in ("train", "val", "test"):
                 save_npy(tmp / f"{name}.npy", getattr(result, name))
-            for fraction, subset in result.label_subsets.items():
-                save_npy(tmp / f"labeled-{paths.fraction_name(fraction)}.npy", subset)
+            for name, subset in subsets.items():
+                save_npy(tmp / f"{name}.npy", subset)
+            if val_labeled is not None:
+                save_npy(tmp / f"{paths.VAL_LABELED}.npy", val_labeled)
             if pool is not None:
                 save_npy(tmp / f"{POOL}.npy", pool.kept)
             write_text(tmp / "report.md", _markdown(report))
@@ -96,6 +117,61 @@ def run(config: Config, dataset: str | None = None) -> dict:
         tracked.log_artifact(out / "report.md")
     log.info("split %s: %s", dataset, {k: v["size"] for k, v in report["sets"].items()})
     return report
+
+
+def _labeled_files(
+    config: Config, result: SplitResult, labels: np.ndarray, classes: list[str]
+) -> dict[str, np.ndarray]:
+    """Every labeled subset the split writes, by file name (without .npy): draw 0 from
+    ``make_split``, then draws 1..label_draws-1, each nested within itself and inside train."""
+    split = config.split
+    subsets = {paths.labeled_set(_key(config, b)): s for b, s in result.label_subsets.items()}
+    for draw in range(1, split.label_draws):
+        rng = label_rng(split.seed, draw)
+        if split.labels_per_class is not None:
+            drawn = nested_label_budgets(result.train, labels, split.labels_per_class, rng, classes)
+        else:
+            drawn = nested_label_fractions(result.train, labels, split.label_fractions, rng)
+        by_size = [drawn[b] for b in sorted(drawn, key=paths.budget_size)]
+        nested = all(np.isin(a, b).all() for a, b in zip(by_size, by_size[1:], strict=False))
+        if not nested or not all(np.isin(s, result.train).all() for s in by_size):
+            raise AssertionError(f"labeled subsets of draw {draw} are not nested inside train")
+        subsets |= {paths.labeled_set(_key(config, b), draw): s for b, s in drawn.items()}
+    return subsets
+
+
+def _key(config: Config, budget: float | int | str) -> str:
+    """A subset's budget as named in files: ``0.01`` for a fraction, ``4pc`` or ``all``."""
+    if config.split.labels_per_class is not None:
+        return paths.budget_key(budget)
+    return paths.fraction_name(budget)
+
+
+def _validation_subset(
+    config: Config, val: np.ndarray, labels: np.ndarray, classes: list[str]
+) -> np.ndarray | None:
+    """``split.val_labels_per_class`` validation images of every class (sorted indices), or None
+    when unset. Its own random stream (spawn key 3 of the split seed), so the labeled subsets,
+    train, validation and test stay as they are without it.
+
+    Why a subset at all: with 4 training labels per class, choosing epochs and k on thousands of
+    labeled validation images is a choice no user with few labels could make (Oliver et al. 2018).
+    """
+    per_class = config.split.val_labels_per_class
+    if per_class is None:
+        return None
+    rng = np.random.default_rng(np.random.SeedSequence(config.split.seed, spawn_key=(3,)))
+    parts = []
+    for cls in range(len(classes)):
+        members = val[labels[val] == cls]
+        if len(members) < per_class:
+            raise LabelBudgetError(
+                f"split.val_labels_per_class asks for {per_class} validation images per class, "
+                f"but class {cls} ({classes[cls]!r}) has only {len(members)} in the validation "
+                f"split; lower it to at most {len(members)}, or raise split.val_fraction"
+            )
+        parts.append(rng.permutation(members)[:per_class])
+    return np.sort(np.concatenate(parts)).astype(np.int64)
 
 
 def _deduplicated_pool(data: prepared.Prepared, result: SplitResult) -> PoolDeduplication | None:
@@ -143,7 +219,7 @@ def _per_class(indices: np.ndarray, labels: np.ndarray, n_classes: int) -> list[
     return np.bincount(labels[indices], minlength=n_classes).tolist()
 
 
-def _report(config, dataset, data, result, train_labels, test_labels) -> dict:
+def _report(config, dataset, data, result, train_labels, test_labels, subsets) -> dict:
     n_classes = len(data.classes)
     sets = {
         name: {
@@ -156,12 +232,12 @@ def _report(config, dataset, data, result, train_labels, test_labels) -> dict:
         for name in ("train", "val", "test")
     }
     fractions = {
-        paths.fraction_name(f): {
-            "file": f"labeled-{paths.fraction_name(f)}.npy",
+        name.removeprefix("labeled-"): {
+            "file": f"{name}.npy",
             "size": int(len(subset)),
             "per_class": _per_class(subset, train_labels, n_classes),
         }
-        for f, subset in sorted(result.label_subsets.items())
+        for name, subset in subsets.items()
     }
     test_images = data.test_images if result.test_source == "test" else None
     return {
@@ -202,11 +278,12 @@ def _markdown(report: dict) -> str:
         lines.append(
             f"| {name} | {entry['size']} | " + " | ".join(map(str, entry["per_class"])) + " |"
         )
-    for name, entry in report["label_fractions"].items():
+    subsets = [(f"labeled {n}", e) for n, e in report["label_fractions"].items()]
+    if "val_labeled" in report:
+        subsets.append(("validation subset (choices)", report["val_labeled"]))
+    for name, entry in subsets:
         lines.append(
-            f"| labeled {name} | {entry['size']} | "
-            + " | ".join(map(str, entry["per_class"]))
-            + " |"
+            f"| {name} | {entry['size']} | " + " | ".join(map(str, entry["per_class"])) + " |"
         )
     dup = report["duplicates"]
     proof = report["disjointness"]

@@ -336,6 +336,10 @@ def _encoders(study: _Study) -> Section:
     for method in study.config.pretrain.methods:
         encoder = study.encoder(method)
         section.heading(method)
+        final = _read(
+            paths.pretrain_metrics(method)[0], f"python -m pipeline pretrain --method {method}"
+        )
+        section.text(_learned_from(method, final, len(study.images["train"])))
         if method == "pixels":
             section.note(
                 "pixels: the raw-pixel baseline has no weights; its features are the "
@@ -384,6 +388,30 @@ def _encoders(study: _Study) -> Section:
             "pixel space (left) and the test-image patches that caused them (right).",
         )
     return section
+
+
+#: The reference encoders that learn from no image, and what they are instead.
+_UNTRAINED = {
+    "scratch": "the seeded random initialization, never trained",
+    "pixels": "the raw-pixel baseline",
+}
+
+
+def _learned_from(method: str, final: dict, train_images: int) -> str:
+    """How many images ``method``'s encoder learned from, as the report says it (issue 25).
+
+    ``final`` is its metrics/pretrain/<method>.json: with a pool, pretraining records
+    ``images_seen`` (training + pool) and ``pool_images`` there; without one it records neither,
+    and the encoder saw the training split, ``train_images``. Said per encoder because a pool
+    changes what a self-supervised encoder saw, never what a labeled baseline saw.
+    """
+    if method in _UNTRAINED:
+        return f"{method} learned from no images: {_UNTRAINED[method]}."
+    if "images_seen" in final and "pool_images" in final:
+        pool = int(final["pool_images"])
+        training = int(final["images_seen"]) - pool
+        return f"{method} learned from {training} training + {pool} pool images."
+    return f"{method} learned from {train_images} training images."
 
 
 def _embeddings(study: _Study) -> Section:
@@ -511,6 +539,8 @@ def _evaluation(study: _Study) -> Section:
     )
     _metric_tables(study, section, document)
     section.paragraphs.append(_answer(study.config, document))
+    if study.config.split.val_labels_per_class is not None:
+        section.paragraphs.append(_validation_budget(study.config))
     if FIGURE.is_file():
         section.figure(FIGURE, "Test accuracy against the labeled fraction, 95 % intervals.")
     best = best_by_validation(study.config)
@@ -569,6 +599,16 @@ def _improving_at_cap(config: Config) -> set[tuple[str, str, str]]:
     return marked
 
 
+def _validation_budget(config: Config) -> str:
+    """The line beside the answer that says how many validation labels chose its cells."""
+    per_class = config.split.val_labels_per_class
+    return (
+        f"Validation budget: every choice above (epochs, kNN k and temperature, the best cell) "
+        f"was made on {per_class} labeled validation images per class (split.val_labels_per_class"
+        "), not on the whole validation split."
+    )
+
+
 def _answer(config: Config, document: SummaryJSON) -> str:
     """The study's answer in one sentence, as summary.md ends with it: per label fraction, the
     best self-supervised cell against the best baseline (scratch, pixels or PCA), both chosen on
@@ -610,7 +650,7 @@ def _interpretation(study: _Study) -> Section:
         "map is Grad-CAM, and the figure says so. Per class: correct predictions (✓) and mistakes "
         "(✗, with the predicted class)."
     )
-    fraction = max(ft.fractions)
+    fraction = max(ft.fractions, key=paths.budget_size)
     rng = np.random.default_rng(vis.seed)
     order = torch.from_numpy(rng.permutation(len(study.labels["test"])))
     for init in ft.inits:
@@ -624,7 +664,7 @@ def _interpretation(study: _Study) -> Section:
             section.note(f"{name}: {explanation.reason}")
         section.figure(
             path,
-            f"{name} (the best mode of {init} at {float(fraction) * 100:g} % "
+            f"{name} (the best mode of {init} at {paths.budget_label(fraction)} "
             f"labels on validation): {explanation.reason}",
         )
     return section

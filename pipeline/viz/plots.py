@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import paths
 from pipeline.viz import figures
 
 
@@ -121,7 +122,7 @@ def finetune_curves_figure(
                     color=colors[model],
                     label=model,
                 )
-            axes.set_title(f"{_percent(fraction)} of the labels")
+            axes.set_title(_budget_title(fraction))
             axes.set_xlabel("epoch")
             axes.set_ylabel("validation accuracy")
             axes.grid(alpha=0.3)
@@ -230,6 +231,9 @@ def _colors(count: int) -> list:
     return [cmap(i % cmap.N) for i in range(count)]
 
 
-def _percent(fraction: str) -> str:
-    value = float(fraction) * 100
-    return f"{value:g} %"
+def _budget_title(fraction: str) -> str:
+    """A panel's title: '1 % of the labels', '4 labels per class', 'all labels'."""
+    label = paths.budget_label(fraction)
+    if not paths.is_per_class(fraction):
+        return f"{label} of the labels"
+    return "all labels" if label == "all" else label.replace(" per", " labels per")
