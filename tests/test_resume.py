@@ -50,10 +50,8 @@ def resume_params(tiny_idx: Path) -> dict:
     return sync_matrix(params)
 
 
-@pytest.fixture
-def prepared(workdir: Path, tiny_idx: Path) -> Path:
-    """A working folder with params.yaml, the data stages done and the scratch encoder made."""
-    params = resume_params(tiny_idx)
+def prepare(workdir: Path, params: dict) -> Path:
+    """Write ``params`` into ``workdir``, run the data stages and make the scratch encoder."""
     write_params(workdir, params)
     config = from_dict(params)
     download.run(config)
@@ -61,6 +59,12 @@ def prepared(workdir: Path, tiny_idx: Path) -> Path:
     augment.run(config)
     pretrain.run(config, method="scratch")
     return workdir
+
+
+@pytest.fixture
+def prepared(workdir: Path, tiny_idx: Path) -> Path:
+    """A working folder with params.yaml, the data stages done and the scratch encoder made."""
+    return prepare(workdir, resume_params(tiny_idx))
 
 
 def stage(*args: str) -> list[str]:

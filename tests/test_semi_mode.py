@@ -22,13 +22,14 @@ from pipeline.models import classifier
 from pipeline.models.finetune import unlabeled_positions
 from pipeline.stages import augment, download, finetune, pretrain, split
 from pipeline.stages.finetune import unlabeled_indices
-from tests.conftest import sync_matrix, tiny_images, write_params
+from tests.conftest import sync_matrix, tiny_images
 from tests.test_finetune import TestSplitNeverOpened as OpenedFiles
 from tests.test_finetune import tiny_params
 from tests.test_resume import (
     assert_same_weights,
     finish,
     kill_when,
+    prepare,
     resume_params,
     stage,
     weights,
@@ -228,13 +229,7 @@ def test_a_semi_cell_killed_mid_run_resumes_to_the_same_weights(workdir: Path, t
     params["split"]["label_fractions"] = [0.25, 1.0]
     # 4 epochs of 2 steps; a low threshold, so that pseudo-labels train from the first epochs.
     params["finetune"].update(modes=["semi"], seeds=[0], min_steps=8, semi={"threshold": 0.3})
-    sync_matrix(params)
-    write_params(workdir, params)
-    config = from_dict(params)
-    download.run(config)
-    split.run(config)
-    augment.run(config)
-    pretrain.run(config, method="scratch")
+    prepare(workdir, sync_matrix(params))
     command = stage("finetune", "--init", "scratch", "--mode", "semi", "--fraction", "0.25")
     finish(command, workdir)
     outputs = ("models/finetune/scratch-semi-0.25", "metrics/finetune/scratch-semi-0.25.json")
