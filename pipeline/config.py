@@ -12,9 +12,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import Field, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from pipeline import methods, paths
 from pipeline.data import datasets
@@ -31,10 +31,15 @@ from pipeline.params_yaml import (  # noqa: F401
     read_params,
 )
 
-if TYPE_CHECKING:
-    from _typeshed import DataclassInstance
 
-_T = TypeVar("_T", bound="DataclassInstance")
+class _Dataclass(Protocol):
+    """Any dataclass instance, for the type of :func:`_typed` (typeshed's DataclassInstance is a
+    type checker's module, not one that Python or the packaging test can import)."""
+
+    __dataclass_fields__: ClassVar[dict[str, Field[Any]]]  # Any: a field of any type
+
+
+_T = TypeVar("_T", bound=_Dataclass)
 
 #: The fine-tuning modes (docs/science.md §8, §9), the one list: the CLI's ``--mode`` and
 #: Snakemake's ``{mode}`` wildcard read it; the schema's ``finetune.modes`` enum is tied to it by

@@ -35,7 +35,8 @@ def test_policy_json_holds_resolved_policies_and_training_split_statistics(tiny_
     document = augment.run(tiny_config())
     saved = json.loads(Path("data/augment/idx/policy.json").read_text())
     assert saved == document
-    assert set(saved["policies"]) == {"ssl", "supervised", "none"}
+    # params.yaml's named policies: pretraining's views, fine-tuning's, none, semi's weak / strong
+    assert set(saved["policies"]) == {"ssl", "supervised", "none", "weak", "strong"}
     assert saved["policies"]["none"] == {}
     # Defaults are filled in: the supervised policy's erasing ratio was not written in params.yaml.
     assert saved["policies"]["supervised"]["random_erasing"]["ratio"] == [0.3, 3.3]
@@ -52,7 +53,8 @@ def test_the_preview_shows_every_policy_and_is_the_same_every_time(tiny_config):
     first = Path("data/augment/idx/preview.png").read_bytes()
     image = Image.open(io.BytesIO(first))
     zoomed = 8 * 3 + 2  # 8-pixel images zoomed 3x, 2-pixel gaps
-    assert image.size == (3 * 4 * zoomed + 2 * 8, 4 * zoomed + 14)  # 3 policies x (1 + 3)
+    policies = len(config.augment.policies)  # each: the image and 3 views, 8 pixels apart
+    assert image.size == (policies * 4 * zoomed + (policies - 1) * 8, 4 * zoomed + 14)
     augment.run(config)
     assert Path("data/augment/idx/preview.png").read_bytes() == first
 
@@ -114,8 +116,8 @@ def test_bad_policies_are_schema_errors_naming_the_key(path, value, expected):
 
 def test_offline_policy_must_name_a_policy():
     params = params_for()
-    params["augment"]["offline_policy"] = "strong"
-    with pytest.raises(ConfigError, match="augment.offline_policy = 'strong' is not a policy"):
+    params["augment"]["offline_policy"] = "randaugment"
+    with pytest.raises(ConfigError, match="augment.offline_policy = 'randaugment' is not a"):
         from_dict(params)
 
 
