@@ -196,10 +196,20 @@ def check(params: object, source: str = PARAMS_FILE) -> dict[str, Any]:
     schema = _schema()
     params = copy.deepcopy(params)
     _fill_defaults(schema, params)
+    _one_label_grid(params)
     error = best_match(_validator_class()(schema).iter_errors(params))
     if error is not None:
         raise ConfigError(f"{source}: {_describe(error)}")
     return params
+
+
+def _one_label_grid(params: dict[str, Any]) -> None:
+    """split.labels_per_class replaces label_fractions: the schema's default fractions must not
+    fill in beside it (the checked params are checked again, by config.from_dict, and both set
+    is an error there)."""
+    split = params.get("split")
+    if isinstance(split, dict) and split.get("labels_per_class") is not None:
+        split["label_fractions"] = None
 
 
 @dataclass

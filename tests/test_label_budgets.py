@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.config import ConfigError, from_dict
+from pipeline.config import ConfigError, check, from_dict
 from pipeline.data.split import LabelBudgetError
 from pipeline.stages import augment, download, evaluate, finetune, pretrain, split
 from tests.conftest import params_for, sync_matrix
@@ -56,6 +56,16 @@ def test_both_label_grids_set_is_one_config_error(tiny_idx: Path):
     params["split"]["label_fractions"] = [0.1, 1.0]
     with pytest.raises(ConfigError, match="label_fractions and split.labels_per_class are both"):
         from_dict(params)
+
+
+def test_labels_per_class_alone_is_one_grid_once_defaults_fill(tiny_idx: Path):
+    """Snakemake checks params.yaml (filling the schema's defaults) and the stages check the
+    result again: label_fractions' default must not turn up beside labels_per_class."""
+    params = budget_params(tiny_idx)
+    del params["split"]["label_fractions"]
+    filled = check(params)
+    assert filled["split"]["label_fractions"] is None
+    assert from_dict(filled).finetune.fractions == from_dict(params).finetune.fractions
 
 
 def test_finetune_fractions_must_name_the_per_class_keys(tiny_idx: Path):
