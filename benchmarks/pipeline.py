@@ -14,12 +14,31 @@ computed is reused and uncommitted edits are not measured):
 3. a re-run after changing one fine-tuning param (``finetune.label_smoothing``): the cells, the
    evaluation and the report run again, nothing upstream;
 4. the quality targets, every choice made on validation (metrics/finetune) and reported on test
-   (metrics/summary.json).
+   (metrics/summary.json), for whatever label grid the params name (label fractions, or labeled
+   images per class).
+
+The result's ``quality`` holds (budgets as named in files: ``0.01``, ``1.0``, ``4pc``, ``all``):
+
+- ``budgets``: finetune.fractions, smallest first (``paths.budget_size``);
+- ``largest``: at the largest budget, the best cell on validation;
+- ``second_ssl``: at the second-largest budget, the best self-supervised (or semi) cell;
+- ``smallest_ssl`` / ``smallest_baseline``: at the smallest budget, the best self-supervised
+  (or semi) cell and the best baseline cell; ``smallest_gain``: their test difference;
+- ``answer``: metrics/summary.json's ``answer`` as is (per budget key, ``0_01`` or ``4pc``: both
+  cells, the difference and its paired 95 % interval);
+- ``gains``: per init x mode, the test accuracy gained between consecutive budgets
+  (``"4pc->25pc"``);
+- ``knn``: each pretrained encoder's validation kNN, and the best self-supervised one's margin
+  over raw pixels.
+
+A chosen cell is ``{"cell", "budget", "val", "test", "ci"}``, or null where the grid has no such
+budget or side. ``TARGETS`` is keyed like the quality entry each target judges.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -27,6 +46,7 @@ import subprocess
 import tempfile
 import time
 from collections import defaultdict
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +56,15 @@ from benchmarks.machine import describe, save_result
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("download", "split", "augment", "pretrain", "finetune", "evaluate", "visualize")
+#: The study's targets, keyed like the ``quality`` entry each judges. ``gain_step``: the first
+#: step up the grid (smallest budget to the next) gains at least this much test accuracy, and every
+#: later step gains some; ``knn``: the best self-supervised kNN's margin over raw pixels.
 TARGETS = {
-    "full": 0.93,
-    "tenth_ssl": 0.90,
-    "one_percent_gain": 0.05,
-    "gain_1_to_10": 0.02,
-    "knn_margin_over_pixels": 0.03,
+    "largest": 0.93,
+    "second_ssl": 0.90,
+    "smallest_gain": 0.05,
+    "gain_step": 0.02,
+    "knn": 0.03,
     "minutes": 15.0,
 }
 CHANGED_PARAM = ("finetune", "label_smoothing")
@@ -189,60 +212,78 @@ def _job_counts(dry_run: str) -> dict[str, int]:
 
 
 def quality(work: Path) -> dict[str, Any]:
-    """The targets, each choice made on validation, each number from the test split.
+    """The targets for the grid in the clone's params (the keys: this module's docstring), each
+    choice made on validation, each number from the test split.
 
-    - ``full``: at 100 % labels, the cell with the best validation accuracy.
-    - ``tenth_ssl``: at 10 %, the best cell by validation among self-supervised inits.
-    - ``one_percent_ssl`` / ``one_percent_baseline``: at 1 %, the best self-supervised cell and
-      the best baseline cell (scratch, pixels or PCA, any mode), each chosen on validation;
-      ``one_percent_gain`` is the difference of their test accuracies.
-    - ``gains``: per init x mode, the test accuracy gained from 1 % to 10 % and from 10 % to
-      100 % labels (scratch-linear is exempt from the target: random features barely learn).
-    - ``knn``: each pretrained encoder's validation kNN monitor (metrics/pretrain), and the best
-      self-supervised one's margin over raw pixels.
+    The cells are chosen by ``pipeline.study.best_by_validation`` with ``study.is_baseline``, the
+    choice the evaluate stage makes for summary.json's ``answer``: a semi cell counts on the
+    self-supervised side whatever its init, and ties go the same way, so ``smallest_ssl`` and
+    ``smallest_baseline`` are the answer's cells at the smallest budget.
     """
-    from pipeline.paths import metric_key
-    from pipeline.study import BASELINES
+    from pipeline import config as pipeline_config
+    from pipeline import paths
+    from pipeline.study import best_by_validation, is_baseline
 
-    summary = json.loads((work / "metrics/summary.json").read_text())["test_accuracy"]
-    validation = {}
-    for path in sorted((work / "metrics/finetune").glob("*.json")):
-        cell = json.loads(path.read_text())
-        validation[(cell["init"], cell["mode"], cell["fraction"])] = cell["val_acc_mean"]
+    config = pipeline_config.load(work / "params.yaml")
+    budgets = sorted(map(paths.fraction_name, config.finetune.fractions), key=paths.budget_size)
+    document = json.loads((work / "metrics/summary.json").read_text())
+    test = document["test_accuracy"]
+    with contextlib.chdir(work):  # the study reads metrics/finetune relative to the project root
+        best = best_by_validation(config)
+        ssl = best_by_validation(config, lambda init, mode: not is_baseline(init, mode))
+        baseline = best_by_validation(config, is_baseline)
 
-    def chosen(fraction: str, keep: Any) -> dict[str, Any] | None:
-        cells = [(v, i, m) for (i, m, f), v in validation.items() if f == fraction and keep(i, m)]
-        if not cells:
+    def chosen(
+        cells: dict[str, tuple[float, str, str, Any]], budget: str | None
+    ) -> dict[str, Any] | None:
+        if budget not in cells:
             return None
-        val, init, mode = max(cells)
-        test = summary[f"{init}-{mode}"][metric_key(fraction)]
+        val, init, mode, _ = cells[budget]
+        scores = test[f"{init}-{mode}"][paths.metric_key(budget)]
         return {
-            "cell": f"{init}-{mode}-{fraction}",
+            "cell": paths.cell_name(init, mode, budget),
+            "budget": budget,
             "val": val,
-            "test": test["mean"],
-            "ci": [test["ci_low"], test["ci_high"]],
+            "test": scores["mean"],
+            "ci": [scores["ci_low"], scores["ci_high"]],
         }
 
-    def ssl(init: str, mode: str) -> bool:
-        return init not in BASELINES
-
-    def baseline(init: str, mode: str) -> bool:
-        return init in BASELINES
-
+    smallest = budgets[0]
     out: dict[str, Any] = {
-        "full": chosen("1.0", lambda i, m: True),
-        "tenth_ssl": chosen("0.1", ssl),
-        "one_percent_ssl": chosen("0.01", ssl),
-        "one_percent_baseline": chosen("0.01", baseline),
+        "budgets": budgets,
+        "largest": chosen(best, budgets[-1]),
+        "second_ssl": chosen(ssl, budgets[-2] if len(budgets) > 1 else None),
+        "smallest_ssl": chosen(ssl, smallest),
+        "smallest_baseline": chosen(baseline, smallest),
     }
-    pre, base = out["one_percent_ssl"], out["one_percent_baseline"]
-    out["one_percent_gain"] = pre["test"] - base["test"] if pre and base else None
+    pre, base = out["smallest_ssl"], out["smallest_baseline"]
+    out["smallest_gain"] = pre["test"] - base["test"] if pre and base else None
+    out["answer"] = document["answer"]
+    out["gains"] = budget_gains(test, budgets)
+    out["knn"] = knn_margin(work)
+    return out
+
+
+def budget_gains(test: dict[str, dict[str, dict]], budgets: list[str]) -> dict[str, dict]:
+    """Per ``init-mode`` of summary.json's ``test_accuracy``: the mean test accuracy gained at each
+    step up the grid, keyed ``"<smaller>-><larger>"``. A model that lacks a budget is left out:
+    a step with a missing end would not be a gain."""
+    from pipeline.paths import metric_key
+
+    keys = [metric_key(b) for b in budgets]
     gains = {}
-    for model, cells in sorted(summary.items()):
-        if {"0.01", "0.1", "1.0"} <= set(cells):
-            one, ten, full = (cells[f]["mean"] for f in ("0.01", "0.1", "1.0"))
-            gains[model] = {"1_to_10": ten - one, "10_to_100": full - ten}
-    out["gains"] = gains
+    for model, cells in sorted(test.items()):
+        if len(budgets) > 1 and set(keys) <= set(cells):
+            mean = {budget: cells[key]["mean"] for budget, key in zip(budgets, keys, strict=True)}
+            gains[model] = {f"{a}->{b}": mean[b] - mean[a] for a, b in pairwise(budgets)}
+    return gains
+
+
+def knn_margin(work: Path) -> dict[str, Any]:
+    """Each pretrained encoder's validation kNN monitor (metrics/pretrain), and the best
+    self-supervised one's margin over raw pixels (the baselines are methods here, not cells)."""
+    from pipeline.study import BASELINES
+
     knn = {}
     for path in sorted((work / "metrics/pretrain").glob("*.json")):
         value = json.loads(path.read_text()).get("val_knn_acc")
@@ -253,14 +294,13 @@ def quality(work: Path) -> dict[str, Any]:
         if any(m not in BASELINES for m in knn)
         else None
     )
-    out["knn"] = {
+    return {
         "per_method": knn,
         "best_ssl": best_ssl and best_ssl[1],
         "margin_over_pixels": (best_ssl[0] - knn["pixels"])
         if best_ssl and "pixels" in knn
         else None,
     }
-    return out
 
 
 def main(argv: list[str] | None = None) -> None:

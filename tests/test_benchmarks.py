@@ -187,10 +187,12 @@ def test_pipeline_benchmark_measures_a_clean_run_its_reruns_and_the_targets(
     from tests.conftest import sync_matrix
 
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["split"]["label_fractions"] = [0.1, 1.0]
+    # Two label fractions, so every quality key has a budget (the smallest is also the second).
+    params["split"].update(labels_per_class=None, label_fractions=[0.1, 1.0])
     # kNN cells only: the harness is under test here, not training (the runner tests train).
     params["finetune"]["modes"] = ["knn"]
     params["pretrain"]["methods"] = ["scratch", "simclr"]  # the runner tests cover the GAN
+    params["finetune"]["semi"].update(inits=[], fractions=[])  # the semi tests train it
     bench = tmp_path / "bench"
     figure = tmp_path / "results" / "label_efficiency.png"
     # The re-run measurement changes an evaluation param: it re-runs evaluate and visualize,
@@ -225,14 +227,210 @@ def test_pipeline_benchmark_measures_a_clean_run_its_reruns_and_the_targets(
     assert reruns["param_change"] == "evaluate.bootstrap: 50 -> 60"
     assert reruns["param_change_jobs"] == {"evaluate": 1, "visualize": 1}
     quality = result["quality"]
-    assert quality["full"]["cell"].endswith("-1.0")
-    assert quality["tenth_ssl"]["cell"].startswith("simclr-")  # the one self-supervised init
-    assert quality["one_percent_gain"] is None  # no 1 % subset in this study
-    for chosen in (quality["full"], quality["tenth_ssl"]):
+    assert quality["budgets"] == ["0.1", "1.0"]
+    assert quality["largest"]["cell"].endswith("-1.0")
+    assert quality["second_ssl"]["cell"] == "simclr-knn-0.1"  # the one self-supervised init
+    assert quality["smallest_ssl"]["cell"] == "simclr-knn-0.1"
+    assert quality["smallest_baseline"]["cell"] == "scratch-knn-0.1"
+    assert quality["smallest_gain"] == pytest.approx(
+        quality["smallest_ssl"]["test"] - quality["smallest_baseline"]["test"]
+    )
+    chosen_cells = ("largest", "second_ssl", "smallest_ssl", "smallest_baseline")
+    for chosen in (quality[key] for key in chosen_cells):
         assert 0 <= chosen["ci"][0] <= chosen["test"] <= chosen["ci"][1] <= 1
+    # summary.json's answer as the evaluate stage wrote it, the same cells as chosen here.
+    answer = quality["answer"]
+    assert list(answer) == ["0_1", "1_0"]
+    assert (answer["0_1"]["ssl_cell"], answer["0_1"]["baseline_cell"]) == (
+        "simclr-knn",
+        "scratch-knn",
+    )
+    assert answer["0_1"]["ci_low"] <= answer["0_1"]["difference"] <= answer["0_1"]["ci_high"]
+    assert {model: list(steps) for model, steps in quality["gains"].items()} == {
+        "scratch-knn": ["0.1->1.0"],
+        "simclr-knn": ["0.1->1.0"],
+    }
     assert set(quality["knn"]["per_method"]) == {"scratch", "simclr"}
     assert quality["knn"]["best_ssl"] == "simclr"
     assert len(result["commit"]) == 40
+    text = "\n".join(
+        report._pipeline({**result, "machine": _machine(None), "targets": pipeline.TARGETS})
+    )
+    assert "| 10 % labels | simclr-knn " in text and "| 10 % → 100 % |" in text
+
+
+def _write_study(
+    root: Path,
+    params: dict,
+    validation: dict[str, float],
+    test: dict[str, dict[str, float]],
+    answer: dict[str, dict],
+) -> Path:
+    """A project folder as the pipeline leaves it for ``quality``: params.yaml, one validation
+    file per cell (``validation``: cell name -> val_acc_mean), metrics/summary.json (``test``:
+    init-mode -> budget -> mean test accuracy, an interval of +-1 point; ``answer`` as is) and
+    the pretraining kNN monitors."""
+    from pipeline import paths
+    from tests.conftest import write_params
+
+    write_params(root, params)
+    (root / "metrics/finetune").mkdir(parents=True)
+    for cell, value in validation.items():
+        (root / "metrics/finetune" / f"{cell}.json").write_text(json.dumps({"val_acc_mean": value}))
+    accuracy = {
+        model: {
+            paths.metric_key(budget): {
+                "mean": mean,
+                "std": 0.0,
+                "ci_low": mean - 0.01,
+                "ci_high": mean + 0.01,
+                "n_seeds": 1,
+            }
+            for budget, mean in means.items()
+        }
+        for model, means in test.items()
+    }
+    summary = {"test_accuracy": accuracy, "answer": answer}
+    (root / "metrics/summary.json").write_text(json.dumps(summary))
+    (root / "metrics/pretrain").mkdir()
+    for method, knn in (("scratch", 0.70), ("pixels", 0.78), ("simclr", 0.80)):
+        (root / "metrics/pretrain" / f"{method}.json").write_text(json.dumps({"val_knn_acc": knn}))
+    return root
+
+
+def _pipeline_result(quality: dict[str, Any]) -> dict[str, Any]:
+    """A benchmarks/results/pipeline.json around ``quality``, for the report."""
+    from benchmarks import pipeline
+
+    return {
+        "machine": _machine(None),
+        "cores": 2,
+        "commit": "0" * 40,
+        "total_seconds": 600.0,
+        "stages": {},
+        "quality": quality,
+        "summary_markdown": "",
+        "reruns": {
+            "snakemake_noop_seconds": 1.0,
+            "dvc_noop_seconds": 1.0,
+            "param_change": "finetune.label_smoothing: 0.1 -> 0.15",
+            "param_change_jobs": {"finetune": 1},
+            "param_change_seconds": 10.0,
+        },
+        "targets": pipeline.TARGETS,
+    }
+
+
+def test_quality_reads_a_per_class_grid_and_counts_semi_as_self_supervised(
+    tmp_path: Path,
+) -> None:
+    """The keys of ``quality`` on hand-made metrics: 4, 25 and all labels per class, a semi cell
+    whose init is a baseline (``scratch``), and a tie that the study breaks by matrix order."""
+    from benchmarks import pipeline
+    from tests.conftest import params_for, sync_matrix
+
+    params = params_for()
+    params["split"].update(label_fractions=None, labels_per_class=[4, 25, "all"])
+    params["pretrain"]["methods"] = ["scratch", "pixels", "simclr"]
+    sync_matrix(params)
+    params["finetune"].update(modes=["knn", "linear"], baseline_modes=["knn"])
+    params["finetune"]["semi"].update(inits=["scratch"], fractions=["4pc"])
+    budgets = ("4pc", "25pc", "all")
+    validation_by_model = {
+        "scratch-knn": (0.60, 0.75, 0.85),
+        "scratch-linear": (0.55, 0.70, 0.80),
+        "simclr-knn": (0.64, 0.80, 0.88),
+        "simclr-linear": (0.63, 0.80, 0.91),  # ties simclr-knn at 25pc: the matrix's first wins
+        "pixels-knn": (0.62, 0.72, 0.84),
+    }
+    validation = {
+        f"{model}-{budget}": value
+        for model, values in validation_by_model.items()
+        for budget, value in zip(budgets, values, strict=True)
+    } | {"scratch-semi-4pc": 0.70}  # the best at 4pc: semi learns from unlabeled images too
+    test = {
+        model: {budget: value - 0.01 for budget, value in zip(budgets, values, strict=True)}
+        for model, values in validation_by_model.items()
+    } | {"scratch-semi": {"4pc": 0.69}}  # at one budget only: no gains
+    test["pixels-knn"]["all"] = 0.70  # less than at 25pc: short of the gain target
+    answer = {
+        "4pc": {
+            "budget": "4pc",
+            "ssl_cell": "scratch-semi",
+            "baseline_cell": "pixels-knn",
+            "ssl_accuracy": 0.69,
+            "baseline_accuracy": 0.61,
+            "difference": 0.08,
+            "ci_low": 0.05,
+            "ci_high": 0.11,
+        }
+    }
+    quality = pipeline.quality(_write_study(tmp_path, params, validation, test, answer))
+
+    assert quality["budgets"] == ["4pc", "25pc", "all"]
+    assert quality["largest"] == {
+        "cell": "simclr-linear-all",
+        "budget": "all",
+        "val": 0.91,
+        "test": 0.90,
+        "ci": [pytest.approx(0.89), pytest.approx(0.91)],
+    }
+    assert quality["second_ssl"]["cell"] == "simclr-knn-25pc"  # as the evaluate stage chooses
+    assert quality["smallest_ssl"]["cell"] == "scratch-semi-4pc"
+    assert quality["smallest_baseline"]["cell"] == "pixels-knn-4pc"
+    assert quality["smallest_gain"] == pytest.approx(0.08)
+    assert quality["answer"] == answer
+    assert sorted(quality["gains"]) == sorted(validation_by_model)  # not scratch-semi
+    assert quality["gains"]["simclr-knn"] == {
+        "4pc->25pc": pytest.approx(0.16),
+        "25pc->all": pytest.approx(0.08),
+    }
+    assert list(quality["gains"]["pixels-knn"]) == ["4pc->25pc", "25pc->all"]
+    assert quality["knn"]["margin_over_pixels"] == pytest.approx(0.02)
+
+    text = "\n".join(report._pipeline(_pipeline_result(quality)))
+    assert (
+        "| all labels, best cell | simclr-linear-all (val 91.00 %) | 90.00 % [89.0, 91.0] | "
+        "≥ 93 % | not met |"
+    ) in text
+    assert "| 25 labels per class, best self-supervised or semi cell | simclr-knn-25pc" in text
+    assert (
+        "| 4 labels per class: best self-supervised − best baseline | scratch-semi-4pc vs "
+        "pixels-knn-4pc | 69.00 % − 61.00 % = +8.00 points | ≥ 5 points | met |"
+    ) in text
+    assert "| 4 of 5 cells | short: pixels-knn |" in text
+    assert "| +2.00 points | ≥ 3 points | not met |" in text
+    assert (
+        "| 4 labels per class | scratch-semi 69.00 % | pixels-knn 61.00 % | "
+        "+8.00 points [+5.00, +11.00] |"
+    ) in text
+    assert "| init-mode | 4 per class → 25 per class | 25 per class → all |" in text
+    assert "| simclr-knn | +16.00 | +8.00 |" in text
+
+
+def test_quality_with_one_label_fraction_measures_what_it_can(tmp_path: Path) -> None:
+    """One budget: it is the smallest and the largest, there is no second one and no gain."""
+    from benchmarks import pipeline
+    from tests.conftest import params_for, sync_matrix
+
+    params = params_for()
+    params["split"].update(labels_per_class=None, label_fractions=[1.0])
+    params["pretrain"]["methods"] = ["scratch", "simclr"]
+    sync_matrix(params)
+    params["finetune"]["modes"] = ["knn"]
+    params["finetune"]["semi"].update(inits=[], fractions=[])
+    validation = {"scratch-knn-1.0": 0.80, "simclr-knn-1.0": 0.85}
+    test = {"scratch-knn": {"1.0": 0.79}, "simclr-knn": {"1.0": 0.86}}
+    quality = pipeline.quality(_write_study(tmp_path, params, validation, test, {}))
+
+    assert quality["budgets"] == ["1.0"]
+    assert quality["largest"]["cell"] == quality["smallest_ssl"]["cell"] == "simclr-knn-1.0"
+    assert quality["smallest_baseline"]["cell"] == "scratch-knn-1.0"
+    assert quality["smallest_gain"] == pytest.approx(0.07)
+    assert quality["second_ssl"] is None and quality["gains"] == {}
+    text = "\n".join(report._pipeline(_pipeline_result(quality)))
+    assert "| second-largest budget, best self-supervised or semi cell | – | – |" in text
+    assert "| 100 % labels: best self-supervised − best baseline | simclr-knn-1.0 vs" in text
 
 
 def test_cpu_benchmark_times_settings_interleaved_and_writes_its_section(
