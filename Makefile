@@ -91,8 +91,11 @@ lint: setup
 	snakefmt --check Snakefile rules
 	snakemake --lint
 
+# One pytest process per core, each taking whole files (a module's fixtures are built once):
+# most of the suite waits on imports and subprocesses, so two processes on two cores finish
+# sooner than one. --durations lists the slowest tests, where CI time goes.
 test: lint browser
-	pytest
+	pytest -n auto --dist loadfile --durations=20
 
 # Speed and quality benchmarks, including the whole default pipeline from a clean clone (run on a
 # quiet machine; about 30 minutes here); results in benchmarks/results/, summary in BENCHMARKS.md.
