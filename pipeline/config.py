@@ -42,13 +42,18 @@ class _Dataclass(Protocol):
 _T = TypeVar("_T", bound=_Dataclass)
 
 #: The fine-tuning modes (docs/science.md §8, §9), the one list: the CLI's ``--mode`` and
-#: Snakemake's ``{mode}`` wildcard read it; the schema's ``finetune.modes`` enum is tied to it by
-#: tests/test_registries.py (the schema is YAML, read before any pipeline module).
+#: Snakemake's ``{mode}`` wildcard read it; the schema's ``finetune.modes`` enum (LABEL_ONLY_MODES,
+#: below) is tied to it by tests/test_registries.py (the schema is YAML, read before any module).
 MODES: tuple[str, ...] = ("linear", "finetune", "knn", "semi")
 #: Modes on the frozen encoder's features, the only ones a feature baseline (raw pixels) can run.
 FROZEN_MODES: tuple[str, ...] = ("linear", "knn")
-#: Modes that also train on unlabeled images, and so need some (docs/science.md §9).
+#: Modes that also train on unlabeled images, and so need some (docs/science.md §9). Their
+#: cells are not in finetune.modes but finetune.semi.inits x finetune.semi.fractions: a semi cell
+#: costs about ten fine-tuning cells on the CPU, so it runs only where it is asked for.
 SEMI_SUPERVISED_MODES: tuple[str, ...] = ("semi",)
+#: The modes finetune.modes may list, each run by every init at every fraction (the schema's
+#: enum, tied to this by tests/test_registries.py).
+LABEL_ONLY_MODES: tuple[str, ...] = tuple(m for m in MODES if m not in SEMI_SUPERVISED_MODES)
 
 
 @dataclass(frozen=True)
@@ -169,6 +174,9 @@ class SemiConfig:
     unlabeled_weight: float  # lambda_u
     weak_policy: str  # the weak views (and the labeled batch, as in the paper)
     strong_policy: str  # the strong views that learn from the pseudo-labels
+    batch_size: int | None  # labeled images per step (None: finetune.batch_size)
+    inits: tuple[str, ...]  # the semi cells: every init here at every budget of fractions
+    fractions: tuple[float | str, ...]  # some of finetune.fractions, smallest first
 
 
 @dataclass(frozen=True)
@@ -197,15 +205,19 @@ class FinetuneConfig:
     semi: SemiConfig
 
     def cells(self) -> list[tuple[str, str, float | str]]:
-        """Every (init, mode, fraction) job of the matrix: the inits in every mode, then the
-        feature baselines (raw pixels) in the frozen-encoder modes only. Every mode runs at every
-        fraction: at all labels a semi-supervised cell with no pool learns from the labeled
-        images' views as its unlabeled ones, as FixMatch's own setup does (docs/science.md §9),
-        so DVC's matrix and Snakemake's expansion need no exception."""
+        """Every (init, mode, fraction) job of the study, in three blocks (each one DVC matrix,
+        since a matrix cannot leave a combination out): the inits in every mode of ``modes`` at
+        every fraction; the feature baselines (raw pixels) in the frozen-encoder modes; the
+        semi-supervised cells, ``semi.inits`` x ``semi.fractions``, which cost several
+        fine-tuning cells each and so run only where asked. A semi cell may run at all labels:
+        with no pool it learns from the labeled images' views as its unlabeled ones, as
+        FixMatch's own setup does (docs/science.md §9)."""
         trained = [(i, m, f) for i in self.inits for m in self.modes for f in self.fractions]
-        return trained + [
+        baselines = [
             (i, m, f) for i in self.baselines for m in self.baseline_modes for f in self.fractions
         ]
+        semi = [(i, "semi", f) for i in self.semi.inits for f in self.semi.fractions]
+        return trained + baselines + semi
 
 
 @dataclass(frozen=True)
@@ -270,6 +282,7 @@ def load(path: str | Path = PARAMS_FILE) -> Config:
 def from_dict(params: object, source: str = PARAMS_FILE) -> Config:
     """Validate a params mapping (as loaded from YAML, or Snakemake's ``config``) and type it."""
     _check_one_label_grid(params, source)
+    _check_no_semi_mode(params, source)
     params = check(params, source)
     data, split = params["data"], params["split"]
     per_class = split.get("labels_per_class")
@@ -350,6 +363,26 @@ def _check_one_label_grid(params: object, source: str) -> None:
         )
 
 
+def _check_no_semi_mode(params: object, source: str) -> None:
+    """Semi cells have their own lists (finetune.semi.inits, .fractions): in finetune.modes the
+    mode would run for every init at every budget, which the schema's enum refuses in words
+    that do not say where semi went (checked before the schema, like the label grid)."""
+    finetune = params.get("finetune") if isinstance(params, dict) else None
+    if not isinstance(finetune, dict):
+        return
+    for key in ("modes", "baseline_modes"):
+        listed_modes = finetune.get(key)
+        if isinstance(listed_modes, list):
+            semi = [m for m in listed_modes if m in SEMI_SUPERVISED_MODES]
+            if semi:
+                raise ConfigError(
+                    f"{source}: finetune.{key} has {semi[0]!r}, which is not a mode of the "
+                    "matrix: semi cells are set by finetune.semi.inits and "
+                    "finetune.semi.fractions (the inits and label budgets to run FixMatch at); "
+                    f"remove {semi[0]!r} from finetune.{key} and list them there"
+                )
+
+
 FEATURE_BASELINES = methods.FEATURE_BASELINES
 
 
@@ -380,6 +413,8 @@ def _finetune(section: dict[str, Any]) -> FinetuneConfig:
             semi,
             threshold=float(semi["threshold"]),
             unlabeled_weight=float(semi["unlabeled_weight"]),
+            inits=tuple(semi["inits"]),
+            fractions=_budgets(semi["fractions"]),
         ),
     )
 
@@ -422,13 +457,40 @@ def _check_matrix(config: Config, source: str) -> None:
                 f"it to finetune.baselines (run in the modes of finetune.baseline_modes: "
                 f"linear, knn)"
             )
-    for key in ("inits", "baselines"):
-        for init in getattr(config.finetune, key):
+    _check_semi_cells(config, source)
+    for key, inits in (
+        ("inits", config.finetune.inits),
+        ("baselines", config.finetune.baselines),
+        ("semi.inits", config.finetune.semi.inits),
+    ):
+        for init in inits:
             if init not in config.pretrain.methods:
                 raise ConfigError(
                     f"{source}: finetune.{key} has {init!r} but pretrain.methods does not make "
                     f"that encoder; allowed: {', '.join(config.pretrain.methods)}"
                 )
+
+
+def _check_semi_cells(config: Config, source: str) -> None:
+    """Semi cells start from an encoder with weights and run at budgets the study fine-tunes."""
+    semi = config.finetune.semi
+    for init in semi.inits:
+        if init in FEATURE_BASELINES:
+            raise ConfigError(
+                f"{source}: finetune.semi.inits has {init!r}, which has no weights to "
+                "fine-tune; semi cells train the whole encoder, so start them from a trained "
+                "init (scratch or a pretraining method) and remove it from finetune.semi.inits"
+            )
+    names = [paths.fraction_name(f) for f in config.finetune.fractions]
+    for fraction in semi.fractions:
+        name = paths.fraction_name(fraction)
+        if name not in names:
+            shown = name if paths.is_per_class(name) else f"{float(name):g}"
+            allowed = [n if paths.is_per_class(n) else f"{float(n):g}" for n in names]
+            raise ConfigError(
+                f"{source}: finetune.semi.fractions has {shown}, which is not in "
+                f"finetune.fractions; allowed: {listed(allowed, most=10)}"
+            )
 
 
 def _check_world(config: Config, source: str) -> None:
@@ -460,7 +522,8 @@ def _check_policy_names(config: Config, source: str) -> None:
         "pretrain.policy": config.pretrain.policy,
         "finetune.policy": config.finetune.policy,
     }
-    if set(config.finetune.modes) & set(SEMI_SUPERVISED_MODES):  # only semi reads its views
+    # Only semi cells read their views.
+    if any(mode in SEMI_SUPERVISED_MODES for _, mode, _ in config.finetune.cells()):
         wanted["finetune.semi.weak_policy"] = config.finetune.semi.weak_policy
         wanted["finetune.semi.strong_policy"] = config.finetune.semi.strong_policy
     wanted.update(

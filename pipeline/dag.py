@@ -38,9 +38,11 @@ if TYPE_CHECKING:
     from typing import Literal, TypeAlias
 
     #: How DVC repeats a stage: ``foreach`` over one params list, or ``matrix`` over the
-    #: product of several, each a (placeholder field, params key) pair.
+    #: product of several, each a (placeholder field, values) pair whose values are a params
+    #: key (a string) or a literal tuple of values (one mode, say).
     _Loop: TypeAlias = (
-        tuple[Literal["foreach"], str] | tuple[Literal["matrix"], tuple[tuple[str, str], ...]]
+        tuple[Literal["foreach"], str]
+        | tuple[Literal["matrix"], tuple[tuple[str, str | tuple[str, ...]], ...]]
     )
 
 
@@ -75,7 +77,8 @@ class Stage:
     """One stage: ``python -m pipeline <command> --dataset {dataset} <args> --log <log>``.
 
     ``loop`` is how DVC repeats it: ``("foreach", key)`` over a params list, or ``("matrix",
-    ((field, key), ...))``; Snakemake repeats it through the wildcards in its paths.
+    ((field, key), ...))``, where a field may take a literal tuple of values instead of a params
+    key; Snakemake repeats it through the wildcards in its paths.
     """
 
     name: str
@@ -201,6 +204,25 @@ STAGES: tuple[Stage, ...] = (
         note="The feature baselines (raw pixels) in the frozen modes: DVC's matrix cannot "
         "leave pixels-finetune out of the stage above, so they are a stage of their "
         "own.",
+    ),
+    Stage(
+        "finetune_semi",
+        "finetune",
+        _CELL_DEPS,
+        _CELL_OUTS,
+        log=f"logs/finetune/{_CELL}.log",
+        args=_CELL_ARGS,
+        loop=(
+            "matrix",
+            (
+                ("init", "finetune.semi.inits"),
+                ("mode", ("semi",)),
+                ("fraction", "finetune.semi.fractions"),
+            ),
+        ),
+        note="Mode semi (FixMatch) at the inits and label budgets of finetune.semi: a semi cell "
+        "costs about ten fine-tuning cells on the CPU, so it runs only where asked, and DVC's "
+        "matrix cannot leave the other combinations out. Empty lists make no stage.",
     ),
     Stage(
         "evaluate",
@@ -419,7 +441,10 @@ def dvc_stage(declared: Stage) -> dict[str, object]:
     if declared.loop and declared.loop[0] == "foreach":
         entry["foreach"] = f"${{{declared.loop[1]}}}"
     if declared.loop and declared.loop[0] == "matrix":
-        entry["matrix"] = {field: f"${{{key}}}" for field, key in declared.loop[1]}
+        entry["matrix"] = {
+            field: f"${{{values}}}" if isinstance(values, str) else list(values)
+            for field, values in declared.loop[1]
+        }
     log = declared.log
     entry["cmd"] = _for_dvc(declared, command_line(declared).replace("{log}", log))
     deps = list(code(declared.command))

@@ -31,6 +31,8 @@ CELL_PARAMS = (
     "finetune.baseline_modes",
     "finetune.modes",
     "finetune.fractions",
+    "finetune.semi.inits",
+    "finetune.semi.fractions",
     "finetune.seeds",
 )
 

@@ -1,12 +1,19 @@
 # Shared helpers: params validation, the params each stage reads, the code each stage runs.
 from pipeline import dag, methods
-from pipeline.config import MODES, ConfigError, check
+from pipeline.config import (
+    LABEL_ONLY_MODES,
+    MODES,
+    SEMI_SUPERVISED_MODES,
+    ConfigError,
+    from_dict,
+)
 from pipeline.data import datasets
 import os
 import sys
 
+# The schema and the checks across sections (the matrix, semi cells): each mistake is one line.
 try:
-    config.update(check(config, source="params.yaml"))
+    config.update(from_dict(config, source="params.yaml").raw)
 except ConfigError as err:
     sys.exit(f"error: {err}")
 

@@ -1,9 +1,10 @@
 # The study's matrix: one fine-tuning job per init x mode x label fraction (seeds inside a job).
 # `conda:` documents each rule's software for --use-conda; `make setup` installs the same pins.
-# Two rules with one command: DVC's matrix cannot leave out a combination, so the feature
-# baselines (finetune.baselines: raw pixels, in the frozen modes only) are a stage of their own
-# in dvc.yaml, and here the same rule again (`use rule`) under that name, with its own
-# wildcards.
+# Three rules with one command: DVC's matrix cannot leave out a combination, so the feature
+# baselines (finetune.baselines: raw pixels, in the frozen modes only) and the semi cells
+# (mode semi at finetune.semi.inits x finetune.semi.fractions) are stages of their own in
+# dvc.yaml, and here the same rule again (`use rule`) under those names, each with its own
+# wildcards, so that every job matches exactly one rule.
 
 
 rule finetune:
@@ -16,6 +17,7 @@ rule finetune:
         log_file("finetune"),
     wildcard_constraints:
         init=TRAINED_INITS,
+        mode="|".join(LABEL_ONLY_MODES),
     conda:
         "../envs/pipeline.yaml"
     # Threads and scheduler requests from params.yaml resources (one thread per training job
@@ -34,3 +36,9 @@ use rule finetune as finetune_baseline with:
     wildcard_constraints:
         init=BASELINE_INITS,
         mode="linear|knn",
+
+
+use rule finetune as finetune_semi with:
+    wildcard_constraints:
+        init=TRAINED_INITS,
+        mode="|".join(SEMI_SUPERVISED_MODES),

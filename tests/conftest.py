@@ -76,17 +76,40 @@ def write_tiny_idx(folder: Path) -> Path:
 
 
 def params_for(dataset: str = "fashion_mnist", **overrides: dict) -> dict:
-    """The repository's params.yaml with some sections replaced."""
+    """The repository's params.yaml with some sections replaced.
+
+    A ``split`` override that sets ``label_fractions`` switches to that grid as the tests
+    written for it measured it: ``labels_per_class`` off and, unless the override says
+    otherwise, one draw of the labeled subsets (params.yaml's default is per class, two draws).
+    """
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"]["dataset"] = dataset
     for section, values in overrides.items():
         params[section].update(values)
+    if overrides.get("split", {}).get("label_fractions") is not None:
+        use_label_fractions(params, params["split"]["label_fractions"], overrides["split"])
     sync_matrix(params)
     return params
 
 
+def use_label_fractions(params: dict, fractions: list[float], split: dict | None = None) -> dict:
+    """``params`` (changed in place) on the label-fraction grid ``fractions``: no per-class
+    budgets and one draw of each subset, unless ``split`` (the caller's split settings) names
+    label_draws. Keys are removed, not nulled, where the schema's default is that value, so
+    that an older tree's params.yaml and schema (tests/byte_identity.py) take the result too."""
+    section = params["split"]
+    section.pop("labels_per_class", None)  # default: null
+    section.pop("label_draws", None)  # default: 1
+    section["label_fractions"] = list(fractions)
+    if (split or {}).get("label_draws", 1) != 1:
+        section["label_draws"] = split["label_draws"]
+    return params
+
+
 def sync_matrix(params: dict) -> dict:
-    """Keep fine-tuning's matrix inside what split and pretraining make (config checks this)."""
+    """Keep fine-tuning's matrix inside what split and pretraining make (config checks this):
+    the budgets are the split's, the inits what pretraining makes, and the semi cells keep only
+    the inits and budgets left (none, when the tiny grid lacks the default's 4pc)."""
     per_class = params["split"].get("labels_per_class")
     if per_class is not None:  # fine-tuning names per-class budgets by key: 4pc, all
         params["split"]["label_fractions"] = None
@@ -97,6 +120,12 @@ def sync_matrix(params: dict) -> dict:
     order = ("scratch", "pca", "simclr", "autoencoder", "rotation", "inpainting", "vae", "gan")
     params["finetune"]["inits"] = [i for i in order if i in made]
     params["finetune"]["baselines"] = [i for i in ("pixels",) if i in made]
+    semi = params["finetune"].get("semi", {})
+    if "inits" in semi:
+        semi["inits"] = [i for i in semi["inits"] if i in params["finetune"]["inits"]]
+    if "fractions" in semi:
+        budgets = [str(b) for b in params["finetune"]["fractions"]]
+        semi["fractions"] = [f for f in semi["fractions"] if str(f) in budgets]
     return params
 
 
@@ -109,9 +138,9 @@ def write_params(folder: Path, params: dict) -> Path:
 def tiny_run_params(params: dict, data: Path, methods: list[str], modes: list[str]) -> dict:
     """``params`` (changed in place and returned) for a whole-pipeline run on the tiny data in
     ``data`` (IDX files, or the image folder of the ``project`` fixture) that takes minutes:
-    ``methods`` for one epoch, ``modes`` with one seed at 100 % labels, and every figure small.
-    Shared by the ``project`` fixture and tests/byte_identity.py, so both run the pipeline the
-    same way."""
+    ``methods`` for one epoch, ``modes`` with one seed at 100 % labels (one draw, as label
+    fractions; no semi cells unless a test asks), and every figure small. Shared by the
+    ``project`` fixture and tests/byte_identity.py, so both run the pipeline the same way."""
     params["data"]["local_path"] = str(data)
     params["model"].update(backbone="lenet5", width=8)
     params["pretrain"].update(methods=methods, epochs=1, batch_size=64)
@@ -124,7 +153,9 @@ def tiny_run_params(params: dict, data: Path, methods: list[str], modes: list[st
         batch_size=64,
         min_steps_per_epoch=1,
     )
-    params["split"]["label_fractions"] = [1.0]
+    use_label_fractions(params, [1.0])
+    for key in ("inits", "fractions"):  # default: [], no semi cell
+        params["finetune"].get("semi", {}).pop(key, None)
     params["evaluate"]["bootstrap"] = 50
     params["visualize"].update(
         embedding_images=50,
@@ -215,7 +246,9 @@ def write_tiny_pool(folder: Path) -> Path:
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     """A copy of the pipeline project as a git + DVC repository, configured for a tiny image
-    folder plus an unlabeled pool (data.unlabeled_path), both outside the project."""
+    folder plus an unlabeled pool (data.unlabeled_path), both outside the project, with the keys
+    of the README's "Your own images, few labels" overlay (tests/test_own_images.py applies that
+    overlay itself)."""
     root = tmp_path / "project"
     root.mkdir()
     for name in PROJECT_FILES:
@@ -231,6 +264,11 @@ def project(tmp_path: Path) -> Path:
     params["data"].update(
         image_size=8, channels=1, unlabeled_path=str(write_tiny_pool(tmp_path / "tiny_pool"))
     )
+    # The README's per-class budgets and scarce validation set. One budget, all (the same labeled
+    # images as the fraction 1.0 it replaces), keeps this run's cost: the README's [4, 25, all]
+    # would triple the fine-tuning jobs. 4 of each class's ~10 validation images make its choices.
+    params["split"].update(labels_per_class=["all"], label_fractions=None, val_labels_per_class=4)
+    sync_matrix(params)
     write_params(root, params)
     shutil.copy2(REPO / ".gitignore", root / ".gitignore")
     run(["git", "init", "-q"], root)

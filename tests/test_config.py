@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline import paths
 from pipeline.config import ConfigError, from_dict, load
 from tests.conftest import REPO, params_for, run, write_params
 
@@ -14,7 +15,7 @@ from tests.conftest import REPO, params_for, run, write_params
 def test_the_repository_params_are_valid_and_typed():
     config = load(REPO / "params.yaml")
     assert config.data.dataset == "fashion_mnist"
-    assert config.split.label_fractions == tuple(sorted(config.split.label_fractions))
+    assert config.split.budgets == tuple(sorted(config.split.budgets, key=paths.budget_size))
     assert config.data.mirrors_for("fashion_mnist")[0] == "/usr/share/datasets/fashion-mnist"
 
 
@@ -42,6 +43,8 @@ def test_missing_optional_keys_take_the_schema_defaults():
 )
 def test_a_bad_value_is_one_line_naming_the_key(section, key, value, expected):
     params = params_for()
+    if key == "label_fractions":  # params.yaml's grid is per class: the two are exclusive
+        params["split"]["labels_per_class"] = None
     params[section][key] = value
     with pytest.raises(ConfigError) as err:
         from_dict(params)
@@ -62,6 +65,9 @@ def test_a_missing_required_key_is_named_and_missing_sections_take_defaults():
         from_dict(params)
     params = params_for()
     del params["split"], params["pretrain"]["monitor"]
+    # the split's defaults are label fractions: fine-tuning asks for those
+    params["finetune"]["fractions"] = [0.01, 0.1, 1.0]
+    params["finetune"]["semi"]["fractions"] = []
     config = from_dict(params)
     assert config.split.val_fraction == 0.1 and config.pretrain.monitor["knn_ks"] == [5, 10, 20, 50]
 
@@ -108,7 +114,7 @@ def test_snakemake_rejects_the_same_mistake_in_one_line(tmp_path: Path):
 
 def test_label_fractions_are_written_as_floats_because_they_name_files():
     params = params_for()
-    params["split"]["label_fractions"] = [0.1, 1]
+    params["split"].update(label_fractions=[0.1, 1], labels_per_class=None)
     with pytest.raises(ConfigError, match=r"split.label_fractions.1 = 1 .*float \(1.0, not 1\)"):
         from_dict(params)
 

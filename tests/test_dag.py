@@ -86,3 +86,19 @@ def test_both_runners_get_the_same_command_from_one_template():
     inputs = dag.snakemake_inputs("evaluate", "mnist", ["simclr"], ["a-knn-0.1", "b-knn-0.1"])
     assert inputs["models"] == ["models/finetune/a-knn-0.1", "models/finetune/b-knn-0.1"]
     assert inputs["prepared"] == "data/prepared/mnist"
+
+
+def test_a_matrix_field_may_be_a_literal_list_rendered_as_a_yaml_list():
+    # finetune_semi repeats over two params lists and one literal mode: DVC's matrix cannot
+    # leave combinations out, so the semi cells are a stage of their own.
+    semi = dag.dvc_stage(dag.stage("finetune_semi"))
+    assert semi["matrix"] == {
+        "init": "${finetune.semi.inits}",
+        "mode": ["semi"],
+        "fraction": "${finetune.semi.fractions}",
+    }
+    assert "    matrix:\n      init: ${finetune.semi.inits}\n      mode:\n      - semi\n" in (
+        dag.dvc_yaml()
+    )
+    assert semi["cmd"] == dag.dvc_stage(dag.stage("finetune"))["cmd"]  # one command, three stages
+    assert dag.snakemake_shell("finetune_semi", "mnist") == dag.snakemake_shell("finetune", "mnist")

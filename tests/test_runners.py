@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import yaml
 
+from pipeline import dag
 from tests.conftest import REPO, TINY_POOL_FILES, run, run_env
 from tests.test_visualize import CHROMIUM, assert_opens_as_a_page
 
@@ -101,9 +102,10 @@ def dvc_stages(project: Path) -> dict[str, dict]:
 
 
 def stage_of(name: str) -> str:
-    """The pipeline stage a rule or DVC stage runs: finetune_baseline is the finetune stage for
-    the feature baselines (a rule and a stage of its own, with the same command)."""
-    return name.split("@")[0].removesuffix("_baseline")
+    """The pipeline stage a rule or DVC stage runs: finetune_baseline and finetune_semi are the
+    finetune stage for the feature baselines and the semi cells (each a rule and a stage of its
+    own, with the same command)."""
+    return dag.stage(name.split("@")[0]).command
 
 
 def nothing_to_do(project: Path) -> bool:
@@ -190,6 +192,18 @@ def assert_pretrained_on_training_and_pool(project: Path) -> None:
     assert "pool images" not in (project / "logs/pretrain/scratch.log").read_text()
 
 
+def assert_chose_on_the_scarce_validation_set(project: Path) -> None:
+    """The README's split.val_labels_per_class (4, set by the ``project`` fixture): the split
+    kept 4 validation images per class, fine-tuning chose on them, and the report says so."""
+    split = project / "data/splits/imagefolder"
+    val, chosen_on = np.load(split / "val.npy"), np.load(split / "val-labeled.npy")
+    assert len(chosen_on) == 4 * 4 and np.isin(chosen_on, val).all() and len(val) > len(chosen_on)
+    cell = json.loads((project / "metrics/finetune/simclr-linear-all.json").read_text())
+    assert cell["validation"] == {"file": "val-labeled", "labels_per_class": 4, "size": 16}
+    report = (project / "reports/index.html").read_text()
+    assert "made on 4 labeled validation images per class" in report
+
+
 def test_both_runners_declare_the_same_stages_commands_deps_and_outs(project: Path):
     snakemake = snakemake_jobs(project)
     dvc = dvc_stages(project)
@@ -218,10 +232,11 @@ def test_snakemake_runs_the_pipeline_and_dvc_then_sees_it_up_to_date(project: Pa
     report = yaml.safe_load((project / "data/splits/imagefolder/report.json").read_text())
     assert report["disjointness"]["disjoint"] is True
     assert_pretrained_on_training_and_pool(project)
+    assert_chose_on_the_scarce_validation_set(project)
     # The GAN (its own optimizers, its own monitors) trained and fine-tuned like any method.
     assert "d_fake" in (project / "metrics/pretrain/gan.csv").read_text().splitlines()[0]
     assert (project / "models/pretrain/gan/samples.npy").is_file()
-    assert (project / "metrics/finetune/gan-linear-1.0.json").is_file()
+    assert (project / "metrics/finetune/gan-linear-all.json").is_file()
 
     # A rule's declared code deps are exactly the pipeline files its jobs imported (the union
     # over its jobs: the scratch "method" never imports the training code the others need).
@@ -363,7 +378,7 @@ def test_dvc_repro_and_exp_run_then_snakemake_agrees_and_a_change_reruns_only_it
         assert any(h.endswith("val_acc_mean") and cell in h for h in header) or (
             "val_acc_mean" in header
         ), header
-        assert f"test_accuracy.{cell}.1_0.mean" in header, header
+        assert f"test_accuracy.{cell}.all.mean" in header, header
     assert "evaluate.bootstrap" in header
     # dvc metrics diff names what the change moved: the bootstrap intervals, not the means.
     diff = json.loads(run(["dvc", "metrics", "diff", "HEAD", "--json"], project).stdout)

@@ -1,10 +1,12 @@
 """Mode ``semi`` (FixMatch, issue 25 item 3) through the fine-tuning stage: which images its
-unlabeled stream holds, a tiny cell end to end, resume after ``kill -9``, and the one-line
-error of a cell without unlabeled images. The objective itself is tests/test_semi.py's."""
+unlabeled stream holds, a tiny cell end to end, resume after ``kill -9``, and the semi cells'
+own block of the study (finetune.semi.inits x finetune.semi.fractions: config, DVC's matrix,
+Snakemake's rule). The objective itself is tests/test_semi.py's."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -13,16 +15,17 @@ import pytest
 import torch
 
 from pipeline import paths
-from pipeline.config import from_dict
+from pipeline.config import ConfigError, from_dict
 from pipeline.data import prepared
 from pipeline.data.pool import pool_images
 from pipeline.data.split import content_groups, load_indices
 from pipeline.data.split import test_source as where_test_is  # not a test: pytest collects test_*
+from pipeline.errors import MissingInputError
 from pipeline.models import classifier
 from pipeline.models.finetune import unlabeled_positions
 from pipeline.stages import augment, download, finetune, pretrain, split
 from pipeline.stages.finetune import unlabeled_indices
-from tests.conftest import sync_matrix, tiny_images
+from tests.conftest import REPO, params_for, run, sync_matrix, tiny_images, write_params
 from tests.test_finetune import TestSplitNeverOpened as OpenedFiles
 from tests.test_finetune import tiny_params
 from tests.test_resume import (
@@ -37,9 +40,10 @@ from tests.test_resume import (
 
 
 def semi_params(tiny_idx: Path, **finetune_overrides: object) -> dict:
-    """test_finetune's tiny study with semi among its modes."""
+    """test_finetune's tiny study with a semi cell from every init at every label fraction."""
     params = tiny_params(tiny_idx, **finetune_overrides)
-    params["finetune"]["modes"] = ["linear", "finetune", "knn", "semi"]
+    finetune = params["finetune"]
+    finetune["semi"].update(inits=list(finetune["inits"]), fractions=list(finetune["fractions"]))
     return params
 
 
@@ -161,8 +165,11 @@ def test_a_semi_cell_trains_from_any_init_logs_its_mask_rate_and_never_opens_tes
 
     from pipeline.tracking import tracking_uri
 
-    # A low threshold so that pseudo-labels are taken within a few tiny epochs.
-    config = from_dict(semi_params(pretrained_tiny, seeds=[0], semi={"threshold": 0.3}))
+    # A low threshold so that pseudo-labels are taken within a few tiny epochs; 8 labeled
+    # images a step (finetune.semi.batch_size) where the other modes take finetune.batch_size.
+    semi = {"threshold": 0.3, "batch_size": 8}
+    config = from_dict(semi_params(pretrained_tiny, seeds=[0], semi=semi))
+    assert config.finetune.batch_size != 8
     assert (init, "semi", 0.25) in config.finetune.cells()
     if init != "scratch":  # self-supervision, then FixMatch
         pretrain.run(config, method=init)
@@ -177,6 +184,8 @@ def test_a_semi_cell_trains_from_any_init_logs_its_mask_rate_and_never_opens_tes
     cell = f"{init}-semi-0.25"
     saved = json.loads(Path(f"metrics/finetune/{cell}.json").read_text())
     assert saved["mode"] == "semi" and saved["val_acc_mean"] == summary["val_acc_mean"]
+    labeled = np.load(paths.splits_dir("idx") / f"{paths.labeled_set(0.25)}.npy")
+    assert saved["budget"]["pass_steps"] == len(labeled) // 8  # a pass at the semi batch size
     history = saved["seeds"]["0"]["history"]
     assert len(history) == saved["seeds"]["0"]["epochs_run"] >= 1
     for row in history:
@@ -200,7 +209,7 @@ def test_a_semi_cell_trains_from_any_init_logs_its_mask_rate_and_never_opens_tes
 
 def test_semi_at_all_labels_learns_from_the_labeled_images_views(pretrained_tiny: Path):
     config = from_dict(semi_params(pretrained_tiny, seeds=[0]))
-    # Every mode runs at every fraction (no hole in DVC's matrix): at all labels nothing of the
+    # A semi cell may run at every budget (finetune.semi.fractions): at all labels nothing of the
     # split is left unlabeled, so the labeled images' views serve, as in FixMatch's own setup.
     assert ("scratch", "semi", 1.0) in config.finetune.cells()
     train = np.sort(load_indices("idx", "train"))
@@ -211,13 +220,11 @@ def test_semi_at_all_labels_learns_from_the_labeled_images_views(pretrained_tiny
 
 
 def test_the_semi_policies_must_exist_when_semi_runs(tiny_idx: Path):
-    from pipeline.config import ConfigError
-
     params = semi_params(tiny_idx)
-    params["finetune"]["semi"] = {"strong_policy": "randaugment"}
+    params["finetune"]["semi"]["strong_policy"] = "randaugment"
     with pytest.raises(ConfigError, match="finetune.semi.strong_policy = 'randaugment' is not"):
         from_dict(params)
-    params["finetune"]["modes"] = ["linear"]  # only semi reads them
+    params["finetune"]["semi"]["inits"] = []  # no semi cell: only semi cells read them
     assert from_dict(params).finetune.semi.strong_policy == "randaugment"
 
 
@@ -228,7 +235,8 @@ def test_a_semi_cell_killed_mid_run_resumes_to_the_same_weights(workdir: Path, t
     params = resume_params(tiny_idx)
     params["split"]["label_fractions"] = [0.25, 1.0]
     # 4 epochs of 2 steps; a low threshold, so that pseudo-labels train from the first epochs.
-    params["finetune"].update(modes=["semi"], seeds=[0], min_steps=8, semi={"threshold": 0.3})
+    semi = {"threshold": 0.3, "inits": ["scratch"], "fractions": [0.25]}  # the one semi cell
+    params["finetune"].update(modes=["finetune"], seeds=[0], min_steps=8, semi=semi)
     prepare(workdir, sync_matrix(params))
     command = stage("finetune", "--init", "scratch", "--mode", "semi", "--fraction", "0.25")
     finish(command, workdir)
@@ -246,3 +254,133 @@ def test_a_semi_cell_killed_mid_run_resumes_to_the_same_weights(workdir: Path, t
     assert any(row["mask_rate"] > 0 for row in history)  # the pseudo-labels' path ran too
     assert_same_weights(reference, weights(workdir / outputs[0] / "seed0.pt"))
     assert (workdir / outputs[1]).read_text() == summary  # mask rates and losses too
+
+
+# ------------------------------------------------------------------ the semi cells of the study
+
+
+def test_the_semi_cells_are_the_study_s_last_block_semi_inits_by_semi_fractions():
+    params = params_for()  # params.yaml: semi from scratch and from SimCLR at 4 per class
+    cells = from_dict(params).finetune.cells()
+    assert cells[-2:] == [("scratch", "semi", "4pc"), ("simclr", "semi", "4pc")]
+    assert [c for c in cells if c[1] == "semi"] == cells[-2:]
+    # Any init pretraining makes, listed in finetune.inits or not; budgets smallest first.
+    params["pretrain"]["methods"].append("rotation")
+    params["finetune"]["semi"].update(inits=["rotation", "scratch"], fractions=["all", "4pc"])
+    config = from_dict(params)
+    assert "rotation" not in config.finetune.inits
+    assert [c for c in config.finetune.cells() if c[1] == "semi"] == [
+        ("rotation", "semi", "4pc"),
+        ("rotation", "semi", "all"),
+        ("scratch", "semi", "4pc"),
+        ("scratch", "semi", "all"),
+    ]
+    params["finetune"]["semi"]["inits"] = []  # allowed: no semi cell at all
+    semi_free = from_dict(params).finetune.cells()
+    assert semi_free == [c for c in cells if c[1] != "semi"]
+
+
+@pytest.mark.parametrize("key", ["modes", "baseline_modes"])
+def test_semi_in_a_mode_list_is_one_line_saying_where_semi_cells_are_set(key: str):
+    params = params_for()
+    params["finetune"][key].append("semi")
+    with pytest.raises(ConfigError) as err:
+        from_dict(params)
+    message = str(err.value)
+    assert message.startswith(f"params.yaml: finetune.{key} has 'semi', which is not a mode")
+    assert "set by finetune.semi.inits and finetune.semi.fractions" in message
+    assert "\n" not in message
+
+
+def test_a_semi_budget_outside_finetune_fractions_is_one_line_naming_the_allowed():
+    params = params_for()
+    params["finetune"]["fractions"] = ["25pc", "all"]  # 4pc, semi's default, is left out
+    with pytest.raises(ConfigError) as err:
+        from_dict(params)
+    assert str(err.value) == (
+        "params.yaml: finetune.semi.fractions has 4pc, which is not in finetune.fractions; "
+        "allowed: 25pc, all"
+    )
+    params = params_for("fashion_mnist", split={"label_fractions": [0.1, 1.0]})
+    params["finetune"]["semi"].update(inits=["scratch"], fractions=[0.5])
+    with pytest.raises(ConfigError, match=r"semi.fractions has 0.5, .*; allowed: 0.1, 1$"):
+        from_dict(params)
+
+
+@pytest.mark.parametrize(
+    ("init", "expected"),
+    [
+        ("vae", "finetune.semi.inits has 'vae' but pretrain.methods does not make that encoder; "),
+        ("pixels", "finetune.semi.inits has 'pixels', which has no weights to fine-tune; "),
+    ],
+)
+def test_a_semi_init_needs_an_encoder_with_weights_that_pretraining_makes(init, expected):
+    params = params_for()
+    params["finetune"]["semi"]["inits"] = ["scratch", init]
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        from_dict(params)
+
+
+def test_the_stage_refuses_a_semi_cell_the_study_does_not_list(workdir: Path, tiny_idx: Path):
+    params = tiny_params(tiny_idx)
+    params["finetune"]["semi"].update(inits=["scratch"], fractions=[0.25])
+    config = from_dict(params)
+    expected = "cell scratch-semi-1.0 is not a semi cell of the study: finetune.semi.inits is "
+    with pytest.raises(MissingInputError, match=re.escape(f"{expected}scratch and")):
+        finetune.run(config, init="scratch", mode="semi", fraction="1.0")
+    with pytest.raises(MissingInputError, match="cell rotation-semi-0.25 is not a semi cell"):
+        finetune.run(config, init="rotation", mode="semi", fraction="0.25")
+    assert not Path("models").exists() and not Path("mlruns").exists()  # before any work
+
+
+def _semi_study(folder: Path) -> dict:
+    """params.yaml's study with semi cells from two inits at two budgets, written to ``folder``."""
+    params = params_for()
+    params["finetune"]["semi"].update(inits=["simclr", "scratch"], fractions=["4pc", "all"])
+    write_params(folder, params)
+    return params
+
+
+def test_snakemake_plans_a_finetune_semi_job_for_exactly_each_semi_cell(tmp_path: Path):
+    shutil.copy(REPO / "Snakefile", tmp_path / "Snakefile")
+    for folder in ("rules", "schemas", "pipeline"):  # the jobs' code is among their inputs
+        shutil.copytree(REPO / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__py*"))
+    config = from_dict(_semi_study(tmp_path))
+    plan = run(["snakemake", "-n"], tmp_path).stdout
+    jobs: dict[str, set[tuple[str, str, str]]] = {}
+    for rule, wildcards in re.findall(
+        r"^rule (\w+):\n(?:    .*\n)*?    wildcards: (.*)$", plan, re.M
+    ):
+        cell = dict(re.findall(r"(\w+)=([\w.]+)", wildcards))
+        if "init" in cell:
+            jobs.setdefault(rule, set()).add((cell["init"], cell["mode"], cell["fraction"]))
+    named = {(i, m, paths.fraction_name(f)) for i, m, f in config.finetune.cells()}
+    semi = {c for c in named if c[1] == "semi"}
+    assert (
+        jobs["finetune_semi"]
+        == semi
+        == {(init, "semi", budget) for init in ("simclr", "scratch") for budget in ("4pc", "all")}
+    )
+    assert jobs["finetune"] | jobs["finetune_baseline"] == named - semi
+    assert not any(mode == "semi" for _, mode, _ in jobs["finetune"])
+
+
+def test_dvc_makes_one_finetune_semi_stage_per_semi_cell_and_none_for_empty_lists(tmp_path: Path):
+    from dvc.repo import Repo
+
+    run(["dvc", "init", "--no-scm", "-q"], tmp_path)
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    params = _semi_study(tmp_path)
+
+    def semi_stages() -> set[str]:
+        with Repo(str(tmp_path)) as repo:
+            return {s.name for s in repo.index.stages if s.name.startswith("finetune_semi")}
+
+    assert semi_stages() == {
+        f"finetune_semi@{init}-semi-{budget}"
+        for init in ("simclr", "scratch")
+        for budget in ("4pc", "all")
+    }
+    params["finetune"]["semi"]["inits"] = []
+    write_params(tmp_path, params)
+    assert semi_stages() == set()

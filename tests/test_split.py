@@ -300,4 +300,7 @@ def test_fashion_mnist_split_is_deterministic_byte_for_byte(workdir: Path):
     assert first == second
     report = read_json(Path("data/splits/fashion_mnist/report.json"))
     assert report["sets"]["val"]["per_class"] == [600] * 10
-    assert report["label_fractions"]["0.01"]["per_class"] == [54] * 10
+    # params.yaml's grid: k images of every class, one nested draw per fine-tuning seed
+    assert report["label_fractions"]["4pc"]["per_class"] == [4] * 10
+    assert report["label_fractions"]["100pc-draw1"]["per_class"] == [100] * 10
+    assert report["label_fractions"]["all"]["size"] == report["sets"]["train"]["size"]

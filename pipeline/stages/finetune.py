@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline import paths, third_party, training
-from pipeline.config import MODES, Config
+from pipeline.config import MODES, SEMI_SUPERVISED_MODES, Config
 from pipeline.documents import EncoderDescription, PolicyDocument
 from pipeline.errors import MissingInputError
 from pipeline.io import write_bytes, write_json, write_text
@@ -82,7 +82,14 @@ COMMON_PARAMS = (
     "finetune.label_smoothing",
     "finetune.multitask_weight",
     "finetune.knn",
-    "finetune.semi",
+    # Mode semi's settings, not finetune.semi.inits or .fractions: those say which semi cells
+    # run and change no cell, so listing one more re-runs none of the others.
+    "finetune.semi.threshold",
+    "finetune.semi.batch_size",
+    "finetune.semi.unlabeled_ratio",
+    "finetune.semi.unlabeled_weight",
+    "finetune.semi.weak_policy",
+    "finetune.semi.strong_policy",
 )
 PARAMS = COMMON_PARAMS
 
@@ -162,6 +169,8 @@ def _check_cell(config: Config, init: str, mode: str, fraction: str) -> float | 
                 f"({', '.join(ft.baseline_modes)})"
             )
         return value
+    if mode in SEMI_SUPERVISED_MODES:
+        return _check_semi_cell(config, init, mode, value)
     if init not in ft.inits:
         allowed = ", ".join(ft.inits + ft.baselines)
         raise MissingInputError(
@@ -170,6 +179,32 @@ def _check_cell(config: Config, init: str, mode: str, fraction: str) -> float | 
     if mode not in ft.modes:
         raise MissingInputError(
             f"mode {mode!r} is not in finetune.modes; allowed: {', '.join(ft.modes)}"
+        )
+    return value
+
+
+def _batch_size(config: Config, mode: str) -> int:
+    """Labeled images per step: finetune.batch_size, or finetune.semi.batch_size in a semi
+    cell, where every step also trains on unlabeled_ratio times as many unlabeled images in two
+    views (at 128 labeled that is 1,920 images a step, the CPU default's reason for 32)."""
+    semi = config.finetune.semi
+    if mode == "semi" and semi.batch_size is not None:
+        return semi.batch_size
+    return config.finetune.batch_size
+
+
+def _check_semi_cell(config: Config, init: str, mode: str, value: float | str) -> float | str:
+    """A semi cell runs only where finetune.semi asks for it: each costs several fine-tuning
+    cells, and the runners build exactly ``config.finetune.cells()``."""
+    semi = config.finetune.semi
+    name = paths.fraction_name(value)
+    if init not in semi.inits or name not in [paths.fraction_name(f) for f in semi.fractions]:
+        inits = ", ".join(semi.inits) or "none"
+        fractions = ", ".join(paths.fraction_name(f) for f in semi.fractions) or "none"
+        raise MissingInputError(
+            f"cell {init}-{mode}-{name} is not a semi cell of the study: finetune.semi.inits "
+            f"is {inits} and finetune.semi.fractions is {fractions}; add {init} and {name} "
+            "there"
         )
     return value
 
@@ -207,10 +242,11 @@ def _train_cell(
         s: paths.labeled_set(cell.fraction, config.split.draw_of(ft.seeds, s)) for s in ft.seeds
     }
     subset = labeled[ft.seeds[0]]
+    batch_size = _batch_size(config, mode)
     data = SplitData(
         dataset,
         (*dict.fromkeys(labeled.values()), "val"),
-        ft.batch_size,
+        batch_size,
         seed=0,
         max_images=ft.max_images,
         train_set=subset,
@@ -223,7 +259,7 @@ def _train_cell(
     if mode != "knn":
         cell_budget = budget(
             len(data.labels[subset]),
-            ft.batch_size,
+            batch_size,
             len(data.train_dataloader()),
             ft.max_passes,
             ft.min_steps,

@@ -654,7 +654,8 @@ def _interpretation(study: _Study) -> Section:
     rng = np.random.default_rng(vis.seed)
     order = torch.from_numpy(rng.permutation(len(study.labels["test"])))
     for init in ft.inits:
-        mode = max(ft.modes, key=lambda m: validation_accuracy(metrics_path(init, m, fraction)))
+        modes = [m for i, m, f in ft.cells() if i == init and f == fraction]  # semi too, if run
+        mode = max(modes, key=lambda m: validation_accuracy(metrics_path(init, m, fraction)))
         model, _ = classifiers.load(model_dir(init, mode, fraction))
         model = model.to(study.device)
         rows, explanation = _cam_rows(study, model, order)
