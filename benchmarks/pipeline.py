@@ -77,11 +77,13 @@ def run(
     params: dict | None = None,
     figure_to: Path | None = None,
     change: tuple[str, str, Any] | None = None,
+    measure_reruns: bool = True,
 ) -> dict[str, Any]:
     """Measure a clean clone of ``source``; ``params`` replaces its params.yaml (tests do);
     ``figure_to`` receives a copy of the run's label-efficiency figure; ``change`` is the
     ``(section, key, new value)`` of the re-run measurement (default: ``CHANGED_PARAM`` nudged
-    by 0.05; a test picks a cheaper one)."""
+    by 0.05; a test picks a cheaper one). ``measure_reruns=False`` skips the re-runs (the
+    param change re-trains every cell); a ``workdir`` given is kept, for benchmarks.scarce."""
     cores = cores or os.cpu_count() or 1
     owned = workdir is None
     work = Path(workdir or tempfile.mkdtemp(prefix="pipeline-benchmark-")) / "project"
@@ -97,7 +99,8 @@ def run(
         if figure_to is not None:  # the study's figure, for README (the clone is deleted)
             figure_to.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(work / "reports/figures/label_efficiency.png", figure_to)
-        result["reruns"] = reruns(work, cores, change)
+        if measure_reruns:
+            result["reruns"] = reruns(work, cores, change)
         return result
     finally:
         if owned:
@@ -307,11 +310,23 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, help="write the result here")
     parser.add_argument("--cores", type=int, default=None, help="snakemake --cores (default: all)")
+    parser.add_argument(
+        "--keep", type=Path, help="run in this folder and keep it (benchmarks.scarce adds to it)"
+    )
+    parser.add_argument(
+        "--no-reruns", action="store_true", help="skip the re-run measurements (minutes)"
+    )
     args = parser.parse_args(argv)
     figure = args.json.with_name("label_efficiency.png") if args.json else None
+    measured = run(
+        cores=args.cores,
+        workdir=args.keep,
+        figure_to=figure,
+        measure_reruns=not args.no_reruns,
+    )
     result = {
         "machine": describe("benchmarks.pipeline"),
-        **run(cores=args.cores, figure_to=figure),
+        **measured,
         "targets": TARGETS,
     }
     save_result(args.json, result)

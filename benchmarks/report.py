@@ -149,8 +149,19 @@ def _pipeline(result: dict) -> list[str]:
         f"{c['peak_rss_mb']:,.0f} |"
         for stage, c in result["stages"].items()
     ]
-    reruns = result["reruns"]
-    jobs = ", ".join(f"{rule} {count}" for rule, count in reruns["param_change_jobs"].items())
+    reruns = result.get("reruns")
+    rerun_rows = ["Re-runs: not measured in this run (`--no-reruns`)."]
+    if reruns is not None:
+        jobs = ", ".join(f"{rule} {n}" for rule, n in reruns["param_change_jobs"].items())
+        rerun_rows = [
+            "| re-run | seconds |",
+            "|---|---:|",
+            f"| `snakemake`, nothing changed | {reruns['snakemake_noop_seconds']:.1f} |",
+            "| `dvc repro`, nothing changed (after `dvc commit`) | "
+            f"{reruns['dvc_noop_seconds']:.1f} |",
+            f"| `snakemake` after `{reruns['param_change']}` ({jobs} jobs) | "
+            f"{reruns['param_change_seconds']:,.0f} |",
+        ]
     q = result["quality"]
     if "budgets" not in q:
         raise ValueError(
@@ -237,12 +248,7 @@ def _pipeline(result: dict) -> list[str]:
         f"**Whole pipeline, download to report: {total:,.0f} s ({total / 60:.1f} min)** "
         f"(target ≤ {targets['minutes']:g} min: {'met' if minutes_ok else 'not met'}).",
         "",
-        "| re-run | seconds |",
-        "|---|---:|",
-        f"| `snakemake`, nothing changed | {reruns['snakemake_noop_seconds']:.1f} |",
-        f"| `dvc repro`, nothing changed (after `dvc commit`) | {reruns['dvc_noop_seconds']:.1f} |",
-        f"| `snakemake` after `{reruns['param_change']}` ({jobs} jobs) | "
-        f"{reruns['param_change_seconds']:,.0f} |",
+        *rerun_rows,
         "",
         "Quality on the test split (mean over seeds), every choice made on validation:",
         "",
