@@ -420,6 +420,104 @@ def _methods(result: dict) -> list[str]:
     ]
 
 
+def _scarce_tables(result: dict) -> list[str]:
+    """Every cell (test accuracy [interval], seconds) and, per budget, the best of each kind."""
+    from benchmarks.scarce import KINDS
+
+    found = result["cells"]
+    budgets = sorted({c["budget"] for c in found}, key=paths.budget_size)
+    models = sorted({(c["init"], c["mode"]) for c in found})
+    by_cell = {(c["init"], c["mode"], c["budget"]): c for c in found}
+
+    def shown(cell: dict | None) -> str:
+        if cell is None:
+            return "—"
+        low, high = cell["ci"]
+        seconds = "" if cell["seconds"] is None else f" · {cell['seconds']:,.0f} s"
+        return f"{100 * cell['test']:.2f} [{100 * low:.1f}, {100 * high:.1f}]{seconds}"
+
+    header = " | ".join(_budget_words(b) for b in budgets)
+    lines = [
+        "Every cell: test accuracy % (mean over seeds) [mean of the seeds' 95 % bootstrap "
+        "bounds] · the job's process seconds (all its seeds, imports included); — = not run.",
+        "",
+        f"| init | mode | {header} |",
+        "|---|---|" + "---|" * len(budgets),
+    ]
+    for init, mode in models:
+        row = " | ".join(shown(by_cell.get((init, mode, b))) for b in budgets)
+        lines.append(f"| {init} | {mode} | {row} |")
+    best = result["best_by_kind"]
+    lines += [
+        "",
+        "The best cell of each kind, chosen on validation (test accuracy % [interval], cell):",
+        "",
+        "| labels | " + " | ".join(KINDS) + " |",
+        "|---|" + "---|" * len(KINDS),
+    ]
+    for budget in budgets:
+        chosen = best.get(budget, {})
+        row = " | ".join(
+            f"{shown({**chosen[k], 'seconds': None})} {chosen[k]['init']}-{chosen[k]['mode']}"
+            if k in chosen
+            else "—"
+            for k in KINDS
+        )
+        lines.append(f"| {_budget_words(budget)} | {row} |")
+    answer = result.get("answer") or {}
+    if answer:
+        lines += [
+            "",
+            "The product's answer (metrics/summary.json): best self- or semi-supervised cell "
+            "minus best baseline, paired 95 % interval over the same test images:",
+            "",
+        ]
+        for budget in sorted(answer, key=lambda b: paths.budget_size(answer[b]["budget"])):
+            entry = answer[budget]
+            lines.append(
+                f"- {_budget_words(entry['budget'])}: {entry['ssl_cell']} vs "
+                f"{entry['baseline_cell']}: "
+                f"{_points(entry['difference'], entry['ci_low'], entry['ci_high'])}"
+            )
+    return lines + [""]
+
+
+def _scarce(result: dict) -> list[str]:
+    m = result["machine"]
+    return [
+        "## Scarce labels: every init × mode, semi included (`benchmarks/scarce.py study`)",
+        "",
+        f"{m['date']} · {m['cpu']} · {m['cores']} cores · GPU: {m['gpu'] or 'none'} · "
+        f"torch {m['torch']}",
+        "",
+        f"Command: `{m['command']}`, on the project `benchmarks.pipeline --keep` left (the "
+        "default study), with the semi cells added; Snakemake ran only those, the evaluation and "
+        f"the report ({result['rerun_seconds']:,.0f} s).",
+        "",
+        *_scarce_tables(result),
+    ]
+
+
+def _own_images(result: dict) -> list[str]:
+    m = result["machine"]
+    pool = result.get("pool") or {}
+    overlay = json.dumps(result["overlay"])
+    return [
+        "## Your own images: Fashion-MNIST as a user's folders (`benchmarks/scarce.py own-images`)",
+        "",
+        f"{m['date']} · {m['cpu']} · {m['cores']} cores · GPU: {m['gpu'] or 'none'} · "
+        f"torch {m['torch']}",
+        "",
+        f"Command: `{m['command']}`: Fashion-MNIST's training split written as `labeled/<class>/` "
+        "PNGs (100 a class) and `unlabeled/` (every other training image), README's overlay "
+        f"with those paths, a fresh clone, `snakemake --cores 2`: {overlay}. Whole pipeline: "
+        f"{result['total_seconds']:,.0f} s ({result['total_seconds'] / 60:.1f} min). Pool after "
+        f"the split: {json.dumps(pool)}.",
+        "",
+        *_scarce_tables(result),
+    ]
+
+
 SECTIONS = {
     "augment": _augment,
     "pretrain": _pretrain,
@@ -427,6 +525,8 @@ SECTIONS = {
     "cpu": _cpu,
     "peer": _peer,
     "pipeline": _pipeline,
+    "scarce": _scarce,
+    "own_images": _own_images,
 }
 
 

@@ -15,7 +15,8 @@ per cell: the validation accuracy the choices were made on, the test accuracy wi
 alone: it writes Fashion-MNIST's training split as an image folder of ``--labeled`` images per
 class (PNG, one folder per class) plus an unlabeled folder of every other training image, takes
 the overlay of README's "Your own images, few labels" section with its two paths pointed at
-those folders, and runs the whole pipeline in a fresh clone.
+those folders and its image shape set to Fashion-MNIST's (28 x 28, one channel), and runs the
+whole pipeline in a fresh clone.
 
 Both report, per label budget, the best cell of four kinds, each chosen on validation: labels
 only (from scratch, raw pixels or PCA), self-supervised pretraining, semi-supervised training
@@ -153,6 +154,7 @@ def write_image_folder(
     images, labels = read_idx_pair(
         source / "train-images-idx3-ubyte.gz", source / "train-labels-idx1-ubyte.gz"
     )
+    images = images.reshape(images.shape[:3])  # N x H x W x 1 -> N x H x W (grayscale)
     names = spec("fashion_mnist").classes
     rng = np.random.default_rng(seed)
     chosen = np.concatenate(
@@ -195,7 +197,10 @@ def own_images(cores: int, labeled_per_class: int, workdir: Path | None = None) 
     try:
         labeled, unlabeled = write_image_folder(base / "my-images", labeled_per_class)
         overlay = readme_overlay()
-        overlay["data"].update(local_path=str(labeled), unlabeled_path=str(unlabeled))
+        # The user's images are Fashion-MNIST's: 28 x 28 grayscale, which they would say.
+        overlay["data"].update(
+            local_path=str(labeled), unlabeled_path=str(unlabeled), image_size=28, channels=1
+        )
         params = _merged(yaml.safe_load((REPO / "params.yaml").read_text()), overlay)
         work = base / "project"
         _clone(REPO, work, params)
