@@ -21,6 +21,7 @@ def describe(module: str) -> dict[str, Any]:
             cpu = next(line.split(":", 1)[1].strip() for line in handle if "model name" in line)
     except (OSError, StopIteration):
         pass
+    cpu += f" ({_vector_units()})"
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -31,6 +32,18 @@ def describe(module: str) -> dict[str, Any]:
         "torch": torch.__version__,
         "command": " ".join(["python", "-m", module, *sys.argv[1:]]),
     }
+
+
+def _vector_units() -> str:
+    """What decides CPU training speed between machines of one kind: bf16 instructions (the
+    pipeline trains in bf16 there, about 1.9x faster) or AVX2 only (float32)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return "flags unknown"
+    if "avx512_bf16" in flags or "amx_bf16" in flags:
+        return "avx512_bf16"
+    return "AVX2, no avx512_bf16" if "avx2" in flags else "no AVX2"
 
 
 def save_result(path: Path | None, result: dict[str, Any]) -> None:

@@ -227,7 +227,7 @@ def _pipeline(result: dict) -> list[str]:
         f"| {_budget_words(a['budget'])} | {a['ssl_cell']} {100 * a['ssl_accuracy']:.2f} % | "
         f"{a['baseline_cell']} {100 * a['baseline_accuracy']:.2f} % | "
         f"{_points(a['difference'], a['ci_low'], a['ci_high'])} |"
-        for a in q["answer"].values()
+        for a in sorted(q["answer"].values(), key=lambda a: paths.budget_size(a["budget"]))
     ]
     second = _budget_words(budgets[-2]) if len(budgets) > 1 else "second-largest budget"
     return [

@@ -245,7 +245,7 @@ STAGES: tuple[Stage, ...] = (
                 plot=(
                     ("x", "fraction"),
                     ("y", "accuracy"),
-                    ("title", "Test accuracy by label fraction (all inits and modes)"),
+                    ("title", "Test accuracy by label budget (all inits and modes)"),
                 ),
                 report="Results",
             ),

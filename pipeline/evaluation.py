@@ -858,7 +858,7 @@ def _caption(definition: Metric, summary: Sequence[SummaryEntry]) -> str:
     seed_text = "/".join(str(n) for n in seeds) if seeds else "0"
     direction = "higher" if definition.higher_is_better else "lower"
     return (
-        f"Test {definition.title} ({definition.unit}, {direction} is better) by label fraction. "
+        f"Test {definition.title} ({definition.unit}, {direction} is better) by label budget. "
         "Cell: mean ± std over seeds [mean of the seeds' 95 % bootstrap CI bounds]; "
         f"{seed_text} seeds per cell; — = not run."
     )

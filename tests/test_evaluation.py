@@ -358,7 +358,7 @@ def test_summary_markdown_has_one_table_per_metric_in_registry_order() -> None:
     assert titles == [f"Test {m.title}" for m in METRICS.values()]
     assert titles[0] == "Test accuracy" and HEADLINE == "accuracy"
     lines = text.splitlines()
-    assert lines[0].startswith("Test accuracy (%, higher is better) by label fraction.")
+    assert lines[0].startswith("Test accuracy (%, higher is better) by label budget.")
     assert "mean ± std over seeds" in lines[0]
     assert "| init | mode | 1 % | 10 % | 100 % |" in lines
     simclr = next(line for line in lines if line.startswith("| simclr | linear |"))
