@@ -41,7 +41,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, TypedDict
+from typing import TYPE_CHECKING, NotRequired, TypedDict
 
 import numpy as np
 import torch
@@ -501,6 +501,9 @@ class PairedDifference:
     difference: float
     ci_low: float
     ci_high: float
+    #: a's accuracy minus b's, seed by seed (seed i of both; with split.label_draws > 1 each
+    #: seed is its own labeled draw); empty when the two have different seed counts.
+    per_seed: tuple[float, ...] = ()
 
     @property
     def holds_zero(self) -> bool:
@@ -539,7 +542,9 @@ def paired_difference(
     mean_s b_si``, so one column through the same resampling as ``bootstrap_intervals``
     (``_resampled_sums``; the same stream for the same N, samples and seed) gives every
     replicate. Seeds are averaged, not resampled: the interval is about the test images, for
-    these seeds (their spread is summary.json's ``std``).
+    these seeds (their spread is summary.json's ``std``). With a few labels per class the seeds'
+    own differences (``per_seed``, paired seed by seed) can disagree in sign while the interval
+    leaves zero out; the answer sentence then says so.
     """
     _check_bootstrap_options(samples, level)
     a, b = _seed_matrix(correct_a, "correct_a"), _seed_matrix(correct_b, "correct_b")
@@ -553,7 +558,10 @@ def paired_difference(
     point = float(per_image.mean())
     draws = _resampled_sums(per_image[:, None], samples, seed)[:, 0] / n
     low, high = _percentile_interval(draws, point, level)
-    return PairedDifference(float(a.mean()), float(b.mean()), point, low, high)
+    per_seed = tuple(a.mean(axis=1) - b.mean(axis=1)) if a.shape[0] == b.shape[0] else ()
+    return PairedDifference(
+        float(a.mean()), float(b.mean()), point, low, high, tuple(float(d) for d in per_seed)
+    )
 
 
 def _seed_matrix(correct: Sequence[np.ndarray], name: str) -> np.ndarray:
@@ -585,6 +593,7 @@ class AnswerEntry(TypedDict):
     difference: float  # ssl_accuracy - baseline_accuracy
     ci_low: float  # the paired 95 % bootstrap interval of the difference
     ci_high: float
+    per_seed: NotRequired[list[float]]  # the difference seed by seed (each its labeled draw)
 
 
 def answer_entry(
@@ -600,6 +609,7 @@ def answer_entry(
         difference=_round(paired.difference),
         ci_low=_round(paired.ci_low),
         ci_high=_round(paired.ci_high),
+        per_seed=[_round(d) for d in paired.per_seed],
     )
 
 
@@ -625,17 +635,26 @@ def answer_sentence(entries: Sequence[AnswerEntry]) -> str:
 def _answer_clause(entry: AnswerEntry) -> str:
     ssl, base = entry["ssl_cell"], entry["baseline_cell"]
     low, high = entry["ci_low"], entry["ci_high"]
+    per_seed = entry.get("per_seed") or []  # absent in summaries written before it existed
     if holds_zero(low, high):
         verdict = "the interval holds zero, so the two cannot be told apart at this budget"
+    elif min(per_seed, default=0.0) < 0.0 < max(per_seed, default=0.0):
+        verdict = (
+            "but the seeds disagree on its sign, so at this budget it depends on which images "
+            "were labeled and the test images' interval alone overstates it"
+        )
     elif entry["difference"] > 0:
         verdict = f"{ssl} beats {base}"
     else:
         verdict = f"{base} beats {ssl}"
+    seeds = ""
+    if len(per_seed) > 1:
+        seeds = " (per seed " + ", ".join(f"{100 * d:+.2f}" for d in per_seed) + ")"
     return (
         f"{_budget_phrase(entry['budget'])} {ssl} "
         f"{100 * entry['ssl_accuracy']:.2f} % vs {base} {100 * entry['baseline_accuracy']:.2f} "
-        f"%: {100 * entry['difference']:+.2f} points [{100 * low:+.2f}, {100 * high:+.2f}], "
-        f"{verdict}"
+        f"%: {100 * entry['difference']:+.2f} points [{100 * low:+.2f}, {100 * high:+.2f}]"
+        f"{seeds}, {verdict}"
     )
 
 

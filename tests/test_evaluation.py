@@ -664,6 +664,25 @@ def test_the_answer_sentence_says_beats_only_when_the_interval_leaves_out_zero()
     assert "no answer" in evaluation.answer_sentence([])
 
 
+def test_the_answer_gives_each_seeds_difference_and_says_when_they_disagree() -> None:
+    # Seed 0 (labeled draw 0) gains 8 of 10 images, seed 1 (draw 1) loses 2: the interval over
+    # the 10 test images leaves zero out, but which images were labeled decides the sign.
+    a = [np.array([1.0] * 9 + [0.0]), np.array([1.0] * 5 + [0.0] * 5)]
+    b = [np.array([1.0] + [0.0] * 9), np.array([1.0] * 7 + [0.0] * 3)]
+    paired = evaluation.paired_difference(a, b, 500, 0)
+    assert paired.per_seed == pytest.approx((0.8, -0.2))
+    assert paired.difference == pytest.approx(0.3) and not paired.holds_zero
+    entry = evaluation.answer_entry("4pc", "simclr-semi", "pixels-linear", paired)
+    assert entry["per_seed"] == [0.8, -0.2]
+    sentence = evaluation.answer_sentence([entry])
+    assert "(per seed +80.00, -20.00), but the seeds disagree on its sign" in sentence
+    assert "beats" not in sentence
+    agree = answer_of(0.016, 0.009, 0.023) | {"per_seed": [0.01, 0.022]}
+    assert "(per seed +1.00, +2.20), simclr-finetune beats" in evaluation.answer_sentence([agree])
+    unequal = evaluation.paired_difference(a, b[:1], 100, 0)  # seeds that cannot be paired
+    assert unequal.per_seed == ()
+
+
 def test_summary_markdown_ends_with_the_answer_and_is_unchanged_without_it() -> None:
     summaries = summarize_all(ROWS)
     tables = summary_markdown(summaries, ["0.01", "0.1", "1.0"])
