@@ -493,6 +493,7 @@ def _scarce(result: dict) -> list[str]:
         f"Command: `{m['command']}`, on the project `benchmarks.pipeline --keep` left (the "
         "default study), with the semi cells added; Snakemake ran only those, the evaluation and "
         f"the report ({result['rerun_seconds']:,.0f} s).",
+        *([result["note"]] if result.get("note") else []),
         "",
         *_scarce_tables(result),
     ]
@@ -513,6 +514,7 @@ def _own_images(result: dict) -> list[str]:
         f"with those paths, a fresh clone, `snakemake --cores 2`: {overlay}. Whole pipeline: "
         f"{result['total_seconds']:,.0f} s ({result['total_seconds'] / 60:.1f} min). Pool after "
         f"the split: {json.dumps(pool)}.",
+        *([result["note"]] if result.get("note") else []),
         "",
         *_scarce_tables(result),
     ]

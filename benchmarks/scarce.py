@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     else:
         result = own_images(args.cores, args.labeled, args.workdir)
-    result = {"machine": describe(f"benchmarks.scarce {args.command}"), **result}
+    result = {"machine": describe("benchmarks.scarce"), **result}
     save_result(args.json, result)
     print(json.dumps(result["best_by_kind"], indent=2))
     print(json.dumps(result["answer"], indent=2))
