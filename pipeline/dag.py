@@ -119,6 +119,28 @@ _CELL_OUTS = (
 )
 _CELL_DEPS = (_PREPARED, _SPLITS, _POLICY, Dep("encoder", "models/pretrain/{init}"))
 
+
+def _cell_stage(
+    name: str,
+    inits: str,
+    modes: str | tuple[str, ...],
+    fractions: str = "finetune.fractions",
+    note: str = "",
+) -> Stage:
+    """One of the fine-tuning stages: the same command, data and outputs per cell, over the
+    matrix of ``inits`` x ``modes`` x ``fractions`` (params keys, or a literal tuple)."""
+    return Stage(
+        name,
+        "finetune",
+        _CELL_DEPS,
+        _CELL_OUTS,
+        log=f"logs/finetune/{_CELL}.log",
+        args=_CELL_ARGS,
+        loop=("matrix", (("init", inits), ("mode", modes), ("fraction", fractions))),
+        note=note,
+    )
+
+
 STAGES: tuple[Stage, ...] = (
     Stage(
         "download",
@@ -170,56 +192,20 @@ STAGES: tuple[Stage, ...] = (
         args="--method {method}",
         loop=("foreach", "pretrain.methods"),
     ),
-    Stage(
-        "finetune",
-        "finetune",
-        _CELL_DEPS,
-        _CELL_OUTS,
-        log=f"logs/finetune/{_CELL}.log",
-        args=_CELL_ARGS,
-        loop=(
-            "matrix",
-            (
-                ("init", "finetune.inits"),
-                ("mode", "finetune.modes"),
-                ("fraction", "finetune.fractions"),
-            ),
-        ),
-    ),
-    Stage(
+    _cell_stage("finetune", "finetune.inits", "finetune.modes"),
+    _cell_stage(
         "finetune_baseline",
-        "finetune",
-        _CELL_DEPS,
-        _CELL_OUTS,
-        log=f"logs/finetune/{_CELL}.log",
-        args=_CELL_ARGS,
-        loop=(
-            "matrix",
-            (
-                ("init", "finetune.baselines"),
-                ("mode", "finetune.baseline_modes"),
-                ("fraction", "finetune.fractions"),
-            ),
-        ),
+        "finetune.baselines",
+        "finetune.baseline_modes",
         note="The feature baselines (raw pixels) in the frozen modes: DVC's matrix cannot "
         "leave pixels-finetune out of the stage above, so they are a stage of their "
         "own.",
     ),
-    Stage(
+    _cell_stage(
         "finetune_semi",
-        "finetune",
-        _CELL_DEPS,
-        _CELL_OUTS,
-        log=f"logs/finetune/{_CELL}.log",
-        args=_CELL_ARGS,
-        loop=(
-            "matrix",
-            (
-                ("init", "finetune.semi.inits"),
-                ("mode", ("semi",)),
-                ("fraction", "finetune.semi.fractions"),
-            ),
-        ),
+        "finetune.semi.inits",
+        ("semi",),
+        "finetune.semi.fractions",
         note="Mode semi (FixMatch) at the inits and label budgets of finetune.semi: a semi cell "
         "costs about ten fine-tuning cells on the CPU, so it runs only where asked, and DVC's "
         "matrix cannot leave the other combinations out. Empty lists make no stage.",
