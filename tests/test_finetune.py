@@ -420,8 +420,8 @@ def test_the_budget_keys_and_the_pixels_baseline_refuse_bad_input(tiny_idx: Path
     params["finetune"]["inits"].append("pixels")
     with pytest.raises(ConfigError, match="finetune.inits has 'pixels', which has no weights"):
         from_dict(params)
-    params["pretrain"]["methods"].append("byol")
-    with pytest.raises(ConfigError, match='pretrain.methods.4 = "byol" is not allowed'):
+    params["pretrain"]["methods"].append("dino")
+    with pytest.raises(ConfigError, match='pretrain.methods.4 = "dino" is not allowed'):
         from_dict(params)
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
+import inspect
 import pkgutil
+import textwrap
 import types
 
 import pytest
@@ -15,14 +18,15 @@ import pipeline.methods
 from pipeline import methods
 from pipeline.cli import build_parser
 from pipeline.config import ConfigError, from_dict
+from pipeline.methods import _contract as contract
 from pipeline.models import pretrain as pretrain_models
 from tests.conftest import REPO, params_for
-from tests.test_pretrain import _module
+from tests.test_pretrain import METHOD_OPTIONS, _module
 
 
 def test_every_method_module_is_registered_under_its_own_name():
     found = {m.name for m in pkgutil.iter_modules(pipeline.methods.__path__)}
-    assert found == set(methods.TRAINED) | {"_registry"}
+    assert found == set(methods.TRAINED) | {"_registry", "_contract"}
     assert tuple(pretrain_models.IMPLEMENTATIONS) == methods.TRAINED
     for name, module in pretrain_models.IMPLEMENTATIONS.items():
         assert module.NAME == name == module.__name__.rpartition(".")[2]
@@ -59,16 +63,16 @@ def test_every_method_module_is_a_code_dependency_of_pretraining():
 def test_a_name_not_in_the_list_is_one_error_naming_the_key_and_the_choices(key: str):
     params = params_for()
     section = "pretrain" if key == "methods" else "finetune"
-    params[section][key] = [*params[section][key], "byol"]
-    with pytest.raises(ConfigError, match=rf"{section}\.{key}.*byol.*one of \"scratch\""):
+    params[section][key] = [*params[section][key], "dino"]
+    with pytest.raises(ConfigError, match=rf"{section}\.{key}.*dino.*one of \"scratch\""):
         from_dict(params)
 
 
 def test_the_generic_module_trains_a_method_it_has_never_seen(monkeypatch: pytest.MonkeyPatch):
     """A new method is a module with heads() and objective(); PretrainModule needs no change."""
 
-    def heads(dim, options, width, in_channels, image_size):
-        return {"head": nn.Linear(dim, in_channels * image_size * image_size)}
+    def heads(build):
+        return {"head": nn.Linear(build.dim, build.in_channels * build.image_size**2)}
 
     def objective(module, images, view, generator):  # predict the view's pixels from features
         features = module.backbone(view)
@@ -96,8 +100,8 @@ def test_the_generic_module_trains_a_method_it_has_never_seen(monkeypatch: pytes
 
 
 def test_an_unregistered_method_is_refused_by_the_module():
-    with pytest.raises(ValueError, match="unknown pretraining method 'byol'"):
-        _module("byol", {})
+    with pytest.raises(ValueError, match="unknown pretraining method 'dino'"):
+        _module("dino", {})
 
 
 def test_vae_pictures_are_uint8_grids_of_the_names_it_declares():
@@ -109,3 +113,83 @@ def test_vae_pictures_are_uint8_grids_of_the_names_it_declares():
     assert all(g.dtype == torch.uint8 and g.shape == (6, 1, 16, 16) for g in grids.values())
     assert torch.equal(grids["originals"], images)
     assert torch.equal(module.pictures(images, 6, seed=0)["samples"], grids["samples"])
+
+
+# ------------------------------------------------------------------ the contract, as code
+
+
+def fake_method(**members) -> types.ModuleType:
+    """A method module made in memory, with SimCLR's heads and objective unless overridden."""
+    simclr = pretrain_models.IMPLEMENTATIONS["simclr"]
+    module = types.ModuleType("pipeline.methods.fake")
+    module.NAME = "fake"
+    module.heads, module.objective = simclr.heads, simclr.objective
+    for name, value in members.items():
+        setattr(module, name, value)
+    return module
+
+
+def test_every_method_keeps_the_contract():
+    for module in pretrain_models.IMPLEMENTATIONS.values():
+        assert isinstance(module, contract.Method)
+        contract.check(module)  # what the registry does when it imports them
+
+
+def _epoch_end(module):
+    return {}
+
+
+@pytest.mark.parametrize(
+    ("members", "message"),
+    [
+        ({"epoch_ends": _epoch_end}, "'epoch_ends', which is no hook: did you mean 'epoch_end'"),
+        ({"PICTURE": ("samples",)}, "did you mean 'PICTURES'"),
+        ({"configure_optimizers": _epoch_end}, "but not training_step: the own optimization"),
+        ({"epoch_end": lambda m, extra: {}}, r"epoch_end\(m, extra\) must take \(module\)"),
+        ({"TEACHER": "backbone"}, "TEACHER must be a tuple"),
+        ({"WARMUP": 3}, "the constant 'WARMUP', which the contract does not know"),
+    ],
+)
+def test_a_misspelt_or_misshapen_hook_fails_when_the_method_is_imported(members, message):
+    source = "".join(f"{name} = ...\n" for name in members)  # the names its file defines
+    with pytest.raises(contract.ContractError, match=message):
+        contract.check(fake_method(**members), source=f"NAME = 'fake'\n{source}")
+
+
+def test_a_method_without_objective_is_refused():
+    module = fake_method()
+    del module.objective
+    with pytest.raises(contract.ContractError, match="'fake' has no objective"):
+        contract.check(module, source="NAME = 'fake'\n")
+
+
+def _attributes_used(function) -> set[str]:
+    """Attributes the function reads from its first parameter (the generic module)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
+    definition = tree.body[0]
+    first = definition.args.args[0].arg
+    return {
+        node.attr
+        for node in ast.walk(definition)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id == first
+    }
+
+
+def test_methods_touch_only_the_context_and_their_own_heads():
+    """No private attribute, no Lightning internals: only what _contract.Context declares."""
+    allowed = {n for n in dir(contract.Context) if not n.startswith("_")}
+    allowed |= set(contract.Context.__annotations__)
+    module = _module("simclr", METHOD_OPTIONS["simclr"])
+    assert all(hasattr(module, name) for name in allowed)  # PretrainModule keeps the Context
+    for name, method in pretrain_models.IMPLEMENTATIONS.items():
+        heads = method.heads(contract.Build(module.backbone, 120, METHOD_OPTIONS[name], 8, 1, 16))
+        for function in vars(method).values():
+            if not inspect.isfunction(function) or function.__module__ != method.__name__:
+                continue
+            parameters = list(inspect.signature(function).parameters)
+            if not parameters or parameters[0] != "module":
+                continue
+            unknown = _attributes_used(function) - allowed - set(heads)
+            assert not unknown, f"{name}.{function.__name__} uses {unknown}"

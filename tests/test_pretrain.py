@@ -93,6 +93,12 @@ METHOD_OPTIONS = {
         "projection_hidden": 32,
         "normalization": "simclr",
     },
+    "byol": {
+        "projection_dim": 16,
+        "projection_hidden": 32,
+        "momentum_base": 0.99,
+        "momentum_final": 1.0,
+    },
     "autoencoder": {"loss": "mse", "noise_std": 0.1},
     "rotation": {},
     "inpainting": {"mask_size": 5},

@@ -48,7 +48,8 @@ def test_the_gpu_profile_is_a_small_overlay_whose_every_key_changes_a_value():
     gpu = yaml.safe_load((REPO / "params.gpu.yaml").read_text())
     default = leaves(yaml.safe_load((REPO / "params.yaml").read_text()))
     changed = leaves(gpu)
-    assert len((REPO / "params.gpu.yaml").read_text().splitlines()) < 60
+    # Small: a few dozen values (its comments, which say why and how long, do not count).
+    assert len(changed) < 40
     assert changed.keys() <= default.keys()
     assert all(default[key] != value for key, value in changed.items())  # no restated defaults
 

@@ -53,7 +53,7 @@ def test_every_dataset_list_is_the_registry():
     ("wildcard", "names", "outsider"),
     [
         ("dataset", datasets.NAMES, "imagenet"),
-        ("method", methods.NAMES, "byol"),
+        ("method", methods.NAMES, "dino"),
         ("mode", config.MODES, "svm"),
     ],
 )

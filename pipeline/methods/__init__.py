@@ -1,22 +1,10 @@
 """Pretraining methods as plug-ins: the one list of their names, read without importing torch.
 
-A trained method is one module, ``pipeline/methods/<name>.py``, holding the whole method:
-
-- ``NAME``: its name in params.yaml (``pretrain.methods``, ``pretrain.<name>``, ``finetune.inits``);
-- ``heads(dim, options, width, in_channels, image_size)``: the modules it adds to the encoder, by
-  attribute name (``head``, ``decoder``), built in this order so a seed gives the same weights;
-- ``objective(module, images, view, generator)``: ``(loss, features, probe_rows)`` for a batch of
-  uint8 ``images`` whose first augmented ``view`` the generic module has already drawn;
-- optionally ``pictures(module, images, count, seed)``: uint8 image grids saved next to the
-  encoder (``<name>.npy``) and shown in the report under ``PICTURES_CAPTION``; ``SAMPLES``
-  names the grid of the model's own samples, which the report shows beside the other
-  generative models';
-- optionally, for a method with several optimizers (the GAN): ``configure_optimizers(module)``
-  and ``training_step(module, images, labels, generator)``, which steps them itself (Lightning's
-  manual optimization) and returns the loss to report as ``train_loss``;
-- optionally ``epoch_end(module)``: extra per-epoch monitors (a dict of floats) for the row of
-  the curves CSV, and ``CURVES``: the per-epoch columns the report plots for the method (its
-  training step records them with ``module.track(name=value)``).
+A trained method is one module, ``pipeline/methods/<name>.py``, holding the whole method: its
+``NAME``, ``heads(build)`` (the modules it adds beside the encoder), ``objective(module, images,
+view, generator)`` and the optional hooks (pictures, its own optimizers, per-epoch monitors, a
+momentum ``TEACHER``). ``pipeline/methods/_contract.py`` states them as code and checks every
+module when ``_registry`` imports it.
 
 The generic Lightning module (pipeline.models.pretrain.PretrainModule) builds the encoder, the
 augmentation, the online probe and the monitors, and delegates the rest to the method's module.

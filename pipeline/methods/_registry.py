@@ -11,8 +11,15 @@ import importlib
 from types import ModuleType
 
 from pipeline.methods import TRAINED
+from pipeline.methods._contract import check
 
-#: The trained methods' modules by name (pipeline/methods/__init__.py describes their interface).
-IMPLEMENTATIONS: dict[str, ModuleType] = {
-    name: importlib.import_module(f"pipeline.methods.{name}") for name in TRAINED
-}
+
+def _load(name: str) -> ModuleType:
+    """The method's module, checked against the contract (a misspelt hook fails here)."""
+    module = importlib.import_module(f"pipeline.methods.{name}")
+    check(module)
+    return module
+
+
+#: The trained methods' modules by name (pipeline/methods/_contract.py is their interface).
+IMPLEMENTATIONS: dict[str, ModuleType] = {name: _load(name) for name in TRAINED}

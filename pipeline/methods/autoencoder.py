@@ -6,7 +6,7 @@ view plus Gaussian noise and the decoder has to reconstruct the clean view.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -15,19 +15,17 @@ from torch import nn
 from pipeline.models.backbones import build_decoder
 
 if TYPE_CHECKING:  # pipeline.models.pretrain imports every method: typed here, imported there
-    from pipeline.models.pretrain import PretrainModule
+    from pipeline.methods._contract import Build, Context
 
 NAME = "autoencoder"
 
 
-def heads(
-    dim: int, options: dict[str, Any], width: int, in_channels: int, image_size: int
-) -> dict[str, nn.Module]:
-    return {"decoder": build_decoder(dim, in_channels, image_size, width)}
+def heads(build: Build) -> dict[str, nn.Module]:
+    return {"decoder": build_decoder(build.dim, build.in_channels, build.image_size, build.width)}
 
 
 def objective(
-    module: PretrainModule, images: torch.Tensor, view: torch.Tensor, generator: torch.Generator
+    module: Context, images: torch.Tensor, view: torch.Tensor, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     noisy = view
     if module.options["noise_std"] > 0:

@@ -26,14 +26,14 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:  # pipeline.models.pretrain imports every method: typed here, imported there
-    from pipeline.models.pretrain import PretrainModule
+    from pipeline.methods._contract import Build, Context
 
 NAME = "gan"
 #: The picture grids the report shows (pictures() also saves ``samples_by_epoch``).
@@ -95,25 +95,25 @@ class Generator(nn.Module):
         return (x + 1) / 2
 
 
-def heads(
-    dim: int, options: dict[str, Any], width: int, in_channels: int, image_size: int
-) -> dict[str, nn.Module]:
+def heads(build: Build) -> dict[str, nn.Module]:
     return {
-        "head": nn.Linear(dim, 1),  # real/fake logit on the backbone's features
-        "generator": Generator(options["latent_dim"], in_channels, image_size, width),
+        "head": nn.Linear(build.dim, 1),  # real/fake logit on the backbone's features
+        "generator": Generator(
+            build.options["latent_dim"], build.in_channels, build.image_size, build.width
+        ),
     }
 
 
 # ------------------------------------------------------------------------------ the game
 
 
-def discriminate(module: PretrainModule, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def discriminate(module: Context, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(D's logits, the backbone's features) for normalized images."""
     features = module.backbone(module.to_model_layout(images))
     return module.head(features).float().squeeze(1), features
 
 
-def fake_images(module: PretrainModule, z: torch.Tensor) -> torch.Tensor:
+def fake_images(module: Context, z: torch.Tensor) -> torch.Tensor:
     """G(z), normalized like the real images D sees."""
     pixels = module.generator(z).float()
     return (pixels - module.normalize.mean.to(pixels)) / module.normalize.std.to(pixels)
@@ -135,7 +135,7 @@ def generator_loss(fake_logits: torch.Tensor, form: str = "non_saturating") -> t
     raise ValueError(f"unknown generator loss {form!r}; use non_saturating or minimax")
 
 
-def latent(module: PretrainModule, count: int, generator: torch.Generator) -> torch.Tensor:
+def latent(module: Context, count: int, generator: torch.Generator) -> torch.Tensor:
     return torch.randn(
         count, module.options["latent_dim"], generator=generator, device=module.device
     )
@@ -144,7 +144,7 @@ def latent(module: PretrainModule, count: int, generator: torch.Generator) -> to
 # ------------------------------------------------------------------------------ training
 
 
-def configure_optimizers(module: PretrainModule) -> list[torch.optim.Optimizer]:
+def configure_optimizers(module: Context) -> list[torch.optim.Optimizer]:
     """Adam for D (the backbone and the real/fake head; the probe in a group of its own) and
     Adam for G, each with ``lr``, ``beta1``, ``beta2`` from its own section. No schedule: a
     constant rate, as in DCGAN; ``pretrain.optimizer`` and ``warmup_epochs`` do not apply."""
@@ -164,7 +164,7 @@ def configure_optimizers(module: PretrainModule) -> list[torch.optim.Optimizer]:
 
 
 def training_step(
-    module: PretrainModule, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
+    module: Context, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
 ) -> torch.Tensor:
     """One D step on a real batch and as many fakes, then one G step against the updated D.
 
@@ -197,7 +197,7 @@ def training_step(
 
 
 def objective(
-    module: PretrainModule, images: torch.Tensor, view: torch.Tensor, generator: torch.Generator
+    module: Context, images: torch.Tensor, view: torch.Tensor, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """D's loss against the generator's samples (detached: G does not learn from it).
 
@@ -223,7 +223,7 @@ def mean_pairwise_distance(images: torch.Tensor) -> float:
     return float(torch.cdist(flat, flat).sum() / (count * (count - 1)))
 
 
-def samples(module: PretrainModule, count: int, seed: int) -> torch.Tensor:
+def samples(module: Context, count: int, seed: int) -> torch.Tensor:
     """G's images (pixels in [0, 1]) for ``count`` latents drawn from ``seed``.
 
     Drawn by a copy of G in training mode: its batch statistics, as during training, and no
@@ -235,7 +235,7 @@ def samples(module: PretrainModule, count: int, seed: int) -> torch.Tensor:
         return copy.deepcopy(module.generator).train()(z).float().clamp(0, 1)
 
 
-def epoch_end(module: PretrainModule) -> dict[str, float]:
+def epoch_end(module: Context) -> dict[str, float]:
     """The diversity of the fixed-z samples relative to real images; a warning on collapse."""
     fixed = samples(module, _FIXED, module.hparams.seed)
     real = module.images["val"][:_FIXED].float() / 255
@@ -255,7 +255,7 @@ def epoch_end(module: PretrainModule) -> dict[str, float]:
 
 
 def pictures(
-    module: PretrainModule, images: torch.Tensor, count: int, seed: int
+    module: Context, images: torch.Tensor, count: int, seed: int
 ) -> dict[str, torch.Tensor]:
     """uint8 grids (N x C x H x W): the last epoch's fixed-z samples, and 8 per epoch."""
     last = (samples(module, count, seed) * 255).round().to(torch.uint8).cpu()

@@ -14,13 +14,13 @@ from pipeline.augment import mask_region
 from pipeline.methods.autoencoder import heads  # noqa: F401 (the same decoder)
 
 if TYPE_CHECKING:  # pipeline.models.pretrain imports every method: typed here, imported there
-    from pipeline.models.pretrain import PretrainModule
+    from pipeline.methods._contract import Context
 
 NAME = "inpainting"
 
 
 def objective(
-    module: PretrainModule, images: torch.Tensor, view: torch.Tensor, generator: torch.Generator
+    module: Context, images: torch.Tensor, view: torch.Tensor, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     masked, hidden = mask_region(view, module.options["mask_size"], generator)
     features = module.backbone(module.to_model_layout(masked))

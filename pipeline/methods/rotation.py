@@ -6,7 +6,7 @@ learn where objects' tops and bottoms are. The online probe sees upright images 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -15,19 +15,17 @@ from torch import nn
 from pipeline.augment import rotate90
 
 if TYPE_CHECKING:  # pipeline.models.pretrain imports every method: typed here, imported there
-    from pipeline.models.pretrain import PretrainModule
+    from pipeline.methods._contract import Build, Context
 
 NAME = "rotation"
 
 
-def heads(
-    dim: int, options: dict[str, Any], width: int, in_channels: int, image_size: int
-) -> dict[str, nn.Module]:
-    return {"head": nn.Linear(dim, 4)}
+def heads(build: Build) -> dict[str, nn.Module]:
+    return {"head": nn.Linear(build.dim, 4)}
 
 
 def objective(
-    module: PretrainModule, images: torch.Tensor, view: torch.Tensor, generator: torch.Generator
+    module: Context, images: torch.Tensor, view: torch.Tensor, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     rotated, quarter = rotate90(view, generator)
     features = module.backbone(module.to_model_layout(rotated))

@@ -7,7 +7,7 @@ divergence to N(0, I). Its pictures: validation images, their reconstructions an
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -16,7 +16,7 @@ from pipeline.models.backbones import build_decoder
 from pipeline.models.losses import negative_elbo, reparameterize
 
 if TYPE_CHECKING:  # pipeline.models.pretrain imports every method: typed here, imported there
-    from pipeline.models.pretrain import PretrainModule
+    from pipeline.methods._contract import Build, Context
 
 NAME = "vae"
 #: The picture grids it saves (pictures()) and the report shows, top to bottom.
@@ -29,18 +29,16 @@ PICTURES_CAPTION = (
 SAMPLES = "samples"
 
 
-def heads(
-    dim: int, options: dict[str, Any], width: int, in_channels: int, image_size: int
-) -> dict[str, nn.Module]:
-    latent = options["latent_dim"]
+def heads(build: Build) -> dict[str, nn.Module]:
+    latent = build.options["latent_dim"]
     return {
-        "head": nn.Linear(dim, 2 * latent),  # mean and log-variance
-        "decoder": build_decoder(latent, in_channels, image_size, width),
+        "head": nn.Linear(build.dim, 2 * latent),  # mean and log-variance
+        "decoder": build_decoder(latent, build.in_channels, build.image_size, build.width),
     }
 
 
 def objective(
-    module: PretrainModule, images: torch.Tensor, view: torch.Tensor, generator: torch.Generator
+    module: Context, images: torch.Tensor, view: torch.Tensor, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     features = module.backbone(view)
     mu, logvar = module.head(features).float().chunk(2, dim=1)
@@ -50,7 +48,7 @@ def objective(
 
 
 def pictures(
-    module: PretrainModule, images: torch.Tensor, count: int, seed: int
+    module: Context, images: torch.Tensor, count: int, seed: int
 ) -> dict[str, torch.Tensor]:
     """uint8 grids (N x C x H x W): the images, their reconstructions, samples from the prior."""
     generator = torch.Generator(device=module.device).manual_seed(seed)

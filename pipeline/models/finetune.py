@@ -374,7 +374,9 @@ class FinetuneModule(L.LightningModule):
             groups.append({"params": encoder, "lr": opt["lr"] * self.recipe.encoder_lr_scale})
             if self.ssl is not None:
                 shared = {id(p) for p in encoder}
-                extra = [p for p in self.ssl.parameters() if id(p) not in shared]
+                extra = [
+                    p for p in self.ssl.parameters() if id(p) not in shared and p.requires_grad
+                ]
                 groups.append({"params": extra})
         optimizer = build_optimizer(
             groups, opt["name"], opt["lr"], opt["weight_decay"], opt["momentum"], opt["nesterov"]

@@ -16,6 +16,8 @@ linear probe trained on detached features (labels never reach the encoder).
 
 from __future__ import annotations
 
+import copy
+import math
 from typing import TYPE_CHECKING, Any
 
 import lightning as L
@@ -27,6 +29,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from pipeline.augment import BatchAugment
 from pipeline.methods import TRAINED
+from pipeline.methods._contract import Build
 from pipeline.methods._registry import IMPLEMENTATIONS
 from pipeline.models.backbones import BackboneConfig, build_backbone
 from pipeline.models.knn import best_knn
@@ -82,9 +85,11 @@ class PretrainModule(L.LightningModule):
         dim = self.backbone.feature_dim
         self.augment = BatchAugment(policy, (image_size, image_size), in_channels, mean, std)
         self.normalize = BatchAugment({}, (image_size, image_size), in_channels, mean, std)
-        heads = self.implementation.heads(dim, options, config.width, in_channels, image_size)
+        build = Build(self.backbone, dim, options, config.width, in_channels, image_size)
+        heads = self.implementation.heads(build)
         for name, head in heads.items():  # registered in the method's order: same init per seed
             setattr(self, name, head)
+        self.teacher = self._teacher(getattr(self.implementation, "TEACHER", ()))
         self.probe = nn.Linear(dim, num_classes)
         # Convolutions run about a third faster in channels-last layout on this CPU (and with
         # bf16 on GPUs); the MLP flattens its input, so layout does not matter there.
@@ -104,6 +109,41 @@ class PretrainModule(L.LightningModule):
         self._val_features: list[torch.Tensor] = []
         self.train_set = "train"  # the set batches come from ("pretrain": training + pool)
         self.has_unlabeled = False  # it holds pool images (label -1), which the probe skips
+        self._teacher_step = 0  # the optimizer step the teacher last moved at
+
+    def _teacher(self, names: tuple[str, ...]) -> nn.ModuleDict:
+        """Copies of the student's modules ``names`` that a method declared as its teacher.
+
+        They start equal to the student, take no gradient and are in no optimizer group; after
+        every optimizer step :meth:`update_teacher` moves them towards the student. Being
+        submodules, they are saved in and restored from checkpoints, so a resumed run continues
+        the same teacher (``encoder.pt`` holds the student's backbone only).
+        """
+        for key in ("momentum_base", "momentum_final") if names else ():
+            if key not in self.options:
+                raise ValueError(
+                    f"method {self.method!r} declares a teacher but pretrain.{self.method} has no "
+                    f"{key}: add it to its params and schema sections"
+                )
+        teacher = nn.ModuleDict({name: copy.deepcopy(getattr(self, name)) for name in names})
+        teacher.requires_grad_(False)
+        return teacher
+
+    # ---------------------------------------------------------------- the method's view of it
+    @property
+    def step(self) -> int | None:
+        """Optimizer steps taken so far; None outside a Trainer (fine-tuning's multi-task term)."""
+        return self.trainer.global_step if self._trainer is not None else None
+
+    @property
+    def world_size(self) -> int:
+        """Processes training together (1 outside a Trainer)."""
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    @property
+    def is_global_zero(self) -> bool:
+        """Whether this is the first process (the one that logs)."""
+        return self.global_rank == 0
 
     # ---------------------------------------------------------------- data on the device
     def on_fit_start(self) -> None:
@@ -228,9 +268,9 @@ class PretrainModule(L.LightningModule):
             return own(self)
         opt = self.hparams.optimizer
         monitor = self.hparams.monitor
-        probe = set(self.probe.parameters())
+        probe, teacher = set(self.probe.parameters()), set(self.teacher.parameters())
         groups = [
-            {"params": [p for p in self.parameters() if p not in probe]},
+            {"params": [p for p in self.parameters() if p not in probe and p not in teacher]},
             {"params": list(probe), "lr": monitor["probe_lr"], "weight_decay": 0.0},
         ]
         optimizer = build_optimizer(
@@ -242,6 +282,41 @@ class PretrainModule(L.LightningModule):
         )
         schedule = {"scheduler": scheduler, "interval": "step"}
         return {"optimizer": optimizer, "lr_scheduler": schedule}
+
+    # ---------------------------------------------------------------- the teacher
+    def momentum(self, step: int) -> float:
+        """The EMA coefficient after optimizer step ``step`` (0-based), cosine from
+        ``momentum_base`` at the first step to ``momentum_final`` at the last (BYOL's schedule,
+        docs/science.md §7.9): ``τ = final − (final − base)(cos(π k / K) + 1) / 2``."""
+        base, final = self.options["momentum_base"], self.options["momentum_final"]
+        total = max(1, self.hparams.epochs * self.hparams.steps_per_epoch - 1)
+        progress = min(step, total) / total
+        return final - (final - base) * (math.cos(math.pi * progress) + 1) / 2
+
+    @torch.no_grad()
+    def update_teacher(self, tau: float) -> None:
+        """``teacher ← τ · teacher + (1 − τ) · student``, parameter by parameter.
+
+        Buffers (batch-norm statistics) are the teacher's own, kept by its forward passes as in
+        BYOL. Every rank applies the same update to identical weights, so DDP needs no extra
+        communication for it.
+        """
+        for name, copy_ in self.teacher.items():
+            student = getattr(self, name)
+            for t, s in zip(copy_.parameters(), student.parameters(), strict=True):
+                t.lerp_(s.detach(), 1.0 - tau)
+
+    def reset_teacher(self) -> None:
+        """Make the teacher equal to the student again (after the student's modules changed)."""
+        for name, copy_ in self.teacher.items():
+            copy_.load_state_dict(getattr(self, name).state_dict())
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # After the optimizer step (Lightning calls this hook after it); with gradient
+        # accumulation only batches that ended with a step move the teacher.
+        if len(self.teacher) and self.global_step != self._teacher_step:
+            self._teacher_step = self.global_step
+            self.update_teacher(self.momentum(self.global_step - 1))
 
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -643,4 +643,7 @@ def _multitask_module(
     hparams = pretrain_stage.hparams_for(config, method, document, data.num_classes, 1)
     ssl = PretrainModule(**hparams)
     ssl.backbone = classifier.encoder
+    # A teacher (BYOL's) starts from the loaded encoder and, with no pretraining step to move
+    # it, stays there: the term then keeps the features near the pretrained ones.
+    ssl.reset_teacher()
     return ssl
