@@ -26,6 +26,32 @@ needs_fashion_mnist = pytest.mark.skipif(
     reason="Debian's dataset-fashion-mnist is not installed (make setup installs it)",
 )
 
+#: The files that take minutes (whole pipelines, killed and resumed training, DDP, a SLURM
+#: cluster, UMAP's compilation), heaviest first as measured in CI. `make test` gives whole files
+#: to its processes in collection order (pytest -n --dist loadfile --no-loadscope-reorder), and
+#: a file handed out last decides when the suite ends: these go first, and the hundreds of short
+#: tests fill in around them. A file missing here only runs later; the order is not a result.
+HEAVY_FILES = (
+    "test_runners.py",
+    "test_runners_dvc.py",
+    "test_resume.py",
+    "test_tracking_concurrency.py",
+    "test_slurm.py",
+    "test_visualize.py",
+    "test_semi_mode.py",
+    "test_viz_toy_embedding.py",
+    "test_distributed.py",
+    "test_tracking.py",
+    "test_benchmarks.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The HEAVY_FILES first, heaviest first; every other file after them, in the usual order
+    (a stable sort: each file's own tests keep their order, so module fixtures are made once)."""
+    rank = {name: i for i, name in enumerate(HEAVY_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(HEAVY_FILES)))
+
 
 def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> Path:
     """Write ``array`` in the IDX format (uint8 data), gzipped when ``gz``."""
@@ -247,11 +273,17 @@ def write_tiny_pool(folder: Path) -> Path:
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
-    """A copy of the pipeline project as a git + DVC repository, configured for a tiny image
-    folder plus an unlabeled pool (data.unlabeled_path), both outside the project, with the keys
-    of the README's "Your own images, few labels" overlay (tests/test_own_images.py applies that
-    overlay itself)."""
-    root = tmp_path / "project"
+    """A copy of the pipeline project as a git + DVC repository (:func:`make_project`)."""
+    return make_project(tmp_path)
+
+
+def make_project(tmp: Path) -> Path:
+    """``tmp``/project: a copy of the pipeline project as a git + DVC repository, configured for
+    a tiny image folder plus an unlabeled pool (data.unlabeled_path), both beside it in ``tmp``,
+    with the keys of the README's "Your own images, few labels" overlay
+    (tests/test_own_images.py applies that overlay itself). A function as well as the
+    ``project`` fixture, so that a module-scoped fixture can make one too."""
+    root = tmp / "project"
     root.mkdir()
     for name in PROJECT_FILES:
         source = REPO / name
@@ -261,10 +293,10 @@ def project(tmp_path: Path) -> Path:
             shutil.copy2(source, root / name)
     # gan: the method that steps its own optimizers goes through both runners too.
     methods = ["scratch", "simclr", "gan"]
-    labeled = write_tiny_image_folder(tmp_path / "tiny_images")
+    labeled = write_tiny_image_folder(tmp / "tiny_images")
     params = tiny_run_params(params_for("imagefolder"), labeled, methods, ["linear", "knn"])
     params["data"].update(
-        image_size=8, channels=1, unlabeled_path=str(write_tiny_pool(tmp_path / "tiny_pool"))
+        image_size=8, channels=1, unlabeled_path=str(write_tiny_pool(tmp / "tiny_pool"))
     )
     # The README's per-class budgets and scarce validation set. One budget, all (the same labeled
     # images as the fraction 1.0 it replaces), keeps this run's cost: the README's [4, 25, all]

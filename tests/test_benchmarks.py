@@ -1,7 +1,9 @@
 """The benchmarks run and report, on tiny data (no timing is asserted: the machine is shared).
 
 Why: `make benchmarks` is run rarely, on a quiet machine; a benchmark that broke since would
-only be found then. These tests run the real measuring code for a step or two.
+only be found then. These tests run the real measuring code for a step or two. The whole-pipeline
+benchmark (benchmarks/pipeline.py) is measured in tests/test_runners.py, on the Snakemake run
+that the runner checks read too (one run of minutes instead of two).
 """
 
 from __future__ import annotations
@@ -178,87 +180,6 @@ def test_gpu_utilization_samples_nvidia_smi(
     assert pretrain.GpuUtilization(None).mean is None
 
 
-def test_pipeline_benchmark_measures_a_clean_run_its_reruns_and_the_targets(
-    project: Path, tmp_path: Path
-) -> None:
-    import yaml
-
-    from benchmarks import pipeline
-    from tests.conftest import sync_matrix
-
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    # Two label fractions, so every quality key has a budget (the smallest is also the second).
-    params["split"].update(labels_per_class=None, label_fractions=[0.1, 1.0])
-    # kNN cells only: the harness is under test here, not training (the runner tests train).
-    params["finetune"]["modes"] = ["knn"]
-    params["pretrain"]["methods"] = ["scratch", "simclr"]  # the runner tests cover the GAN
-    params["finetune"]["semi"].update(inits=[], fractions=[])  # the semi tests train it
-    bench = tmp_path / "bench"
-    figure = tmp_path / "results" / "label_efficiency.png"
-    # The re-run measurement changes an evaluation param: it re-runs evaluate and visualize,
-    # not the fine-tuning cells (the real benchmark changes a fine-tuning one).
-    result = pipeline.run(
-        source=project,
-        cores=2,
-        workdir=bench,
-        params=sync_matrix(params),
-        figure_to=figure,
-        change=("evaluate", "bootstrap", 60),
-    )
-    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| scratch | knn |" in result["summary_markdown"]
-
-    assert list(result["stages"]) == list(pipeline.STAGES)
-    jobs = {stage: cost["jobs"] for stage, cost in result["stages"].items()}
-    assert jobs == {
-        "download": 1,
-        "split": 1,
-        "augment": 1,
-        "pretrain": 2,
-        "finetune": 4,
-        "evaluate": 1,
-        "visualize": 1,
-    }
-    for cost in result["stages"].values():
-        assert 0 < cost["slowest_job_seconds"] <= cost["seconds"] < result["total_seconds"]
-        assert 50 < cost["peak_rss_mb"] < 64 * 1024
-    reruns = result["reruns"]
-    assert reruns["snakemake_noop_nothing_to_do"] and reruns["dvc_noop_skipped_all"]
-    assert reruns["param_change"] == "evaluate.bootstrap: 50 -> 60"
-    assert reruns["param_change_jobs"] == {"evaluate": 1, "visualize": 1}
-    quality = result["quality"]
-    assert quality["budgets"] == ["0.1", "1.0"]
-    assert quality["largest"]["cell"].endswith("-1.0")
-    assert quality["second_ssl"]["cell"] == "simclr-knn-0.1"  # the one self-supervised init
-    assert quality["smallest_ssl"]["cell"] == "simclr-knn-0.1"
-    assert quality["smallest_baseline"]["cell"] == "scratch-knn-0.1"
-    assert quality["smallest_gain"] == pytest.approx(
-        quality["smallest_ssl"]["test"] - quality["smallest_baseline"]["test"]
-    )
-    chosen_cells = ("largest", "second_ssl", "smallest_ssl", "smallest_baseline")
-    for chosen in (quality[key] for key in chosen_cells):
-        assert 0 <= chosen["ci"][0] <= chosen["test"] <= chosen["ci"][1] <= 1
-    # summary.json's answer as the evaluate stage wrote it, the same cells as chosen here.
-    answer = quality["answer"]
-    assert list(answer) == ["0_1", "1_0"]
-    assert (answer["0_1"]["ssl_cell"], answer["0_1"]["baseline_cell"]) == (
-        "simclr-knn",
-        "scratch-knn",
-    )
-    assert answer["0_1"]["ci_low"] <= answer["0_1"]["difference"] <= answer["0_1"]["ci_high"]
-    assert {model: list(steps) for model, steps in quality["gains"].items()} == {
-        "scratch-knn": ["0.1->1.0"],
-        "simclr-knn": ["0.1->1.0"],
-    }
-    assert set(quality["knn"]["per_method"]) == {"scratch", "simclr"}
-    assert quality["knn"]["best_ssl"] == "simclr"
-    assert len(result["commit"]) == 40
-    text = "\n".join(
-        report._pipeline({**result, "machine": _machine(None), "targets": pipeline.TARGETS})
-    )
-    assert "| 10 % labels | simclr-knn " in text and "| 10 % → 100 % |" in text
-
-
 def _write_study(
     root: Path,
     params: dict,
@@ -431,6 +352,53 @@ def test_quality_with_one_label_fraction_measures_what_it_can(tmp_path: Path) ->
     text = "\n".join(report._pipeline(_pipeline_result(quality)))
     assert "| second-largest budget, best self-supervised or semi cell | – | – |" in text
     assert "| 100 % labels: best self-supervised − best baseline | simclr-knn-1.0 vs" in text
+
+
+def test_quality_names_a_label_fraction_grid_in_percent(tmp_path: Path) -> None:
+    """Budgets as label fractions (the whole-run test in tests/test_runners.py has per-class
+    ones): 10 % is the smallest and the second largest budget, and the report says "10 %"."""
+    from benchmarks import pipeline
+    from tests.conftest import params_for, sync_matrix
+
+    params = params_for()
+    params["split"].update(labels_per_class=None, label_fractions=[0.1, 1.0])
+    params["pretrain"]["methods"] = ["scratch", "simclr"]
+    sync_matrix(params)
+    params["finetune"]["modes"] = ["knn"]
+    params["finetune"]["semi"].update(inits=[], fractions=[])
+    validation = {
+        "scratch-knn-0.1": 0.70,
+        "simclr-knn-0.1": 0.75,
+        "scratch-knn-1.0": 0.80,
+        "simclr-knn-1.0": 0.85,
+    }
+    test = {"scratch-knn": {"0.1": 0.69, "1.0": 0.79}, "simclr-knn": {"0.1": 0.76, "1.0": 0.86}}
+    answer = {
+        "0_1": {
+            "budget": "0.1",
+            "ssl_cell": "simclr-knn",
+            "baseline_cell": "scratch-knn",
+            "ssl_accuracy": 0.76,
+            "baseline_accuracy": 0.69,
+            "difference": 0.07,
+            "ci_low": 0.02,
+            "ci_high": 0.12,
+        }
+    }
+    quality = pipeline.quality(_write_study(tmp_path, params, validation, test, answer))
+
+    assert quality["budgets"] == ["0.1", "1.0"]
+    assert quality["largest"]["cell"] == "simclr-knn-1.0"
+    assert quality["second_ssl"]["cell"] == quality["smallest_ssl"]["cell"] == "simclr-knn-0.1"
+    assert quality["smallest_baseline"]["cell"] == "scratch-knn-0.1"
+    assert {model: list(steps) for model, steps in quality["gains"].items()} == {
+        "scratch-knn": ["0.1->1.0"],
+        "simclr-knn": ["0.1->1.0"],
+    }
+    text = "\n".join(report._pipeline(_pipeline_result(quality)))
+    assert "| 10 % labels, best self-supervised or semi cell | simclr-knn-0.1 " in text
+    assert "| 10 % labels | simclr-knn 76.00 % | scratch-knn 69.00 % |" in text
+    assert "| init-mode | 10 % → 100 % |" in text
 
 
 def test_cpu_benchmark_times_settings_interleaved_and_writes_its_section(

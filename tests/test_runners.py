@@ -3,31 +3,48 @@
 These tests run both tools for real on a copy of the project configured for a tiny image folder
 plus an unlabeled pool (tests/conftest.py's ``project``), so both runners also carry the pool from
 data.unlabeled_path through download and split into pretraining (issue 25).
+
+A whole run costs minutes, so one Snakemake run serves two tests here (the ``measured`` fixture):
+the pipeline benchmark's harness (benchmarks/pipeline.py) makes it from a clean clone, with its
+no-op re-runs, ``dvc commit`` and a changed param, and both the runner checks and the harness's
+own checks read it. The DVC direction (``dvc repro`` makes the run) is tests/test_runners_dvc.py,
+a file of its own so that ``pytest -n`` can give it to another process.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib
 import json
 import re
-import shutil
-import socket
 import stat
 import warnings
 import zipfile
-from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import yaml
 
 from pipeline import dag
-from tests.conftest import REPO, TINY_POOL_FILES, run, run_env
+from tests.conftest import REPO, TINY_POOL_FILES, make_project, run, sync_matrix
 from tests.test_visualize import CHROMIUM, assert_opens_as_a_page
 
+#: What benchmarks/report.py reads of the machine a benchmark ran on, for rendering a result.
+MACHINE = {
+    "date": "2025-01-01 00:00 UTC",
+    "cpu": "Test CPU",
+    "cores": 2,
+    "gpu": None,
+    "python": "3.11",
+    "torch": "2.x",
+    "command": "python -m benchmarks.pipeline",
+}
+#: Where each stage process writes the modules it loaded (not PIPELINE_...: the benchmark harness
+#: passes its environment on to the stages without the PIPELINE_ and MLFLOW_ variables).
+TRACE_VARIABLE = "IMPORT_TRACE_DIR"
 # Imported by each `python -m pipeline <stage>` process; it records the modules the stage loaded.
 TRACE_HOOK = """
 import atexit, os, sys
@@ -42,7 +59,7 @@ def _dump():
         name += "@" + value("--method")
     if "--init" in sys.argv:
         name += "@" + "-".join(value(f) for f in ("--init", "--mode", "--fraction"))
-    out = os.path.join(os.environ["PIPELINE_IMPORT_TRACE"], name + ".txt")
+    out = os.path.join(os.environ["IMPORT_TRACE_DIR"], name + ".txt")
     with open(out, "w") as handle:
         handle.write("\\n".join(files))
 atexit.register(_dump)
@@ -115,38 +132,6 @@ def nothing_to_do(project: Path) -> bool:
 def snakemake_would_run(project: Path) -> set[str]:
     out = run(["snakemake", "-n"], project).stdout
     return set(re.findall(r"^(?:local)?rule (\w+):", out, re.M)) - {"all"}
-
-
-@contextlib.contextmanager
-def s3_server() -> Iterator[tuple[str, dict[str, str]]]:
-    """An S3-compatible server on 127.0.0.1 (moto) with an empty bucket ``study``; yields its URL
-    and the environment (test credentials) a client needs."""
-    boto3 = pytest.importorskip("boto3")
-    moto_server = pytest.importorskip("moto.server")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        endpoint = f"http://127.0.0.1:{port}"
-        credentials = {
-            "AWS_ACCESS_KEY_ID": "test",
-            "AWS_SECRET_ACCESS_KEY": "test",
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }
-        boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            **{
-                "aws_access_key_id": "test",
-                "aws_secret_access_key": "test",
-                "region_name": "us-east-1",
-            },
-        ).create_bucket(Bucket="study")
-        yield endpoint, run_env() | credentials
-    finally:
-        server.stop()
 
 
 def linked_outputs(project: Path) -> list[str]:
@@ -223,12 +208,61 @@ def test_dvc_params_are_the_keys_each_stage_declares(project: Path):
         assert stage["params"] == list(keys), name
 
 
-def test_snakemake_runs_the_pipeline_and_dvc_then_sees_it_up_to_date(project: Path, tmp_path: Path):
-    trace = tmp_path / "trace"
+@dataclass(frozen=True)
+class MeasuredRun:
+    """The module's one Snakemake run: ``project`` is the clean clone the benchmark harness ran
+    in, ``result`` what it measured, ``trace`` the folder of each stage process's imports and
+    ``figure`` the copy of the label-efficiency figure it was asked for."""
+
+    project: Path
+    result: dict[str, Any]
+    trace: Path
+    figure: Path
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory: pytest.TempPathFactory) -> MeasuredRun:
+    """The pipeline from a clean clone of the ``project`` repository, run and measured once by
+    benchmarks.pipeline for both tests that read it: Snakemake, a no-op Snakemake, ``dvc commit``
+    (what ``make run`` does), a no-op ``dvc repro``, then evaluate.bootstrap 50 -> 60 and
+    Snakemake again (the re-run measurement), with every stage process's imports traced."""
+    from benchmarks import pipeline
+
+    tmp = tmp_path_factory.mktemp("measured")
+    source = make_project(tmp)
+    params = yaml.safe_load((source / "params.yaml").read_text())
+    # A second, scarce budget, so that every quality key of the harness has a cell (4 per class
+    # is both the smallest budget and the second largest); the runner checks read "all".
+    params["split"]["labels_per_class"] = [4, "all"]
+    trace = tmp / "trace"
     trace.mkdir()
     (trace / "sitecustomize.py").write_text(TRACE_HOOK)
-    env = run_env() | {"PYTHONPATH": str(trace), "PIPELINE_IMPORT_TRACE": str(trace)}
-    run(["snakemake", "--cores", "2"], project, env=env)
+    figure = tmp / "results" / "label_efficiency.png"
+    with pytest.MonkeyPatch.context() as patch:  # the harness passes its environment on
+        patch.setenv("PYTHONPATH", str(trace))
+        patch.setenv(TRACE_VARIABLE, str(trace))
+        result = pipeline.run(
+            source=source,
+            cores=2,
+            workdir=tmp / "bench",
+            params=sync_matrix(params),
+            figure_to=figure,
+            change=("evaluate", "bootstrap", 60),
+        )
+    return MeasuredRun(tmp / "bench" / "project", result, trace, figure)
+
+
+def committed_md5(project: Path, stage: str, path: str) -> str:
+    """The checksum dvc.lock records for ``path``, an output of ``stage``."""
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    (out,) = [out for out in lock["stages"][stage]["outs"] if out["path"] == path]
+    return out["md5"]
+
+
+def test_snakemake_runs_the_pipeline_and_dvc_then_sees_it_up_to_date(
+    measured: MeasuredRun, tmp_path: Path
+):
+    project, trace = measured.project, measured.trace
     report = yaml.safe_load((project / "data/splits/imagefolder/report.json").read_text())
     assert report["disjointness"]["disjoint"] is True
     assert_pretrained_on_training_and_pool(project)
@@ -273,7 +307,20 @@ def test_snakemake_runs_the_pipeline_and_dvc_then_sees_it_up_to_date(project: Pa
     } <= names, names
     (project / "report.zip").unlink()
 
-    run(["dvc", "commit", "--force", "--quiet"], project)  # what `make run` does after snakemake
+    # The harness committed the run (dvc commit, as `make run` does after snakemake), after which
+    # neither runner had anything to do; then evaluate.bootstrap changed, and Snakemake re-ran
+    # the evaluation and the report, nothing upstream.
+    reruns = measured.result["reruns"]
+    assert reruns["snakemake_noop_nothing_to_do"] and reruns["dvc_noop_skipped_all"]
+    assert reruns["param_change_jobs"] == {"evaluate": 1, "visualize": 1}
+    # That re-run over the committed outputs replaced them with new files and never wrote through
+    # one into the cache: the cached copy keeps its content, under its checksum's name.
+    summary = project / "metrics/summary.json"
+    digest = committed_md5(project, "evaluate", "metrics/summary.json")
+    cached = project / ".dvc/cache/files/md5" / digest[:2] / digest[2:]
+    assert hashlib.md5(cached.read_bytes()).hexdigest() == digest
+    assert summary.read_bytes() != cached.read_bytes()
+    run(["dvc", "commit", "--force", "--quiet"], project)
     assert dvc_changed(project) == set()
     # As `make run` leaves it (cache.type reflink,copy), every output is a file of its own, and
     # the report opens in a real browser as a page, figures loaded, not as its source text.
@@ -295,111 +342,85 @@ def test_snakemake_runs_the_pipeline_and_dvc_then_sees_it_up_to_date(project: Pa
     assert skipped == len(declared)
     assert nothing_to_do(project)
 
-    # A re-run over the committed outputs replaces them with new files and never writes through
-    # one into the cache: the cached copy keeps its content, under its checksum's name.
-    summary = project / "metrics/summary.json"
-    before = summary.read_bytes()
-    digest = hashlib.md5(before).hexdigest()
-    cached = project / ".dvc/cache/files/md5" / digest[:2] / digest[2:]
-    assert cached.read_bytes() == before
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["evaluate"]["bootstrap"] = 60
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert snakemake_would_run(project) == {"evaluate", "visualize"}
-    run(["snakemake", "--cores", "2"], project)
-    assert summary.read_bytes() != before
-    assert cached.read_bytes() == before
-    run(["dvc", "commit", "--force", "--quiet"], project)
-    assert dvc_changed(project) == set()
-    assert linked_outputs(project) == []
-
     # A fine-tuning param re-runs the fine-tuning cells and what reads them, nothing upstream.
+    params = yaml.safe_load((project / "params.yaml").read_text())
     params["finetune"]["label_smoothing"] = 0.1
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert {name.split("@")[0] for name in dvc_changed(project)} == {"finetune"}
     assert snakemake_would_run(project) == {"finetune", "evaluate", "visualize"}
 
 
-def test_dvc_repro_and_exp_run_then_snakemake_agrees_and_a_change_reruns_only_it(project: Path):
-    """One DVC-made pipeline serves every DVC-direction check (each full run costs a minute)."""
-    run(["dvc", "repro", "--quiet"], project)
-    assert_pretrained_on_training_and_pool(project)
-    assert nothing_to_do(project)
-    # Sharing the run: without a remote, make says how to add one; with one, a fresh clone
-    # pulls the results, and neither runner has anything left to do there.
-    shutil.copy2(REPO / "Makefile", project / "Makefile")
-    refused = run(["make", "push"], project, check=False)
-    assert refused.returncode != 0 and "dvc remote add -d" in refused.stderr
-    run(["dvc", "remote", "add", "-d", "shared", str(project.parent / "remote")], project)
-    run(["git", "add", "-A"], project)
-    run(["git", "commit", "-qm", "baseline"], project)  # dvc.lock and the remote travel in git
-    run(["make", "push"], project)
-    clone = project.parent / "clone"
-    run(["git", "clone", "-q", str(project), str(clone)], project.parent)
-    run(["make", "pull"], clone)
-    summary = "metrics/summary.json"
-    assert (clone / summary).read_bytes() == (project / summary).read_bytes()
-    assert dvc_changed(clone) == set() and nothing_to_do(clone)
+def test_pipeline_benchmark_measures_a_clean_run_its_reruns_and_the_targets(
+    measured: MeasuredRun,
+):
+    """benchmarks.pipeline on the tiny project (no timing is asserted: the machine is shared):
+    what `make benchmarks` measures of a whole run, its re-runs and the study's targets."""
+    from benchmarks import pipeline, report
 
-    # The same through an S3 remote: moto's S3 server on 127.0.0.1, DVC's own S3 client.
-    with s3_server() as (endpoint, env):
-        s3_clone = project.parent / "s3_clone"
-        for repo in (project, s3_clone):
-            if repo == s3_clone:
-                run(["git", "clone", "-q", str(project), str(repo)], project.parent)
-            run(["dvc", "remote", "add", "--local", "s3", "s3://study/cache"], repo)
-            run(["dvc", "remote", "modify", "--local", "s3", "endpointurl", endpoint], repo)
-        run(["dvc", "push", "-r", "s3"], project, env=env)
-        run(["dvc", "pull", "-r", "s3"], s3_clone, env=env)
-    assert (s3_clone / summary).read_bytes() == (project / summary).read_bytes()
-    assert dvc_changed(s3_clone) == set()
+    result = measured.result
+    assert measured.figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| scratch | knn |" in result["summary_markdown"]
 
-    # A changed value: DVC names exactly the stage that reads it.
-    params_file = project / "params.yaml"
-    baseline = params_file.read_text()
-    params = yaml.safe_load(baseline)
-    params["split"]["val_fraction"] = 0.25
-    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-    assert dvc_changed(project) == {"split"}
-    params_file.write_text(baseline)
-
-    # An experiment sets a value from the command line and re-runs what reads it, and only that
-    # (an evaluation param: the test split's bootstrap, so the check costs one stage, not all).
-    out = run(["dvc", "exp", "run", "-S", "evaluate.bootstrap=60"], project).stdout
-    assert yaml.safe_load(params_file.read_text())["evaluate"]["bootstrap"] == 60
-    ran = set(re.findall(r"Running stage '([\w@.\-]+)'", out))
-    assert ran == {"evaluate", "visualize"}, out
-    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]["evaluate"]
-    assert lock["params"]["params.yaml"]["evaluate"]["bootstrap"] == 60
-    # dvc exp show lists each cell's validation accuracy and its test accuracy, one column each.
-    table = run(["dvc", "exp", "show", "--csv", "--no-pager"], project).stdout
-    header = table.splitlines()[0].split(",")
-    for cell in ("scratch-linear", "simclr-knn"):
-        assert any(h.endswith("val_acc_mean") and cell in h for h in header) or (
-            "val_acc_mean" in header
-        ), header
-        assert f"test_accuracy.{cell}.all.mean" in header, header
-    assert "evaluate.bootstrap" in header
-    # dvc metrics diff names what the change moved: the bootstrap intervals, not the means.
-    diff = json.loads(run(["dvc", "metrics", "diff", "HEAD", "--json"], project).stdout)
-    changed = {key for per_file in diff.values() for key in per_file}
-    assert any(k.endswith(".ci_low") or k.endswith(".ci_high") for k in changed), changed
-    assert not any(k.endswith(".mean") for k in changed), changed
-    run(["snakemake", "--touch", "--cores", "1", "--quiet"], project)  # what `make repro` does
-    assert nothing_to_do(project)
-
-    with open(project / "pipeline/stages/split.py", "a") as handle:
-        handle.write("\n# a code change\n")
-    assert dvc_changed(project) == {"split"}
-    # Snakemake lists the stage and what is downstream of it; download is upstream and stays.
-    assert snakemake_would_run(project) == {
-        "split",
-        "augment",
-        "pretrain",
-        "finetune",
-        "evaluate",
-        "visualize",
+    assert list(result["stages"]) == list(pipeline.STAGES)
+    jobs = {stage: cost["jobs"] for stage, cost in result["stages"].items()}
+    assert jobs == {
+        "download": 1,
+        "split": 1,
+        "augment": 1,
+        "pretrain": 3,
+        "finetune": 12,  # 3 inits x 2 modes x 2 budgets
+        "evaluate": 1,
+        "visualize": 1,
     }
+    for cost in result["stages"].values():
+        assert 0 < cost["slowest_job_seconds"] <= cost["seconds"] < result["total_seconds"]
+        assert 50 < cost["peak_rss_mb"] < 64 * 1024
+    reruns = result["reruns"]
+    assert reruns["snakemake_noop_nothing_to_do"] and reruns["dvc_noop_skipped_all"]
+    assert reruns["param_change"] == "evaluate.bootstrap: 50 -> 60"
+    assert reruns["param_change_jobs"] == {"evaluate": 1, "visualize": 1}
+
+    quality = result["quality"]
+    assert quality["budgets"] == ["4pc", "all"]
+    assert quality["largest"]["cell"].endswith("-all")
+    # The cells best on validation, read from the cells' own files: at two budgets the second
+    # largest is the smallest; the self-supervised side is simclr or the GAN, the baseline scratch.
+    val = {
+        path.stem: json.loads(path.read_text())["val_acc_mean"]
+        for path in (measured.project / "metrics/finetune").glob("*-4pc.json")
+    }
+    assert len(val) == 6
+    ssl, baseline = quality["smallest_ssl"], quality["smallest_baseline"]
+    assert quality["second_ssl"] == ssl
+    assert ssl["cell"].split("-")[0] in ("simclr", "gan") and ssl["cell"] in val
+    assert ssl["val"] == max(v for cell, v in val.items() if not cell.startswith("scratch-"))
+    assert baseline["cell"].split("-")[0] == "scratch"
+    assert baseline["val"] == max(v for cell, v in val.items() if cell.startswith("scratch-"))
+    assert quality["smallest_gain"] == pytest.approx(ssl["test"] - baseline["test"])
+    for chosen in (quality["largest"], ssl, baseline):
+        assert 0 <= chosen["ci"][0] <= chosen["test"] <= chosen["ci"][1] <= 1
+    # summary.json's answer as the evaluate stage wrote it: the same cells as chosen here.
+    answer = quality["answer"]
+    assert list(answer) == ["4pc", "all"]
+    assert (f"{answer['4pc']['ssl_cell']}-4pc", f"{answer['4pc']['baseline_cell']}-4pc") == (
+        ssl["cell"],
+        baseline["cell"],
+    )
+    assert answer["4pc"]["ci_low"] <= answer["4pc"]["difference"] <= answer["4pc"]["ci_high"]
+    models = [
+        f"{init}-{mode}" for init in ("scratch", "simclr", "gan") for mode in ("linear", "knn")
+    ]
+    assert {model: list(steps) for model, steps in quality["gains"].items()} == {
+        model: ["4pc->all"] for model in sorted(models)
+    }
+    knn = quality["knn"]
+    assert set(knn["per_method"]) == {"scratch", "simclr", "gan"}
+    assert knn["best_ssl"] == max(("simclr", "gan"), key=knn["per_method"].get)
+    assert len(result["commit"]) == 40
+    text = "\n".join(report._pipeline({**result, "machine": MACHINE, "targets": pipeline.TARGETS}))
+    assert f"| 4 labels per class, best self-supervised or semi cell | {ssl['cell']} " in text
+    assert f"| 4 labels per class | {answer['4pc']['ssl_cell']} " in text
+    assert "| init-mode | 4 per class → all |" in text
 
 
 def test_the_repository_dvc_yaml_and_rules_exist_side_by_side():

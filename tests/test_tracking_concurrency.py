@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from pipeline import tracking
 from pipeline.config import load
 from pipeline.errors import PipelineError
-from tests.conftest import REPO, run, run_env
+from tests.conftest import REPO, make_project, run, run_env
 
 EXPERIMENT = "label-efficiency"
 STRESS_KEYS = ("split", "augment")
@@ -163,19 +164,54 @@ def test_processes_started_together_on_a_fresh_store_all_record_their_runs(tmp_p
     assert len(_overlapping(runs)) > 0
 
 
-def test_snakemake_runs_stages_side_by_side_on_one_store(project: Path):
-    targets = ["models/pretrain/scratch", "models/pretrain/simclr"]
-    # MLflow's system metrics every second (the default, 10 s, outlasts these tiny jobs).
-    env = run_env() | {
-        "PIPELINE_EXECUTION": "parallel-stages",
-        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1",
-    }
-    done = run(["snakemake", "--cores", "2", *targets, *ONE_THREAD_EACH], project, env=env)
-    _assert_never_locked(project, done.stdout + done.stderr)
+@dataclass(frozen=True)
+class TwoPipelines:
+    """Two Snakemake pipelines that ran at once on one store (``uri``): ``first``, the ``project``
+    repository, ran both pretraining jobs side by side (``--cores 2``, one thread each);
+    ``second``, a clone of it, pretrained simclr on one core. ``outputs``: what each printed."""
 
-    (parent,), runs = _parents_and_stage_runs(f"sqlite:///{project / 'mlflow.db'}")
+    first: Path
+    second: Path
+    uri: str
+    outputs: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def two_pipelines(tmp_path_factory: pytest.TempPathFactory) -> TwoPipelines:
+    """One run of minutes for both tests below: parallel stages within a pipeline and parallel
+    pipelines on one store are the same run, each checked from its own side."""
+    tmp = tmp_path_factory.mktemp("two_pipelines")
+    first = make_project(tmp)
+    second = tmp / "second"
+    run(["git", "clone", "-q", str(first), str(second)], tmp)
+    uri = f"sqlite:///{tmp / 'shared' / 'mlflow.db'}"  # a folder that does not exist yet
+    both = ["models/pretrain/scratch", "models/pretrain/simclr"]
+    # MLflow's system metrics every second (the default, 10 s, outlasts these tiny jobs).
+    first_env = {"PIPELINE_EXECUTION": "first", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
+    pipelines = {
+        "first": _start(
+            ["snakemake", "--cores", "2", *both, *ONE_THREAD_EACH],
+            first,
+            run_env() | {"MLFLOW_TRACKING_URI": uri} | first_env,
+        ),
+        "second": _start(
+            ["snakemake", "--cores", "1", "models/pretrain/simclr"],
+            second,
+            run_env() | {"MLFLOW_TRACKING_URI": uri, "PIPELINE_EXECUTION": "second"},
+        ),
+    }
+    return TwoPipelines(first, second, uri, _finish(pipelines, timeout=600))
+
+
+def test_snakemake_runs_stages_side_by_side_on_one_store(two_pipelines: TwoPipelines):
+    project = two_pipelines.first
+    _assert_never_locked(project, two_pipelines.outputs["first"])
+
+    parents, stage_runs = _parents_and_stage_runs(two_pipelines.uri)
+    (parent,) = [p for p in parents if p.data.tags["execution"] == "first"]
+    runs = [r for r in stage_runs if r.data.tags["execution"] == "first"]
     # One execution is one tree: every stage run nested under its parent run, with the commit.
-    assert parent.info.status == "FINISHED" and parent.data.tags["execution"] == "parallel-stages"
+    assert parent.info.status == "FINISHED"
     assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent.info.run_id}
     commit = run(["git", "rev-parse", "HEAD"], project).stdout.strip()
     assert {r.data.tags["mlflow.source.git.commit"] for r in [parent, *runs]} == {commit}
@@ -190,7 +226,6 @@ def test_snakemake_runs_stages_side_by_side_on_one_store(project: Path):
         "simclr",
     }
     assert all(r.info.status == "FINISHED" for r in runs)
-    assert all(r.data.tags["execution"] == "parallel-stages" for r in runs)
     # Lightning's MLFlowLogger wrote its per-epoch curve into simclr's run.
     (simclr,) = (r for r in runs if r.data.tags.get("method") == "simclr")
     assert {"val_knn_acc", "final_val_knn_acc"} <= simclr.data.metrics.keys()
@@ -207,40 +242,32 @@ def test_snakemake_runs_stages_side_by_side_on_one_store(project: Path):
     assert spans[1][0] < spans[0][1], f"the pretraining jobs ran one after the other: {spans}"
 
 
-def test_two_pipelines_at_once_share_one_store(project: Path, tmp_path: Path):
-    store = tmp_path / "shared" / "mlflow.db"
-    uri = f"sqlite:///{store}"
-    second = tmp_path / "second"
-    run(["git", "clone", "-q", str(project), str(second)], tmp_path)
-    target = "models/pretrain/simclr"
-    pipelines = {
-        name: _start(
-            ["snakemake", "--cores", "1", target],
-            folder,
-            run_env() | {"MLFLOW_TRACKING_URI": uri, "PIPELINE_EXECUTION": name},
-        )
-        for name, folder in (("first", project), ("second", second))
-    }
-    outputs = _finish(pipelines, timeout=600)
-    _assert_never_locked(project, outputs["first"])
-    _assert_never_locked(second, outputs["second"])
+def test_two_pipelines_at_once_share_one_store(two_pipelines: TwoPipelines):
+    folders = {"first": two_pipelines.first, "second": two_pipelines.second}
+    for name, folder in folders.items():
+        _assert_never_locked(folder, two_pipelines.outputs[name])
 
-    parents, runs = _parents_and_stage_runs(uri)
-    for name in pipelines:
+    parents, runs = _parents_and_stage_runs(two_pipelines.uri)
+    expected = {"first": ["scratch", "simclr"], "second": ["simclr"]}
+    for name, methods in expected.items():
         mine = [r for r in runs if r.data.tags.get("execution") == name]
-        assert sorted(r.data.tags["stage"] for r in mine) == [
-            "augment",
-            "download",
-            "pretrain",
-            "split",
-        ], name
+        assert sorted(r.data.tags["stage"] for r in mine) == sorted(
+            ["download", "split", "augment", *["pretrain"] * len(methods)]
+        ), name
         assert all(r.info.status == "FINISHED" for r in mine), name
         # Each pipeline's runs hang under its own parent, however the two interleaved.
         (parent,) = [p for p in parents if p.data.tags["execution"] == name]
         assert {r.data.tags["mlflow.parentRunId"] for r in mine} == {parent.info.run_id}
-    assert len(runs) == 8 and len(parents) == 2
-    assert _overlapping(runs)
-    assert not (project / "mlflow.db").exists() and not (second / "mlflow.db").exists()
+    assert len(runs) == 9 and len(parents) == 2
+    # The two pipelines ran at once: a run of one overlaps a run of the other (the first's own
+    # two pretraining runs overlap too, but that is the other test's point).
+    first, second = ([r for r in runs if r.data.tags["execution"] == n] for n in expected)
+    assert any(
+        a.info.start_time < b.info.end_time and b.info.start_time < a.info.end_time
+        for a in first
+        for b in second
+    )
+    assert not any((folder / "mlflow.db").exists() for folder in folders.values())
 
 
 def test_a_store_locked_for_a_while_makes_writers_wait_not_fail(tmp_path: Path):
