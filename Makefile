@@ -11,7 +11,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 # Stage commands call plain `python`: the venv must come first on PATH for both runners.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup dataset browser profile run repro cluster push pull test lint benchmarks clean
+.PHONY: setup dataset browser profile run repro cluster push pull test lint benchmarks gpu-check clean
 
 setup: $(STAMP) dataset
 
@@ -93,14 +93,23 @@ lint: setup
 
 # One pytest process per core, each taking whole files (a module's fixtures are built once):
 # most of the suite waits on imports and subprocesses, so two processes on two cores finish
-# sooner than one. --durations lists the slowest tests, where CI time goes.
+# sooner than one. Files are handed out in collection order, which tests/conftest.py starts
+# with the files that take minutes (HEAVY_FILES): xdist's default order (most tests first) would
+# leave those, which have few tests, to the end. --durations lists where CI time goes.
 test: lint browser
-	pytest -n auto --dist loadfile --durations=20
+	pytest -n auto --dist loadfile --no-loadscope-reorder --durations=20
 
 # Speed and quality benchmarks, including the whole default pipeline from a clean clone (run on a
 # quiet machine; about 30 minutes here); results in benchmarks/results/, summary in BENCHMARKS.md.
 benchmarks: setup
 	python -m benchmarks
+
+# On a GPU machine (README, "Checking a GPU machine"): the GPU tests, every method's speed, the
+# GPU profile's cost and a mini-study in at most 8 minutes on one GPU; results in
+# benchmarks/results/gpu.json (and $OUT) and BENCHMARKS.md. No setup: it runs with the machine's
+# own torch, lightning, torchmetrics and numpy, offline; GPU_CHECK_ARGS adds options (--data).
+gpu-check:
+	python -m benchmarks.gpu $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf data/raw data/prepared data/splits data/augment models metrics reports logs .snakemake

@@ -20,7 +20,8 @@ trains with (``augment.policies.ssl``):
 
 For context, the same training step on one fixed, precomputed pair of views (no loading, no
 augmentation) is timed too: it bounds both contenders, so it says how much of a step an input
-pipeline can win back at all.
+pipeline can win back at all. ``replayed`` is that ceiling for any method (every view a step
+draws is recorded once and replayed); benchmarks/gpu.py times every method with it and ``ours``.
 
 Images/s count each source image once, although it yields two views. Every number is the best
 of ROUNDS rounds of N steps after WARMUP untimed steps (worker start-up, lazy init, allocator
@@ -40,7 +41,7 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,54 +71,69 @@ NUM_CLASSES = 10  # only sizes the (unused) linear probe
 
 
 def module_kwargs(
-    params: Path = PARAMS,
+    params: Path | Mapping[str, Any] = PARAMS,
     backbone: str | None = None,
     width: int | None = None,
     batch_size: int | None = None,
     image_size: int = 28,
     channels: int = 1,
     n_images: int = 60000,
+    method: str = "simclr",
+    stats: tuple[list[float], list[float]] | None = None,
 ) -> dict[str, Any]:
-    """PretrainModule(method="simclr") arguments, built as pipeline/stages/pretrain.py does.
+    """PretrainModule(method=...) arguments, built as pipeline/stages/pretrain.py does.
 
     Why not call the stage's ``hparams_for``: it reads policy.json and the statistics from the
     augment stage's outputs, which a benchmark must not depend on. Everything else comes from
-    params.yaml, so a change there (policy, loss options, optimizer) is what gets measured;
-    ``backbone``/``width``/``batch_size`` override the defaults for the extra measurements.
+    the params (a params.yaml path, or params already validated with their defaults filled in,
+    such as ``Config.raw`` of a merged profile), so a change there (policy, loss options,
+    optimizer) is what gets measured; ``backbone``/``width``/``batch_size`` override the model
+    and batch, ``stats`` the (mean, std) per channel (speed does not depend on them).
     """
     from pipeline.augment import resolve_policy
-    from pipeline.config import load
-    from pipeline.stages.pretrain import backbone_fields
 
-    config = load(params)
-    pre = config.pretrain
-    fields = backbone_fields(config)
+    raw = _raw_params(params)
+    pre = raw["pretrain"]
+    fields = dict(raw["model"])  # the stage's backbone_fields: ``backbone`` is the name
+    fields["name"] = fields.pop("backbone")
     if backbone is not None:
         fields["name"] = backbone
     if width is not None:
         fields["width"] = width
-    batch = batch_size or pre.batch_size
+    batch = batch_size or pre["batch_size"]
+    options = pre[method]
+    mean, std = stats or ([MEAN] * channels, [STD] * channels)
     return {
-        "method": "simclr",
+        "method": method,
         "backbone": fields,
         "in_channels": channels,
         "image_size": image_size,
         "num_classes": NUM_CLASSES,
-        "policy": resolve_policy(config.augment.policies[pre.policy_for("simclr")]),
-        "mean": [MEAN] * channels,
-        "std": [STD] * channels,
-        "options": {k: v for k, v in pre.options["simclr"].items() if k != "policy"},
-        "optimizer": config.raw["pretrain"]["optimizer"],
-        "epochs": pre.epochs,
-        "warmup_epochs": pre.warmup_epochs,
+        # The method's own policy, else the common one (PretrainConfig.policy_for).
+        "policy": resolve_policy(raw["augment"]["policies"][options.get("policy", pre["policy"])]),
+        "mean": list(mean),
+        "std": list(std),
+        "options": {k: v for k, v in options.items() if k != "policy"},
+        "optimizer": pre["optimizer"],
+        "epochs": pre["epochs"],
+        "warmup_epochs": float(pre["warmup_epochs"]),
         "steps_per_epoch": max(1, n_images // batch),
-        "seed": pre.seed,
-        "monitor": pre.monitor,
+        "seed": pre["seed"],
+        "monitor": pre["monitor"],
     }
 
 
+def _raw_params(params: Path | Mapping[str, Any]) -> Mapping[str, Any]:
+    """Validated params with defaults filled in: read from a params file, or as given."""
+    if isinstance(params, Mapping):
+        return params
+    from pipeline.config import load
+
+    return load(params).raw
+
+
 def _build(kwargs: dict[str, Any], device: torch.device) -> tuple[Any, torch.optim.Optimizer]:
-    """A fresh PretrainModule and the optimizer of params.yaml over its backbone and head.
+    """A fresh PretrainModule and the optimizer of params.yaml over its backbone and heads.
 
     The linear probe is left out of the optimizer on both paths: the stage trains it on the
     side, and it is not part of what is compared here.
@@ -128,7 +144,11 @@ def _build(kwargs: dict[str, Any], device: torch.device) -> tuple[Any, torch.opt
     torch.manual_seed(kwargs["seed"])  # same initial weights for both contenders
     module = PretrainModule(**kwargs).to(device).train()
     opt = kwargs["optimizer"]
-    trained = [*module.backbone.parameters(), *module.head.parameters()]
+    # The encoder and the method's heads; not the probe, nor a teacher (no gradient: it moves
+    # by EMA, see _after_step).
+    trained = [
+        p for n, p in module.named_parameters() if p.requires_grad and not n.startswith("probe.")
+    ]
     optimizer = build_optimizer(
         [{"params": trained}],
         opt["name"],
@@ -159,17 +179,20 @@ def _sync(device: torch.device) -> None:
 
 
 class GpuUtilization(AbstractContextManager["GpuUtilization"]):
-    """Samples ``nvidia-smi`` utilization.gpu every ``interval`` s in a background thread.
+    """Samples the GPU's utilization every ``interval`` s in a background thread.
 
     Why: images/s alone does not say whether the GPU is starved by the input pipeline; the
-    mean utilization during the timed loop does. Without nvidia-smi (or on a CPU run) it
-    records nothing and ``mean`` is None.
+    mean utilization during the timed loop does. It reads NVML through pynvml (the ``[gpu]``
+    extra, nvidia-ml-py: no process per sample) when that is installed and knows the GPU, else
+    ``nvidia-smi``; with neither (or on a CPU run) it records nothing and ``mean`` is None.
+    ``source`` says which one sampled.
     """
 
     def __init__(self, gpu: str | None, interval: float = 0.2) -> None:
-        self.gpu = gpu if gpu is not None and shutil.which("nvidia-smi") else None
+        self.gpu = gpu
         self.interval = interval
         self.samples: list[float] = []
+        self.source: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -180,24 +203,53 @@ class GpuUtilization(AbstractContextManager["GpuUtilization"]):
             return None
         return f"GPU-{torch.cuda.get_device_properties(device).uuid}"
 
-    def _sample(self) -> None:
+    def _nvml(self) -> Callable[[], float | None] | None:
+        """A reader of the GPU's utilization through pynvml, or None where it cannot be had."""
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByUUID(str(self.gpu).encode())
+        except Exception:  # not installed, no driver, an id NVML does not know: nvidia-smi
+            return None
+
+        def read() -> float | None:
+            try:
+                return float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+            except pynvml.NVMLError:
+                return None  # not supported under MIG, say: skip the sample
+
+        return read
+
+    def _smi(self) -> float | None:
         command = [
             "nvidia-smi",
             f"--id={self.gpu}",
             "--query-gpu=utilization.gpu",
             "--format=csv,noheader,nounits",
         ]
+        try:
+            out = subprocess.run(command, capture_output=True, text=True, timeout=5).stdout
+            return float(out.strip().splitlines()[0])
+        except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+            return None  # "[N/A]" under MIG, an unknown id, a slow driver: skip the sample
+
+    def _sample(self, read: Callable[[], float | None]) -> None:
         while not self._stop.is_set():
-            try:
-                out = subprocess.run(command, capture_output=True, text=True, timeout=5).stdout
-                self.samples.append(float(out.strip().splitlines()[0]))
-            except (OSError, subprocess.SubprocessError, ValueError, IndexError):
-                pass  # "[N/A]" under MIG, an unknown id, a slow driver: skip the sample
+            value = read()
+            if value is not None:
+                self.samples.append(value)
             self._stop.wait(self.interval)
 
     def __enter__(self) -> GpuUtilization:
-        if self.gpu is not None:
-            self._thread = threading.Thread(target=self._sample, daemon=True)
+        if self.gpu is None:
+            return self
+        read = self._nvml()
+        self.source = "nvml" if read is not None else None
+        if read is None and shutil.which("nvidia-smi"):
+            read, self.source = self._smi, "nvidia-smi"
+        if read is not None:
+            self._thread = threading.Thread(target=self._sample, args=(read,), daemon=True)
             self._thread.start()
         return self
 
@@ -248,7 +300,8 @@ def _index_batches(
 @dataclass(frozen=True)
 class Bench:
     """What every contender starts from: a fresh module and its optimizer (same seed, same
-    initial weights), the source images, the module's arguments, the batch size, the device."""
+    initial weights), the source images, the module's arguments, the batch size, the device
+    and the DataLoader workers of a per-sample contender."""
 
     module: Any
     optimizer: torch.optim.Optimizer
@@ -256,6 +309,7 @@ class Bench:
     kwargs: dict[str, Any]
     batch_size: int
     device: torch.device
+    workers: int = WORKERS
 
 
 #: A contender: from a Bench, a context that yields its training step (which returns how many
@@ -272,6 +326,7 @@ def measure(
     rounds: int = ROUNDS,
     warmup: int = WARMUP,
     device: torch.device | None = None,
+    workers: int = WORKERS,
 ) -> dict[str, Any]:
     """Time ``contender``'s step on a fresh module (see :func:`time_steps` for the numbers).
 
@@ -280,7 +335,8 @@ def measure(
     """
     device = device or torch.device("cpu")
     module, optimizer = _build(kwargs, device)
-    with contender(Bench(module, optimizer, images, kwargs, batch_size, device)) as step:
+    bench = Bench(module, optimizer, images, kwargs, batch_size, device, workers)
+    with contender(bench) as step:
         return time_steps(step, steps, rounds, warmup, device)
 
 
@@ -291,7 +347,11 @@ def measure(
 
 @contextmanager
 def ours(bench: Bench) -> Iterator[Callable[[], int]]:
-    """The pipeline's path: uint8 data on the device, ``PretrainModule.objective`` per step."""
+    """The pipeline's path: uint8 data on the device, ``PretrainModule.objective`` per step.
+
+    Any method with Lightning's automatic optimization runs this way (its objective is the
+    whole step); a method that steps its own optimizers (the GAN) needs a Trainer.
+    """
     device, seed = bench.device, bench.kwargs["seed"]
     data = bench.images.to(device)
     indices = _index_batches(data.shape[0], bench.batch_size, device, seed)
@@ -299,18 +359,92 @@ def ours(bench: Bench) -> Iterator[Callable[[], int]]:
 
     def step() -> int:
         nonlocal count
-        # A generator per step seeded by (seed, step), like PretrainModule._generator.
-        generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + count)
-        count += 1
         batch = data[next(indices)]
-        with _autocast(device):
-            loss, _, _ = bench.module.objective(batch, generator)
-        bench.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        bench.optimizer.step()
+        _objective_step(bench, batch, _step_generator(device, seed, count), count)
+        count += 1
         return batch.shape[0]
 
     yield step
+
+
+def _step_generator(device: torch.device, seed: int, step: int) -> torch.Generator:
+    """A generator per step seeded by (seed, step), like PretrainModule._generator."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+
+
+def _objective_step(
+    bench: Bench, batch: torch.Tensor, generator: torch.Generator, count: int
+) -> None:
+    """What PretrainModule.training_step does for a method with automatic optimization, minus
+    the online probe: the objective under the stage's precision, backward, optimizer step, and
+    the teacher's EMA move when the method has one (BYOL)."""
+    with _autocast(bench.device):
+        loss, _, _ = bench.module.objective(batch, generator)
+    bench.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    bench.optimizer.step()
+    _after_step(bench.module, count)
+
+
+def _after_step(module: Any, step: int) -> None:
+    """Move a method's teacher towards the student after optimizer step ``step`` (0-based), as
+    PretrainModule.on_train_batch_end does inside a Trainer; nothing for a method without one."""
+    if len(getattr(module, "teacher", ())):
+        module.update_teacher(module.momentum(step))
+
+
+class ReplayedAugment(torch.nn.Module):
+    """Stands in for a module's ``augment``: while ``recording`` it draws real views and keeps
+    them; afterwards every step gets the recorded views back, in the order it asks for them.
+
+    Why: with it in place, a training step costs the model's work alone, however many views
+    the method draws and wherever it draws them (the objective, or its own training_step), so
+    it is the ceiling of every method without a method-specific rewrite of its step.
+    """
+
+    def __init__(self, real: torch.nn.Module) -> None:
+        super().__init__()
+        self.real = real
+        self.recording = True
+        self.views: list[torch.Tensor] = []
+        self.position = 0
+
+    def start_step(self) -> None:
+        self.position = 0
+
+    def forward(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if self.recording:
+            view = self.real(images, generator)
+            self.views.append(view)
+            return view
+        view = self.views[self.position % len(self.views)]
+        self.position += 1
+        return view
+
+
+@contextmanager
+def replayed(bench: Bench) -> Iterator[Callable[[], int]]:
+    """The model step alone, for any method with automatic optimization: ``ours`` on one fixed
+    batch whose views (every augmentation the step draws) are recorded once and replayed."""
+    module, device, seed = bench.module, bench.device, bench.kwargs["seed"]
+    batch = bench.images[: bench.batch_size].to(device)
+    real = module.augment
+    replay = ReplayedAugment(real)
+    module.augment = replay
+    count = 0
+
+    def step() -> int:
+        nonlocal count
+        replay.start_step()
+        _objective_step(bench, batch, _step_generator(device, seed, count), count)
+        replay.recording = False
+        count += 1
+        return batch.shape[0]
+
+    try:
+        yield step
+    finally:
+        module.augment = real
 
 
 def _train_on_views(
@@ -396,8 +530,8 @@ def per_sample(bench: Bench) -> Iterator[Callable[[], int]]:
         batch_size=bench.batch_size,
         shuffle=True,
         drop_last=True,
-        num_workers=WORKERS,
-        persistent_workers=WORKERS > 0,
+        num_workers=bench.workers,
+        persistent_workers=bench.workers > 0,
         pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(kwargs["seed"]),
     )

@@ -520,6 +520,189 @@ def _own_images(result: dict) -> list[str]:
     ]
 
 
+def _gpu(result: dict) -> list[str]:
+    """The GPU check (benchmarks/gpu.py): the GPU tests, every method's speed against its
+    ceiling, one fine-tuning pass per label budget, the GPU profile's cost and the mini-study.
+    A part that failed shows its error instead of its table."""
+    m = result["machine"]
+    data, plan = result.get("data", {}), result.get("plan", {})
+    lines = [
+        "## GPU check (`benchmarks/gpu.py`, `make gpu-check`)",
+        "",
+        f"{m['date']} · {m['cpu']} · {m['cores']} cores · GPU: {m['gpu'] or 'none'} · "
+        f"torch {m['torch']}",
+        "",
+        f"Command: `{m['command']}`: {result.get('seconds', 0):.0f} s in all (limit "
+        f"{result.get('limit_s', 0):.0f} s) on {result.get('device', '?')} "
+        f"({result.get('precision', '?')}). Data: {data.get('source', '?')}, "
+        f"{data.get('train', 0):,} training and {data.get('val', 0):,} validation images. "
+        f"Plan: {plan.get('source', '?')}.",
+        "",
+    ]
+    if result.get("smoke"):
+        lines += [
+            "**Smoke run** (tiny model and data on the CPU): it checks the code, not a GPU.",
+            "",
+        ]
+    if not result.get("complete"):
+        lines += ["**Incomplete run**: the check stopped before its last part.", ""]
+    errors = result.get("errors", {})
+    lines += [f"- **{part} failed**: `{error}`" for part, error in errors.items()]
+    lines += [""] if errors else []
+    return [
+        *lines,
+        *_gpu_tests(result.get("tests")),
+        *_gpu_throughput(result.get("throughput")),
+        *_gpu_finetune(result.get("finetune")),
+        *_gpu_extrapolation(result.get("extrapolation")),
+        *_gpu_mini_study(result.get("mini_study")),
+    ]
+
+
+def _gpu_tests(tests: dict | None) -> list[str]:
+    if not tests:
+        return []
+    if "error" in tests:
+        return [f"GPU tests (`{tests['command']}`): not run: {tests['error']}.", ""]
+    failing = ", ".join(f"`{name}`" for name in tests["failing"]) or "none"
+    return [
+        f"GPU tests (`{tests['command']}`, {tests['seconds']:.0f} s): **{tests['passed']} "
+        f"passed, {tests['failed']} failed, {tests['errors']} errors**, {tests['skipped']} "
+        f"skipped. Failing: {failing}.",
+        "",
+    ]
+
+
+def _gpu_throughput(speed: dict | None) -> list[str]:
+    if not speed:
+        return []
+    goal = speed["goal_ratio"]
+
+    def util(value: float | None) -> str:
+        return "–" if value is None else f"{value:.0f} %"
+
+    rows = [
+        f"| {name} | {r['ours_img_s']:,.0f} | {r['ceiling_img_s']:,.0f} | "
+        f"{r['ratio_to_ceiling']:.2f}× ({'met' if r['goal_met'] else 'not met'}) | "
+        f"{r['lightning_img_s']:,.0f} | {r['lightning_val_s']:.1f} | "
+        f"{util(r['gpu_util_ours_pct'])} | {_gib(r.get('lightning_peak_mib'))} |"
+        for name, r in speed["methods"].items()
+    ]
+    through_trainer = [n for n, r in speed["methods"].items() if "Lightning" in r["ours_how"]]
+    trainer_note = (
+        f" {', '.join(through_trainer)}: ours and the ceiling through a Trainer (the method "
+        "steps its own optimizers)."
+        if through_trainer
+        else ""
+    )
+    sample = speed["per_sample"]
+    if "skipped" in sample:
+        per_sample = f"Per-sample torchvision DataLoader: not measured ({sample['skipped']})."
+    else:
+        simclr = speed["methods"][sample["method"]]["ours_img_s"]
+        per_sample = (
+            f"SimCLR through a per-sample torchvision v2 DataLoader ({sample['workers']} "
+            f"workers, two views in `__getitem__`): {sample['img_s']:,.0f} images/s (GPU "
+            f"{util(sample['gpu_util_pct'])}); ours is {simclr / sample['img_s']:.1f}× that. "
+            "Measured for SimCLR only: the other methods have no per-sample baseline to copy."
+        )
+    return [
+        f"Pretraining speed, {speed['backbone']} w{speed['width']}, batch {speed['batch_size']}, "
+        f"{speed['precision']}: images/s (source images), best of {speed['rounds']} rounds of "
+        f"{speed['steps']} steps after {speed['warmup_steps']} warm-up steps. Ours: uint8 data "
+        "on the device, `PretrainModule.objective`, backward, step; ceiling: "
+        f"{speed['ceiling_how']} (goal: ours ≥ {goal:g}× ceiling); Lightning: "
+        f"{speed['lightning_how']}.{trainer_note}",
+        "",
+        "| method | ours | ceiling | ours / ceiling | Lightning | validation (s) | GPU util | "
+        "memory (GiB) |",
+        "|---|---:|---:|---|---:|---:|---:|---:|",
+        *rows,
+        "",
+        per_sample,
+        "",
+    ]
+
+
+def _gpu_finetune(passes: dict | None) -> list[str]:
+    if not passes:
+        return []
+    rows = []
+    for fraction, entry in passes["fractions"].items():
+        for mode, r in entry["modes"].items():
+            if mode == "knn":
+                rows.append(
+                    f"| {_budget_words(fraction)} | knn | – | – | – | – | "
+                    f"{r['features_s'] + r['knn_s']:.2f} (features and fit) | – |"
+                )
+                continue
+            rows.append(
+                f"| {_budget_words(fraction)} | {mode} | {r['batch_size']} | "
+                f"{r['steps_per_epoch']} | {r['max_epochs']} | {1000 * r['step_s']:.1f} | "
+                f"{r['pass_s']:.2f} | {_gib(r.get('peak_mib'))} |"
+            )
+    return [
+        f"One fine-tuning pass per label budget and mode (the stage's FinetuneModule in a "
+        f"Trainer, {passes['timed_steps']} timed steps, then one whole validation): a pass is "
+        "its steps and that validation; a cell trains at most its cap of passes per seed.",
+        "",
+        "| labels | mode | batch | steps per pass | cap (passes) | ms per step | pass (s) | "
+        "memory (GiB) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+    ]
+
+
+def _gib(mib: float | None) -> str:
+    """Peak GPU memory in GiB; a dash where none was measured (the CPU)."""
+    return "–" if mib is None else f"{mib / 1024:.1f}"
+
+
+def _gpu_extrapolation(cost: dict | None) -> list[str]:
+    if not cost:
+        return []
+    parts = cost["parts_s"]
+    modes = ", ".join(f"{mode} {s / 3600:.1f} h" for mode, s in cost["finetune_by_mode_s"].items())
+    methods = ", ".join(f"{m} {s / 60:.0f} min" for m, s in cost["pretrain_s"].items())
+    return [
+        f"**The GPU profile on this GPU, one job after another: {cost['total_h']:.1f} h** "
+        f"({cost['job_count']} jobs: {cost['cells']} cells × {cost['seeds']} seeds, "
+        f"{cost['epochs']} pretraining epochs of {cost['epoch_images']:,} images).",
+        "",
+        "| part | hours |",
+        "|---|---:|",
+        f"| pretraining ({methods}) | {parts['pretrain'] / 3600:.2f} |",
+        f"| fine-tuning ({modes}) | {parts['finetune'] / 3600:.2f} |",
+        f"| fixed cost, {cost['fixed_cost_s']:.1f} s per job | {parts['fixed'] / 3600:.2f} |",
+        "",
+        f"How: {cost['how']}",
+        "",
+    ]
+
+
+def _gpu_mini_study(study: dict | None) -> list[str]:
+    if not study:
+        return []
+    knn, cells = study["knn"], study["finetune"]
+    stopped = " (stopped by its time box)" if study["stopped_by_deadline"] else ""
+    words = _budget_words(study["fraction"])
+    return [
+        f"Mini-study ({study['budget_s']:.0f} s box, {study['seconds']:.0f} s): SimCLR "
+        f"pretrained {study['epochs_run']} of {study['epochs_planned']} planned epochs"
+        f"{stopped} in {study['pretrain_s']:.0f} s.",
+        "",
+        f"- Validation kNN: SimCLR features {100 * knn['simclr']['val_acc']:.2f} % vs raw "
+        f"pixels {100 * knn['pixels']['val_acc']:.2f} % ({100 * study['knn_margin']:+.2f} "
+        "points).",
+        f"- Fine-tuning at {words} (one seed, validation accuracy of the best epoch): from "
+        f"SimCLR {100 * cells['simclr']['val_acc']:.2f} % vs from scratch "
+        f"{100 * cells['scratch']['val_acc']:.2f} % ({100 * study['finetune_margin']:+.2f} "
+        "points).",
+        "",
+    ]
+
+
 SECTIONS = {
     "augment": _augment,
     "pretrain": _pretrain,
@@ -529,6 +712,7 @@ SECTIONS = {
     "pipeline": _pipeline,
     "scarce": _scarce,
     "own_images": _own_images,
+    "gpu": _gpu,
 }
 
 

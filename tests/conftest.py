@@ -42,6 +42,7 @@ HEAVY_FILES = (
     "test_viz_toy_embedding.py",
     "test_distributed.py",
     "test_tracking.py",
+    "test_gpu.py",
     "test_benchmarks.py",
 )
 
