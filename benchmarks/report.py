@@ -420,6 +420,33 @@ def _methods(result: dict) -> list[str]:
     ]
 
 
+def _momentum(result: dict) -> list[str]:
+    """BYOL against SimCLR at equal epochs and at equal CPU time (benchmarks/methods.py)."""
+    m = result["machine"]
+    rows = [
+        f"| {r['method']} | {r['budget']} | {r['epochs']} | {100 * r['val_knn_acc']:.2f} % | "
+        f"{100 * r['val_probe_acc']:.2f} % | {r['cpu_seconds']:,.0f} | {r['seconds']:,.0f} |"
+        for r in result["rows"]
+    ]
+    return [
+        "## A momentum teacher on the CPU: BYOL against SimCLR (`benchmarks/methods.py`)",
+        "",
+        f"{m['date']} · {m['cpu']} · {m['cores']} cores · torch {m['torch']}",
+        "",
+        f"Command: `{m['command']}`. The real pretrain stage on the default data and params.yaml "
+        "(LeNet-5, batch 256, AdamW, the `ssl` views), each method's own section; the final "
+        "validation monitors. BYOL goes into the CPU default only if it beats SimCLR's "
+        "validation kNN within the same time.",
+        *([result["note"]] if result.get("note") else []),
+        "",
+        "| method | budget | epochs | val kNN | val probe | CPU s | wall s |",
+        "|---|---|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+        *([result["verdict"], ""] if result.get("verdict") else []),
+    ]
+
+
 def _scarce_tables(result: dict) -> list[str]:
     """Every cell (test accuracy [interval], seconds) and, per budget, the best of each kind."""
     from benchmarks.scarce import KINDS
@@ -707,6 +734,7 @@ SECTIONS = {
     "augment": _augment,
     "pretrain": _pretrain,
     "methods": _methods,
+    "momentum": _momentum,
     "cpu": _cpu,
     "peer": _peer,
     "pipeline": _pipeline,
