@@ -730,6 +730,40 @@ def _gpu_mini_study(study: dict | None) -> list[str]:
     ]
 
 
+def _gpu_estimate(result: dict) -> list[str]:
+    """The GPU profile's size from FLOP counts, until a GPU machine measures it."""
+    m, cost = result["machine"], result["estimate"]
+    band = ", ".join(
+        f"{float(rate):.0f} TFLOP/s: {hours['at_once']:.2f} h ({hours['one_at_a_time']:.2f} h "
+        "one at a time)"
+        for rate, hours in result["band_h"].items()
+    )
+    lines = _gpu_extrapolation(cost)
+    lines[0] = lines[0].replace("on this GPU", "on one H200, estimated")
+    return [
+        "## GPU profile size, estimated without a GPU (`benchmarks/gpu_estimate.py`)",
+        "",
+        f"{m['date']} · counted on {m['cpu']} · torch {m['torch']}",
+        "",
+        f"Command: `{m['command']}`. No GPU machine was lent, so params.gpu.yaml is sized from "
+        "the FLOPs of every part, counted exactly on the real modules (every method's objective "
+        "and backward, the encoder's forward for monitors, features and validation, each "
+        "cell's step budget from the pipeline's own rule on the real split), divided by an "
+        f"assumed sustained {result['tflops']:.0f} TFLOP/s ("
+        f"{100 * result['tflops'] / result['peak_tflops']:.0f} % of the H200's dense bf16 "
+        f"{result['peak_tflops']:.0f}), plus {result['step_overhead_ms']:.0f} ms per optimizer "
+        "step and the per-job start-up measured here in a fresh process "
+        f"({cost['fixed_cost']['import_s']:.1f} s of imports on this CPU). Snakemake runs "
+        f"{cost['at_once']} jobs at once on a 16-core GPU machine (4 CPUs each), all on the "
+        "one GPU: their start-ups overlap, their GPU work does not, so the estimate is "
+        f"max(GPU work, everything / {cost['at_once']}): "
+        f"**{cost['at_once_s'] / 60:.0f} min**. At half, the same and twice the rate: {band}. "
+        "`make gpu-check` on a lent GPU replaces the assumed rate with measured ones.",
+        "",
+        *lines,
+    ]
+
+
 SECTIONS = {
     "augment": _augment,
     "pretrain": _pretrain,
@@ -741,6 +775,7 @@ SECTIONS = {
     "scarce": _scarce,
     "own_images": _own_images,
     "gpu": _gpu,
+    "gpu_estimate": _gpu_estimate,
 }
 
 

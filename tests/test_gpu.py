@@ -391,3 +391,25 @@ def test_pack_keeps_the_arrays_and_the_plan_that_a_machine_without_yaml_librarie
     assert (plan.params, plan.cells, plan.jobs) == (live.params, live.cells, live.jobs)
     with pytest.raises(SystemExit, match="--pack"):
         gpu.resolve_plan(params, profile, None, "data.npz")
+
+
+def test_the_estimate_counts_each_part_and_bounds_jobs_run_at_once(tmp_path: Path) -> None:
+    """The profile's size where no GPU is lent: FLOPs over a rate, on the check's own plan."""
+    from benchmarks import gpu, gpu_estimate
+
+    ctx = gpu_estimate.context(None, tmp_path, gpu.SMOKE)
+    cost = gpu_estimate.estimate(ctx, tflops=1.0, overhead_ms=0.0, at_once=4)
+    flops = cost["flops"]["step_per_image"]
+    forward = cost["flops"]["encoder_forward_per_image"]
+    # SimCLR: two views forward and backward (about 3 forwards each); BYOL adds its teacher's
+    # two forwards; a pretext task sees one view.
+    assert 5.5 * forward < flops["simclr"] < 6.5 * forward
+    assert flops["byol"] > flops["simclr"] + 1.5 * forward
+    assert flops["rotation"] < flops["simclr"]
+    by_mode = cost["finetune_by_mode_s"]
+    assert by_mode["semi"] > 0 and by_mode["knn"] < by_mode["finetune"]
+    work = cost["parts_s"]["pretrain"] + cost["parts_s"]["finetune"]
+    assert cost["at_once_s"] == pytest.approx(max(work, cost["total_s"] / 4))
+    slower = gpu_estimate.estimate(ctx, 0.5, 0.0, 4, fixed=cost["fixed_cost"])
+    for method in ("simclr", "byol"):  # counted work scales with the rate (pca's fit is timed)
+        assert slower["pretrain_s"][method] == pytest.approx(2 * cost["pretrain_s"][method])
