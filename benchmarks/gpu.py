@@ -414,23 +414,11 @@ def split_of(images: Images, params: Mapping[str, Any]) -> Split:
 
 
 def policy_document(images: np.ndarray, params: Mapping[str, Any]) -> dict[str, Any]:
-    """What the augment stage's policy.json would hold (pipeline/stages/augment.py): the image
-    shape, the training split's per-channel statistics and every policy, resolved."""
-    from pipeline.augment import resolve_policy
+    """What the augment stage's policy.json would hold: the image shape, the training split's
+    per-channel statistics and every policy, resolved (the stage's own function)."""
+    from pipeline.stages.augment import document_of
 
-    height, width, channels = images.shape[1:]
-    pixels = images.reshape(-1, channels).astype(np.float64) / 255.0
-    return {
-        "dataset": DATASET,
-        "image_size": [int(height), int(width)],
-        "channels": int(channels),
-        "mean": [round(float(m), 6) for m in pixels.mean(axis=0)],
-        "std": [round(float(s), 6) for s in pixels.std(axis=0)],
-        "policies": {
-            name: {k: list(v) if isinstance(v, tuple) else v for k, v in resolve_policy(p).items()}
-            for name, p in params["augment"]["policies"].items()
-        },
-    }
+    return document_of(images, params["augment"]["policies"], DATASET)
 
 
 # ------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -73,22 +74,29 @@ def policy_document(
     config: Config, dataset: str, data: prepared.Prepared, train: np.ndarray
 ) -> dict[str, Any]:
     """Resolved policies and the normalization statistics of the training split."""
+    images = np.asarray(data.train_images)[train]
+    return document_of(images, config.augment.policies, dataset)
+
+
+def document_of(images: np.ndarray, policies: Mapping[str, Any], dataset: str) -> dict[str, Any]:
+    """policy.json's content for uint8 training images (N x H x W x C) and the named policies.
+
+    Also what benchmarks/gpu.py builds its data from, where no augment stage has run.
+    """
     from pipeline.augment import resolve_policy
 
-    images = np.asarray(data.train_images)[train]
     height, width, channels = images.shape[1:]
     pixels = images.reshape(-1, channels).astype(np.float64) / 255.0
-    policies = {
-        name: {k: _plain(v) for k, v in resolve_policy(policy).items()}
-        for name, policy in config.augment.policies.items()
-    }
     return {
         "dataset": dataset,
         "image_size": [int(height), int(width)],
         "channels": int(channels),
         "mean": [round(float(m), 6) for m in pixels.mean(axis=0)],
         "std": [round(float(s), 6) for s in pixels.std(axis=0)],
-        "policies": policies,
+        "policies": {
+            name: {k: _plain(v) for k, v in resolve_policy(policy).items()}
+            for name, policy in policies.items()
+        },
     }
 
 
